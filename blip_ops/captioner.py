@@ -1,0 +1,66 @@
+"""BLIP-2 captions with batched greedy decoding.
+
+Every row in a batch gets the same prompt, so prompts never need padding and a batch
+decodes exactly as its rows would one at a time.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .checkpoints import CAPTION, inspect_checkpoint, load_model, load_processor, resolve_device
+from .preprocess import ImagePreparer
+
+
+class Blip2Captioner:
+    def __init__(self, model, processor, device: str = "cpu", max_new_tokens: int = 30, prompt: str | None = None):
+        self.model = model
+        self.processor = processor
+        self.images = ImagePreparer(processor.image_processor)
+        self.device = device
+        self.max_new_tokens = max_new_tokens
+        self.prompt = prompt or None
+
+    @classmethod
+    def from_pretrained(
+        cls, reference: str, device: str = "auto", max_new_tokens: int = 30, prompt: str | None = None
+    ) -> "Blip2Captioner":
+        from transformers import Blip2ForConditionalGeneration
+
+        inspect_checkpoint(reference, CAPTION)
+        device = resolve_device(device)
+        model = load_model(reference, Blip2ForConditionalGeneration, device)
+        return cls(model, load_processor(reference), device, max_new_tokens, prompt)
+
+    def _text_inputs(self, batch_size: int) -> dict:
+        if self.prompt is None:
+            return {}
+        # The processor expands the image placeholder tokens in front of the prompt.
+        encoded = self.processor(
+            images=[np.zeros((3, self.images.height, self.images.width), dtype=np.uint8)],
+            text=[self.prompt],
+            return_tensors="pt",
+            images_kwargs={"input_data_format": "channels_first"},
+        )
+        return {
+            "input_ids": encoded["input_ids"].repeat(batch_size, 1).to(self.device),
+            "attention_mask": encoded["attention_mask"].repeat(batch_size, 1).to(self.device),
+        }
+
+    @torch.inference_mode()
+    def caption(self, images: list[np.ndarray]) -> list[str]:
+        """``images``: resized uint8 ``(3, h, w)`` arrays. Returns one stripped caption each."""
+        if not images:
+            return []
+        pixel_values = self.images.to_pixel_values(images).to(
+            self.device, dtype=next(self.model.parameters()).dtype
+        )
+        generated = self.model.generate(
+            pixel_values=pixel_values,
+            **self._text_inputs(len(images)),
+            max_new_tokens=self.max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+        )
+        return [text.strip() for text in self.processor.batch_decode(generated, skip_special_tokens=True)]

@@ -1,0 +1,77 @@
+"""Image decoding for untrusted catalog bytes.
+
+Every failure raises ``ImageError`` with a short reason; callers turn it into a row's
+``status``/``error``. Decoding honours EXIF orientation and keeps the first frame of
+animations; RGB conversion is left to the checkpoint's own processor
+(``transformers.image_transforms.convert_to_rgb``, alpha composited on white).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from transformers.image_transforms import convert_to_rgb
+
+# The formats catalogs really carry. Restricting decoders keeps rarely used (and
+# historically vulnerable) parsers such as PSD, FITS or PDF out of reach of hostile bytes.
+Image.init()  # registers every plugin, so the allow-list below resolves to real decoders
+ALLOWED_FORMATS = tuple(f for f in ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF") if f in Image.OPEN)
+
+_SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N"}
+
+
+class ImageError(ValueError):
+    """An image that cannot be decoded; the message is safe to store in ``error``."""
+
+
+def open_image(data: bytes | None) -> Image.Image:
+    """Decode ``data`` fully (not lazily) into a Pillow image, honouring EXIF orientation."""
+    if data is None:
+        raise ImageError("missing image")
+    if len(data) == 0:
+        raise ImageError("empty image bytes")
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between 1x and 2x MAX_IMAGE_PIXELS; treat that as a bomb too.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+            image.seek(0)
+            image.load()
+            image = ImageOps.exif_transpose(image)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"image too large: {exc}") from None
+    except UnidentifiedImageError:
+        raise ImageError("unrecognised or unsupported image format") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError(f"corrupt or truncated image: {exc}") from None
+    if image.width < 1 or image.height < 1:
+        raise ImageError("image has no pixels")
+    return image
+
+
+def _scale_to_8_bit(image: Image.Image) -> Image.Image:
+    """Map high-bit-depth grayscale to 8 bits by scaling; Pillow's own convert clips (Pillow #2574)."""
+    array = np.asarray(image)
+    if image.mode in _SIXTEEN_BIT_MODES or (image.mode == "I" and array.max(initial=0) > 255):
+        array = np.clip(array.astype(np.float64) / 257.0, 0, 255)
+    elif image.mode == "F":
+        array = np.clip(array, 0, 255)
+    return Image.fromarray(np.rint(array).astype(np.uint8), mode="L")
+
+
+def to_rgb_array(image: Image.Image) -> np.ndarray:
+    """RGB ``(H, W, 3)`` uint8, converted the way the BLIP processors convert."""
+    if image.mode in _SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
+        image = _scale_to_8_bit(image)
+    try:
+        return convert_to_rgb(image, return_numpy=True)
+    except (OSError, ValueError) as exc:
+        raise ImageError(f"cannot convert image to RGB: {exc}") from None
+
+
+def decode_rgb(data: bytes | None) -> np.ndarray:
+    """Bytes to an RGB uint8 array; raises ``ImageError`` with the reason."""
+    return to_rgb_array(open_image(data))

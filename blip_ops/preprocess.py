@@ -1,0 +1,53 @@
+"""Splitting the checkpoint's own image processor into a CPU half and a model half.
+
+The CPU half (``resize``) turns an RGB array into uint8 pixels at model resolution, which
+is cheap to ship between workers (a quarter of float32). The model half (``to_pixel_values``)
+rescales and normalises. Both call the checkpoint's processor, so together they compute
+exactly what the processor computes in one call.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .checkpoints import load_image_processor
+
+
+class ImagePreparer:
+    def __init__(self, image_processor):
+        self.image_processor = image_processor
+        size = image_processor.size
+        self.height, self.width = int(size["height"]), int(size["width"])
+
+    @classmethod
+    def from_pretrained(cls, reference: str) -> "ImagePreparer":
+        return cls(load_image_processor(reference))
+
+    @property
+    def num_bytes(self) -> int:
+        return 3 * self.height * self.width
+
+    def resize(self, rgb: np.ndarray) -> np.ndarray:
+        """``(H, W, 3)`` uint8 RGB to ``(3, height, width)`` uint8 at model resolution."""
+        out = self.image_processor(
+            images=[rgb],
+            do_convert_rgb=False,
+            do_rescale=False,
+            do_normalize=False,
+            input_data_format="channels_last",
+            return_tensors=None,
+        )["pixel_values"][0]
+        return np.ascontiguousarray(out, dtype=np.uint8)
+
+    def from_bytes(self, buffer: bytes) -> np.ndarray:
+        return np.frombuffer(buffer, dtype=np.uint8).reshape(3, self.height, self.width)
+
+    def to_pixel_values(self, images: list[np.ndarray]):
+        """Resized uint8 ``(3, h, w)`` arrays to the normalised float tensor the model takes."""
+        return self.image_processor(
+            images=images,
+            do_convert_rgb=False,
+            do_resize=False,
+            input_data_format="channels_first",
+            return_tensors="pt",
+        )["pixel_values"]

@@ -1,0 +1,97 @@
+"""BLIP ITC + ITM scoring from one vision pass.
+
+``BlipForImageTextRetrieval.forward`` runs the vision encoder on every call, so asking it
+for ITC and then ITM costs two ViT passes. ``BlipScorer`` calls the same submodules in the
+same order as that forward, once for the image and twice for the text (unimodal for ITC,
+cross-attending for ITM), so each score equals what the model returns for the pair.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.nn.functional import normalize
+
+from .checkpoints import ITM, inspect_checkpoint, load_model, load_processor, resolve_device
+from .preprocess import ImagePreparer
+
+
+@dataclass
+class TextBatch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    truncated: np.ndarray
+
+
+class BlipScorer:
+    def __init__(self, model, processor, device: str = "cpu", max_text_tokens: int = 35):
+        self.model = model
+        self.tokenizer = processor.tokenizer
+        self.images = ImagePreparer(processor.image_processor)
+        self.device = device
+        self.max_text_tokens = max_text_tokens
+
+    @classmethod
+    def from_pretrained(cls, reference: str, device: str = "auto", max_text_tokens: int = 35) -> "BlipScorer":
+        from transformers import BlipForImageTextRetrieval
+
+        inspect_checkpoint(reference, ITM)
+        device = resolve_device(device)
+        model = load_model(reference, BlipForImageTextRetrieval, device)
+        return cls(model, load_processor(reference), device, max_text_tokens)
+
+    def token_counts(self, texts: list[str]) -> np.ndarray:
+        encoded = self.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
+        return np.array([len(ids) for ids in encoded], dtype=np.int64)
+
+    def tokenize(self, texts: list[str]) -> TextBatch:
+        # Pad to the longest text in the batch, not to max_length: padding is masked, so
+        # it does not change a row's score, but it does cost compute.
+        encoded = self.tokenizer(
+            texts,
+            padding="longest",
+            truncation=True,
+            max_length=self.max_text_tokens,
+            return_tensors="pt",
+        )
+        return TextBatch(
+            input_ids=encoded["input_ids"].to(self.device),
+            attention_mask=encoded["attention_mask"].to(self.device),
+            truncated=self.token_counts(texts) > self.max_text_tokens,
+        )
+
+    @torch.inference_mode()
+    def score(self, images: list[np.ndarray], texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``images``: resized uint8 ``(3, h, w)`` arrays. Returns float32 ``itc``, ``itm`` and bool ``truncated``."""
+        if len(images) != len(texts):
+            raise ValueError(f"{len(images)} images for {len(texts)} texts")
+        if not texts:
+            empty = np.zeros(0, dtype=np.float32)
+            return empty, empty.copy(), np.zeros(0, dtype=bool)
+        model = self.model
+        pixel_values = self.images.to_pixel_values(images).to(self.device, dtype=next(model.parameters()).dtype)
+        text = self.tokenize(texts)
+
+        image_embeds = model.vision_model(pixel_values=pixel_values).last_hidden_state
+        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
+
+        fused = model.text_encoder(
+            input_ids=text.input_ids,
+            attention_mask=text.attention_mask,
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=image_atts,
+        ).last_hidden_state
+        itm = model.itm_head(fused[:, 0, :]).float().softmax(dim=-1)[:, 1]
+
+        unimodal = model.text_encoder(input_ids=text.input_ids, attention_mask=text.attention_mask).last_hidden_state
+        image_feat = normalize(model.vision_proj(image_embeds[:, 0, :]).float(), dim=-1)
+        text_feat = normalize(model.text_proj(unimodal[:, 0, :]).float(), dim=-1)
+        itc = (image_feat * text_feat).sum(dim=-1)
+
+        return (
+            itc.cpu().numpy().astype(np.float32),
+            itm.cpu().numpy().astype(np.float32),
+            text.truncated,
+        )

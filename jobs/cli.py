@@ -1,0 +1,19 @@
+"""``blip-moderate``: one console script, a subcommand per job."""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"score": "jobs.score", "demo": "jobs.demo"}
+    if not argv or argv[0] not in commands:
+        print(f"usage: blip-moderate {{{','.join(commands)}}} [options]", file=sys.stderr)
+        return 2
+    module = __import__(commands[argv[0]], fromlist=["main"])
+    return module.main(argv[1:], prog=f"blip-moderate {argv[0]}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

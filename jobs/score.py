@@ -1,0 +1,96 @@
+"""``python -m jobs.score``: score a Parquet catalog and write scored Parquet.
+
+Exit codes: 0 success; 2 usage, configuration or input error (found before any model
+loads); 1 the run failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pipelines.config import ConfigError, build_config, load_yaml
+from pipelines.preflight import InputError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+# Flags whose value is spelled like the config field (dashes for underscores).
+_OPTIONS = [
+    ("--input", "Parquet file, directory (hive partitions allowed) or s3:// URI."),
+    ("--output", "Output directory or s3:// prefix."),
+    ("--itm-model", "BLIP image-text retrieval checkpoint: hub id or local directory."),
+    ("--caption-model", "BLIP-2 checkpoint, or 'none' to skip captioning."),
+    ("--captions", "Which rows to caption: all | flagged | none."),
+    ("--caption-prompt", "Prompt the caption continues (default: none)."),
+    ("--max-new-tokens", "Most tokens per caption (default 30)."),
+    ("--itm-threshold", "Flag rows with itm_score below this (default 0.5; 'none' turns it off)."),
+    ("--itc-threshold", "Flag rows with itc_score below this (default 0.2; 'none' turns it off)."),
+    ("--max-text-tokens", "Truncate texts to this many tokens (default 35)."),
+    ("--id-column", "Record id column (default id)."),
+    ("--text-column", "Text column (default text)."),
+    ("--image-column", "Image bytes column (default image)."),
+    ("--image-uri-column", "Column of image paths or s3:// URIs, used instead of image bytes."),
+    ("--device", "auto | cpu | cuda (default auto)."),
+    ("--ray-address", "Ray cluster to join ('auto' or an address); default starts a local Ray."),
+    ("--score-actors", "Scoring actor pool MIN,MAX (default 1,1)."),
+    ("--caption-actors", "Captioning actor pool MIN,MAX (default 1,1)."),
+    ("--score-gpus", "GPUs per scoring actor; fractions share a GPU."),
+    ("--caption-gpus", "GPUs per captioning actor; fractions share a GPU."),
+    ("--score-cpus", "CPUs reserved per scoring actor (default: 1 with a GPU, else a share of the cluster)."),
+    ("--caption-cpus", "CPUs reserved per captioning actor."),
+    ("--score-batch-size", "Rows per scoring batch (default 64)."),
+    ("--caption-batch-size", "Rows per captioning batch (default 16)."),
+    ("--decode-batch-size", "Rows per decode batch (default 64)."),
+    ("--run-id", "Run identifier (default: generated)."),
+]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse exits 2 as well; keep one message format
+        self.print_usage(sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def make_parser(prog: str = "python -m jobs.score") -> argparse.ArgumentParser:
+    parser = _Parser(prog=prog, description=__doc__.splitlines()[0], argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", help="YAML file of options (same names, with underscores); flags override it.")
+    for flag, help_text in _OPTIONS:
+        parser.add_argument(flag, help=help_text)
+    parser.add_argument("--overwrite", action="store_true", help="Replace an existing result in --output.")
+    parser.add_argument("--json", action="store_true", help="Print the summary as JSON.")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace):
+    values = vars(args).copy()
+    values.pop("json", None)
+    config_file = values.pop("config", None)
+    merged = load_yaml(config_file) if config_file else {}
+    merged.update(values)
+    return build_config(merged)
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m jobs.score") -> int:
+    args = make_parser(prog).parse_args(argv)
+    try:
+        config = config_from_args(args)
+        from pipelines.run import run_job  # imports Ray and torch: only once the arguments are good
+
+        summary = run_job(config)
+    except (ConfigError, InputError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was committed", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception as exc:
+        print(f"error: run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(json.dumps(summary.as_dict(), sort_keys=True) if getattr(args, "json", False) else summary.render())
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

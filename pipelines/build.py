@@ -1,0 +1,144 @@
+"""Pipeline assembly: read -> decode -> score -> flag -> caption -> finalize, as a lazy Dataset."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ray
+from ray.data import ActorPoolStrategy
+from ray.data.datasource.partitioning import Partitioning
+
+from . import stages
+from .config import JobConfig
+from .preflight import InputInfo
+from .schema import passthrough_schema
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Resolved per-stage placement: GPUs per actor and the device the model runs on."""
+
+    score_gpus: float
+    caption_gpus: float
+    score_cpus: float
+    caption_cpus: float
+    score_device: str
+    caption_device: str
+
+
+def _default_gpus(config: JobConfig, cluster_gpus: float) -> float:
+    if config.device == "cpu":
+        return 0.0
+    if config.device == "cuda":
+        return 1.0
+    return 1.0 if cluster_gpus > 0 else 0.0
+
+
+def _device(config: JobConfig, gpus: float) -> str:
+    # An actor that reserved no GPU must not use one that another actor reserved.
+    if config.device == "auto" and gpus == 0:
+        return "cpu"
+    return config.device
+
+
+def _default_cpus(gpus: float, cluster_cpus: float, model_stages: int) -> float:
+    # A GPU actor needs one CPU to feed it. A CPU actor on a small machine must leave
+    # room for the read and decode tasks, or every CPU is held by idle actors waiting
+    # for input that can never be produced.
+    if gpus > 0:
+        return 1.0
+    return max(0.25, min(1.0, cluster_cpus / (2 * model_stages)))
+
+
+def resolve_resources(config: JobConfig, cluster_gpus: float, cluster_cpus: float) -> Resources:
+    """From the Ray cluster's resources, never from the driver's hardware."""
+    default = _default_gpus(config, cluster_gpus)
+    score = default if config.score_gpus is None else config.score_gpus
+    caption = default if config.caption_gpus is None else config.caption_gpus
+    stages = 2 if config.captioning else 1
+    score_cpus = _default_cpus(score, cluster_cpus, stages) if config.score_cpus is None else config.score_cpus
+    caption_cpus = _default_cpus(caption, cluster_cpus, stages) if config.caption_cpus is None else config.caption_cpus
+    return Resources(score, caption, score_cpus, caption_cpus, _device(config, score), _device(config, caption))
+
+
+def _unfused() -> dict:
+    """Giving decode a remote-args function keeps Ray from fusing it into the model actors:
+    decoding stays on CPU tasks that scale on their own, and model actors only run models."""
+    return {}
+
+
+def build_scored_dataset(config: JobConfig, source: InputInfo, run_id: str, resources: Resources) -> ray.data.Dataset:
+    image_column = config.image_uri_column or config.image_column
+    passthrough = passthrough_schema(source.schema, None if config.image_uri_column else config.image_column).names
+
+    ds = ray.data.read_parquet(
+        source.files,
+        filesystem=source.location.filesystem,
+        partitioning=Partitioning("hive", base_dir=source.base_dir),
+        file_extensions=None,
+    )
+    ds = ds.map_batches(
+        stages.decode_batch,
+        batch_format="pyarrow",
+        batch_size=config.decode_batch_size,
+        ray_remote_args_fn=_unfused,
+        fn_kwargs={
+            "text_column": config.text_column,
+            "image_column": image_column,
+            "from_uri": bool(config.image_uri_column),
+            "score_model": config.itm_model,
+            "caption_model": config.caption_model if config.captioning else None,
+        },
+        udf_modifying_row_count=False,
+    )
+    ds = ds.map_batches(
+        stages.ScoreStage,
+        batch_format="pyarrow",
+        batch_size=config.score_batch_size,
+        compute=ActorPoolStrategy(min_size=config.score_actors[0], max_size=config.score_actors[1]),
+        num_gpus=resources.score_gpus,
+        num_cpus=resources.score_cpus,
+        fn_constructor_kwargs={
+            "model": config.itm_model,
+            "device": resources.score_device,
+            "max_text_tokens": config.max_text_tokens,
+            "text_column": config.text_column,
+        },
+        udf_modifying_row_count=False,
+    )
+    ds = ds.map_batches(
+        stages.flag_batch,
+        batch_format="pyarrow",
+        batch_size=None,
+        fn_kwargs={"itm_threshold": config.itm_threshold, "itc_threshold": config.itc_threshold},
+        udf_modifying_row_count=False,
+    )
+    if config.captioning:
+        ds = ds.map_batches(
+            stages.CaptionStage,
+            batch_format="pyarrow",
+            batch_size=config.caption_batch_size,
+            compute=ActorPoolStrategy(min_size=config.caption_actors[0], max_size=config.caption_actors[1]),
+            num_gpus=resources.caption_gpus,
+            num_cpus=resources.caption_cpus,
+            fn_constructor_kwargs={
+                "model": config.caption_model,
+                "device": resources.caption_device,
+                "max_new_tokens": config.max_new_tokens,
+                "prompt": config.caption_prompt,
+                "policy": config.captions,
+            },
+            udf_modifying_row_count=False,
+        )
+    return ds.map_batches(
+        stages.finalize_batch,
+        batch_format="pyarrow",
+        batch_size=None,
+        fn_kwargs={
+            "passthrough": passthrough,
+            "run_id": run_id,
+            "itm_model": config.itm_model,
+            "caption_model": config.recorded_caption_model,
+        },
+        udf_modifying_row_count=False,
+    )

@@ -1,0 +1,157 @@
+"""The job's configuration: one validated object shared by the CLI, YAML files and the notebook API."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_ITM_MODEL = "Salesforce/blip-itm-base-coco"
+DEFAULT_CAPTION_MODEL = "Salesforce/blip2-opt-2.7b"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the offending option."""
+
+
+def _none_word(value):
+    """``none`` (any case) in YAML or on the command line turns an optional setting off."""
+    if isinstance(value, str) and value.strip().lower() in ("none", "null", "off", ""):
+        return None
+    return value
+
+
+def _parse_range(value) -> tuple[int, int]:
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.split(",")]
+        if len(parts) == 1:
+            parts = parts * 2
+        if len(parts) != 2:
+            raise ValueError("expected MIN,MAX")
+        return int(parts[0]), int(parts[1])
+    if isinstance(value, int):
+        return value, value
+    return tuple(value)
+
+
+class JobConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input: str = Field(description="Parquet file, directory of Parquet files (hive partitions allowed), or s3:// URI.")
+    output: str = Field(description="Directory or s3:// prefix the scored dataset is written to.")
+    overwrite: bool = Field(False, description="Replace an existing output instead of refusing to run.")
+
+    itm_model: str = Field(DEFAULT_ITM_MODEL, description="BLIP image-text retrieval checkpoint: hub id or local directory.")
+    caption_model: str | None = Field(
+        DEFAULT_CAPTION_MODEL, description="BLIP-2 checkpoint for captions: hub id or local directory; None skips captioning."
+    )
+    captions: Literal["all", "flagged", "none"] | None = Field(
+        None,
+        description="Which rows get a caption: all decodable rows, only flagged ones, or none. "
+        "Defaults to 'all' when a caption model is set, else 'none'.",
+    )
+    caption_prompt: str | None = Field(None, description="Text prompt the caption continues; None for a plain caption.")
+    max_new_tokens: int = Field(30, ge=1, le=512, description="Most tokens generated per caption (greedy decoding).")
+
+    itm_threshold: float | None = Field(0.5, ge=0.0, le=1.0, description="Flag when itm_score is below this; None turns it off.")
+    itc_threshold: float | None = Field(0.2, ge=-1.0, le=1.0, description="Flag when itc_score is below this; None turns it off.")
+    max_text_tokens: int = Field(35, ge=3, le=512, description="Texts are truncated to this many tokens, as BLIP's ITM code does.")
+
+    id_column: str = Field("id", description="Column that identifies a record (passed through, never deduplicated).")
+    text_column: str = Field("text", description="String column holding the text to check.")
+    image_column: str = Field("image", description="Binary column holding encoded image bytes.")
+    image_uri_column: str | None = Field(
+        None, description="String column of local paths or s3:// URIs, used instead of image_column."
+    )
+
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where models run; auto picks CUDA when a worker has a GPU.")
+    ray_address: str | None = Field(None, description="None starts a local Ray; 'auto' or an address joins a cluster.")
+
+    score_actors: tuple[int, int] = Field((1, 1), description="Scoring actor pool size as (min, max); it autoscales between them.")
+    caption_actors: tuple[int, int] = Field((1, 1), description="Captioning actor pool size as (min, max).")
+    score_gpus: float | None = Field(
+        None, ge=0.0, description="GPUs per scoring actor (fractions share a GPU); None: 1 on a cluster with GPUs, else 0."
+    )
+    caption_gpus: float | None = Field(None, ge=0.0, description="GPUs per captioning actor; None as for score_gpus.")
+    score_cpus: float | None = Field(
+        None, gt=0.0, description="CPUs reserved per scoring actor; None: 1 with a GPU, else a share that leaves room for decoding."
+    )
+    caption_cpus: float | None = Field(None, gt=0.0, description="CPUs reserved per captioning actor; None as for score_cpus.")
+    score_batch_size: int = Field(64, ge=1, description="Rows per scoring batch.")
+    caption_batch_size: int = Field(16, ge=1, description="Rows per captioning batch.")
+    decode_batch_size: int = Field(64, ge=1, description="Rows per decode task batch.")
+
+    run_id: str | None = Field(None, description="Identifier recorded in every row and the manifest; generated when None.")
+
+    _none_words = field_validator(
+        "caption_model", "caption_prompt", "itm_threshold", "itc_threshold", "image_uri_column", "ray_address",
+        "score_gpus", "caption_gpus", "score_cpus", "caption_cpus", mode="before",
+    )(_none_word)
+
+    @field_validator("score_actors", "caption_actors", mode="before")
+    @classmethod
+    def _actor_range(cls, value):
+        try:
+            low, high = _parse_range(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected MIN,MAX integers, got {value!r}") from None
+        if low < 1 or high < low:
+            raise ValueError(f"need 1 <= MIN <= MAX, got {low},{high}")
+        return low, high
+
+    @field_validator("itm_model", "input", "output", "id_column", "text_column", "image_column")
+    @classmethod
+    def _non_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    @model_validator(mode="after")
+    def _captions_need_a_model(self):
+        if self.captions is None:
+            object.__setattr__(self, "captions", "all" if self.caption_model else "none")
+        elif self.captions != "none" and self.caption_model is None:
+            raise ValueError(f"captions={self.captions!r} needs a caption model (caption_model is none)")
+        return self
+
+    @property
+    def captioning(self) -> bool:
+        return self.captions != "none"
+
+    @property
+    def recorded_caption_model(self) -> str | None:
+        return self.caption_model if self.captioning else None
+
+
+def _format_errors(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "config"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown option"
+        lines.append(f"{where}: {message}")
+    return "; ".join(lines)
+
+
+def build_config(values: dict) -> JobConfig:
+    try:
+        return JobConfig(**values)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid configuration: {_format_errors(exc)}") from None
+
+
+def load_yaml(path: str | Path) -> dict:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of option: value")
+    return {str(key).replace("-", "_"): value for key, value in data.items()}

@@ -1,0 +1,91 @@
+"""Checks that run before any model loads or any Ray worker starts: the input, the models, the output.
+
+Every problem found here is a usage or input error (exit code 2) with a message naming it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+
+from blip_ops.checkpoints import CAPTION, ITM, CheckpointError, inspect_checkpoint
+
+from .config import JobConfig
+from .schema import OUTPUT_COLUMNS
+from .storage import Location, locate
+
+
+class InputError(ValueError):
+    """Bad input, model reference or output location; raised before any model loads."""
+
+
+@dataclass(frozen=True)
+class InputInfo:
+    location: Location
+    files: list[str]
+    schema: pa.Schema
+    num_rows: int
+    base_dir: str
+
+
+def _is_string(type_: pa.DataType) -> bool:
+    return pa.types.is_string(type_) or pa.types.is_large_string(type_) or pa.types.is_null(type_)
+
+
+def _is_binary(type_: pa.DataType) -> bool:
+    return pa.types.is_binary(type_) or pa.types.is_large_binary(type_) or pa.types.is_null(type_)
+
+
+def inspect_input(config: JobConfig) -> InputInfo:
+    location = locate(config.input)
+    try:
+        info = location.filesystem.get_file_info(location.path)
+    except OSError as exc:
+        raise InputError(f"cannot access input {config.input}: {exc}") from None
+    if info.type == pa.fs.FileType.NotFound:
+        raise InputError(f"input does not exist: {config.input}")
+    try:
+        dataset = pads.dataset(location.path, filesystem=location.filesystem, format="parquet", partitioning="hive")
+        files = list(dataset.files)
+        if not files:
+            raise InputError(f"input holds no Parquet files: {config.input}")
+        num_rows = dataset.count_rows()
+    except InputError:
+        raise
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(f"input is not readable as Parquet ({config.input}): {exc}") from None
+    check_columns(dataset.schema, config)
+    base_dir = location.path if info.type == pa.fs.FileType.Directory else location.path.rsplit("/", 1)[0]
+    return InputInfo(location, files, dataset.schema, num_rows, base_dir)
+
+
+def check_columns(schema: pa.Schema, config: JobConfig) -> None:
+    def require(name: str, option: str, accepts, kind: str) -> None:
+        if name not in schema.names:
+            raise InputError(f"input has no column {name!r} (set by --{option}); columns: {', '.join(schema.names)}")
+        type_ = schema.field(name).type
+        if accepts is not None and not accepts(type_):
+            raise InputError(f"column {name!r} must be {kind}, found {type_}")
+
+    require(config.id_column, "id-column", None, "")
+    require(config.text_column, "text-column", _is_string, "a string column")
+    if config.image_uri_column:
+        require(config.image_uri_column, "image-uri-column", _is_string, "a string column of paths or URIs")
+        image_column = None
+    else:
+        require(config.image_column, "image-column", _is_binary, "a binary column of encoded image bytes")
+        image_column = config.image_column
+    clashes = [name for name in schema.names if name in OUTPUT_COLUMNS and name != image_column]
+    if clashes:
+        raise InputError(f"input columns {clashes} clash with output columns of the same name; rename them first")
+
+
+def check_models(config: JobConfig) -> None:
+    try:
+        inspect_checkpoint(config.itm_model, ITM)
+        if config.captioning:
+            inspect_checkpoint(config.caption_model, CAPTION)
+    except CheckpointError as exc:
+        raise InputError(str(exc)) from None

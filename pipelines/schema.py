@@ -1,0 +1,45 @@
+"""The output contract: added columns, their types and order."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+STATUS_OK = "ok"
+STATUS_IMAGE_ERROR = "image_error"
+STATUS_TEXT_ERROR = "text_error"
+
+REASON_ITM = "itm_below_threshold"
+REASON_ITC = "itc_below_threshold"
+
+OUTPUT_FIELDS = [
+    pa.field("itc_score", pa.float32()),
+    pa.field("itm_score", pa.float32()),
+    pa.field("caption", pa.string()),
+    pa.field("flagged", pa.bool_()),
+    pa.field("flag_reasons", pa.list_(pa.string())),
+    pa.field("status", pa.string()),
+    pa.field("error", pa.string()),
+    pa.field("text_truncated", pa.bool_()),
+    pa.field("run_id", pa.string()),
+    pa.field("scored_at", pa.timestamp("us", tz="UTC")),
+    pa.field("itm_model", pa.string()),
+    pa.field("caption_model", pa.string()),
+]
+OUTPUT_COLUMNS = [field.name for field in OUTPUT_FIELDS]
+
+# Working columns that travel between stages and never reach the output.
+IMAGE_ERROR = "__image_error"
+TEXT_ERROR = "__text_error"
+PIXELS_SCORE = "__pixels_score"
+PIXELS_CAPTION = "__pixels_caption"
+
+
+def passthrough_schema(input_schema: pa.Schema, image_column: str | None) -> pa.Schema:
+    return pa.schema([field for field in input_schema if field.name != image_column])
+
+
+def output_schema(input_schema: pa.Schema, image_column: str | None) -> pa.Schema:
+    passthrough = passthrough_schema(input_schema, image_column)
+    return pa.schema(list(passthrough) + OUTPUT_FIELDS, metadata={b"blip_moderate_schema_version": str(SCHEMA_VERSION).encode()})

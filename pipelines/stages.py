@@ -1,0 +1,209 @@
+"""Ray Data stages. Each takes a pyarrow batch and returns the same rows, in order, plus its columns.
+
+Model stages are callable classes: Ray builds one per actor, so a model loads once per
+actor in ``__init__`` and never on the driver. Per-row problems become values; nothing
+here raises for a bad record.
+"""
+
+from __future__ import annotations
+
+import functools
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow as pa
+
+from blip_ops.captioner import Blip2Captioner
+from blip_ops.images import ImageError, decode_rgb
+from blip_ops.preprocess import ImagePreparer
+from blip_ops.scorer import BlipScorer
+
+from . import schema as S
+from .storage import read_bytes
+
+
+@functools.lru_cache(maxsize=4)
+def _preparer(reference: str) -> ImagePreparer:
+    # Cached per worker process: decode tasks reuse Ray's long-lived workers.
+    return ImagePreparer.from_pretrained(reference)
+
+
+def _text_problem(text) -> str | None:
+    if text is None:
+        return "missing text"
+    if not isinstance(text, str) or not text.strip():
+        return "empty or blank text"
+    return None
+
+
+def _load_image_bytes(value, from_uri: bool):
+    if not from_uri:
+        return value
+    if value is None or not str(value).strip():
+        raise ImageError("missing image URI")
+    try:
+        return read_bytes(str(value))
+    except (OSError, ValueError) as exc:
+        raise ImageError(f"cannot read image URI {value}: {exc}") from None
+
+
+def decode_batch(
+    batch: pa.Table,
+    *,
+    text_column: str,
+    image_column: str,
+    from_uri: bool,
+    score_model: str,
+    caption_model: str | None,
+) -> pa.Table:
+    """Decode images and check texts; adds pixels at each model's resolution and per-row errors."""
+    score_prep = _preparer(score_model)
+    caption_prep = _preparer(caption_model) if caption_model else None
+    texts = batch.column(text_column).to_pylist()
+    sources = batch.column(image_column).to_pylist()
+    image_errors, text_errors, score_pixels, caption_pixels = [], [], [], []
+    for text, source in zip(texts, sources):
+        text_errors.append(_text_problem(text))
+        try:
+            rgb = decode_rgb(_load_image_bytes(source, from_uri))
+            score_pixels.append(score_prep.resize(rgb).tobytes())
+            caption_pixels.append(caption_prep.resize(rgb).tobytes() if caption_prep else None)
+            image_errors.append(None)
+        except ImageError as exc:
+            image_errors.append(str(exc))
+            score_pixels.append(None)
+            caption_pixels.append(None)
+        except Exception as exc:  # a decoder bug must cost one row, not the block
+            image_errors.append(f"image could not be decoded: {type(exc).__name__}: {exc}")
+            score_pixels.append(None)
+            caption_pixels.append(None)
+    if not from_uri:
+        batch = batch.drop_columns([image_column])
+    return (
+        batch.append_column(S.IMAGE_ERROR, pa.array(image_errors, pa.string()))
+        .append_column(S.TEXT_ERROR, pa.array(text_errors, pa.string()))
+        .append_column(S.PIXELS_SCORE, pa.array(score_pixels, pa.binary()))
+        .append_column(S.PIXELS_CAPTION, pa.array(caption_pixels, pa.binary()))
+    )
+
+
+def _scorable(batch: pa.Table) -> np.ndarray:
+    has_pixels = batch.column(S.PIXELS_SCORE).is_valid().to_numpy(zero_copy_only=False)
+    text_ok = batch.column(S.TEXT_ERROR).is_null().to_numpy(zero_copy_only=False)
+    return has_pixels & text_ok
+
+
+def _spread(values: np.ndarray, mask: np.ndarray, type_: pa.DataType) -> pa.Array:
+    """Place ``values`` at the rows where ``mask`` is set; null elsewhere."""
+    full = np.zeros(len(mask), dtype=values.dtype if len(values) else np.float32)
+    full[mask] = values
+    return pa.array(full, type=type_, mask=~mask)
+
+
+class ScoreStage:
+    """ITC and ITM for every row with a decoded image and a usable text."""
+
+    def __init__(self, *, model: str, device: str, max_text_tokens: int, text_column: str):
+        self.scorer = BlipScorer.from_pretrained(model, device=device, max_text_tokens=max_text_tokens)
+        self.text_column = text_column
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        mask = _scorable(batch)
+        texts = batch.column(self.text_column).to_pylist()
+        pixels = batch.column(S.PIXELS_SCORE).to_pylist()
+        rows = np.flatnonzero(mask)
+        images = [self.scorer.images.from_bytes(pixels[i]) for i in rows]
+        itc, itm, _ = self.scorer.score(images, [texts[i] for i in rows])
+
+        usable_text = batch.column(S.TEXT_ERROR).is_null().to_numpy(zero_copy_only=False)
+        truncated = np.zeros(len(mask), dtype=bool)
+        text_rows = np.flatnonzero(usable_text)
+        if len(text_rows):
+            counts = self.scorer.token_counts([texts[i] for i in text_rows])
+            truncated[text_rows] = counts > self.scorer.max_text_tokens
+        return (
+            batch.drop_columns([S.PIXELS_SCORE])
+            .append_column("itc_score", _spread(itc, mask, pa.float32()))
+            .append_column("itm_score", _spread(itm, mask, pa.float32()))
+            .append_column("text_truncated", pa.array(truncated, pa.bool_()))
+        )
+
+
+def _row_verdict(image_error, text_error, itc, itm, itm_threshold, itc_threshold):
+    reasons = []
+    if image_error is not None:
+        reasons.append(S.STATUS_IMAGE_ERROR)
+    if text_error is not None:
+        reasons.append(S.STATUS_TEXT_ERROR)
+    if reasons:
+        # A row that could not be checked fails closed: flagged for review.
+        status = reasons[0]
+        error = "; ".join(e for e in (image_error, text_error) if e is not None)
+        return status, error, reasons
+    if itm_threshold is not None and itm < itm_threshold:
+        reasons.append(S.REASON_ITM)
+    if itc_threshold is not None and itc < itc_threshold:
+        reasons.append(S.REASON_ITC)
+    return S.STATUS_OK, None, reasons
+
+
+def flag_batch(batch: pa.Table, *, itm_threshold: float | None, itc_threshold: float | None) -> pa.Table:
+    """Status, error and flags from the decode errors and the scores."""
+    columns = zip(
+        batch.column(S.IMAGE_ERROR).to_pylist(),
+        batch.column(S.TEXT_ERROR).to_pylist(),
+        batch.column("itc_score").to_pylist(),
+        batch.column("itm_score").to_pylist(),
+    )
+    verdicts = [_row_verdict(*row, itm_threshold, itc_threshold) for row in columns]
+    statuses = [v[0] for v in verdicts]
+    errors = [v[1] for v in verdicts]
+    reasons = [v[2] for v in verdicts]
+    return (
+        batch.drop_columns([S.IMAGE_ERROR, S.TEXT_ERROR])
+        .append_column("flagged", pa.array([bool(r) for r in reasons], pa.bool_()))
+        .append_column("flag_reasons", pa.array(reasons, pa.list_(pa.string())))
+        .append_column("status", pa.array(statuses, pa.string()))
+        .append_column("error", pa.array(errors, pa.string()))
+    )
+
+
+class CaptionStage:
+    """BLIP-2 captions for decodable rows: all of them, or only the flagged ones."""
+
+    def __init__(self, *, model: str, device: str, max_new_tokens: int, prompt: str | None, policy: str):
+        self.captioner = Blip2Captioner.from_pretrained(model, device=device, max_new_tokens=max_new_tokens, prompt=prompt)
+        self.policy = policy
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        mask = batch.column(S.PIXELS_CAPTION).is_valid().to_numpy(zero_copy_only=False)
+        if self.policy == "flagged":
+            mask &= batch.column("flagged").to_numpy(zero_copy_only=False)
+        pixels = batch.column(S.PIXELS_CAPTION).to_pylist()
+        rows = np.flatnonzero(mask)
+        captions = self.captioner.caption([self.captioner.images.from_bytes(pixels[i]) for i in rows])
+        column = [None] * len(mask)
+        for row, caption in zip(rows, captions):
+            column[row] = caption
+        return batch.drop_columns([S.PIXELS_CAPTION]).append_column("caption", pa.array(column, pa.string()))
+
+
+def finalize_batch(
+    batch: pa.Table, *, passthrough: list[str], run_id: str, itm_model: str, caption_model: str | None
+) -> pa.Table:
+    """Run metadata, then the output schema and column order, so every file agrees."""
+    n = batch.num_rows
+    batch = batch.drop_columns([c for c in (S.PIXELS_CAPTION, S.PIXELS_SCORE) if c in batch.column_names])
+    if "caption" not in batch.column_names:
+        batch = batch.append_column("caption", pa.nulls(n, pa.string()))
+    scored_at = datetime.now(timezone.utc)
+    added = {
+        "run_id": pa.array([run_id] * n, pa.string()),
+        "scored_at": pa.array([scored_at] * n, pa.timestamp("us", tz="UTC")),
+        "itm_model": pa.array([itm_model] * n, pa.string()),
+        "caption_model": pa.array([caption_model] * n, pa.string()),
+    }
+    for name, values in added.items():
+        batch = batch.append_column(name, values)
+    target = S.output_schema(batch.select(passthrough).schema, image_column=None)
+    return batch.select(target.names).cast(target)
