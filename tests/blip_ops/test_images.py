@@ -1,0 +1,84 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from blip_ops.images import ImageError, decode_rgb, open_image
+from tests.conftest import image_bytes
+
+
+def test_rgba_is_composited_on_white():
+    image = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # fully transparent red
+    rgb = decode_rgb(image_bytes(image))
+    assert rgb.shape == (4, 4, 3)
+    assert (rgb == 255).all()
+
+
+def test_palette_with_transparency_is_composited_on_white():
+    image = Image.new("P", (4, 4), 0)
+    image.putpalette([0, 0, 0] * 256)
+    rgb = decode_rgb(image_bytes(image, transparency=0))
+    assert (rgb == 255).all()
+
+
+def test_sixteen_bit_grayscale_is_scaled_not_clipped():
+    array = np.full((3, 3), 65535 // 2, dtype=np.uint16)
+    rgb = decode_rgb(image_bytes(Image.fromarray(array)))
+    assert rgb.dtype == np.uint8
+    assert abs(int(rgb[0, 0, 0]) - 127) <= 1
+
+
+def test_exif_orientation_is_honoured():
+    image = Image.new("RGB", (8, 4), (0, 128, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    data = image_bytes(image, "JPEG", exif=exif.tobytes())
+    assert decode_rgb(data).shape == (8, 4, 3)
+
+
+def test_animated_gif_decodes_first_frame():
+    frames = [Image.new("RGB", (4, 4), color) for color in ((255, 0, 0), (0, 0, 255))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
+    rgb = decode_rgb(buffer.getvalue())
+    assert rgb[0, 0, 0] > 200 and rgb[0, 0, 2] < 50
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "BMP", "TIFF", "WEBP", "GIF"])
+def test_catalog_formats_decode(fmt):
+    rgb = decode_rgb(image_bytes(Image.new("RGB", (5, 3), (10, 20, 30)), fmt))
+    assert rgb.shape == (3, 5, 3)
+
+
+def test_cmyk_and_grayscale_become_rgb():
+    assert decode_rgb(image_bytes(Image.new("CMYK", (2, 2)), "JPEG")).shape == (2, 2, 3)
+    assert decode_rgb(image_bytes(Image.new("L", (2, 2), 7))).shape == (2, 2, 3)
+
+
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (None, "missing image"),
+        (b"", "empty image bytes"),
+        (b"\x00\x01garbage" * 10, "unrecognised"),
+        (b'<svg xmlns="http://www.w3.org/2000/svg"></svg>', "unrecognised"),
+        (b"\x89PNG\r\n\x1a\n", "unrecognised|corrupt"),
+    ],
+)
+def test_bad_bytes_raise_image_error(data, reason):
+    with pytest.raises(ImageError, match=reason):
+        decode_rgb(data)
+
+
+def test_truncated_jpeg_is_an_image_error():
+    data = image_bytes(Image.new("RGB", (64, 64), (1, 2, 3)), "JPEG")
+    with pytest.raises(ImageError, match="corrupt or truncated"):
+        open_image(data[: len(data) // 2])
+
+
+def test_decompression_bomb_is_refused():
+    bomb = image_bytes(Image.new("1", (30000, 30000)), "PNG")
+    assert len(bomb) < 1_000_000
+    with pytest.raises(ImageError, match="too large"):
+        decode_rgb(bomb)

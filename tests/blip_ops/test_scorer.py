@@ -1,0 +1,95 @@
+"""Fidelity: the one-vision-pass scorer equals BlipForImageTextRetrieval on each single pair."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from blip_ops.images import decode_rgb
+from blip_ops.scorer import BlipScorer
+from tests.conftest import image_bytes
+from tests.reference import itm_reference
+
+TEXTS = [
+    "a red circle",
+    "a blue square on a white background with stripes",
+    "photo",
+    "a green triangle and a yellow cup on a table",
+    "Zürich café 🙂 مرحبا <b>bold</b>",
+    "a small dog",
+]
+
+
+def _images():
+    rng = np.random.RandomState(0)
+    out = []
+    for index in range(len(TEXTS)):
+        array = (rng.rand(20 + 9 * index, 30 + 5 * index, 3) * 255).astype(np.uint8)
+        out.append(image_bytes(Image.fromarray(array), "PNG"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_itm):
+    return itm_reference(tiny_itm)
+
+
+@pytest.fixture(scope="module")
+def scorer(tiny_itm):
+    return BlipScorer.from_pretrained(tiny_itm, device="cpu", max_text_tokens=35)
+
+
+def _resized(scorer, data):
+    return scorer.images.resize(decode_rgb(data))
+
+
+def test_batch_scores_equal_single_pair_reference(scorer, reference):
+    images = _images()
+    itc, itm, truncated = scorer.score([_resized(scorer, d) for d in images], TEXTS)
+    assert itc.dtype == np.float32 and itm.dtype == np.float32
+    assert not truncated.any()
+    for i, (data, text) in enumerate(zip(images, TEXTS)):
+        ref_itc, ref_itm = reference(data, text)
+        assert itc[i] == pytest.approx(ref_itc, abs=1e-3)
+        assert itm[i] == pytest.approx(ref_itm, abs=1e-3)
+    # The tiny model must tell rows apart, or the comparison above proves little.
+    assert np.ptp(itc) > 0.05 and np.ptp(itm) > 0.01
+
+
+def test_batching_and_order_do_not_change_a_rows_scores(scorer):
+    images = [_resized(scorer, d) for d in _images()]
+    itc, itm, _ = scorer.score(images, TEXTS)
+    order = [5, 2, 0, 4, 1, 3]
+    itc_r, itm_r, _ = scorer.score([images[i] for i in order], [TEXTS[i] for i in order])
+    np.testing.assert_allclose(itc_r, itc[order], atol=1e-5)
+    np.testing.assert_allclose(itm_r, itm[order], atol=1e-5)
+    for i in range(len(images)):
+        one_itc, one_itm, _ = scorer.score([images[i]], [TEXTS[i]])
+        assert one_itc[0] == pytest.approx(itc[i], abs=1e-5)
+        assert one_itm[0] == pytest.approx(itm[i], abs=1e-5)
+
+
+def test_vision_encoder_runs_once_per_batch(scorer):
+    calls = []
+    handle = scorer.model.vision_model.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        scorer.score([_resized(scorer, d) for d in _images()], TEXTS)
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+
+
+def test_long_text_is_truncated_and_marked(scorer, reference):
+    long_text = "a red circle " + "and a blue square " * 30
+    data = _images()[0]
+    itc, itm, truncated = scorer.score([_resized(scorer, data)], [long_text])
+    assert truncated.tolist() == [True]
+    ids = scorer.tokenizer(long_text, truncation=True, max_length=35)["input_ids"]
+    cut_text = scorer.tokenizer.decode(ids, skip_special_tokens=True)
+    ref_itc, ref_itm = reference(data, cut_text)
+    assert itc[0] == pytest.approx(ref_itc, abs=1e-3)
+    assert itm[0] == pytest.approx(ref_itm, abs=1e-3)
+
+
+def test_empty_batch(scorer):
+    itc, itm, truncated = scorer.score([], [])
+    assert len(itc) == len(itm) == len(truncated) == 0

@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny checkpoints built once, one Ray instance per test session, small catalogs."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> tuple[str, str]:
+    from blip_ops.tiny import build_tiny_checkpoints
+
+    itm, caption = build_tiny_checkpoints(tmp_path_factory.mktemp("checkpoints"))
+    return str(itm), str(caption)
+
+
+@pytest.fixture(scope="session")
+def tiny_itm(tiny_models) -> str:
+    return tiny_models[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_caption(tiny_models) -> str:
+    return tiny_models[1]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+def image_bytes(image: Image.Image, fmt: str = "PNG", **save_args) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save_args)
+    return buffer.getvalue()
+
+
+def write_catalog(directory: Path, records: list[dict], files: int = 2, schema: pa.Schema | None = None) -> Path:
+    """Split ``records`` over ``files`` Parquet files in ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    per_file = max(1, -(-len(records) // files))
+    for index in range(files):
+        chunk = records[index * per_file:(index + 1) * per_file]
+        if chunk or index == 0:
+            table = pa.Table.from_pylist(chunk, schema=schema)
+            pq.write_table(table, directory / f"part-{index}.parquet")
+    return directory

@@ -1,0 +1,217 @@
+"""End-to-end runs on a local Ray with tiny checkpoints: the output contract and fidelity."""
+
+import json
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from blip_ops.samples import draw_shape, sample_catalog
+from pipelines.config import build_config
+from pipelines.preflight import InputError
+from pipelines.run import run_job
+from pipelines.schema import OUTPUT_COLUMNS
+from tests.conftest import write_catalog
+from tests.reference import caption_reference, itm_reference
+
+MAX_NEW_TOKENS = 6
+
+
+def _records():
+    records = sample_catalog(22, seed=3)
+    for index, record in enumerate(records):
+        record["row_key"] = index
+        record["price"] = float(index) * 1.5
+    # Duplicate ids are separate records and stay separate rows.
+    records.append(dict(records[0], row_key=len(records)))
+    records.append({"id": "item-null", "text": None, "image": None, "expected": "image_error", "row_key": len(records), "price": None})
+    return records
+
+
+@pytest.fixture(scope="module")
+def records():
+    return _records()
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory, records):
+    return write_catalog(tmp_path_factory.mktemp("catalog"), records, files=3)
+
+
+def _config(tiny_itm, tiny_caption, catalog, output, **overrides):
+    values = dict(
+        input=str(catalog),
+        output=str(output),
+        itm_model=tiny_itm,
+        caption_model=tiny_caption,
+        device="cpu",
+        max_new_tokens=MAX_NEW_TOKENS,
+        score_batch_size=5,
+        caption_batch_size=4,
+        decode_batch_size=7,
+    )
+    values.update(overrides)
+    return build_config(values)
+
+
+@pytest.fixture(scope="module")
+def all_captions_run(ray_session, tiny_itm, tiny_caption, catalog, tmp_path_factory):
+    output = tmp_path_factory.mktemp("out-all")
+    summary = run_job(_config(tiny_itm, tiny_caption, catalog, output, run_id="run-all"))
+    return summary, output
+
+
+def _by_key(output):
+    rows = pq.read_table(output).to_pylist()
+    return {row["row_key"]: row for row in rows}, rows
+
+
+def test_one_output_row_per_input_row(all_captions_run, records):
+    summary, output = all_captions_run
+    by_key, rows = _by_key(output)
+    assert len(rows) == len(records)
+    assert Counter(r["row_key"] for r in rows) == Counter(r["row_key"] for r in records)
+    assert sum(1 for r in rows if r["id"] == records[0]["id"]) == 2
+    assert summary.rows_read == summary.rows_written == len(records)
+
+
+def test_status_matches_each_records_defect(all_captions_run, records):
+    by_key, _ = _by_key(all_captions_run[1])
+    for record in records:
+        row = by_key[record["row_key"]]
+        expected = record["expected"] if record["expected"] in ("image_error", "text_error") else "ok"
+        assert row["status"] == expected, record
+        if expected == "ok":
+            assert row["error"] is None and row["itc_score"] is not None and row["itm_score"] is not None
+        else:
+            assert row["error"] and row["itc_score"] is None and row["itm_score"] is None
+            assert row["flagged"] and expected in row["flag_reasons"]
+
+
+def test_schema_and_passthrough(all_captions_run, records, tiny_itm, tiny_caption):
+    table = pq.read_table(all_captions_run[1])
+    assert "image" not in table.column_names
+    assert table.column_names[-len(OUTPUT_COLUMNS):] == OUTPUT_COLUMNS
+    for name, type_ in [("itc_score", pa.float32()), ("itm_score", pa.float32()), ("flagged", pa.bool_()),
+                        ("flag_reasons", pa.list_(pa.string())), ("scored_at", pa.timestamp("us", tz="UTC")),
+                        ("row_key", pa.int64()), ("price", pa.float64())]:
+        assert table.schema.field(name).type == type_, name
+    assert table.column("flagged").null_count == 0 and table.column("flag_reasons").null_count == 0
+    by_key, _ = _by_key(all_captions_run[1])
+    for record in records:
+        row = by_key[record["row_key"]]
+        assert (row["id"], row["text"], row["price"]) == (record["id"], record["text"], record["price"])
+        assert (row["run_id"], row["itm_model"], row["caption_model"]) == ("run-all", tiny_itm, tiny_caption)
+
+
+def test_scores_equal_single_pair_reference(all_captions_run, records, tiny_itm):
+    reference = itm_reference(tiny_itm)
+    by_key, _ = _by_key(all_captions_run[1])
+    checked = 0
+    for record in records:
+        row = by_key[record["row_key"]]
+        if row["status"] != "ok":
+            continue
+        itc, itm = reference(record["image"], record["text"])
+        assert row["itc_score"] == pytest.approx(itc, abs=1e-3)
+        assert row["itm_score"] == pytest.approx(itm, abs=1e-3)
+        assert row["flagged"] == (itm < 0.5 or itc < 0.2)
+        checked += 1
+    assert checked >= 15
+
+
+def test_captions_equal_single_image_reference(all_captions_run, records, tiny_caption):
+    reference = caption_reference(tiny_caption, MAX_NEW_TOKENS)
+    by_key, _ = _by_key(all_captions_run[1])
+    for record in records:
+        row = by_key[record["row_key"]]
+        if row["status"] == "image_error":
+            assert row["caption"] is None
+        else:  # text_error rows still have an image worth describing
+            assert row["caption"] == reference(record["image"])
+
+
+def test_manifest_describes_the_result(all_captions_run, records):
+    summary, output = all_captions_run
+    manifest = json.loads((output / "_manifest.json").read_text())
+    assert manifest["run_id"] == "run-all" and manifest["rows"] == len(records)
+    assert sum(manifest["rows_by_status"].values()) == len(records)
+    assert manifest["config"]["max_new_tokens"] == MAX_NEW_TOKENS
+    assert sorted(p.name for p in output.glob("*.parquet")) == sorted(manifest["files"])
+    assert not list(output.glob("_staging-*"))
+    assert summary.flagged == manifest["flagged"] == sum(r["flagged"] for r in pq.read_table(output).to_pylist())
+
+
+def test_captions_flagged_policy(ray_session, tiny_itm, tiny_caption, catalog, tmp_path):
+    # A high ITM threshold flags some rows and not others, so the cascade is really exercised.
+    config = _config(tiny_itm, tiny_caption, catalog, tmp_path / "out", captions="flagged", itm_threshold=0.85, itc_threshold="none")
+    run_job(config)
+    rows = pq.read_table(tmp_path / "out").to_pylist()
+    assert any(r["flagged"] for r in rows if r["status"] == "ok") and any(not r["flagged"] for r in rows)
+    for row in rows:
+        if row["flagged"] and row["status"] != "image_error":
+            assert row["caption"] is not None
+        else:
+            assert row["caption"] is None
+
+
+def test_captions_none_skips_the_caption_model(ray_session, tiny_itm, catalog, tmp_path, records):
+    config = _config(tiny_itm, "/does/not/matter", catalog, tmp_path / "out", captions="none")
+    summary = run_job(config)
+    table = pq.read_table(tmp_path / "out")
+    assert table.num_rows == len(records) == summary.rows_read
+    assert table.column("caption").null_count == table.num_rows
+    assert set(table.column("caption_model").to_pylist()) == {None}
+
+
+def test_hive_partitions_and_image_uris(ray_session, tiny_itm, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    records = []
+    for index, (color, shape) in enumerate([("red", "circle"), ("blue", "square"), ("green", "triangle")]):
+        path = images / f"{index}.jpg"
+        path.write_bytes(draw_shape(color, shape))
+        records.append({"sku": index, "title": f"a {color} {shape}", "uri": str(path)})
+    records.append({"sku": 3, "title": "a missing file", "uri": str(images / "gone.jpg")})
+    for day, chunk in (("2026-11-01", records[:2]), ("2026-11-02", records[2:])):
+        write_catalog(tmp_path / "catalog" / f"dt={day}", chunk, files=1)
+    config = build_config(dict(
+        input=str(tmp_path / "catalog"), output=str(tmp_path / "out"), itm_model=tiny_itm, caption_model="none",
+        device="cpu", id_column="sku", text_column="title", image_uri_column="uri",
+    ))
+    run_job(config)
+    rows = {r["sku"]: r for r in pq.read_table(tmp_path / "out").to_pylist()}
+    assert set(rows) == {0, 1, 2, 3}
+    assert [rows[i]["status"] for i in range(4)] == ["ok", "ok", "ok", "image_error"]
+    assert "cannot read image URI" in rows[3]["error"]
+    assert rows[0]["uri"] == records[0]["uri"] and str(rows[3]["dt"]) == "2026-11-02"
+
+
+def test_zero_rows_is_a_successful_empty_run(ray_session, tiny_itm, tmp_path):
+    schema = pa.schema([("id", pa.string()), ("text", pa.string()), ("image", pa.binary())])
+    write_catalog(tmp_path / "catalog", [], files=1, schema=schema)
+    config = build_config(dict(input=str(tmp_path / "catalog"), output=str(tmp_path / "out"), itm_model=tiny_itm,
+                               caption_model="none", device="cpu"))
+    summary = run_job(config)
+    table = pq.read_table(tmp_path / "out")
+    assert summary.rows_read == 0 and table.num_rows == 0
+    assert table.column_names == ["id", "text"] + OUTPUT_COLUMNS
+
+
+def test_existing_output_needs_overwrite(ray_session, tiny_itm, catalog, tmp_path, records):
+    config = _config(tiny_itm, None, catalog, tmp_path / "out", caption_model="none", run_id="first")
+    run_job(config)
+    with pytest.raises(InputError, match="--overwrite"):
+        run_job(_config(tiny_itm, None, catalog, tmp_path / "out", caption_model="none", run_id="second"))
+    run_job(_config(tiny_itm, None, catalog, tmp_path / "out", caption_model="none", run_id="second", overwrite=True))
+    table = pq.read_table(tmp_path / "out")
+    assert table.num_rows == len(records) and set(table.column("run_id").to_pylist()) == {"second"}
+
+
+def test_overwrite_never_deletes_foreign_files(tiny_itm, catalog, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "precious.txt").write_text("keep me")
+    with pytest.raises(InputError, match="not a result of this job"):
+        run_job(_config(tiny_itm, None, catalog, tmp_path / "out", caption_model="none", overwrite=True))
+    assert (tmp_path / "out" / "precious.txt").exists()

@@ -1,0 +1,114 @@
+"""Stage contracts without Ray: same rows, same order, plus the stage's columns."""
+
+import pyarrow as pa
+import pytest
+
+from blip_ops.samples import draw_shape
+from pipelines import schema as S
+from pipelines.stages import ScoreStage, decode_batch, finalize_batch, flag_batch
+
+
+def _scored(itc, itm, image_error=None, text_error=None):
+    return pa.table(
+        {
+            S.IMAGE_ERROR: pa.array(image_error or [None] * len(itc), pa.string()),
+            S.TEXT_ERROR: pa.array(text_error or [None] * len(itc), pa.string()),
+            "itc_score": pa.array(itc, pa.float32()),
+            "itm_score": pa.array(itm, pa.float32()),
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    "itm_t, itc_t, expected",
+    [
+        (0.5, 0.2, [[], [S.REASON_ITM], [S.REASON_ITC], [S.REASON_ITM, S.REASON_ITC]]),
+        (None, 0.2, [[], [], [S.REASON_ITC], [S.REASON_ITC]]),
+        (0.5, None, [[], [S.REASON_ITM], [], [S.REASON_ITM]]),
+        (None, None, [[], [], [], []]),
+    ],
+)
+def test_flag_rules_per_threshold(itm_t, itc_t, expected):
+    batch = _scored(itc=[0.3, 0.3, 0.1, 0.1], itm=[0.9, 0.2, 0.9, 0.2])
+    out = flag_batch(batch, itm_threshold=itm_t, itc_threshold=itc_t)
+    assert out.column("flag_reasons").to_pylist() == expected
+    assert out.column("flagged").to_pylist() == [bool(r) for r in expected]
+    assert out.column("status").to_pylist() == ["ok"] * 4
+    assert out.column("error").to_pylist() == [None] * 4
+
+
+def test_threshold_is_strictly_below():
+    out = flag_batch(_scored(itc=[0.25], itm=[0.5]), itm_threshold=0.5, itc_threshold=0.25)
+    assert out.column("flagged").to_pylist() == [False]
+
+
+def test_unchecked_rows_fail_closed_even_with_thresholds_off():
+    batch = _scored(
+        itc=[None, None, None],
+        itm=[None, None, None],
+        image_error=["empty image bytes", None, "missing image"],
+        text_error=[None, "missing text", "empty or blank text"],
+    )
+    out = flag_batch(batch, itm_threshold=None, itc_threshold=None)
+    assert out.column("status").to_pylist() == ["image_error", "text_error", "image_error"]
+    assert out.column("flagged").to_pylist() == [True, True, True]
+    assert out.column("flag_reasons").to_pylist() == [["image_error"], ["text_error"], ["image_error", "text_error"]]
+    assert out.column("error").to_pylist() == ["empty image bytes", "missing text", "missing image; empty or blank text"]
+
+
+def test_decode_keeps_rows_and_order_and_drops_image_bytes(tiny_itm, tiny_caption):
+    batch = pa.table(
+        {
+            "id": [3, 1, 2, 2],
+            "text": ["a red circle", None, " ", "ok"],
+            "image": pa.array([draw_shape("red", "circle"), draw_shape("blue", "square"), b"junk", None], pa.binary()),
+        }
+    )
+    out = decode_batch(
+        batch, text_column="text", image_column="image", from_uri=False, score_model=tiny_itm, caption_model=tiny_caption
+    )
+    assert out.column("id").to_pylist() == [3, 1, 2, 2]
+    assert "image" not in out.column_names
+    assert out.column(S.IMAGE_ERROR).to_pylist()[:2] == [None, None]
+    assert out.column(S.IMAGE_ERROR).to_pylist()[3] == "missing image"
+    assert out.column(S.TEXT_ERROR).to_pylist() == [None, "missing text", "empty or blank text", None]
+    assert [len(p) if p else None for p in out.column(S.PIXELS_SCORE).to_pylist()] == [3 * 32 * 32, 3 * 32 * 32, None, None]
+    assert [len(p) if p else None for p in out.column(S.PIXELS_CAPTION).to_pylist()] == [3 * 24 * 24, 3 * 24 * 24, None, None]
+
+
+def test_score_stage_scores_only_checkable_rows(tiny_itm):
+    batch = pa.table(
+        {
+            "text": ["a red circle", None, "a blue square " * 40],
+            "image": pa.array([draw_shape("red", "circle"), draw_shape("blue", "square"), draw_shape("red", "square")]),
+        }
+    )
+    decoded = decode_batch(
+        batch, text_column="text", image_column="image", from_uri=False, score_model=tiny_itm, caption_model=None
+    )
+    out = ScoreStage(model=tiny_itm, device="cpu", max_text_tokens=35, text_column="text")(decoded)
+    assert out.column("itc_score").null_count == 1 and out.column("itc_score").to_pylist()[1] is None
+    assert out.column("text_truncated").to_pylist() == [False, False, True]
+    assert S.PIXELS_SCORE not in out.column_names
+
+
+def test_score_stage_handles_a_batch_with_nothing_to_score(tiny_itm):
+    batch = pa.table({"text": [None], "image": pa.array([None], pa.binary())})
+    decoded = decode_batch(
+        batch, text_column="text", image_column="image", from_uri=False, score_model=tiny_itm, caption_model=None
+    )
+    out = ScoreStage(model=tiny_itm, device="cpu", max_text_tokens=35, text_column="text")(decoded)
+    assert out.column("itm_score").to_pylist() == [None]
+
+
+def test_finalize_types_every_column_even_all_null():
+    batch = flag_batch(
+        _scored(itc=[None], itm=[None], image_error=["missing image"]), itm_threshold=0.5, itc_threshold=0.2
+    ).append_column("text_truncated", pa.array([False]))
+    batch = batch.append_column("id", pa.array(["x"]))
+    out = finalize_batch(batch, passthrough=["id"], run_id="r1", itm_model="m", caption_model=None)
+    assert out.column_names == ["id"] + S.OUTPUT_COLUMNS
+    assert out.schema.field("caption").type == pa.string()
+    assert out.schema.field("caption_model").type == pa.string()
+    assert out.schema.field("scored_at").type == pa.timestamp("us", tz="UTC")
+    assert out.schema.field("itc_score").type == pa.float32()

@@ -1,0 +1,43 @@
+"""The Hugging Face single-pair references every fidelity test compares against."""
+
+from __future__ import annotations
+
+import io
+
+import torch
+from PIL import Image, ImageOps
+from transformers import AutoProcessor, Blip2ForConditionalGeneration, BlipForImageTextRetrieval
+
+
+def _open(data: bytes) -> Image.Image:
+    return ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+
+
+def itm_reference(checkpoint: str):
+    """``score(image_bytes, text) -> (itc, itm)`` through ``BlipForImageTextRetrieval`` on one pair."""
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    model = BlipForImageTextRetrieval.from_pretrained(checkpoint).eval()
+
+    def score(data: bytes, text: str) -> tuple[float, float]:
+        inputs = processor(images=_open(data), text=text, return_tensors="pt")
+        with torch.no_grad():
+            itc = model(**inputs, use_itm_head=False).itm_score[0, 0].item()
+            itm = model(**inputs, use_itm_head=True).itm_score.softmax(dim=-1)[0, 1].item()
+        return itc, itm
+
+    return score
+
+
+def caption_reference(checkpoint: str, max_new_tokens: int, prompt: str | None = None):
+    """``caption(image_bytes) -> str`` through ``Blip2ForConditionalGeneration.generate`` on one image."""
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    model = Blip2ForConditionalGeneration.from_pretrained(checkpoint).eval()
+
+    def caption(data: bytes) -> str:
+        kwargs = {"text": prompt} if prompt else {}
+        inputs = processor(images=_open(data), return_tensors="pt", **kwargs)
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        return processor.batch_decode(out, skip_special_tokens=True)[0].strip()
+
+    return caption
