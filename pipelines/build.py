@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import ray
@@ -77,20 +78,23 @@ def build_scored_dataset(config: JobConfig, source: InputInfo, run_id: str, reso
         partitioning=Partitioning("hive", base_dir=source.base_dir),
         file_extensions=None,
     )
-    ds = ds.map_batches(
-        stages.decode_batch,
-        batch_format="pyarrow",
-        batch_size=config.decode_batch_size,
-        ray_remote_args_fn=_unfused,
-        fn_kwargs={
-            "text_column": config.text_column,
-            "image_column": image_column,
-            "from_uri": bool(config.image_uri_column),
-            "score_model": config.itm_model,
-            "caption_model": config.caption_model if config.captioning else None,
-        },
-        udf_modifying_row_count=False,
-    )
+    with warnings.catch_warnings():
+        # Deprecated from Ray 2.64; with Ray pinned to 2.60 it is the supported way to prevent fusion.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args_fn.*")
+        ds = ds.map_batches(
+            stages.decode_batch,
+            batch_format="pyarrow",
+            batch_size=config.decode_batch_size,
+            ray_remote_args_fn=_unfused,
+            fn_kwargs={
+                "text_column": config.text_column,
+                "image_column": image_column,
+                "from_uri": bool(config.image_uri_column),
+                "score_model": config.itm_model,
+                "caption_model": config.caption_model if config.captioning else None,
+            },
+            udf_modifying_row_count=False,
+        )
     ds = ds.map_batches(
         stages.ScoreStage,
         batch_format="pyarrow",

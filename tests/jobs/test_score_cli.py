@@ -1,0 +1,127 @@
+"""The command-line contract: options, YAML, exit codes, and a real run."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from blip_ops.samples import sample_catalog
+from jobs import score
+from tests.conftest import write_catalog
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(*args, timeout=300):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run(
+        [sys.executable, "-m", "jobs.score", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory):
+    records = [{k: v for k, v in r.items()} for r in sample_catalog(10, seed=5)]
+    return write_catalog(tmp_path_factory.mktemp("cli-catalog"), records, files=2)
+
+
+def _models(tiny_itm, tiny_caption=None):
+    return ["--itm-model", tiny_itm, "--caption-model", tiny_caption or "none", "--device", "cpu"]
+
+
+def test_missing_column_exits_2_before_loading(catalog, tiny_itm, tmp_path):
+    result = _run("--input", str(catalog), "--output", str(tmp_path / "o"), "--text-column", "title", *_models(tiny_itm))
+    assert result.returncode == 2
+    assert "no column 'title'" in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_wrong_column_type_exits_2(tiny_itm, tmp_path):
+    pq.write_table(pa.table({"id": [1], "text": ["x"], "image": ["not-bytes"]}), tmp_path / "c.parquet")
+    result = _run("--input", str(tmp_path / "c.parquet"), "--output", str(tmp_path / "o"), *_models(tiny_itm))
+    assert result.returncode == 2 and "must be a binary column" in result.stderr
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty_dir", "not_parquet"])
+def test_unusable_input_exits_2(kind, tiny_itm, tmp_path):
+    path = tmp_path / "input"
+    if kind == "empty_dir":
+        path.mkdir()
+    elif kind == "not_parquet":
+        path.mkdir()
+        (path / "data.parquet").write_text("id,text\n1,hello\n")
+    result = _run("--input", str(path), "--output", str(tmp_path / "o"), *_models(tiny_itm))
+    assert result.returncode == 2
+    assert {"missing": "does not exist", "empty_dir": "no Parquet files", "not_parquet": "not readable as Parquet"}[kind] in result.stderr
+
+
+def test_bad_model_paths_exit_2(catalog, tiny_itm, tiny_caption, tmp_path):
+    result = _run("--input", str(catalog), "--output", str(tmp_path / "o"), *_models(str(tmp_path / "nope")))
+    assert result.returncode == 2 and "model directory does not exist" in result.stderr
+    result = _run("--input", str(catalog), "--output", str(tmp_path / "o"), *_models(tiny_caption))
+    assert result.returncode == 2 and "not a BLIP image-text retrieval checkpoint" in result.stderr
+    result = _run("--input", str(catalog), "--output", str(tmp_path / "o"), *_models(tiny_itm, tiny_itm))
+    assert result.returncode == 2 and "not a BLIP-2 captioning checkpoint" in result.stderr
+
+
+def test_usage_errors_exit_2(catalog, tiny_itm, tmp_path):
+    assert _run("--output", str(tmp_path)).returncode == 2  # no input
+    result = _run("--input", str(catalog), "--output", str(tmp_path), "--no-such-flag", "1")
+    assert result.returncode == 2 and "unrecognized arguments" in result.stderr
+    result = _run("--input", str(catalog), "--output", str(tmp_path / "o"), "--score-actors", "4,2", *_models(tiny_itm))
+    assert result.returncode == 2 and "score_actors" in result.stderr
+    (tmp_path / "job.yaml").write_text("itm_threshold: 0.4\nno_such_key: 1\n")
+    result = _run("--config", str(tmp_path / "job.yaml"), "--input", str(catalog), "--output", str(tmp_path / "o"))
+    assert result.returncode == 2 and "no_such_key: unknown option" in result.stderr
+
+
+def test_yaml_values_and_flag_overrides(tmp_path):
+    (tmp_path / "job.yaml").write_text("input: a\noutput: b\nitm-threshold: 0.4\nitc_threshold: none\ncaptions: flagged\n")
+    args = score.make_parser().parse_args(["--config", str(tmp_path / "job.yaml"), "--itm-threshold", "0.7"])
+    config = score.config_from_args(args)
+    assert (config.itm_threshold, config.itc_threshold, config.captions) == (0.7, None, "flagged")
+    assert config.input == "a" and config.output == "b"
+
+
+def test_end_to_end_in_process_with_device_cpu(ray_session, catalog, tiny_itm, tiny_caption, tmp_path, capsys):
+    code = score.main(
+        ["--input", str(catalog), "--output", str(tmp_path / "o"), *_models(tiny_itm, tiny_caption),
+         "--captions", "flagged", "--max-new-tokens", "4", "--score-actors", "1,2", "--json"]
+    )
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["rows_read"] == summary["rows_written"] == 10
+    assert summary["scored"] + sum(summary["errors"].values()) == 10
+    assert pq.read_table(tmp_path / "o").num_rows == 10
+
+
+def test_failed_run_exits_1_and_commits_nothing(ray_session, catalog, tiny_itm, tmp_path, capsys):
+    broken = tmp_path / "broken-itm"
+    broken.mkdir()
+    for item in Path(tiny_itm).iterdir():
+        (broken / item.name).write_bytes(item.read_bytes())
+    (broken / "model.safetensors").write_bytes(b"corrupt weights")
+    code = score.main(["--input", str(catalog), "--output", str(tmp_path / "o"), *_models(str(broken))])
+    assert code == 1
+    assert "run failed" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "_manifest.json").exists()
+    assert not list((tmp_path / "o").glob("*.parquet"))
+
+
+def test_cli_subprocess_starts_its_own_ray(catalog, tiny_itm, tmp_path):
+    result = _run("--input", str(catalog), "--output", str(tmp_path / "o"), *_models(tiny_itm), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "read 10 rows" in result.stdout and str(tmp_path / "o") in result.stdout
+    assert pq.read_table(tmp_path / "o").num_rows == 10
+
+
+def test_console_script_dispatch():
+    from jobs.cli import main
+
+    assert main([]) == 2
+    assert main(["bogus"]) == 2
