@@ -12,6 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -79,11 +80,15 @@ def _staged_files(location: Location, staging: str) -> list[str]:
 
 
 def _count(location: Location, files: list[str]) -> tuple[int, dict[str, int], int]:
+    """Row counts by status, streamed batch by batch so a huge output needs no driver memory."""
     dataset = pads.dataset(files, filesystem=location.filesystem, format="parquet")
-    table = dataset.to_table(columns=["status", "flagged"])
-    by_status = Counter(table.column("status").to_pylist())
-    flagged = int(pa.compute.sum(table.column("flagged")).as_py() or 0)
-    return table.num_rows, dict(sorted(by_status.items())), flagged
+    rows, flagged, by_status = 0, 0, Counter()
+    for batch in dataset.to_batches(columns=["status", "flagged"]):
+        rows += batch.num_rows
+        flagged += int(pa.compute.sum(batch.column("flagged")).as_py() or 0)
+        counts = pa.compute.value_counts(batch.column("status"))
+        by_status.update(dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())))
+    return rows, dict(sorted(by_status.items())), flagged
 
 
 def commit(
