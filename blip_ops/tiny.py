@@ -7,7 +7,6 @@ and captions mean nothing.
 
 from __future__ import annotations
 
-import json
 import string
 from pathlib import Path
 

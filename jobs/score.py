@@ -11,7 +11,7 @@ import json
 import sys
 
 from pipelines.config import ConfigError, build_config, load_yaml
-from pipelines.preflight import InputError
+from pipelines.preflight import InputError, preflight
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -76,9 +76,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m jobs.score") -> i
     args = make_parser(prog).parse_args(argv)
     try:
         config = config_from_args(args)
-        from pipelines.run import run_job  # imports Ray and torch: only once the arguments are good
+        checked = preflight(config)
+        from pipelines.run import run_job  # imports Ray and torch: only once everything checkable is good
 
-        summary = run_job(config)
+        summary = run_job(config, checked)
     except (ConfigError, InputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -12,6 +12,7 @@ import pyarrow.dataset as pads
 
 from blip_ops.checkpoints import CAPTION, ITM, CheckpointError, inspect_checkpoint
 
+from . import output
 from .config import JobConfig
 from .schema import OUTPUT_COLUMNS
 from .storage import Location, locate
@@ -89,3 +90,17 @@ def check_models(config: JobConfig) -> None:
             inspect_checkpoint(config.caption_model, CAPTION)
     except CheckpointError as exc:
         raise InputError(str(exc)) from None
+
+
+Checked = tuple[InputInfo, Location]
+
+
+def preflight(config: JobConfig) -> Checked:
+    """Everything checkable without Ray or a model: the input, the models' configs, the output."""
+    source = inspect_input(config)
+    check_models(config)
+    try:
+        destination = output.prepare_output(config.output, config.overwrite)
+    except (output.OutputError, OSError) as exc:
+        raise InputError(str(exc)) from None
+    return source, destination

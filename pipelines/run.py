@@ -7,12 +7,11 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
-import ray
 
 from . import output, runtime
 from .build import build_scored_dataset, resolve_resources
 from .config import JobConfig
-from .preflight import InputError, check_models, inspect_input
+from .preflight import Checked, preflight
 from .schema import SCHEMA_VERSION, output_schema
 
 
@@ -46,21 +45,11 @@ def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
 
 
-def preflight(config: JobConfig):
-    """Everything checkable without loading a model; raises ``InputError``."""
-    source = inspect_input(config)
-    check_models(config)
-    try:
-        destination = output.prepare_output(config.output, config.overwrite)
-    except (output.OutputError, OSError) as exc:
-        raise InputError(str(exc)) from None
-    return source, destination
-
-
-def run_job(config: JobConfig) -> RunSummary:
+def run_job(config: JobConfig, checked: Checked | None = None) -> RunSummary:
+    """Run the whole job; ``checked`` is a ``preflight(config)`` result when the caller already ran it."""
     started = time.monotonic()
     run_id = config.run_id or new_run_id()
-    source, destination = preflight(config)
+    source, destination = checked or preflight(config)
     runtime.connect(config.ray_address)
     resources = resolve_resources(config, runtime.cluster_gpus(), runtime.cluster_cpus())
 

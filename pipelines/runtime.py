@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import ray
 
@@ -12,9 +11,6 @@ def connect(address: str | None) -> bool:
     """Returns True when this call started Ray (and so should shut it down)."""
     if ray.is_initialized():
         return False
-    # Ray workers must not inherit a driver's request to use no GPUs or threads oddly;
-    # only logging noise is tuned here.
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     ray.init(
         address=address,
         include_dashboard=False,

@@ -113,14 +113,16 @@ class ScoreStage:
         pixels = batch.column(S.PIXELS_SCORE).to_pylist()
         rows = np.flatnonzero(mask)
         images = [self.scorer.images.from_bytes(pixels[i]) for i in rows]
-        itc, itm, _ = self.scorer.score(images, [texts[i] for i in rows])
+        itc, itm, scored_truncated = self.scorer.score(images, [texts[i] for i in rows])
 
-        usable_text = batch.column(S.TEXT_ERROR).is_null().to_numpy(zero_copy_only=False)
         truncated = np.zeros(len(mask), dtype=bool)
-        text_rows = np.flatnonzero(usable_text)
-        if len(text_rows):
-            counts = self.scorer.token_counts([texts[i] for i in text_rows])
-            truncated[text_rows] = counts > self.scorer.max_text_tokens
+        truncated[rows] = scored_truncated
+        # Rows with a usable text but a broken image still report truncation.
+        usable_text = batch.column(S.TEXT_ERROR).is_null().to_numpy(zero_copy_only=False)
+        unscored = np.flatnonzero(usable_text & ~mask)
+        if len(unscored):
+            counts = self.scorer.token_counts([texts[i] for i in unscored])
+            truncated[unscored] = counts > self.scorer.max_text_tokens
         return (
             batch.drop_columns([S.PIXELS_SCORE])
             .append_column("itc_score", _spread(itc, mask, pa.float32()))

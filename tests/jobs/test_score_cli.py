@@ -26,8 +26,7 @@ def _run(*args, timeout=300):
 
 @pytest.fixture(scope="module")
 def catalog(tmp_path_factory):
-    records = [{k: v for k, v in r.items()} for r in sample_catalog(10, seed=5)]
-    return write_catalog(tmp_path_factory.mktemp("cli-catalog"), records, files=2)
+    return write_catalog(tmp_path_factory.mktemp("cli-catalog"), sample_catalog(10, seed=5), files=2)
 
 
 def _models(tiny_itm, tiny_caption=None):

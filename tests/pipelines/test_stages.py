@@ -112,3 +112,13 @@ def test_finalize_types_every_column_even_all_null():
     assert out.schema.field("caption_model").type == pa.string()
     assert out.schema.field("scored_at").type == pa.timestamp("us", tz="UTC")
     assert out.schema.field("itc_score").type == pa.float32()
+
+
+def test_truncation_is_reported_for_rows_with_a_broken_image(tiny_itm):
+    batch = pa.table({"text": ["a red circle " * 40, "short"], "image": pa.array([b"junk", b"junk"], pa.binary())})
+    decoded = decode_batch(
+        batch, text_column="text", image_column="image", from_uri=False, score_model=tiny_itm, caption_model=None
+    )
+    out = ScoreStage(model=tiny_itm, device="cpu", max_text_tokens=35, text_column="text")(decoded)
+    assert out.column("text_truncated").to_pylist() == [True, False]
+    assert out.column("itc_score").to_pylist() == [None, None]
