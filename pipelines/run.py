@@ -7,7 +7,6 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
-
 from . import output, runtime
 from .build import build_scored_dataset, resolve_resources
 from .config import JobConfig
