@@ -21,6 +21,7 @@ class Blip2Captioner:
         self.device = device
         self.max_new_tokens = max_new_tokens
         self.prompt = prompt or None
+        self._prompt_ids = self._encode_prompt() if self.prompt else None
 
     @classmethod
     def from_pretrained(
@@ -33,9 +34,7 @@ class Blip2Captioner:
         model = load_model(reference, Blip2ForConditionalGeneration, device)
         return cls(model, load_processor(reference), device, max_new_tokens, prompt)
 
-    def _text_inputs(self, batch_size: int) -> dict:
-        if self.prompt is None:
-            return {}
+    def _encode_prompt(self) -> dict:
         # The processor expands the image placeholder tokens in front of the prompt.
         encoded = self.processor(
             images=[np.zeros((3, self.images.height, self.images.width), dtype=np.uint8)],
@@ -43,10 +42,12 @@ class Blip2Captioner:
             return_tensors="pt",
             images_kwargs={"input_data_format": "channels_first"},
         )
-        return {
-            "input_ids": encoded["input_ids"].repeat(batch_size, 1).to(self.device),
-            "attention_mask": encoded["attention_mask"].repeat(batch_size, 1).to(self.device),
-        }
+        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+    def _text_inputs(self, batch_size: int) -> dict:
+        if self._prompt_ids is None:
+            return {}
+        return {name: ids.repeat(batch_size, 1).to(self.device) for name, ids in self._prompt_ids.items()}
 
     @torch.inference_mode()
     def caption(self, images: list[np.ndarray]) -> list[str]:
