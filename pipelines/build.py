@@ -69,15 +69,22 @@ def _unfused() -> dict:
 
 
 def build_scored_dataset(config: JobConfig, source: InputInfo, run_id: str, resources: Resources) -> ray.data.Dataset:
-    image_column = config.image_uri_column or config.image_column
     passthrough = passthrough_schema(source.schema, None if config.image_uri_column else config.image_column).names
-
     ds = ray.data.read_parquet(
         source.files,
         filesystem=source.location.filesystem,
         partitioning=Partitioning("hive", base_dir=source.base_dir),
         file_extensions=None,
     )
+    return score_rows(ds, config, run_id, resources, passthrough)
+
+
+def score_rows(
+    ds: ray.data.Dataset, config: JobConfig, run_id: str, resources: Resources, passthrough: list[str]
+) -> ray.data.Dataset:
+    """decode -> score -> flag -> caption -> finalize over any dataset holding the configured columns;
+    ``passthrough`` names the input columns kept in the output."""
+    image_column = config.image_uri_column or config.image_column
     with warnings.catch_warnings():
         # Deprecated from Ray 2.64; with Ray pinned to 2.60 it is the supported way to prevent fusion.
         warnings.filterwarnings("ignore", message=".*ray_remote_args_fn.*")
