@@ -1,7 +1,10 @@
 """BLIP-2 captions with batched greedy decoding.
 
 Every row in a batch gets the same prompt, so prompts never need padding and a batch
-decodes exactly as its rows would one at a time.
+decodes exactly as its rows would one at a time. ``generate`` keeps the KV cache (its
+default), so each new token costs one decoder step over one position, not the whole
+sequence. Rows that finish early keep decoding pad tokens until the batch's longest
+caption ends; that waste is bounded by ``max_new_tokens``.
 """
 
 from __future__ import annotations
@@ -10,11 +13,20 @@ import numpy as np
 import torch
 
 from .checkpoints import CAPTION, inspect_checkpoint, load_model, load_processor, resolve_device
+from .precision import autocast, resolve_precision
 from .preprocess import ImagePreparer
 
 
 class Blip2Captioner:
-    def __init__(self, model, processor, device: str = "cpu", max_new_tokens: int = 30, prompt: str | None = None):
+    def __init__(
+        self,
+        model,
+        processor,
+        device: str = "cpu",
+        max_new_tokens: int = 30,
+        prompt: str | None = None,
+        precision: str = "auto",
+    ):
         self.model = model
         self.processor = processor
         self.images = ImagePreparer(processor.image_processor)
@@ -22,17 +34,25 @@ class Blip2Captioner:
         self.max_new_tokens = max_new_tokens
         self.prompt = prompt or None
         self._prompt_ids = self._encode_prompt() if self.prompt else None
+        self.precision = resolve_precision(precision, device)
 
     @classmethod
     def from_pretrained(
-        cls, reference: str, device: str = "auto", max_new_tokens: int = 30, prompt: str | None = None
+        cls,
+        reference: str,
+        device: str = "auto",
+        max_new_tokens: int = 30,
+        prompt: str | None = None,
+        precision: str = "auto",
     ) -> "Blip2Captioner":
         from transformers import Blip2ForConditionalGeneration
 
         inspect_checkpoint(reference, CAPTION)
         device = resolve_device(device)
+        # transformers 5.23 already selects SDPA attention for BLIP-2's vision model, Q-Former
+        # and OPT (all declare _supports_sdpa); nothing to override.
         model = load_model(reference, Blip2ForConditionalGeneration, device)
-        return cls(model, load_processor(reference), device, max_new_tokens, prompt)
+        return cls(model, load_processor(reference), device, max_new_tokens, prompt, precision)
 
     def _encode_prompt(self) -> dict:
         # The processor expands the image placeholder tokens in front of the prompt.
@@ -57,11 +77,15 @@ class Blip2Captioner:
         pixel_values = self.images.to_pixel_values(images).to(
             self.device, dtype=next(self.model.parameters()).dtype
         )
-        generated = self.model.generate(
-            pixel_values=pixel_values,
-            **self._text_inputs(len(images)),
-            max_new_tokens=self.max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-        )
+        # One autocast context around the whole generate call, so half-precision weight
+        # copies are made once per batch, not once per decoding step.
+        with autocast(self.precision, self.device):
+            generated = self.model.generate(
+                pixel_values=pixel_values,
+                **self._text_inputs(len(images)),
+                max_new_tokens=self.max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                use_cache=True,
+            )
         return [text.strip() for text in self.processor.batch_decode(generated, skip_special_tokens=True)]

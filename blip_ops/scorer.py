@@ -15,6 +15,7 @@ import torch
 from torch.nn.functional import normalize
 
 from .checkpoints import ITM, inspect_checkpoint, load_model, load_processor, resolve_device
+from .precision import autocast, resolve_precision
 from .preprocess import ImagePreparer
 
 
@@ -26,21 +27,29 @@ class TextBatch:
 
 
 class BlipScorer:
-    def __init__(self, model, processor, device: str = "cpu", max_text_tokens: int = 35):
+    def __init__(
+        self, model, processor, device: str = "cpu", max_text_tokens: int = 35, precision: str = "auto"
+    ):
         self.model = model
         self.tokenizer = processor.tokenizer
         self.images = ImagePreparer(processor.image_processor)
         self.device = device
         self.max_text_tokens = max_text_tokens
+        # Resolved once: "auto" is fp32 on the CPU (the fidelity reference), bf16 on CUDA.
+        self.precision = resolve_precision(precision, device)
 
     @classmethod
-    def from_pretrained(cls, reference: str, device: str = "auto", max_text_tokens: int = 35) -> "BlipScorer":
+    def from_pretrained(
+        cls, reference: str, device: str = "auto", max_text_tokens: int = 35, precision: str = "auto"
+    ) -> "BlipScorer":
         from transformers import BlipForImageTextRetrieval
 
         inspect_checkpoint(reference, ITM)
         device = resolve_device(device)
+        # BLIP v1 in transformers 5.23 has eager attention only (no _supports_sdpa), so there
+        # is no attention backend to choose here; BLIP-2 uses SDPA by default.
         model = load_model(reference, BlipForImageTextRetrieval, device)
-        return cls(model, load_processor(reference), device, max_text_tokens)
+        return cls(model, load_processor(reference), device, max_text_tokens, precision)
 
     def token_counts(self, texts: list[str]) -> np.ndarray:
         encoded = self.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
@@ -70,10 +79,20 @@ class BlipScorer:
         if not texts:
             empty = np.zeros(0, dtype=np.float32)
             return empty, empty.copy(), np.zeros(0, dtype=bool)
-        model = self.model
-        pixel_values = self.images.to_pixel_values(images).to(self.device, dtype=next(model.parameters()).dtype)
+        pixel_values = self.images.to_pixel_values(images).to(
+            self.device, dtype=next(self.model.parameters()).dtype
+        )
         text = self.tokenize(texts)
+        with autocast(self.precision, self.device):
+            itc, itm = self._forward(pixel_values, text)
+        return (
+            itc.cpu().numpy().astype(np.float32),
+            itm.cpu().numpy().astype(np.float32),
+            text.truncated,
+        )
 
+    def _forward(self, pixel_values: torch.Tensor, text: TextBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        model = self.model
         image_embeds = model.vision_model(pixel_values=pixel_values).last_hidden_state
         image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
 
@@ -89,9 +108,4 @@ class BlipScorer:
         image_feat = normalize(model.vision_proj(image_embeds[:, 0, :]).float(), dim=-1)
         text_feat = normalize(model.text_proj(unimodal[:, 0, :]).float(), dim=-1)
         itc = (image_feat * text_feat).sum(dim=-1)
-
-        return (
-            itc.cpu().numpy().astype(np.float32),
-            itm.cpu().numpy().astype(np.float32),
-            text.truncated,
-        )
+        return itc, itm

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from blip_ops.captioner import Blip2Captioner
@@ -34,3 +35,26 @@ def test_batched_captions_equal_single_image_reference(tiny_caption, prompt):
 def test_empty_batch(tiny_caption):
     captioner = Blip2Captioner.from_pretrained(tiny_caption, device="cpu", max_new_tokens=2)
     assert captioner.caption([]) == []
+
+
+def test_explicit_fp32_captions_equal_auto_on_cpu(tiny_caption):
+    images = _images(3)
+    auto = Blip2Captioner.from_pretrained(tiny_caption, device="cpu", max_new_tokens=MAX_NEW_TOKENS)
+    fp32 = Blip2Captioner.from_pretrained(tiny_caption, device="cpu", max_new_tokens=MAX_NEW_TOKENS, precision="fp32")
+    assert auto.precision == fp32.precision == "fp32"
+    resized = [auto.images.resize(decode_rgb(d)) for d in images]
+    assert auto.caption(resized) == fp32.caption(resized)
+
+
+def test_bf16_autocast_captions_run_in_bf16(tiny_caption):
+    captioner = Blip2Captioner.from_pretrained(
+        tiny_caption, device="cpu", max_new_tokens=MAX_NEW_TOKENS, precision="bf16"
+    )
+    seen = set()
+    handle = captioner.model.language_model.lm_head.register_forward_hook(lambda _m, _i, out: seen.add(out.dtype))
+    try:
+        captions = captioner.caption([captioner.images.resize(decode_rgb(d)) for d in _images(3)])
+    finally:
+        handle.remove()
+    assert seen == {torch.bfloat16}
+    assert len(captions) == 3 and all(isinstance(c, str) for c in captions)

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from blip_ops.images import decode_rgb
@@ -93,3 +94,41 @@ def test_long_text_is_truncated_and_marked(scorer, reference):
 def test_empty_batch(scorer):
     itc, itm, truncated = scorer.score([], [])
     assert len(itc) == len(itm) == len(truncated) == 0
+
+
+def _linear_output_dtypes(model):
+    seen = set()
+    handles = [
+        m.register_forward_hook(lambda _m, _i, out: seen.add(out.dtype))
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear)
+    ]
+    return seen, handles
+
+
+def test_explicit_fp32_equals_auto_on_cpu(scorer, tiny_itm):
+    assert scorer.precision == "fp32"  # auto resolves to fp32 on the CPU
+    fp32 = BlipScorer.from_pretrained(tiny_itm, device="cpu", precision="fp32")
+    images = [_resized(scorer, d) for d in _images()]
+    itc, itm, _ = scorer.score(images, TEXTS)
+    itc32, itm32, _ = fp32.score(images, TEXTS)
+    np.testing.assert_array_equal(itc32, itc)
+    np.testing.assert_array_equal(itm32, itm)
+
+
+def test_bf16_autocast_on_cpu_runs_in_bf16_and_stays_close(scorer, tiny_itm):
+    bf16 = BlipScorer.from_pretrained(tiny_itm, device="cpu", precision="bf16")
+    assert bf16.precision == "bf16"
+    images = [_resized(scorer, d) for d in _images()]
+    seen, handles = _linear_output_dtypes(bf16.model)
+    try:
+        itc16, itm16, _ = bf16.score(images, TEXTS)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert seen == {torch.bfloat16}
+    assert itc16.dtype == np.float32 and itm16.dtype == np.float32
+    itc, itm, _ = scorer.score(images, TEXTS)
+    # bf16 keeps ~3 significant digits; scores move, but only a little.
+    np.testing.assert_allclose(itc16, itc, atol=0.05)
+    np.testing.assert_allclose(itm16, itm, atol=0.05)
