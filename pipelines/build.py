@@ -25,6 +25,9 @@ class Resources:
     caption_cpus: float
     score_device: str
     caption_device: str
+    # Actor pool bounds (min, max); each pool autoscales between them.
+    score_actors: tuple[int, int] = (1, 1)
+    caption_actors: tuple[int, int] = (1, 1)
 
 
 def _default_gpus(config: JobConfig, cluster_gpus: float) -> float:
@@ -51,15 +54,40 @@ def _default_cpus(gpus: float, cluster_cpus: float, model_stages: int) -> float:
     return max(0.25, min(1.0, cluster_cpus / (2 * model_stages)))
 
 
+def _fits(total: float, per_actor: float) -> int:
+    # The epsilon keeps 1 / 0.1 from flooring to 9 through float error.
+    return int(total / per_actor + 1e-9)
+
+
+def _default_actors(gpus: float, cpus: float, cluster_gpus: float, cluster_cpus: float, model_stages: int) -> tuple[int, int]:
+    """Start one actor and grow while work queues up. A GPU stage may grow to as many actors as
+    the cluster's GPUs hold at ``gpus`` each (so one per GPU at 1.0, two per GPU at 0.5); a CPU
+    stage to half the cluster's CPUs split between the model stages, the other half decoding."""
+    if gpus > 0:
+        return 1, max(1, _fits(cluster_gpus, gpus))
+    return 1, max(1, _fits(cluster_cpus, 2 * model_stages * cpus))
+
+
 def resolve_resources(config: JobConfig, cluster_gpus: float, cluster_cpus: float) -> Resources:
-    """From the Ray cluster's resources, never from the driver's hardware."""
+    """From the Ray cluster's resources (``ray.cluster_resources()``), never from the driver's hardware."""
     default = _default_gpus(config, cluster_gpus)
     score = default if config.score_gpus is None else config.score_gpus
     caption = default if config.caption_gpus is None else config.caption_gpus
     stages = 2 if config.captioning else 1
     score_cpus = _default_cpus(score, cluster_cpus, stages) if config.score_cpus is None else config.score_cpus
     caption_cpus = _default_cpus(caption, cluster_cpus, stages) if config.caption_cpus is None else config.caption_cpus
-    return Resources(score, caption, score_cpus, caption_cpus, _device(config, score), _device(config, caption))
+    score_actors = config.score_actors or _default_actors(score, score_cpus, cluster_gpus, cluster_cpus, stages)
+    caption_actors = config.caption_actors or _default_actors(caption, caption_cpus, cluster_gpus, cluster_cpus, stages)
+    return Resources(
+        score_gpus=score,
+        caption_gpus=caption,
+        score_cpus=score_cpus,
+        caption_cpus=caption_cpus,
+        score_device=_device(config, score),
+        caption_device=_device(config, caption),
+        score_actors=tuple(score_actors),
+        caption_actors=tuple(caption_actors),
+    )
 
 
 def _unfused() -> dict:
@@ -106,7 +134,7 @@ def score_rows(
         stages.ScoreStage,
         batch_format="pyarrow",
         batch_size=config.score_batch_size,
-        compute=ActorPoolStrategy(min_size=config.score_actors[0], max_size=config.score_actors[1]),
+        compute=ActorPoolStrategy(min_size=resources.score_actors[0], max_size=resources.score_actors[1]),
         num_gpus=resources.score_gpus,
         num_cpus=resources.score_cpus,
         fn_constructor_kwargs={
@@ -114,6 +142,7 @@ def score_rows(
             "device": resources.score_device,
             "max_text_tokens": config.max_text_tokens,
             "text_column": config.text_column,
+            "precision": config.precision,
         },
         udf_modifying_row_count=False,
     )
@@ -129,7 +158,7 @@ def score_rows(
             stages.CaptionStage,
             batch_format="pyarrow",
             batch_size=config.caption_batch_size,
-            compute=ActorPoolStrategy(min_size=config.caption_actors[0], max_size=config.caption_actors[1]),
+            compute=ActorPoolStrategy(min_size=resources.caption_actors[0], max_size=resources.caption_actors[1]),
             num_gpus=resources.caption_gpus,
             num_cpus=resources.caption_cpus,
             fn_constructor_kwargs={
@@ -138,6 +167,7 @@ def score_rows(
                 "max_new_tokens": config.max_new_tokens,
                 "prompt": config.caption_prompt,
                 "policy": config.captions,
+                "precision": config.precision,
             },
             udf_modifying_row_count=False,
         )

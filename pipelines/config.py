@@ -67,10 +67,23 @@ class JobConfig(BaseModel):
     )
 
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where models run; auto picks CUDA when a worker has a GPU.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="Model arithmetic: fp32, or bf16/fp16 autocast (weights stay fp32; matmuls and attention run in "
+        "the half type, softmax and norms in fp32). auto: bf16 on CUDA (fp16 on GPUs without bf16), fp32 on CPU, "
+        "where scores equal the checkpoint's fp32 scores. Half precision moves scores slightly.",
+    )
     ray_address: str | None = Field(None, description="None starts a local Ray; 'auto' or an address joins a cluster.")
 
-    score_actors: tuple[int, int] = Field((1, 1), description="Scoring actor pool size as (min, max); it autoscales between them.")
-    caption_actors: tuple[int, int] = Field((1, 1), description="Captioning actor pool size as (min, max).")
+    score_actors: tuple[int, int] | None = Field(
+        None,
+        description="Scoring actor pool size as (min, max); it autoscales between them. None (or 'auto'): from 1 up to "
+        "as many actors as the cluster's GPUs hold at score_gpus each (one per GPU at 1.0, two at 0.5); without GPUs, "
+        "up to half the cluster's CPUs split between the model stages. On a cluster whose GPU nodes join later, set it.",
+    )
+    caption_actors: tuple[int, int] | None = Field(
+        None, description="Captioning actor pool size as (min, max); None (or 'auto') as for score_actors."
+    )
     score_gpus: float | None = Field(
         None, ge=0.0, description="GPUs per scoring actor (fractions share a GPU); None: 1 on a cluster with GPUs, else 0."
     )
@@ -93,6 +106,8 @@ class JobConfig(BaseModel):
     @field_validator("score_actors", "caption_actors", mode="before")
     @classmethod
     def _actor_range(cls, value):
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("auto", "none", "")):
+            return None  # resolved from the cluster's resources when the job starts
         try:
             low, high = _parse_range(value)
         except (TypeError, ValueError):

@@ -103,8 +103,10 @@ def _spread(values: np.ndarray, mask: np.ndarray, type_: pa.DataType) -> pa.Arra
 class ScoreStage:
     """ITC and ITM for every row with a decoded image and a usable text."""
 
-    def __init__(self, *, model: str, device: str, max_text_tokens: int, text_column: str):
-        self.scorer = BlipScorer.from_pretrained(model, device=device, max_text_tokens=max_text_tokens)
+    def __init__(self, *, model: str, device: str, max_text_tokens: int, text_column: str, precision: str = "auto"):
+        self.scorer = BlipScorer.from_pretrained(
+            model, device=device, max_text_tokens=max_text_tokens, precision=precision
+        )
         self.text_column = text_column
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -173,8 +175,12 @@ def flag_batch(batch: pa.Table, *, itm_threshold: float | None, itc_threshold: f
 class CaptionStage:
     """BLIP-2 captions for decodable rows: all of them, or only the flagged ones."""
 
-    def __init__(self, *, model: str, device: str, max_new_tokens: int, prompt: str | None, policy: str):
-        self.captioner = Blip2Captioner.from_pretrained(model, device=device, max_new_tokens=max_new_tokens, prompt=prompt)
+    def __init__(
+        self, *, model: str, device: str, max_new_tokens: int, prompt: str | None, policy: str, precision: str = "auto"
+    ):
+        self.captioner = Blip2Captioner.from_pretrained(
+            model, device=device, max_new_tokens=max_new_tokens, prompt=prompt, precision=precision
+        )
         self.policy = policy
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -1,0 +1,256 @@
+"""Notebook audits: score a sample of a catalog into a pandas DataFrame, and look at what got flagged.
+
+    >>> from jobs.audit import audit, show_flagged
+    >>> df = audit("s3://bucket/catalog/", sample=50, where="category == 'shoes'",
+    ...            itm_model="Salesforce/blip-itm-base-coco", captions="flagged")
+    >>> show_flagged(df)          # in Jupyter: thumbnails, text, caption, scores, reasons
+
+``audit`` runs the same stages as ``jobs.score`` (decode -> score -> flag -> caption ->
+finalize) on a local Ray it starts when none is running (or ``ray_address=``), with models
+loaded in the actors, never in the notebook process.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+
+from pipelines import views
+from pipelines.config import JobConfig, build_config
+from pipelines.preflight import check_columns, check_models, inspect_input
+from pipelines.schema import OUTPUT_COLUMNS, passthrough_schema
+from pipelines.storage import read_bytes
+
+# Keeps input order through Ray (which may reorder blocks) so each result row finds its image again.
+_ROW = "__audit_row"
+# Stands in for the CLI's required --output: an audit writes nothing.
+_NO_OUTPUT = "<audit: in memory>"
+_DATAFRAME_INPUT = "<pandas.DataFrame>"
+# Options that make no sense for an in-memory audit.
+_NOT_FOR_AUDIT = ("input", "output", "overwrite")
+# Where audit() records the column names show_flagged needs.
+ATTRS_KEY = "blip_moderate"
+
+
+def audit(source, *, sample: int | None = None, where=None, seed: int = 0, **options) -> pd.DataFrame:
+    """Score ``source`` and return one row per selected record, in input order.
+
+    ``source``: a Parquet path or ``s3://`` URI (as ``--input``), or a pandas DataFrame whose
+    image column holds encoded bytes (or, with ``image_uri_column=``, paths/URIs) plus a text
+    and an id column.
+
+    ``where`` restricts rows before sampling, in one of two forms:
+      - a string in ``pandas.DataFrame.query`` syntax, e.g. ``"category == 'shoes' and price > 10"``
+        (evaluated on every column but the image bytes);
+      - a ``pyarrow.compute`` expression, e.g. ``pc.field("category") == "shoes"``; on a Parquet
+        source it is pushed down into the scan, the better choice for a large catalog.
+
+    ``sample=n`` keeps ``n`` rows drawn without replacement, the same rows for the same ``seed``.
+
+    ``options`` are the CLI's options with underscores (``itm_model=``, ``caption_model=``,
+    ``captions=``, ``itm_threshold=``, ``device=``, ``ray_address=``...), validated like
+    ``--config``: a mistyped name raises ``ConfigError`` naming it.
+
+    The result has the CLI's output columns in the same order (``df[cli_columns]``), plus, for
+    byte images, the image column itself as the last column, so ``show_flagged`` can draw
+    thumbnails (with ``image_uri_column`` the URI column is already there).
+    """
+    for name in _NOT_FOR_AUDIT:
+        if name in options:
+            raise TypeError(f"audit() does not take {name}=: it scores `source` and returns a DataFrame")
+    if sample is not None and (isinstance(sample, bool) or not isinstance(sample, int) or sample < 0):
+        raise ValueError(f"sample must be a non-negative int, got {sample!r}")
+    is_frame = isinstance(source, pd.DataFrame)
+    config = build_config(dict(options, input=_DATAFRAME_INPUT if is_frame else str(source), output=_NO_OUTPUT))
+    check_models(config)  # a wrong model path fails in a second, before Ray starts
+    return _score(select_rows(source, config, sample=sample, where=where, seed=seed), config)
+
+
+def select_rows(source, config: JobConfig, *, sample: int | None = None, where=None, seed: int = 0) -> pa.Table:
+    """The rows ``audit`` scores: ``where`` applied, then the seeded sample, in input order."""
+    if isinstance(source, pd.DataFrame):
+        return _select_frame(source, config, sample, where, seed)
+    return _select_path(config, sample, where, seed)
+
+
+def _image_column(config: JobConfig) -> str | None:
+    """The bytes column the stages drop (a URI column is an ordinary passthrough column)."""
+    return None if config.image_uri_column else config.image_column
+
+
+def _sample_positions(count: int, sample: int | None, seed: int) -> np.ndarray:
+    if sample is None or sample >= count:
+        return np.arange(count)
+    return np.sort(np.random.default_rng(seed).choice(count, size=sample, replace=False))
+
+
+def _query_positions(frame: pd.DataFrame, where: str) -> np.ndarray:
+    """Positions (not labels) of the rows a ``DataFrame.query`` string keeps."""
+    framed = frame.reset_index(drop=True)
+    return framed.query(where).index.to_numpy()
+
+
+def _check_where(where) -> None:
+    if where is not None and not isinstance(where, (str, pc.Expression)):
+        raise TypeError(f"where must be a DataFrame.query string or a pyarrow.compute expression, got {type(where).__name__}")
+
+
+def _select_frame(frame: pd.DataFrame, config: JobConfig, sample, where, seed) -> pa.Table:
+    _check_where(where)
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    check_columns(table.schema, config)  # InputError naming a missing or mistyped column
+    if isinstance(where, str):
+        image = _image_column(config)
+        table = table.take(_query_positions(frame.drop(columns=[image] if image else []), where))
+    elif where is not None:
+        table = table.filter(where)
+    return table.take(_sample_positions(table.num_rows, sample, seed))
+
+
+def _select_path(config: JobConfig, sample, where, seed) -> pa.Table:
+    _check_where(where)
+    source = inspect_input(config)  # the CLI's input checks: exists, Parquet, columns and types
+    dataset = pads.dataset(source.location.path, filesystem=source.location.filesystem, format="parquet", partitioning="hive")
+    if isinstance(where, str):
+        image = _image_column(config)
+        meta = dataset.to_table(columns=[n for n in dataset.schema.names if n != image]).to_pandas()
+        kept = _query_positions(meta, where)
+        return dataset.take(kept[_sample_positions(len(kept), sample, seed)])
+    count = dataset.count_rows(filter=where)
+    # Dataset.take with a filter indexes the filtered rows; only the chosen rows are materialised.
+    return dataset.take(_sample_positions(count, sample, seed), filter=where)
+
+
+def _new_run_id() -> str:
+    return "audit-" + datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
+
+
+def _score(table: pa.Table, config: JobConfig) -> pd.DataFrame:
+    import ray
+
+    from pipelines import runtime
+    from pipelines.build import resolve_resources, score_rows
+
+    image = _image_column(config)
+    images = table.column(image) if image else None
+    table = table.append_column(_ROW, pa.array(np.arange(table.num_rows), pa.int64()))
+    passthrough = passthrough_schema(table.schema, image).names
+    runtime.connect(config.ray_address)
+    resources = resolve_resources(config, runtime.cluster_gpus(), runtime.cluster_cpus())
+    run_id = config.run_id or _new_run_id()
+    if table.num_rows:
+        dataset = score_rows(ray.data.from_arrow(table), config, run_id, resources, passthrough)
+        scored = pa.concat_tables(ray.get(dataset.to_arrow_refs()))
+    else:
+        scored = None
+    result = _finish(table, scored, passthrough, image, images)
+    result.attrs[ATTRS_KEY] = {
+        "run_id": run_id,
+        "id_column": config.id_column,
+        "text_column": config.text_column,
+        "image_column": config.image_uri_column or config.image_column,
+        "image_is_uri": bool(config.image_uri_column),
+    }
+    return result
+
+
+def _finish(table: pa.Table, scored: pa.Table | None, passthrough: list[str], image: str | None, images) -> pd.DataFrame:
+    from pipelines.schema import output_schema
+
+    schema = output_schema(table.schema, image)
+    if scored is None:
+        scored = schema.empty_table()
+    scored = scored.take(pc.sort_indices(scored.column(_ROW)))
+    if images is not None:
+        # Rows come back sorted by their input position, which indexes ``images`` directly.
+        scored = scored.append_column(image, images.take(scored.column(_ROW)))
+    frame = scored.drop_columns([_ROW]).to_pandas()
+    return frame
+
+
+# ---------------------------------------------------------------------------------------------
+# show_flagged
+
+
+class FlaggedView:
+    """Jupyter renders it with ``_repr_html_``; ``str(view)`` is the HTML, ``view.rows`` the shown rows."""
+
+    def __init__(self, html: str, rows: list[dict]):
+        self.html = html
+        self.rows = rows
+
+    def _repr_html_(self) -> str:
+        return self.html
+
+    def __str__(self) -> str:
+        return self.html
+
+    def __repr__(self) -> str:
+        return f"<FlaggedView: {len(self.rows)} rows>"
+
+
+def _column_names(df: pd.DataFrame, id_column, text_column, image_column) -> tuple[str, str, str | None, bool]:
+    recorded = df.attrs.get(ATTRS_KEY, {})
+    image = image_column or recorded.get("image_column") or "image"
+    return (
+        id_column or recorded.get("id_column", "id"),
+        text_column or recorded.get("text_column", "text"),
+        image if image in df.columns else None,
+        bool(recorded.get("image_is_uri")) if image_column is None else None,
+    )
+
+
+def _image_bytes(value, is_uri: bool | None) -> bytes | None:
+    """Bytes for a thumbnail: the value itself, or read from its path/URI (``is_uri`` None: strings are URIs)."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    if is_uri is None:
+        is_uri = isinstance(value, str)
+    if is_uri:
+        try:
+            return read_bytes(str(value))
+        except (OSError, ValueError):
+            return None
+    return bytes(value)
+
+
+def show_flagged(df: pd.DataFrame, n: int = 20, *, id_column=None, text_column=None, image_column=None) -> FlaggedView:
+    """The ``n`` most confidently flagged rows as an HTML table of thumbnails, text, caption, scores and reasons.
+
+    Order: scored rows by ascending ``itm_score`` (then ``itc_score``), then the rows that could
+    not be checked (image or text errors). Column names come from the ``audit`` result; pass them
+    for a DataFrame read some other way (a string image column is read as paths/URIs). Every
+    catalog value is HTML-escaped.
+    """
+    id_col, text_col, image_col, is_uri = _column_names(df, id_column, text_column, image_column)
+    flagged = df[df["flagged"].astype(bool)]
+    order = flagged.sort_values(["itm_score", "itc_score"], na_position="last", kind="stable").head(n)
+    rows = []
+    for _, record in order.iterrows():
+        thumb = views.thumbnail_uri(_image_bytes(record[image_col], is_uri)) if image_col else None
+        rows.append({
+            "id": record.get(id_col),
+            "text": record.get(text_col),
+            "caption": record.get("caption"),
+            "itm_score": record.get("itm_score"),
+            "itc_score": record.get("itc_score"),
+            "status": record.get("status"),
+            "error": record.get("error"),
+            "flag_reasons": list(record.get("flag_reasons") if record.get("flag_reasons") is not None else []),
+            "thumbnail": thumb,
+        })
+    caption = f"{len(rows)} of {len(flagged)} flagged rows ({len(df)} audited)"
+    html = (
+        f"<style>{views.ROWS_CSS}</style><div class=\"bm-flagged\"><p>{views.esc(caption)}</p>"
+        f"{views.rows_table(rows)}</div>"
+    )
+    return FlaggedView(html, rows)
+
+
+__all__ = ["audit", "show_flagged", "FlaggedView", "OUTPUT_COLUMNS"]

@@ -1,0 +1,79 @@
+"""HTML pieces shared by the run report and the notebook views. No model code, no Ray.
+
+Catalog values (ids, texts, captions, errors, category values) are untrusted: every one goes
+through ``esc``. Images are embedded as small JPEG data URIs so a page is one self-contained
+file that reads offline and loads nothing from the network.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+
+from PIL import Image
+
+from blip_ops.images import ImageError, decode_rgb
+
+THUMBNAIL_PX = 128
+
+
+def esc(value) -> str:
+    """Text for HTML content and attribute values; ``None`` shows as an empty string."""
+    return "" if value is None else html.escape(str(value), quote=True)
+
+
+def thumbnail_uri(data: bytes | None, size: int = THUMBNAIL_PX) -> str | None:
+    """A ``data:image/jpeg`` URI of the image shrunk to ``size`` px, or None when it cannot be decoded.
+
+    Decoding goes through the same guarded decoder as scoring (format allow-list, bomb guard),
+    since these bytes are as untrusted as the ones the job scores.
+    """
+    if not data:
+        return None
+    try:
+        image = Image.fromarray(decode_rgb(bytes(data)))
+    except ImageError:
+        return None
+    image.thumbnail((size, size))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _score(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "&ndash;"
+    return f"{float(value):.3f}"
+
+
+ROWS_CSS = """
+table.bm-rows { border-collapse: collapse; font: 13px/1.4 system-ui, sans-serif; }
+table.bm-rows th, table.bm-rows td { border-bottom: 1px solid #ddd; padding: 4px 8px; text-align: left; vertical-align: top; }
+table.bm-rows td.num { text-align: right; font-variant-numeric: tabular-nums; }
+table.bm-rows img { max-width: 128px; max-height: 128px; display: block; }
+table.bm-rows .noimg { color: #888; font-style: italic; }
+table.bm-rows .reason { display: inline-block; background: #fde2e1; color: #8a1c14; border-radius: 3px; padding: 0 4px; margin: 1px; }
+"""
+
+
+def rows_table(rows: list[dict]) -> str:
+    """A table of scored rows. Each row: id, text, caption, itm_score, itc_score, status, error,
+    flag_reasons and ``thumbnail`` (a data URI or None)."""
+    head = "<tr><th>image</th><th>id</th><th>text</th><th>caption</th><th>ITM</th><th>ITC</th><th>reasons</th></tr>"
+    body = []
+    for row in rows:
+        thumb = row.get("thumbnail")
+        image = f'<img src="{esc(thumb)}" alt="">' if thumb else '<span class="noimg">no image</span>'
+        reasons = "".join(f'<span class="reason">{esc(r)}</span>' for r in (row.get("flag_reasons") or []))
+        if row.get("error"):
+            reasons += f"<div>{esc(row['error'])}</div>"
+        body.append(
+            "<tr class=\"bm-row\">"
+            f"<td>{image}</td><td>{esc(row.get('id'))}</td><td class=\"text\">{esc(row.get('text'))}</td>"
+            f"<td class=\"caption\">{esc(row.get('caption'))}</td>"
+            f"<td class=\"num\">{_score(row.get('itm_score'))}</td><td class=\"num\">{_score(row.get('itc_score'))}</td>"
+            f"<td>{reasons}</td></tr>"
+        )
+    return f'<table class="bm-rows"><thead>{head}</thead><tbody>{"".join(body)}</tbody></table>'

@@ -1,0 +1,157 @@
+"""Notebook audits: audit() on DataFrames and Parquet paths, sampling, filters, and show_flagged's HTML."""
+
+import html
+import re
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from blip_ops.samples import sample_catalog
+from jobs.audit import audit, select_rows, show_flagged
+from pipelines.config import ConfigError, build_config
+from pipelines.preflight import InputError
+from pipelines.schema import output_schema
+from tests.conftest import write_catalog
+from tests.reference import itm_reference
+
+MARKUP = '<script>alert("x")</script><b>bold</b>'
+
+
+def _frame(n=16, seed=7):
+    records = sample_catalog(n, seed=seed)
+    for index, record in enumerate(records):
+        record["category"] = "shoes" if index % 2 else "hats"
+        del record["expected"]
+    records[1]["text"] = MARKUP + " " + records[1]["text"]
+    records[1]["id"] = "<i>id-1</i>"
+    return pd.DataFrame(records)
+
+
+@pytest.fixture(scope="module")
+def frame():
+    return _frame()
+
+
+@pytest.fixture(scope="module")
+def options(tiny_itm, tiny_caption):
+    return dict(itm_model=tiny_itm, caption_model=tiny_caption, device="cpu", max_new_tokens=4,
+                itm_threshold=0.99, score_batch_size=4, caption_batch_size=4, decode_batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def audited(ray_session, frame, options):
+    return audit(frame, **options)
+
+
+def test_same_columns_as_the_cli_plus_the_image_column(audited, frame):
+    schema = output_schema(pa.Table.from_pandas(frame, preserve_index=False).schema, "image")
+    assert list(audited.columns) == schema.names + ["image"]
+    assert len(audited) == len(frame)
+    # Input order is kept, and each row keeps its own image.
+    assert audited["id"].tolist() == frame["id"].tolist()
+    assert audited["image"].tolist() == frame["image"].tolist()
+    assert set(audited["status"]) == {"ok", "image_error", "text_error"}
+    assert audited.attrs["blip_moderate"]["run_id"].startswith("audit-")
+
+
+def test_scores_are_the_checkpoints(audited, frame, tiny_itm):
+    reference = itm_reference(tiny_itm)
+    # The reference does not truncate; the markup row's long text is truncated to 35 tokens.
+    ok = audited[(audited["status"] == "ok") & ~audited["text_truncated"]].head(3)
+    assert len(ok) == 3
+    for _, row in ok.iterrows():
+        itc, itm = reference(row["image"], row["text"])
+        assert row["itc_score"] == pytest.approx(itc, abs=1e-3)
+        assert row["itm_score"] == pytest.approx(itm, abs=1e-3)
+        assert row["flagged"] == (itm < 0.99 or itc < 0.2)
+        assert isinstance(row["caption"], str)
+
+
+def _config(options, source="<frame>", **extra):
+    return build_config(dict(options, input=source, output="<audit>", **extra))
+
+
+def test_sample_is_deterministic_and_where_restricts(frame, options):
+    config = _config(options)
+    pick = lambda **kw: select_rows(frame, config, **kw).column("id").to_pylist()  # noqa: E731
+    shoes = frame[frame["category"] == "shoes"]["id"].tolist()
+    first = pick(sample=5, seed=3, where="category == 'shoes'")
+    assert len(first) == 5 and set(first) <= set(shoes)
+    assert first == [i for i in shoes if i in first]  # input order kept
+    assert first == pick(sample=5, seed=3, where="category == 'shoes'")
+    assert first != pick(sample=5, seed=4, where="category == 'shoes'")
+    assert pick(where=pc.field("category") == "shoes") == shoes
+    assert pick(sample=100) == frame["id"].tolist()
+    assert pick(sample=0) == []
+
+
+def test_parquet_path_with_hive_partitions_and_pushdown(frame, options, tmp_path):
+    for category, part in frame.groupby("category"):
+        write_catalog(tmp_path / f"category={category}", part.drop(columns=["category"]).to_dict("records"), files=2)
+    config = _config(options, str(tmp_path))
+    table = select_rows(str(tmp_path), config, where=pc.field("category") == "shoes", sample=3, seed=1)
+    assert table.num_rows == 3 and set(table.column("category").to_pylist()) == {"shoes"}
+    by_id = frame.set_index("id")
+    assert all(by_id.loc[row["id"], "image"] == row["image"] for row in table.to_pylist())
+    query = select_rows(str(tmp_path), config, where="category == 'hats' and id != 'item-0000'")
+    expected = frame[(frame.category == "hats") & (frame.id != "item-0000")]["id"]
+    assert sorted(query.column("id").to_pylist()) == sorted(expected)
+    sampled = select_rows(str(tmp_path), config, where="category == 'hats'", sample=2, seed=5)
+    assert sampled.column("id").to_pylist() == select_rows(str(tmp_path), config, where="category == 'hats'", sample=2, seed=5).column("id").to_pylist()
+
+
+def test_audit_of_a_path_with_uri_images(ray_session, frame, options, tmp_path):
+    paths = []
+    for index, data in enumerate(frame["image"].head(6)):
+        path = tmp_path / "images" / f"{index}.img"
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(data)
+        paths.append(str(path))
+    catalog = pd.DataFrame({"id": frame["id"].head(6), "text": frame["text"].head(6), "uri": paths, "category": "x"})
+    write_catalog(tmp_path / "catalog", catalog.to_dict("records"), files=2)
+    df = audit(str(tmp_path / "catalog"), sample=4, seed=0, image_uri_column="uri", captions="none", **options)
+    assert len(df) == 4 and "image" not in df.columns and df["caption"].isna().all()
+    assert df["uri"].tolist() == [p for p in paths if p in set(df["uri"])]
+    expected = {}
+    for path, data, text in zip(paths, frame["image"], frame["text"]):
+        expected[path] = "image_error" if data == b"not an image at all" else "text_error" if not text.strip() else "ok"
+    assert df["status"].tolist() == [expected[uri] for uri in df["uri"]]
+    assert df.loc[df["status"] == "ok", "itm_score"].notna().all()
+    view = show_flagged(df)
+    assert view.html.count("<img ") == sum(1 for r in view.rows if r["status"] != "image_error")
+
+
+def test_options_are_validated_before_anything_runs(frame, options, tmp_path):
+    with pytest.raises(ConfigError, match="itm_treshold: unknown option"):
+        audit(frame, itm_treshold=0.3, **options)
+    with pytest.raises(TypeError, match="output"):
+        audit(frame, output=str(tmp_path), **options)
+    with pytest.raises(InputError, match="model directory does not exist"):
+        audit(frame, **dict(options, itm_model=str(tmp_path / "missing")))
+    with pytest.raises(InputError, match="no column 'title'"):
+        audit(frame, text_column="title", **options)
+    with pytest.raises(ValueError, match="sample"):
+        audit(frame, sample=-1, **options)
+    with pytest.raises(TypeError, match="where"):
+        audit(frame, where=["category"], **options)
+
+
+def test_show_flagged_escapes_catalog_text(audited):
+    view = show_flagged(audited, n=50)
+    page = view._repr_html_()
+    flagged = audited[audited["flagged"]]
+    assert len(view.rows) == len(flagged)
+    assert "<script>" not in page and "<b>bold</b>" not in page and "<i>id-1</i>" not in page
+    assert html.escape(MARKUP, quote=True) in page and "&lt;i&gt;id-1&lt;/i&gt;" in page
+    # One thumbnail per flagged row with a decodable image; the undecodable ones say so.
+    decodable = int((flagged["status"] != "image_error").sum())
+    assert page.count("<img ") == decodable
+    assert page.count("no image") == len(flagged) - decodable
+    assert all(src.startswith("data:image/jpeg;base64,") for src in re.findall(r'<img src="([^"]+)"', page))
+    # Most confident mismatches first; rows that could not be checked last.
+    scores = [r["itm_score"] for r in view.rows if r["status"] == "ok"]
+    assert scores == sorted(scores)
+    assert [r["status"] for r in view.rows][-1] != "ok"
+    assert len(show_flagged(audited, n=2).rows) == 2
