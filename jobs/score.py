@@ -85,10 +85,14 @@ def main(argv: list[str] | None = None, prog: str = "python -m jobs.score") -> i
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("error: interrupted; nothing was committed", file=sys.stderr)
+        print("error: interrupted; nothing was committed (rerun the same command to resume)", file=sys.stderr)
         return EXIT_FAILED
     except Exception as exc:
-        print(f"error: run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(
+            f"error: run failed: {type(exc).__name__}: {exc}\n"
+            "nothing was committed; rerun the same command to resume from the rows already written",
+            file=sys.stderr,
+        )
         return EXIT_FAILED
     print(json.dumps(summary.as_dict(), sort_keys=True) if getattr(args, "json", False) else summary.render())
     return EXIT_OK

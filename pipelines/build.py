@@ -7,12 +7,11 @@ from dataclasses import dataclass
 
 import ray
 from ray.data import ActorPoolStrategy
-from ray.data.datasource.partitioning import Partitioning
 
-from . import stages
+from . import pieces, stages
 from .config import JobConfig
 from .preflight import InputInfo
-from .schema import passthrough_schema
+from .schema import output_schema, passthrough_schema
 
 
 @dataclass(frozen=True)
@@ -96,22 +95,68 @@ def _unfused() -> dict:
     return {}
 
 
-def build_scored_dataset(config: JobConfig, source: InputInfo, run_id: str, resources: Resources) -> ray.data.Dataset:
-    passthrough = passthrough_schema(source.schema, None if config.image_uri_column else config.image_column).names
-    ds = ray.data.read_parquet(
-        source.files,
-        filesystem=source.location.filesystem,
-        partitioning=Partitioning("hive", base_dir=source.base_dir),
-        file_extensions=None,
+# Deliberate retry settings (Ray 2.60 defaults are unlimited for system failures):
+# a task or actor whose worker process dies is retried or restarted this many times; a
+# Python exception from a stage is not retried (bad rows never raise; anything that does
+# is systemic). Past the limit the run fails, and rerunning it resumes from durable pieces.
+TASK_RETRIES = 3
+ACTOR_RESTARTS = 3
+
+
+def task_retries() -> dict:
+    return {"max_retries": TASK_RETRIES, "retry_exceptions": False}
+
+
+def actor_retries() -> dict:
+    return {"max_restarts": ACTOR_RESTARTS, "max_task_retries": ACTOR_RESTARTS}
+
+
+def build_scored_dataset(
+    config: JobConfig,
+    source: InputInfo,
+    run_id: str,
+    resources: Resources,
+    todo: dict[int, list[tuple[int, int]]],
+    staging: str,
+    filesystem,
+) -> ray.data.Dataset:
+    """Read the rows still to do (``todo``: row ranges per unit), score them, and write them as
+    pieces into ``staging``; the dataset's rows are one per piece written."""
+    image_column = None if config.image_uri_column else config.image_column
+    passthrough = passthrough_schema(source.schema, image_column).names
+    items = pieces.unit_items(source.units, todo)
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    ds = ds.map_batches(
+        pieces.read_units,
+        batch_format="pyarrow",
+        batch_size=1,
+        fn_kwargs={
+            "filesystem": source.location.filesystem,
+            "schema": source.schema,
+            "batch_rows": config.decode_batch_size,
+        },
+        **task_retries(),
     )
-    return score_rows(ds, config, run_id, resources, passthrough)
+    ds = score_rows(ds, config, run_id, resources, passthrough, keep=[pieces.UNIT, pieces.ROW])
+    return ds.map_batches(
+        pieces.write_pieces,
+        batch_format="pyarrow",
+        batch_size=None,
+        fn_kwargs={"filesystem": filesystem, "staging": staging, "schema": output_schema(source.schema, image_column)},
+        **task_retries(),
+    )
 
 
 def score_rows(
-    ds: ray.data.Dataset, config: JobConfig, run_id: str, resources: Resources, passthrough: list[str]
+    ds: ray.data.Dataset,
+    config: JobConfig,
+    run_id: str,
+    resources: Resources,
+    passthrough: list[str],
+    keep: list[str] = (),
 ) -> ray.data.Dataset:
     """decode -> score -> flag -> caption -> finalize over any dataset holding the configured columns;
-    ``passthrough`` names the input columns kept in the output."""
+    ``passthrough`` names the input columns kept in the output, ``keep`` working columns kept after them."""
     image_column = config.image_uri_column or config.image_column
     with warnings.catch_warnings():
         # Deprecated from Ray 2.64; with Ray pinned to 2.60 it is the supported way to prevent fusion.
@@ -129,6 +174,7 @@ def score_rows(
                 "caption_model": config.caption_model if config.captioning else None,
             },
             udf_modifying_row_count=False,
+            **task_retries(),
         )
     ds = ds.map_batches(
         stages.ScoreStage,
@@ -137,6 +183,7 @@ def score_rows(
         compute=ActorPoolStrategy(min_size=resources.score_actors[0], max_size=resources.score_actors[1]),
         num_gpus=resources.score_gpus,
         num_cpus=resources.score_cpus,
+        **actor_retries(),
         fn_constructor_kwargs={
             "model": config.itm_model,
             "device": resources.score_device,
@@ -161,6 +208,7 @@ def score_rows(
             compute=ActorPoolStrategy(min_size=resources.caption_actors[0], max_size=resources.caption_actors[1]),
             num_gpus=resources.caption_gpus,
             num_cpus=resources.caption_cpus,
+            **actor_retries(),
             fn_constructor_kwargs={
                 "model": config.caption_model,
                 "device": resources.caption_device,
@@ -180,6 +228,7 @@ def score_rows(
             "run_id": run_id,
             "itm_model": config.itm_model,
             "caption_model": config.recorded_caption_model,
+            "keep": list(keep),
         },
         udf_modifying_row_count=False,
     )

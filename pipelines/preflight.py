@@ -16,6 +16,7 @@ from . import output
 from .config import JobConfig
 from .schema import OUTPUT_COLUMNS
 from .storage import Location, locate
+from .units import Unit, UnitError, fingerprint, model_fingerprint, plan_units, work_key
 
 
 class InputError(ValueError):
@@ -29,6 +30,8 @@ class InputInfo:
     schema: pa.Schema
     num_rows: int
     base_dir: str
+    units: list[Unit]
+    fingerprint: list[list]
 
 
 def _is_string(type_: pa.DataType) -> bool:
@@ -52,14 +55,21 @@ def inspect_input(config: JobConfig) -> InputInfo:
         files = list(dataset.files)
         if not files:
             raise InputError(f"input holds no Parquet files: {config.input}")
-        num_rows = dataset.count_rows()
+        units = plan_units(dataset)
+        num_rows = sum(unit.rows for unit in units)
+        files_fingerprint = fingerprint(location.filesystem, files) + [
+            model_fingerprint(config.itm_model),
+            model_fingerprint(config.caption_model if config.captioning else None),
+        ]
     except InputError:
         raise
+    except UnitError as exc:
+        raise InputError(f"input files disagree: {exc}") from None
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputError(f"input is not readable as Parquet ({config.input}): {exc}") from None
     check_columns(dataset.schema, config)
     base_dir = location.path if info.type == pa.fs.FileType.Directory else location.path.rsplit("/", 1)[0]
-    return InputInfo(location, files, dataset.schema, num_rows, base_dir)
+    return InputInfo(location, files, dataset.schema, num_rows, base_dir, units, files_fingerprint)
 
 
 def check_columns(schema: pa.Schema, config: JobConfig) -> None:
@@ -100,7 +110,7 @@ def preflight(config: JobConfig) -> Checked:
     source = inspect_input(config)
     check_models(config)
     try:
-        destination = output.prepare_output(config.output, config.overwrite)
+        destination = output.prepare_output(config.output, config.overwrite, work_key(config, source.fingerprint))
     except (output.OutputError, OSError) as exc:
         raise InputError(str(exc)) from None
     return source, destination

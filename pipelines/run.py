@@ -1,17 +1,24 @@
-"""Running a job end to end: preflight, pipeline, commit, summary."""
+"""Running a job end to end: preflight, resume or start an attempt, pipeline, commit, summary."""
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
 from . import output, runtime
-from .build import build_scored_dataset, resolve_resources
 from .config import JobConfig
-from .preflight import Checked, preflight
+from .preflight import Checked, InputInfo, preflight
 from .schema import SCHEMA_VERSION, output_schema
+from .storage import Location
+from .units import durable_rows, missing_ranges, work_key
+
+log = logging.getLogger(__name__)
+
+COMMITTED = "committed"
+ALREADY_COMMITTED = "already_committed"
 
 
 @dataclass
@@ -24,18 +31,28 @@ class RunSummary:
     flagged: int
     errors: dict[str, int] = field(default_factory=dict)
     elapsed_s: float = 0.0
+    outcome: str = COMMITTED
+    # Rows an interrupted earlier attempt had already made durable; not scored again.
+    resumed_rows: int = 0
 
     @property
     def rows_per_s(self) -> float:
-        return self.rows_read / self.elapsed_s if self.elapsed_s > 0 else 0.0
+        return (self.rows_read - self.resumed_rows) / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
     def as_dict(self) -> dict:
         return dict(asdict(self), rows_per_s=round(self.rows_per_s, 2))
 
     def render(self) -> str:
+        if self.outcome == ALREADY_COMMITTED:
+            return (
+                f"run {self.run_id}: {self.output} already holds the committed result for this input and "
+                f"configuration ({self.rows_written} rows, {self.flagged} flagged); nothing to do "
+                "(pass --overwrite to score it again)"
+            )
         errors = ", ".join(f"{k}={v}" for k, v in self.errors.items()) or "none"
+        resumed = f" ({self.resumed_rows} resumed from an interrupted attempt)" if self.resumed_rows else ""
         return (
-            f"run {self.run_id}: read {self.rows_read} rows, scored {self.scored}, flagged {self.flagged}, "
+            f"run {self.run_id}: read {self.rows_read} rows{resumed}, scored {self.scored}, flagged {self.flagged}, "
             f"errors: {errors}; {self.elapsed_s:.1f}s ({self.rows_per_s:.1f} rows/s); output: {self.output}"
         )
 
@@ -44,42 +61,76 @@ def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
 
 
-def run_job(config: JobConfig, checked: Checked | None = None) -> RunSummary:
-    """Run the whole job; ``checked`` is a ``preflight(config)`` result when the caller already ran it."""
-    started = time.monotonic()
-    run_id = config.run_id or new_run_id()
-    source, destination = checked or preflight(config)
+def _summary(manifest: dict, destination: Location, started: float, outcome: str, resumed: int) -> RunSummary:
+    by_status = manifest.get("rows_by_status", {})
+    return RunSummary(
+        run_id=manifest["run_id"],
+        output=destination.uri,
+        rows_read=manifest["rows"],
+        rows_written=manifest["rows"],
+        scored=by_status.get("ok", 0),
+        flagged=manifest.get("flagged", 0),
+        errors={status: n for status, n in by_status.items() if status != "ok"},
+        elapsed_s=time.monotonic() - started,
+        outcome=outcome,
+        resumed_rows=resumed,
+    )
+
+
+def _score_missing(config: JobConfig, source: InputInfo, destination: Location, attempt: output.Attempt, todo) -> int:
+    """Run the pipeline over the rows still to do; returns the rows written."""
+    from .build import build_scored_dataset, resolve_resources  # imports Ray Data
+
     runtime.connect(config.ray_address)
     resources = resolve_resources(config, runtime.cluster_gpus(), runtime.cluster_cpus())
+    dataset = build_scored_dataset(
+        config, source, attempt.run_id, resources, todo, attempt.staging, destination.filesystem
+    )
+    written = 0
+    for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+        written += sum(batch.column("rows").to_pylist())
+    return written
 
-    dataset = build_scored_dataset(config, source, run_id, resources)
+
+def run_job(config: JobConfig, checked: Checked | None = None) -> RunSummary:
+    """Run the whole job; ``checked`` is a ``preflight(config)`` result when the caller already ran it.
+
+    Rerunning the same command is always safe: a committed result for the same input and
+    settings is left as it is, and an interrupted attempt is resumed from its durable pieces.
+    """
+    started = time.monotonic()
+    source, destination = checked or preflight(config)
+    key = work_key(config, source.fingerprint)
+    committed = output.read_committed(destination)
+    if committed and committed.get("key") == key and not config.overwrite:
+        output.tidy(destination, committed)
+        return _summary(committed, destination, started, ALREADY_COMMITTED, 0)
+
+    attempt = output.open_attempt(destination, key, config.run_id or new_run_id(), committed)
+    covered = output.durable(destination, attempt)
+    resumed = durable_rows(source.units, covered)
+    todo = {u.index: missing_ranges(u, covered.get(u.index, [])) for u in source.units}
+    if attempt.resumed:
+        log.warning("resuming run %s: %d of %d rows are already durable", attempt.run_id, resumed, source.num_rows)
+    if any(todo.values()):
+        _score_missing(config, source, destination, attempt, todo)
+
     image_column = None if config.image_uri_column else config.image_column
     manifest = {
-        "run_id": run_id,
         "schema_version": SCHEMA_VERSION,
         "input": config.input,
         "itm_model": config.itm_model,
         "caption_model": config.recorded_caption_model,
         "config": config.model_dump(mode="json"),
-        "resources": asdict(resources),
         "started_at": datetime.now(timezone.utc).isoformat(),
+        "resumed_rows": resumed,
     }
     try:
-        dataset.write_parquet(output.staging_path(destination, run_id), filesystem=destination.filesystem)
-        result = output.commit(
-            destination, run_id, source.num_rows, output_schema(source.schema, image_column), manifest
-        )
-    except BaseException:
-        output.discard_staging(destination, run_id)
+        result = output.commit(destination, attempt, source.units, output_schema(source.schema, image_column), manifest)
+    except output.IncompleteError:
+        # A concurrent run of the same command may have committed this very result first.
+        latest = output.read_committed(destination)
+        if latest and latest.get("key") == key:
+            return _summary(latest, destination, started, ALREADY_COMMITTED, resumed)
         raise
-    errors = {status: n for status, n in result.by_status.items() if status != "ok"}
-    return RunSummary(
-        run_id=run_id,
-        output=destination.uri,
-        rows_read=source.num_rows,
-        rows_written=result.rows,
-        scored=result.by_status.get("ok", 0),
-        flagged=result.flagged,
-        errors=errors,
-        elapsed_s=time.monotonic() - started,
-    )
+    return _summary(result.manifest, destination, started, COMMITTED, resumed)

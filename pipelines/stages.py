@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from blip_ops.captioner import Blip2Captioner
+from blip_ops.checkpoints import local_checkpoint
 from blip_ops.images import ImageError, decode_rgb
 from blip_ops.preprocess import ImagePreparer
 from blip_ops.scorer import BlipScorer
@@ -25,7 +26,8 @@ from .storage import read_bytes
 @functools.lru_cache(maxsize=4)
 def _preparer(reference: str) -> ImagePreparer:
     # Cached per worker process: decode tasks reuse Ray's long-lived workers.
-    return ImagePreparer.from_pretrained(reference)
+    # An s3:// model is copied once per node (blip_ops.model_cache), then read from local disk.
+    return ImagePreparer.from_pretrained(local_checkpoint(reference))
 
 
 def _text_problem(text) -> str | None:
@@ -104,8 +106,9 @@ class ScoreStage:
     """ITC and ITM for every row with a decoded image and a usable text."""
 
     def __init__(self, *, model: str, device: str, max_text_tokens: int, text_column: str, precision: str = "auto"):
+        # Resolved once here: an s3:// model comes from the node's model cache.
         self.scorer = BlipScorer.from_pretrained(
-            model, device=device, max_text_tokens=max_text_tokens, precision=precision
+            local_checkpoint(model), device=device, max_text_tokens=max_text_tokens, precision=precision
         )
         self.text_column = text_column
 
@@ -179,7 +182,7 @@ class CaptionStage:
         self, *, model: str, device: str, max_new_tokens: int, prompt: str | None, policy: str, precision: str = "auto"
     ):
         self.captioner = Blip2Captioner.from_pretrained(
-            model, device=device, max_new_tokens=max_new_tokens, prompt=prompt, precision=precision
+            local_checkpoint(model), device=device, max_new_tokens=max_new_tokens, prompt=prompt, precision=precision
         )
         self.policy = policy
 
@@ -197,9 +200,16 @@ class CaptionStage:
 
 
 def finalize_batch(
-    batch: pa.Table, *, passthrough: list[str], run_id: str, itm_model: str, caption_model: str | None
+    batch: pa.Table,
+    *,
+    passthrough: list[str],
+    run_id: str,
+    itm_model: str,
+    caption_model: str | None,
+    keep: list[str] = (),
 ) -> pa.Table:
-    """Run metadata, then the output schema and column order, so every file agrees."""
+    """Run metadata, then the output schema and column order, so every file agrees;
+    ``keep`` names working columns carried after them (for the writer)."""
     n = batch.num_rows
     batch = batch.drop_columns([c for c in (S.PIXELS_CAPTION, S.PIXELS_SCORE) if c in batch.column_names])
     if "caption" not in batch.column_names:
@@ -214,4 +224,7 @@ def finalize_batch(
     for name, values in added.items():
         batch = batch.append_column(name, values)
     target = S.output_schema(batch.select(passthrough).schema, image_column=None)
-    return batch.select(target.names).cast(target)
+    result = batch.select(target.names).cast(target)
+    for name in keep:
+        result = result.append_column(name, batch.column(name))
+    return result

@@ -199,19 +199,24 @@ def test_zero_rows_is_a_successful_empty_run(ray_session, tiny_itm, tmp_path):
     assert table.column_names == ["id", "text"] + OUTPUT_COLUMNS
 
 
-def test_existing_output_needs_overwrite(ray_session, tiny_itm, catalog, tmp_path, records):
-    config = _config(tiny_itm, None, catalog, tmp_path / "out", caption_model="none", run_id="first")
-    run_job(config)
+def test_rerun_keeps_the_committed_result_and_other_settings_need_overwrite(ray_session, tiny_itm, catalog, tmp_path, records):
+    first = _config(tiny_itm, None, catalog, tmp_path / "out", caption_model="none", run_id="first")
+    run_job(first)
+    again = run_job(_config(tiny_itm, None, catalog, tmp_path / "out", caption_model="none", run_id="again"))
+    assert again.outcome == "already_committed" and again.run_id == "first" and again.rows_written == len(records)
+
+    stricter = dict(caption_model="none", run_id="second", itm_threshold=0.9)
     with pytest.raises(InputError, match="--overwrite"):
-        run_job(_config(tiny_itm, None, catalog, tmp_path / "out", caption_model="none", run_id="second"))
-    run_job(_config(tiny_itm, None, catalog, tmp_path / "out", caption_model="none", run_id="second", overwrite=True))
+        run_job(_config(tiny_itm, None, catalog, tmp_path / "out", **stricter))
+    run_job(_config(tiny_itm, None, catalog, tmp_path / "out", overwrite=True, **stricter))
     table = pq.read_table(tmp_path / "out")
     assert table.num_rows == len(records) and set(table.column("run_id").to_pylist()) == {"second"}
+    assert json.loads((tmp_path / "out" / "_SUCCESS").read_text())["run_id"] == "second"
 
 
 def test_overwrite_never_deletes_foreign_files(tiny_itm, catalog, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "precious.txt").write_text("keep me")
-    with pytest.raises(InputError, match="not a result of this job"):
+    with pytest.raises(InputError, match="did not write"):
         run_job(_config(tiny_itm, None, catalog, tmp_path / "out", caption_model="none", overwrite=True))
     assert (tmp_path / "out" / "precious.txt").exists()

@@ -1,0 +1,189 @@
+"""``python -m jobs.nightly``: score every catalog partition ``dt=YYYY-MM-DD/`` whose output is not committed yet.
+
+Output is partitioned the same way (``OUTPUT/dt=YYYY-MM-DD/``, each committed on its own).
+Safe to run again after a crash (interrupted partitions resume) and twice at once (a
+partition is committed once). Every run appends a run record to ``OUTPUT/_nightly/``.
+
+Exit codes: 0 every partition is committed; 1 a partition failed (named on stderr, the
+others still ran); 2 usage error (bad options, no such catalog or date).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+import traceback
+import uuid
+from dataclasses import dataclass
+from datetime import date, datetime, timezone
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from jobs.score import _OPTIONS, EXIT_FAILED, EXIT_OK, EXIT_USAGE, _Parser
+from pipelines.config import ConfigError, build_config, load_yaml
+from pipelines.output import read_committed
+from pipelines.preflight import InputError, preflight
+from pipelines.storage import locate
+
+PARTITION = re.compile(r"^dt=(\d{4}-\d{2}-\d{2})$")
+RECORDS = "_nightly"
+
+
+@dataclass
+class PartitionResult:
+    date: str
+    outcome: str  # committed | already_committed | skipped | failed
+    run_id: str | None = None
+    rows: int = 0
+    flagged: int = 0
+    ok: int = 0
+    image_error: int = 0
+    text_error: int = 0
+    resumed_rows: int = 0
+    elapsed_s: float = 0.0
+    error: str | None = None
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m jobs.nightly", description=__doc__.splitlines()[0], argument_default=argparse.SUPPRESS)
+    parser.add_argument("--catalog", required=True, help="Catalog root holding dt=YYYY-MM-DD/ partitions (path or s3://).")
+    parser.add_argument("--output", required=True, help="Output root; partitions are written as dt=YYYY-MM-DD/ under it.")
+    parser.add_argument("--date", help="Score only this partition (YYYY-MM-DD); with --overwrite, rescore it.")
+    parser.add_argument("--config", help="YAML file of jobs.score options; flags override it.")
+    for flag, help_text in _OPTIONS:
+        if flag not in ("--input", "--output", "--run-id"):
+            parser.add_argument(flag, help=help_text)
+    parser.add_argument("--overwrite", action="store_true", help="With --date: replace that partition's committed result.")
+    parser.add_argument("--json", action="store_true", help="Print the run record as JSON.")
+    return parser
+
+
+def list_partitions(catalog: str) -> list[str]:
+    location = locate(catalog)
+    selector = pafs.FileSelector(location.path, allow_not_found=True, recursive=False)
+    names = [i.base_name for i in location.filesystem.get_file_info(selector) if i.type == pafs.FileType.Directory]
+    return sorted(m.group(1) for m in map(PARTITION.match, names) if m and _is_date(m.group(1)))
+
+
+def _is_date(text: str) -> bool:
+    try:
+        date.fromisoformat(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _join(root: str, name: str) -> str:
+    return root.rstrip("/") + "/" + name
+
+
+def score_partition(day: str, base: dict, catalog: str, output_root: str, overwrite: bool) -> PartitionResult:
+    started = time.monotonic()
+    target = _join(output_root, f"dt={day}")
+    if not overwrite and read_committed(locate(target)) is not None:
+        return PartitionResult(day, "skipped")
+    try:
+        config = build_config(dict(base, input=_join(catalog, f"dt={day}"), output=target, overwrite=overwrite))
+        checked = preflight(config)
+        from pipelines.run import run_job  # imports Ray: only once there is work
+
+        summary = run_job(config, checked)
+    except (ConfigError, InputError) as exc:
+        return PartitionResult(day, "failed", error=str(exc), elapsed_s=time.monotonic() - started)
+    except Exception as exc:  # one partition's failure must not stop the others
+        traceback.print_exc(file=sys.stderr)
+        return PartitionResult(day, "failed", error=f"{type(exc).__name__}: {exc}", elapsed_s=time.monotonic() - started)
+    return PartitionResult(
+        day,
+        summary.outcome,
+        run_id=summary.run_id,
+        rows=summary.rows_written,
+        flagged=summary.flagged,
+        ok=summary.scored,
+        image_error=summary.errors.get("image_error", 0),
+        text_error=summary.errors.get("text_error", 0),
+        resumed_rows=summary.resumed_rows,
+        elapsed_s=time.monotonic() - started,
+    )
+
+
+def write_record(output_root: str, nightly_id: str, started_at: datetime, base: dict, results: list[PartitionResult]) -> str:
+    """One Parquet file per nightly run, one row per partition considered: readable by any dashboard."""
+    location = locate(_join(output_root, RECORDS))
+    location.filesystem.create_dir(location.path, recursive=True)
+    rows = [
+        dict(
+            vars(r),
+            nightly_run_id=nightly_id,
+            started_at=started_at,
+            itm_threshold=base.get("itm_threshold"),
+            itc_threshold=base.get("itc_threshold"),
+            itm_model=base.get("itm_model"),
+            caption_model=base.get("caption_model"),
+        )
+        for r in results
+    ]
+    schema = pa.schema([
+        ("nightly_run_id", pa.string()), ("started_at", pa.timestamp("us", tz="UTC")), ("date", pa.string()),
+        ("outcome", pa.string()), ("run_id", pa.string()), ("rows", pa.int64()), ("flagged", pa.int64()),
+        ("ok", pa.int64()), ("image_error", pa.int64()), ("text_error", pa.int64()), ("resumed_rows", pa.int64()),
+        ("elapsed_s", pa.float64()), ("error", pa.string()), ("itm_threshold", pa.string()),
+        ("itc_threshold", pa.string()), ("itm_model", pa.string()), ("caption_model", pa.string()),
+    ])
+    for row in rows:
+        for name in ("itm_threshold", "itc_threshold", "itm_model", "caption_model"):
+            row[name] = None if row[name] is None else str(row[name])
+    path = location.join(f"run-{nightly_id}.parquet")
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path, filesystem=location.filesystem)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(make_parser().parse_args(argv))
+    catalog, output_root = args.pop("catalog"), args.pop("output")
+    day, overwrite, as_json = args.pop("date", None), args.pop("overwrite", False), args.pop("json", False)
+    config_file = args.pop("config", None)
+    try:
+        base = dict(load_yaml(config_file) if config_file else {}, **args)
+        for key in ("input", "output", "run_id", "overwrite"):
+            base.pop(key, None)
+        build_config(dict(base, input=catalog, output=output_root))  # every option checked before any work
+        if day is not None and not (re.fullmatch(r"\d{4}-\d{2}-\d{2}", day) and _is_date(day)):
+            raise ConfigError(f"--date must be YYYY-MM-DD, got {day!r}")
+        available = list_partitions(catalog)
+    except (ConfigError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if overwrite and day is None:
+        print("error: --overwrite needs --date (a nightly run never rescores every partition)", file=sys.stderr)
+        return EXIT_USAGE
+    if day is not None and day not in available:
+        print(f"error: the catalog has no partition dt={day} under {catalog}", file=sys.stderr)
+        return EXIT_USAGE
+
+    nightly_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+    started_at = datetime.now(timezone.utc)
+    results = [score_partition(d, base, catalog, output_root, overwrite) for d in ([day] if day else available)]
+    record = write_record(output_root, nightly_id, started_at, base, results)
+
+    if as_json:
+        print(json.dumps({"nightly_run_id": nightly_id, "record": record, "partitions": [vars(r) for r in results]}, default=str))
+    else:
+        for r in results:
+            detail = f": {r.error}" if r.error else (f": {r.rows} rows, {r.flagged} flagged" if r.rows else "")
+            print(f"dt={r.date} {r.outcome}{detail}")
+        print(f"nightly run {nightly_id}: {len(results)} partitions; record: {record}")
+    failed = [r.date for r in results if r.outcome == "failed"]
+    if failed:
+        print(f"error: partitions failed: {', '.join('dt=' + d for d in failed)}; rerun to resume them", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""jobs.nightly over a dt=YYYY-MM-DD catalog: only uncommitted partitions, failures named, run records."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from blip_ops.samples import sample_catalog
+from jobs.nightly import main
+
+
+def _partition(root, day, records, drop_text=False):
+    directory = root / f"dt={day}"
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = [{k: v for k, v in r.items() if k != "expected" and not (drop_text and k == "text")} for r in records]
+    pq.write_table(pa.Table.from_pylist(rows), directory / "part-0.parquet")
+
+
+@pytest.fixture
+def catalog(tmp_path):
+    records = sample_catalog(12, seed=3)
+    root = tmp_path / "catalog"
+    _partition(root, "2026-11-01", records[:6])
+    _partition(root, "2026-11-02", records[6:])
+    _partition(root, "2026-11-03", records[:4], drop_text=True)  # broken: no text column
+    (root / "not-a-partition").mkdir()
+    return root, records
+
+
+def _nightly(tiny_itm, catalog_root, output, *extra):
+    return main(["--catalog", str(catalog_root), "--output", str(output), "--itm-model", tiny_itm,
+                 "--caption-model", "none", *extra])
+
+
+def _records(output):
+    return pq.read_table(output / "_nightly").to_pylist()
+
+
+def test_nightly_scores_uncommitted_partitions_and_names_failures(ray_session, tiny_itm, catalog, tmp_path, capsys):
+    root, records = catalog
+    output = tmp_path / "scored"
+    assert _nightly(tiny_itm, root, output) == 1
+    err = capsys.readouterr().err
+    assert "dt=2026-11-03" in err and "dt=2026-11-01" not in err.split("partitions failed:")[-1]
+    for day, count in (("2026-11-01", 6), ("2026-11-02", 6)):
+        assert (output / f"dt={day}" / "_SUCCESS").exists()
+        assert pq.read_table(output / f"dt={day}").num_rows == count
+    assert not (output / "dt=2026-11-03" / "_SUCCESS").exists()
+    first = {r["date"]: r for r in _records(output)}
+    assert {d: r["outcome"] for d, r in first.items()} == {
+        "2026-11-01": "committed", "2026-11-02": "committed", "2026-11-03": "failed"
+    }
+    assert "text" in first["2026-11-03"]["error"] and first["2026-11-01"]["rows"] == 6
+
+    # The broken partition is repaired: the next run scores only it.
+    _partition(root, "2026-11-03", records[:4])
+    assert _nightly(tiny_itm, root, output, "--json") == 0
+    latest = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    outcomes = {p["date"]: p["outcome"] for p in latest["partitions"]}
+    assert outcomes == {"2026-11-01": "skipped", "2026-11-02": "skipped", "2026-11-03": "committed"}
+    assert len(list((output / "_nightly").glob("run-*.parquet"))) == 2
+
+    # Rescoring one named partition replaces it, and only it.
+    before = json.loads((output / "dt=2026-11-01" / "_SUCCESS").read_text())["run_id"]
+    assert _nightly(tiny_itm, root, output, "--date", "2026-11-02", "--overwrite", "--itm-threshold", "0.9") == 0
+    assert json.loads((output / "dt=2026-11-01" / "_SUCCESS").read_text())["run_id"] == before
+    rescored = pq.read_table(output / "dt=2026-11-02").to_pylist()
+    assert len(rescored) == 6 and len({r["run_id"] for r in rescored}) == 1
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--date", "2026-13-01"], "YYYY-MM-DD"),
+        (["--date", "2026-10-01"], "no partition dt=2026-10-01"),
+        (["--overwrite"], "--overwrite needs --date"),
+        (["--itm-threshold", "7"], "itm_threshold"),
+    ],
+)
+def test_nightly_usage_errors_exit_2(tiny_itm, catalog, tmp_path, capsys, extra, message):
+    root, _ = catalog
+    assert _nightly(tiny_itm, root, tmp_path / "scored", *extra) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "scored").exists()

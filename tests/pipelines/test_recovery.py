@@ -1,0 +1,146 @@
+"""Failure and recovery on real runs: a driver killed with SIGKILL, a model actor's process killed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from blip_ops.samples import sample_catalog
+from pipelines.config import build_config
+from pipelines.run import run_job
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _processes(match) -> list[int]:
+    """PIDs whose command line or environment satisfies ``match`` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            environ = (entry / "environ").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if match(cmdline, environ):
+            found.append(int(entry.name))
+    return found
+
+
+def _kill_all(pids) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture(scope="module")
+def many_rows(tmp_path_factory):
+    """96 rows in 3 files of 4 row groups each, all with unique ids."""
+    records = sample_catalog(96, seed=7)
+    for index, record in enumerate(records):
+        record["id"] = f"row-{index:03d}"
+        record.pop("expected", None)
+    catalog = tmp_path_factory.mktemp("many") / "catalog"
+    catalog.mkdir()
+    for index in range(3):
+        table = pa.Table.from_pylist(records[index * 32:(index + 1) * 32])
+        pq.write_table(table, catalog / f"part-{index}.parquet", row_group_size=8)
+    return catalog, records
+
+
+def _ids(output: Path) -> list[str]:
+    return pq.read_table(output, columns=["id"]).column("id").to_pylist()
+
+
+def _staged_pieces(output: Path) -> list[Path]:
+    return list(output.glob("_staging-*/u*.parquet"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds Ray's worker processes through /proc")
+def test_driver_killed_mid_run_resumes_without_rescoring_or_duplicates(tiny_itm, many_rows, tmp_path):
+    catalog, records = many_rows
+    output = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "jobs.score", "--input", str(catalog), "--output", str(output),
+        "--itm-model", tiny_itm, "--caption-model", "none",
+        "--decode-batch-size", "4", "--score-batch-size", "4", "--json",
+    ]
+    marker = uuid.uuid4().hex
+    env = dict(os.environ, HF_HUB_OFFLINE="1", BLIP_TEST_RUN=marker)
+    first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not _staged_pieces(output) and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(first.pid, signal.SIGKILL)  # the driver, with no chance to clean up
+        first.wait(timeout=30)
+    finally:
+        # The local Ray that driver started would otherwise live on: kill everything it spawned.
+        time.sleep(1)
+        _kill_all(_processes(lambda cmd, environ: f"BLIP_TEST_RUN={marker}" in environ))
+    assert not (output / "_SUCCESS").exists(), "the first run finished before it could be killed; test inconclusive"
+    durable_before = len(_staged_pieces(output))
+    assert durable_before > 0
+
+    resumed_at = datetime.now(timezone.utc)
+    second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stdout + second.stderr
+    summary = json.loads(second.stdout.strip().splitlines()[-1])
+    assert summary["outcome"] == "committed"
+    assert 0 < summary["resumed_rows"] < len(records)
+
+    ids = _ids(output)
+    assert sorted(ids) == sorted(r["id"] for r in records)  # every row exactly once
+    table = pq.read_table(output, columns=["run_id", "scored_at"])
+    assert set(table.column("run_id").to_pylist()) == {summary["run_id"]}
+    scored_at = table.column("scored_at").to_pylist()
+    assert sum(t < resumed_at for t in scored_at) == summary["resumed_rows"]  # durable rows were not rescored
+    assert not list(output.glob("_staging-*"))
+
+    third = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0 and json.loads(third.stdout.strip().splitlines()[-1])["outcome"] == "already_committed"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds Ray's worker processes through /proc")
+def test_scoring_actor_killed_mid_run_is_restarted_and_nothing_is_lost(ray_session, tiny_itm, many_rows, tmp_path):
+    catalog, records = many_rows
+    output = tmp_path / "out"
+    config = build_config({
+        "input": str(catalog), "output": str(output), "itm_model": tiny_itm, "caption_model": "none",
+        "decode_batch_size": 4, "score_batch_size": 4,
+    })
+    killed: list[int] = []
+
+    def kill_scorer_once():
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            actors = _processes(lambda cmd, environ: "ray::MapWorker(MapBatches(ScoreStage))" in cmd)
+            if actors and _staged_pieces(output):
+                _kill_all(actors)
+                killed.extend(actors)
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_scorer_once, daemon=True)
+    killer.start()
+    summary = run_job(config)
+    killer.join(timeout=5)
+    assert killed, "no scoring actor was seen mid-run; test inconclusive"
+    assert summary.outcome == "committed" and summary.rows_written == len(records)
+    assert sorted(_ids(output)) == sorted(r["id"] for r in records)
+    assert pq.read_table(output, columns=["status"]).column("status").to_pylist().count("ok") == summary.scored
