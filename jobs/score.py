@@ -44,6 +44,7 @@ _OPTIONS = [
     ("--caption-batch-size", "Rows per captioning batch (default 16)."),
     ("--decode-batch-size", "Rows per decode batch (default 64)."),
     ("--run-id", "Run identifier (default: generated)."),
+    ("--report-category-column", "Column the run report breaks the flag rate down by (default: none)."),
 ]
 
 

@@ -97,10 +97,13 @@ class JobConfig(BaseModel):
     decode_batch_size: int = Field(64, ge=1, description="Rows per decode task batch.")
 
     run_id: str | None = Field(None, description="Identifier recorded in every row and the manifest; generated when None.")
+    report_category_column: str | None = Field(
+        None, description="Output column whose values the run report breaks the flag rate down by (e.g. a category); None: no breakdown."
+    )
 
     _none_words = field_validator(
         "caption_model", "caption_prompt", "itm_threshold", "itc_threshold", "image_uri_column", "ray_address",
-        "score_gpus", "caption_gpus", "score_cpus", "caption_cpus", mode="before",
+        "score_gpus", "caption_gpus", "score_cpus", "caption_cpus", "report_category_column", mode="before",
     )(_none_word)
 
     @field_validator("score_actors", "caption_actors", mode="before")
