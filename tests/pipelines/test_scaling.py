@@ -107,18 +107,25 @@ def _map_actor_ids() -> set[str]:
     the GCS actor table directly."""
     from ray._private import state
 
-    return {actor_id for actor_id, info in state.actors().items() if info["ActorClassName"] == "_MapWorker"}
+    return {actor_id for actor_id, info in state.actors().items() if info["ActorClassName"].startswith("MapWorker(")}
 
 
-def test_actor_pool_starts_at_one_and_grows(ray_session, tiny_itm, tmp_path):
-    from pipelines.run import run_job
+def test_actor_pool_starts_at_one_and_grows(ray_session, tiny_itm):
+    from pipelines.build import score_rows
 
-    catalog, _ = _noise_catalog(tmp_path / "catalog", rows=400, side=32, files=8)
-    before = _map_actor_ids()
+    rng = np.random.RandomState(1)
+    images = [image_bytes(Image.fromarray((rng.rand(32, 32, 3) * 255).astype(np.uint8)), "PNG") for _ in range(4)]
+    items = [{"id": f"r{i}", "text": "a red circle", "image": images[i % 4]} for i in range(96)]
+    # 24 input blocks of 4 rows: enough queued work for Ray Data's autoscaler to add an actor.
+    ds = ray_session.data.from_items(items, override_num_blocks=24)
     # Two scoring actors at a quarter CPU each fit beside decoding on the 2-CPU test Ray.
-    config = _job(tiny_itm, catalog, tmp_path / "out", score_actors="1,2", score_cpus=0.25, score_batch_size=4)
-    summary = run_job(config)
-    assert summary.rows_written == 400 and summary.scored == 400
+    config = _job(tiny_itm, "unused", "unused", score_actors="1,2", score_cpus=0.25, score_batch_size=4, decode_batch_size=4)
+    resources = resolve_resources(config, cluster_gpus=0, cluster_cpus=2)
+    assert resources.score_actors == (1, 2)
+    before = _map_actor_ids()
+    rows = score_rows(ds, config, "run-scaling", resources, passthrough=["id", "text"]).take_all()
+    assert sorted(r["id"] for r in rows) == sorted(item["id"] for item in items)
+    assert all(r["status"] == "ok" and r["itm_score"] is not None for r in rows)
     # Captions are off, so the only actor pool in this run is the scoring one.
     started = _map_actor_ids() - before
     assert len(started) == 2, f"the scoring pool should have grown from 1 to 2 actors, saw {len(started)}"
@@ -163,20 +170,21 @@ def test_driver_memory_does_not_grow_with_the_row_count(ray_session, tiny_itm, t
     from pipelines.run import run_job
 
     def run(rows: int) -> tuple[int, int]:
-        catalog, total_bytes = _noise_catalog(tmp_path / f"catalog-{rows}", rows=rows, side=160, files=max(2, rows // 100))
+        catalog, total_bytes = _noise_catalog(tmp_path / f"catalog-{rows}", rows=rows, side=200, files=max(2, rows // 100))
         with _RssSampler() as sampler:
             summary = run_job(_job(tiny_itm, catalog, tmp_path / f"out-{rows}", score_batch_size=32, decode_batch_size=32))
         assert summary.rows_written == rows
         return sampler.growth, total_bytes
 
     run(40)  # warm-up: imports, Ray Data's first plan, caches
-    small_growth, small_bytes = run(300)
-    large_growth, large_bytes = run(1200)
+    small_growth, small_bytes = run(200)
+    large_growth, large_bytes = run(800)
     extra_input = large_bytes - small_bytes  # about 70 MiB of image bytes that must stream past the driver
+    print(f"driver peak RSS growth: {small_growth / 2**20:.1f} MiB (200 rows), {large_growth / 2**20:.1f} MiB (800 rows)")
     assert extra_input > 60 * 2**20
     # Holding the extra rows on the driver would add at least their bytes; streaming adds nothing
     # that scales with them. A quarter of it leaves room for allocator noise.
     assert large_growth - small_growth < extra_input / 4, (
-        f"driver peak RSS grew {small_growth / 2**20:.1f} MiB for 300 rows and "
-        f"{large_growth / 2**20:.1f} MiB for 1200 rows ({extra_input / 2**20:.0f} MiB more input)"
+        f"driver peak RSS grew {small_growth / 2**20:.1f} MiB for 200 rows and "
+        f"{large_growth / 2**20:.1f} MiB for 800 rows ({extra_input / 2**20:.0f} MiB more input)"
     )
