@@ -8,7 +8,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
-from . import output, runtime
+from . import artifacts, output, runtime
 from .config import JobConfig
 from .preflight import Checked, InputInfo, preflight
 from .schema import SCHEMA_VERSION, output_schema
@@ -116,8 +116,10 @@ def run_job(config: JobConfig, checked: Checked | None = None) -> RunSummary:
         _score_missing(config, source, destination, attempt, todo)
 
     image_column = None if config.image_uri_column else config.image_column
+    schema = output_schema(source.schema, image_column)
     manifest = {
         "schema_version": SCHEMA_VERSION,
+        "schema": [{"name": f.name, "type": str(f.type)} for f in schema],
         "input": config.input,
         "itm_model": config.itm_model,
         "caption_model": config.recorded_caption_model,
@@ -126,11 +128,13 @@ def run_job(config: JobConfig, checked: Checked | None = None) -> RunSummary:
         "resumed_rows": resumed,
     }
     try:
-        result = output.commit(destination, attempt, source.units, output_schema(source.schema, image_column), manifest)
+        result = output.commit(destination, attempt, source.units, schema, manifest)
     except output.IncompleteError:
         # A concurrent run of the same command may have committed this very result first.
         latest = output.read_committed(destination)
         if latest and latest.get("key") == key:
             return _summary(latest, destination, started, ALREADY_COMMITTED, resumed)
         raise
-    return _summary(result.manifest, destination, started, COMMITTED, resumed)
+    summary = _summary(result.manifest, destination, started, COMMITTED, resumed)
+    artifacts.publish_run_artifacts(config, destination, result.manifest, summary.as_dict())  # logs, never raises
+    return summary

@@ -1,0 +1,151 @@
+"""The run report and the run-summary table, written beside every committed run."""
+
+import html
+import json
+import logging
+import re
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from blip_ops.samples import sample_catalog
+from pipelines import artifacts, report
+from pipelines.config import build_config
+from pipelines.run import run_job
+from pipelines.storage import locate
+from tests.conftest import write_catalog
+
+MARKUP = '<script>document.title="pwned"</script><img src=x onerror=alert(1)>'
+
+
+def catalog_records(n=18):
+    records = sample_catalog(n, seed=11)
+    for index, record in enumerate(records):
+        record["category"] = ["shoes", "hats", "<b>bags</b>"][index % 3]
+        del record["expected"]
+    # Catalog text with markup lands in the examples (flagged rows) and in the category table.
+    for record in records:
+        record["text"] = MARKUP + " " + record["text"] if record["text"].strip() else record["text"]
+    return records
+
+
+@pytest.fixture(scope="module")
+def records():
+    return catalog_records()
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory, records):
+    return write_catalog(tmp_path_factory.mktemp("report-catalog"), records, files=2)
+
+
+def job_config(catalog, output, tiny_itm, tiny_caption, **overrides):
+    values = dict(
+        input=str(catalog), output=str(output), itm_model=tiny_itm, caption_model=tiny_caption, captions="flagged",
+        device="cpu", max_new_tokens=3, itm_threshold=0.9, report_category_column="category",
+        score_batch_size=8, caption_batch_size=8, decode_batch_size=8,
+    )
+    values.update(overrides)
+    return build_config(values)
+
+
+@pytest.fixture(scope="module")
+def scored(ray_session, catalog, tiny_itm, tiny_caption, tmp_path_factory):
+    """One real run; returns (config, output dir, summary)."""
+    output = tmp_path_factory.mktemp("report-out")
+    config = job_config(catalog, output, tiny_itm, tiny_caption, run_id="run-one")
+    return config, output, run_job(config)
+
+
+def test_report_and_summary_row_are_written_beside_the_output(scored, records):
+    config, output, summary = scored
+    page = (output / "report.html").read_text()
+    rows = pq.read_table(output / "_runs").to_pylist()
+    assert len(rows) == 1 and (output / "_runs" / "run-run-one.parquet").exists()
+    row = rows[0]
+    manifest = json.loads((output / "_manifest.json").read_text())
+    assert row["run_id"] == "run-one" == manifest["run_id"]
+    assert row["rows"] == len(records) == summary.rows_read
+    assert row["rows_ok"] + row["rows_image_error"] + row["rows_text_error"] == len(records)
+    assert row["rows_ok"] == summary.scored and row["flagged"] == summary.flagged
+    assert row["rows_image_error"] == summary.errors.get("image_error", 0) > 0
+    assert row["flag_rate"] == pytest.approx(summary.flagged / len(records))
+    assert (row["itm_threshold"], row["itc_threshold"], row["itm_model"]) == (0.9, 0.2, config.itm_model)
+    assert row["schema_version"] == manifest["schema_version"] and row["duration_s"] > 0
+    assert row["committed_at"] is not None and row["started_at"] <= row["committed_at"]
+    assert f'data-count="rows">{len(records)}<' in page and f'data-count="flagged">{summary.flagged}<' in page
+
+
+def test_quantiles_match_the_scored_rows(scored):
+    # Quantiles read from the 0.001-wide histograms are within half a bin (plus rounding) of the exact ones.
+    config, output, _ = scored
+    manifest = json.loads((output / "_manifest.json").read_text())
+    table = pq.ParquetDataset([str(output / name) for name in manifest["files"]]).read(columns=["itm_score", "itc_score"])
+    row = pq.read_table(output / "_runs").to_pylist()[0]
+    for name in ("itm", "itc"):
+        values = table.column(f"{name}_score").drop_null().to_numpy()
+        for q in report.QUANTILES:
+            exact = np.quantile(values, q, method="inverted_cdf")
+            assert row[f"{name}_p{int(q * 100):02d}"] == pytest.approx(exact, abs=0.0011), (name, q)
+
+
+def test_report_escapes_catalog_text_and_is_self_contained(scored):
+    _, output, summary = scored
+    page = (output / "report.html").read_text()
+    assert "<script>" not in page and "onerror=alert" not in page.replace(html.escape("onerror=alert(1)"), "")
+    assert html.escape(MARKUP, quote=True) in page
+    assert "&lt;b&gt;bags&lt;/b&gt;" in page and "<b>bags</b>" not in page
+    # Nothing is fetched: every src is an inline image, no stylesheet or script is linked.
+    sources = re.findall(r'\ssrc="([^"]*)"', page)
+    assert sources and all(src.startswith("data:image/jpeg;base64,") for src in sources)
+    assert "<link" not in page and "<script" not in page and "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")
+    assert page.count("<svg") == 2 and page.count('class="threshold"') == 2
+    assert page.count('<tr class="category">') == 3
+
+
+def test_examples_are_the_most_confident_mismatches(scored):
+    config, output, _ = scored
+    manifest = json.loads((output / "_manifest.json").read_text())
+    stats = report.collect_stats(locate(str(output)), manifest["files"], config, examples=4)
+    table = pq.ParquetDataset([str(output / name) for name in manifest["files"]]).read().to_pandas()
+    candidates = table[(table.status == "ok") & table.flagged].sort_values("itm_score")
+    assert [row["id"] for row in stats.examples] == candidates["id"].head(4).tolist()
+    assert stats.categories == {
+        value: [len(group), int(group.flagged.sum())] for value, group in table.groupby("category")
+    }
+    images = report.fetch_images(config, [row["id"] for row in stats.examples] + ["no-such-id"])
+    assert set(images) == {row["id"] for row in stats.examples} and all(images.values())
+
+
+def test_each_run_appends_a_summary_row(scored, catalog, tiny_itm, tiny_caption):
+    config, output, _ = scored
+    again = job_config(catalog, output, tiny_itm, None, captions="none", run_id="run-two", overwrite=True,
+                       itm_threshold=0.5, report_category_column="no_such_column")
+    run_job(again)
+    rows = {row["run_id"]: row for row in pq.read_table(output / "_runs").to_pylist()}
+    assert set(rows) == {"run-one", "run-two"} and rows["run-two"]["itm_threshold"] == 0.5
+    page = (output / "report.html").read_text()
+    assert "run-two" in page and "column &#x27;no_such_column&#x27; is not in the output" in page
+
+
+def test_a_failing_report_is_a_warning_not_a_failed_run(scored, caplog):
+    config, output, _ = scored
+    with caplog.at_level(logging.WARNING):
+        ok = artifacts.publish_run_artifacts(config, locate(str(output)), {"run_id": "r", "files": ["missing.parquet"]}, {})
+    assert not ok and "committed, but its report or summary row was not written" in caplog.text
+
+
+def test_histogram_quantiles_and_display():
+    hist = report.Histogram.empty(report.ITM_RANGE, report.ITM_BINS)
+    values = np.random.default_rng(0).uniform(0.3, 0.6, 5000)
+    hist.add(values)
+    assert hist.total == 5000
+    for q in report.QUANTILES:
+        assert hist.quantile(q) == pytest.approx(np.quantile(values, q), abs=0.002)
+    shown = hist.display(threshold=0.9)
+    assert shown.low == pytest.approx(0.3) and shown.high >= 0.9 - 1e-9 and shown.counts.sum() == 5000
+    assert len(shown.counts) <= report.DISPLAY_BINS
+    assert report.Histogram.empty(report.ITC_RANGE, report.ITC_BINS).quantile(0.5) is None
+    svg = report.histogram_svg(shown, 0.9, "t")
+    assert svg.count("<rect") == np.count_nonzero(shown.counts) and 'class="threshold"' in svg
