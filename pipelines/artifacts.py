@@ -1,9 +1,11 @@
-"""What a committed run leaves beside its data for people and dashboards: ``report.html`` and a
+"""What a committed run leaves beside its data for people and dashboards: ``_report.html`` and a
 row in the run-summary table.
 
 Layout under OUTPUT:
 
-- ``report.html``: the run report (``pipelines/report.py``), replaced by each run.
+- ``_report.html``: the run report (``pipelines/report.py``), replaced by each run. The leading
+  ``_`` matters: Parquet readers (``pyarrow.parquet.read_table(OUTPUT)``, Spark, Ray) skip such
+  names, while a plain ``report.html`` among the part files would make them fail.
 - ``_runs/run-<run_id>.parquet``: one file per run, holding that run's single summary row
   (``RUN_SUMMARY_SCHEMA``). Appending is adding a file, so no run ever rewrites another's row
   and two runs never race on one file; the table is the directory:
@@ -30,7 +32,7 @@ from .storage import Location
 
 log = logging.getLogger(__name__)
 
-REPORT = "report.html"
+REPORT = "_report.html"
 RUNS_DIR = "_runs"
 
 _QUANTILE_FIELDS = [
@@ -125,7 +127,7 @@ def write_run_summary(location: Location, row: dict) -> str:
 
 
 def write_run_artifacts(config: JobConfig, destination: Location, manifest: dict, summary: dict) -> None:
-    """``report.html`` and the run-summary row for a committed result.
+    """``_report.html`` and the run-summary row for a committed result.
 
     ``manifest``: the committed ``_manifest.json`` content; ``summary``: ``RunSummary.as_dict()``.
     """

@@ -4,6 +4,7 @@ import html
 import json
 import logging
 import re
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -13,6 +14,7 @@ from blip_ops.samples import sample_catalog
 from pipelines import artifacts, report
 from pipelines.config import build_config
 from pipelines.run import run_job
+from pipelines.schema import SCHEMA_VERSION
 from pipelines.storage import locate
 from tests.conftest import write_catalog
 
@@ -60,8 +62,10 @@ def scored(ray_session, catalog, tiny_itm, tiny_caption, tmp_path_factory):
 
 def test_report_and_summary_row_are_written_beside_the_output(scored, records):
     config, output, summary = scored
-    page = (output / "report.html").read_text()
+    page = (output / "_report.html").read_text()
     rows = pq.read_table(output / "_runs").to_pylist()
+    # Neither the report nor the summary table gets in the way of reading the scored rows.
+    assert pq.read_table(output).num_rows == len(records)
     assert len(rows) == 1 and (output / "_runs" / "run-run-one.parquet").exists()
     row = rows[0]
     manifest = json.loads((output / "_manifest.json").read_text())
@@ -92,7 +96,7 @@ def test_quantiles_match_the_scored_rows(scored):
 
 def test_report_escapes_catalog_text_and_is_self_contained(scored):
     _, output, summary = scored
-    page = (output / "report.html").read_text()
+    page = (output / "_report.html").read_text()
     assert "<script>" not in page and "onerror=alert" not in page.replace(html.escape("onerror=alert(1)"), "")
     assert html.escape(MARKUP, quote=True) in page
     assert "&lt;b&gt;bags&lt;/b&gt;" in page and "<b>bags</b>" not in page
@@ -121,11 +125,11 @@ def test_examples_are_the_most_confident_mismatches(scored):
 def test_each_run_appends_a_summary_row(scored, catalog, tiny_itm, tiny_caption):
     config, output, _ = scored
     again = job_config(catalog, output, tiny_itm, None, captions="none", run_id="run-two", overwrite=True,
-                       itm_threshold=0.5, report_category_column="no_such_column")
+                       itm_threshold=0.95, report_category_column="no_such_column")
     run_job(again)
     rows = {row["run_id"]: row for row in pq.read_table(output / "_runs").to_pylist()}
-    assert set(rows) == {"run-one", "run-two"} and rows["run-two"]["itm_threshold"] == 0.5
-    page = (output / "report.html").read_text()
+    assert set(rows) == {"run-one", "run-two"} and rows["run-two"]["itm_threshold"] == 0.95
+    page = (output / "_report.html").read_text()
     assert "run-two" in page and "column &#x27;no_such_column&#x27; is not in the output" in page
 
 
@@ -149,3 +153,49 @@ def test_histogram_quantiles_and_display():
     assert report.Histogram.empty(report.ITC_RANGE, report.ITC_BINS).quantile(0.5) is None
     svg = report.histogram_svg(shown, 0.9, "t")
     assert svg.count("<rect") == np.count_nonzero(shown.counts) and 'class="threshold"' in svg
+
+
+def readme_queries() -> dict[str, str]:
+    """The README's DuckDB queries, by their leading comment."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("### DuckDB queries", 1)[1]
+    block = section.split("```sql\n", 1)[1].split("```", 1)[0]
+    queries = {}
+    for statement in block.split(";"):
+        lines = statement.strip().splitlines()
+        if lines:
+            queries[lines[0].removeprefix("-- ").strip()] = "\n".join(lines[1:])
+    return queries
+
+
+def test_readme_duckdb_queries(scored):
+    duckdb = pytest.importorskip("duckdb")  # in the test extra; skipped only outside it
+    _, output, _ = scored
+    queries = {name: sql.replace("'scored/", f"'{output}/") for name, sql in readme_queries().items()}
+    assert set(queries) == {
+        "flag rate per day (one row per run in the run-summary table)",
+        "flag rate per category of the committed result",
+        "top flagged items: the most confident mismatches",
+        "schema version of the scored files",
+    }
+    runs = pq.read_table(output / "_runs").to_pandas()
+    table = pq.read_table(output).to_pandas()
+    connection = duckdb.connect()
+
+    per_day = connection.sql(queries["flag rate per day (one row per run in the run-summary table)"]).fetchall()
+    days = runs.groupby(runs.committed_at.dt.date)
+    assert per_day == [
+        (day, len(group), int(group.rows.sum()), int(group.flagged.sum()), pytest.approx(group.flagged.sum() / group.rows.sum()))
+        for day, group in days
+    ]
+    per_category = connection.sql(queries["flag rate per category of the committed result"]).fetchall()
+    assert {row[0]: row[1:3] for row in per_category} == {
+        value: (len(group), int(group.flagged.sum())) for value, group in table.groupby("category")
+    }
+    assert [row[3] for row in per_category] == sorted((row[3] for row in per_category), reverse=True)
+    top = connection.sql(queries["top flagged items: the most confident mismatches"]).fetchall()
+    expected = table[table.flagged & (table.status == "ok")].sort_values(["itm_score", "id"]).head(20)
+    assert [row[0] for row in top] == expected["id"].tolist() and top
+    assert all(MARKUP in row[1] for row in top)
+    version = connection.sql(queries["schema version of the scored files"]).fetchall()
+    assert version == [(str(SCHEMA_VERSION),)]
