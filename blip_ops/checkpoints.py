@@ -1,7 +1,9 @@
-"""Resolving and loading BLIP checkpoints: local directories or Hugging Face hub ids.
+"""Resolving and loading BLIP checkpoints: local directories, s3:// directories or Hugging Face hub ids.
 
 ``inspect_checkpoint`` reads only the config, so callers can refuse a wrong model before
-any weights load. Loading is safetensors-only and never trusts remote code.
+any weights load (for an s3:// directory: its listing and config.json, no weights). Loading
+is safetensors-only and never trusts remote code; an s3:// directory is first copied into
+the node's model cache (``model_cache``).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from . import model_cache
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -30,22 +34,54 @@ CAPTION = CheckpointKind("BLIP-2 captioning", "blip-2", "Blip2ForConditionalGene
 
 
 def is_local_reference(reference: str) -> bool:
+    if model_cache.is_remote(reference):
+        return False
     return not _HUB_ID.match(reference) or Path(reference).exists()
 
 
+def local_checkpoint(reference: str) -> str:
+    """What ``from_pretrained`` can load: an s3:// directory becomes its copy in the node's cache."""
+    try:
+        return model_cache.local_model_dir(reference)
+    except model_cache.ModelCacheError as exc:
+        raise CheckpointError(str(exc)) from None
+
+
+def _check_layout(names: set[str], reference: str) -> None:
+    """A directory's top-level file names: a config and safetensors weights."""
+    if "config.json" not in names:
+        raise CheckpointError(f"not a Hugging Face checkpoint (no config.json): {reference}")
+    if not any(n.endswith(".safetensors") for n in names) and "model.safetensors.index.json" not in names:
+        raise CheckpointError(
+            f"no safetensors weights in {reference}: only safetensors checkpoints are loaded "
+            "(pickle weights can execute code)"
+        )
+
+
+def _read_remote_config(reference: str) -> dict:
+    try:
+        files = model_cache.list_remote(reference)
+        if not files:
+            raise CheckpointError(f"model directory does not exist (no objects under it): {reference}")
+        _check_layout({f.name for f in files if "/" not in f.name}, reference)
+        return json.loads(model_cache.read_remote(reference, "config.json"))
+    except model_cache.ModelCacheError as exc:
+        raise CheckpointError(str(exc)) from None
+    except ValueError as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(f"unreadable config.json for {reference}: {exc}") from None
+
+
 def _read_config(reference: str) -> dict:
+    if model_cache.is_remote(reference):
+        return _read_remote_config(reference)
     if is_local_reference(reference):
         path = Path(reference).expanduser()
         if not path.is_dir():
             raise CheckpointError(f"model directory does not exist: {reference}")
+        _check_layout({p.name for p in path.iterdir() if p.is_file()}, reference)
         config_path = path / "config.json"
-        if not config_path.is_file():
-            raise CheckpointError(f"not a Hugging Face checkpoint (no config.json): {reference}")
-        if not any(path.glob("*.safetensors")) and not (path / "model.safetensors.index.json").is_file():
-            raise CheckpointError(
-                f"no safetensors weights in {reference}: only safetensors checkpoints are loaded "
-                "(pickle weights can execute code)"
-            )
     else:
         from huggingface_hub import hf_hub_download
 
@@ -84,7 +120,7 @@ def load_model(reference: str, model_class, device: str, dtype=None):
     import torch
 
     model, info = model_class.from_pretrained(
-        reference,
+        local_checkpoint(reference),
         use_safetensors=True,
         trust_remote_code=False,
         output_loading_info=True,
@@ -100,13 +136,13 @@ def load_processor(reference: str):
     """The checkpoint's own processor, with the PIL image backend (the reference BLIP preprocessing)."""
     from transformers import AutoProcessor
 
-    return AutoProcessor.from_pretrained(reference, trust_remote_code=False, backend="pil")
+    return AutoProcessor.from_pretrained(local_checkpoint(reference), trust_remote_code=False, backend="pil")
 
 
 def load_image_processor(reference: str):
     from transformers import AutoImageProcessor
 
-    return AutoImageProcessor.from_pretrained(reference, trust_remote_code=False, backend="pil")
+    return AutoImageProcessor.from_pretrained(local_checkpoint(reference), trust_remote_code=False, backend="pil")
 
 
 def resolve_device(device: str) -> str:

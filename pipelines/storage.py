@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import pyarrow.fs as pafs
 
+from blip_ops import s3
+
 
 @dataclass(frozen=True)
 class Location:
@@ -18,20 +20,10 @@ class Location:
         return "/".join([self.path.rstrip("/"), *parts])
 
 
-def _s3_filesystem() -> pafs.S3FileSystem:
-    # pyarrow reads credentials and region from the standard AWS variables itself;
-    # the endpoint override serves S3-compatible stores.
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    kwargs = {}
-    if endpoint:
-        scheme, _, host = endpoint.partition("://")
-        kwargs = {"endpoint_override": host or scheme, "scheme": scheme if host else "https"}
-    return pafs.S3FileSystem(**kwargs)
-
-
 def locate(uri: str) -> Location:
     if uri.startswith("s3://"):
-        return Location(_s3_filesystem(), uri[len("s3://"):].rstrip("/"), uri)
+        # One filesystem per process (see blip_ops.s3): image URIs call this once per row.
+        return Location(s3.filesystem(), s3.split_uri(uri), uri)
     path = os.path.abspath(os.path.expanduser(uri))
     return Location(pafs.LocalFileSystem(), path, path)
 

@@ -15,6 +15,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
+from tests.s3_server import s3, s3_store  # noqa: E402,F401  (fixtures: S3 on loopback)
+
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> tuple[str, str]:
@@ -35,9 +37,13 @@ def tiny_caption(tiny_models) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def ray_session(request):
     import ray
 
+    # Ray's workers inherit the environment of the moment Ray starts: when any test in this
+    # session uses the S3 store, start it (it sets the AWS_* variables) before Ray.
+    if any("s3_store" in item.fixturenames for item in request.session.items):
+        request.getfixturevalue("s3_store")
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield ray
     ray.shutdown()

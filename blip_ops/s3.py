@@ -1,0 +1,67 @@
+"""S3 through pyarrow: one filesystem per process, configured from the standard AWS environment.
+
+Credentials are never passed or stored here: the AWS SDK inside pyarrow reads them itself
+(``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_SESSION_TOKEN``, ``~/.aws``, instance
+metadata), so they cannot end up in a config, a manifest, a pickled task or a log line.
+Only the endpoint override (``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``) is read here.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import pyarrow.fs as pafs
+
+# The SDK's "standard" mode: exponential backoff with jitter on throttling (503 SlowDown) and
+# server errors (500 InternalError), with a retry quota that stops retry storms against a store
+# that is really down. Ten attempts (Ray Data retries its Parquet writes as often) ride out
+# bursts of throttling that the SDK's default of three does not.
+MAX_ATTEMPTS = 10
+
+
+def split_uri(uri: str) -> str:
+    """``s3://bucket/key`` -> ``bucket/key`` (pyarrow's path form)."""
+    return uri[len("s3://"):].rstrip("/")
+
+
+def _endpoint_settings() -> tuple[tuple[str, str], ...]:
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if not endpoint:
+        return ()
+    scheme, _, host = endpoint.partition("://")
+    if not host:
+        scheme, host = "https", endpoint
+    return (("endpoint_override", host.rstrip("/")), ("scheme", scheme))
+
+
+class RetryingS3FileSystem(pafs.S3FileSystem):
+    """pyarrow's S3 filesystem, rebuilt by ``filesystem()`` wherever it is unpickled.
+
+    pyarrow's own pickling drops the retry strategy, so a filesystem shipped to Ray workers
+    would silently fall back to three attempts. This one carries only its (secret-free)
+    endpoint settings and is rebuilt with the same strategy on arrival; credentials come from
+    the receiving worker's own AWS environment, as with pyarrow's default.
+    """
+
+    def __reduce__(self):
+        return (_rebuild, (getattr(self, "_settings", ()),))
+
+
+def _rebuild(settings: tuple[tuple[str, str], ...]) -> RetryingS3FileSystem:
+    return _cached(settings)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached(settings: tuple[tuple[str, str], ...]) -> RetryingS3FileSystem:
+    fs = RetryingS3FileSystem(
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=MAX_ATTEMPTS), **dict(settings)
+    )
+    fs._settings = settings
+    return fs
+
+
+def filesystem() -> RetryingS3FileSystem:
+    """This process's S3 filesystem (building one costs credential and region look-ups, so it is
+    shared by every call with the same endpoint settings)."""
+    return _cached(_endpoint_settings())
