@@ -1,0 +1,136 @@
+"""``python -m jobs.calibrate``: pick ITM and ITC thresholds from human verdicts.
+
+    python -m jobs.calibrate --scored scored/ --labels labels.csv --target-precision 0.9
+
+``--labels``: a CSV or Parquet file with the id column and a verdict column holding
+``mismatch`` or ``match`` (case-insensitive). The positive class is **mismatch**: a threshold
+``t`` predicts mismatch for ``score < t``, as the job flags. For each score the chosen
+threshold is the one with the highest recall whose precision on the labelled rows is at least
+the target. Writes a YAML snippet for ``jobs.score --config`` and an HTML report with the
+precision-recall curves; prints the table.
+
+Exit codes: 0 a threshold met the target for at least one score; 1 none did; 2 usage or input error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_UNMET, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _precision(value: str) -> float:
+    target = float(value)
+    if not 0.0 < target <= 1.0:
+        raise argparse.ArgumentTypeError("must be in (0, 1]")
+    return target
+
+
+def make_parser(prog: str = "python -m jobs.calibrate") -> argparse.ArgumentParser:
+    parser = _Parser(prog=prog, description=__doc__.splitlines()[0])
+    parser.add_argument("--scored", required=True, help="A committed jobs.score output (directory or s3:// prefix).")
+    parser.add_argument("--labels", required=True, help="CSV or Parquet: id column + verdict column (mismatch | match).")
+    parser.add_argument("--target-precision", required=True, type=_precision, help="Precision each chosen threshold must reach, in (0, 1].")
+    parser.add_argument("--id-column", default="id", help="Id column in both the scored output and the labels (default id).")
+    parser.add_argument("--verdict-column", default="verdict", help="Verdict column in the labels (default verdict).")
+    parser.add_argument("--checks", choices=["both", "itm", "itc"], default="both",
+                        help="Which checks to calibrate; with one, the snippet turns the other off (default both).")
+    parser.add_argument("--out-config", default="calibrated.yaml", help="YAML snippet for jobs.score --config (default calibrated.yaml).")
+    parser.add_argument("--report", default="calibration.html", help="HTML report with the precision-recall curves (default calibration.html).")
+    parser.add_argument("--json", action="store_true", help="Print the result as JSON.")
+    return parser
+
+
+def _current_thresholds(scored: str) -> dict:
+    """The thresholds the scored run used, from its manifest (a value None: that check was off);
+    None when the output has no committed manifest."""
+    from pipelines.output import read_committed
+    from pipelines.storage import locate
+
+    try:
+        manifest = read_committed(locate(scored)) or {}
+    except Exception:  # noqa: BLE001  (an output without a manifest still calibrates)
+        manifest = {}
+    if "config" not in manifest:
+        return None
+    return {"itm": manifest["config"].get("itm_threshold"), "itc": manifest["config"].get("itc_threshold")}
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m jobs.calibrate") -> int:
+    args = make_parser(prog).parse_args(argv)
+    from pipelines import calibration as cal
+
+    try:
+        scored = cal.read_scored(args.scored, args.id_column)
+        labels = cal.read_labels(args.labels, args.id_column, args.verdict_column)
+        joined = cal.join(scored, labels, args.id_column)
+    except cal.CalibrationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if not joined.table.num_rows:
+        print("error: no labelled row has scores (ids do not match, or every labelled row is an error)", file=sys.stderr)
+        return EXIT_USAGE
+
+    current = _current_thresholds(args.scored)
+    names = ["itm", "itc"] if args.checks == "both" else [args.checks]
+    truth = joined.table.column("is_mismatch").to_numpy(zero_copy_only=False)
+    curves = {name: cal.curve(joined.table.column(cal.SCORES[name]).to_numpy(zero_copy_only=False), truth, name) for name in names}
+    choices = {name: cal.choose(curves[name], args.target_precision, (current or {}).get(name)) for name in names}
+    chosen = {name: choices[name].threshold if name in choices else None for name in ("itm", "itc")}
+    both = cal.combined(joined.table, chosen["itm"], chosen["itc"])
+    snippet = cal.config_snippet(choices, args.target_precision, both)
+    if args.checks != "both":
+        other = "itc" if args.checks == "itm" else "itm"
+        snippet += f"{other}_threshold: none  # calibrating {args.checks} alone turns the other check off\n"
+    Path(args.out_config).write_text(snippet)
+    Path(args.report).write_text(cal.render_html(curves, choices, both, joined, snippet))
+
+    result = {
+        "target_precision": args.target_precision,
+        "labelled_scored_rows": joined.table.num_rows,
+        "mismatches": int(truth.sum()),
+        "left_out": {"unscored": joined.unscored, "unmatched_labels": joined.unmatched_labels},
+        "chosen": {n: {"threshold": c.threshold, "precision": c.precision, "recall": c.recall, "flagged": c.flagged,
+                       "current": c.current} for n, c in choices.items()},
+        "combined": both,
+        "config": args.out_config,
+        "report": args.report,
+    }
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    else:
+        print(f"{joined.table.num_rows} labelled scored rows, {int(truth.sum())} mismatches (positive class); "
+              f"left out: {joined.unscored} without scores, {joined.unmatched_labels} labels with no scored row")
+        for name, choice in choices.items():
+            now = choice.current
+            if current is None:
+                now_text = "current: unknown (no committed manifest)"
+            elif now.get("threshold") is None:
+                now_text = "current: off"
+            else:
+                now_text = f"current {now['threshold']}: precision {_fmt(now['precision'])}, recall {_fmt(now['recall'])}"
+            if choice.met:
+                print(f"{name}: threshold {choice.threshold:.4f} -> precision {choice.precision:.3f}, recall {choice.recall:.3f}; {now_text}")
+            else:
+                print(f"{name}: no threshold reaches precision {args.target_precision:g}; {now_text}")
+        print(f"both checks together: precision {_fmt(both['precision'])}, recall {_fmt(both['recall'])}")
+        print(f"wrote {args.out_config} and {args.report}")
+    return EXIT_OK if any(c.met for c in choices.values()) else EXIT_UNMET
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

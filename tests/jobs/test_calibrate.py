@@ -1,0 +1,173 @@
+"""Threshold calibration on synthetic labelled data (no models, no Ray)."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs import calibrate
+from pipelines import calibration as cal
+from pipelines.config import build_config, load_yaml
+
+
+def synthetic(tmp_path, n=400, seed=0):
+    """A scored output and labels: mismatches score lower on both scores, with overlap."""
+    rng = np.random.default_rng(seed)
+    mismatch = rng.random(n) < 0.3
+    itm = np.clip(np.where(mismatch, rng.normal(0.3, 0.15, n), rng.normal(0.75, 0.15, n)), 0, 1).astype(np.float32)
+    itc = np.clip(np.where(mismatch, rng.normal(0.2, 0.08, n), rng.normal(0.4, 0.08, n)), -1, 1).astype(np.float32)
+    ids = [f"item-{i}" for i in range(n)]
+    status = ["ok"] * n
+    # Two labelled rows could not be scored: they take no part.
+    for i in (5, 6):
+        status[i] = "image_error"
+    scored = tmp_path / "scored"
+    scored.mkdir()
+    pq.write_table(pa.table({
+        "id": ids,
+        "itm_score": pa.array([None if s != "ok" else float(v) for s, v in zip(status, itm)], pa.float32()),
+        "itc_score": pa.array([None if s != "ok" else float(v) for s, v in zip(status, itc)], pa.float32()),
+        "status": status,
+    }), scored / "part-0.parquet")
+    labels = tmp_path / "labels.csv"
+    lines = ["id,verdict"] + [f"{i},{'Mismatch' if m else 'match'}" for i, m in zip(ids, mismatch)] + ["ghost-1,match"]
+    labels.write_text("\n".join(lines) + "\n")
+    ok = np.array(status) == "ok"
+    return scored, labels, itm[ok], itc[ok], mismatch[ok]
+
+
+def brute_force(scores, truth, target):
+    """Best recall with precision >= target over every distinct cut, computed directly."""
+    best = None
+    for t in np.unique(np.r_[scores, scores.max() + 1e-3]):
+        flagged = scores < t
+        if not flagged.any():
+            continue
+        precision = (flagged & truth).sum() / flagged.sum()
+        recall = (flagged & truth).sum() / truth.sum()
+        if precision >= target and (best is None or (recall, precision) > best):
+            best = (recall, precision)
+    return best
+
+
+def test_calibrates_both_scores_and_writes_a_loadable_snippet(tmp_path, capsys):
+    scored, labels, itm, itc, truth = synthetic(tmp_path)
+    out, report = tmp_path / "cal.yaml", tmp_path / "cal.html"
+    code = calibrate.main(["--scored", str(scored), "--labels", str(labels), "--target-precision", "0.9",
+                           "--out-config", str(out), "--report", str(report), "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["labelled_scored_rows"] == len(truth) and result["mismatches"] == int(truth.sum())
+    assert result["left_out"] == {"unscored": 2, "unmatched_labels": 1}
+    for name, scores in (("itm", itm), ("itc", itc)):
+        chosen = result["chosen"][name]
+        recall, precision = brute_force(scores, truth, 0.9)
+        assert (chosen["recall"], chosen["precision"]) == pytest.approx((recall, precision))
+        # The threshold written reproduces those numbers with the job's own rule.
+        flagged = scores < chosen["threshold"]
+        assert (flagged & truth).sum() / flagged.sum() == pytest.approx(precision)
+        assert chosen["flagged"] == flagged.sum()
+    values = load_yaml(out)
+    assert set(values) == {"itm_threshold", "itc_threshold"}
+    config = build_config(dict(values, input="x", output="y"))
+    assert config.itm_threshold == result["chosen"]["itm"]["threshold"]
+    assert config.itc_threshold == result["chosen"]["itc"]["threshold"]
+    both = result["combined"]
+    flag = (itm < config.itm_threshold) | (itc < config.itc_threshold)
+    assert both["precision"] == pytest.approx((flag & truth).sum() / flag.sum())
+    page = report.read_text()
+    assert page.count("<svg") == 2 and page.count('class="chosen"') == 2 and page.count('class="target"') == 2
+    assert "Positive class: <b>mismatch</b>" in page
+
+
+def test_current_thresholds_are_reported(tmp_path, capsys):
+    scored, labels, itm, _, truth = synthetic(tmp_path, seed=1)
+    (scored / "_manifest.json").write_text(json.dumps({"run_id": "r", "files": ["part-0.parquet"],
+                                                        "config": {"itm_threshold": 0.5, "itc_threshold": None}}))
+    (scored / "_SUCCESS").write_text(json.dumps({"run_id": "r"}))
+    calibrate.main(["--scored", str(scored), "--labels", str(labels), "--target-precision", "0.8", "--json",
+                    "--out-config", str(tmp_path / "c.yaml"), "--report", str(tmp_path / "c.html")])
+    result = json.loads(capsys.readouterr().out)
+    current = result["chosen"]["itm"]["current"]
+    flagged = itm < 0.5
+    assert current["threshold"] == 0.5 and current["flagged"] == flagged.sum()
+    assert current["precision"] == pytest.approx((flagged & truth).sum() / flagged.sum())
+    assert current["recall"] == pytest.approx((flagged & truth).sum() / truth.sum())
+    assert result["chosen"]["itc"]["current"]["threshold"] is None
+
+
+def test_unreachable_target_exits_1_and_leaves_thresholds_alone(tmp_path, capsys):
+    scored, labels, *_ = synthetic(tmp_path, n=200, seed=2)
+    # Shuffle the verdicts: scores no longer tell mismatches apart, so 0.99 precision cannot be met.
+    lines = labels.read_text().splitlines()
+    rng = np.random.default_rng(0)
+    verdicts = [line.split(",")[1] for line in lines[1:]]
+    rng.shuffle(verdicts)
+    labels.write_text("\n".join([lines[0]] + [f"{line.split(',')[0]},{v}" for line, v in zip(lines[1:], verdicts)]) + "\n")
+    out = tmp_path / "c.yaml"
+    code = calibrate.main(["--scored", str(scored), "--labels", str(labels), "--target-precision", "0.99",
+                           "--checks", "itm", "--out-config", str(out), "--report", str(tmp_path / "c.html")])
+    assert code == 1
+    assert "itm: no threshold reaches precision 0.99" in capsys.readouterr().out
+    values = load_yaml(out)
+    assert "itm_threshold" not in values and build_config(dict(values, input="x", output="y")).itc_threshold is None
+
+
+def test_checks_itm_alone_turns_itc_off(tmp_path, capsys):
+    scored, labels, *_ = synthetic(tmp_path, seed=3)
+    out = tmp_path / "c.yaml"
+    assert calibrate.main(["--scored", str(scored), "--labels", str(labels), "--target-precision", "0.9",
+                           "--checks", "itm", "--out-config", str(out), "--report", str(tmp_path / "c.html")]) == 0
+    config = build_config(dict(load_yaml(out), input="x", output="y"))
+    assert config.itc_threshold is None and 0 < config.itm_threshold < 1
+    printed = capsys.readouterr().out
+    assert "itm: threshold" in printed and "current: unknown (no committed manifest)" in printed
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("verdict", "must hold 'mismatch' or 'match'"),
+    ("column", "have no column 'verdict'"),
+    ("conflict", "labels disagree about id"),
+    ("precision", "--target-precision"),
+    ("scored", "cannot read scored output"),
+])
+def test_input_errors_exit_2(tmp_path, capsys, problem, message):
+    scored, labels, *_ = synthetic(tmp_path, n=50)
+    target = "0.9"
+    if problem == "verdict":
+        labels.write_text("id,verdict\nitem-1,maybe\n")
+    elif problem == "column":
+        labels.write_text("id,label\nitem-1,match\n")
+    elif problem == "conflict":
+        labels.write_text("id,verdict\nitem-1,match\nitem-1,mismatch\n")
+    elif problem == "precision":
+        target = "1.5"
+    elif problem == "scored":
+        scored = tmp_path / "nope"
+    with pytest.raises(SystemExit) if problem == "precision" else _nothing() as raised:
+        code = calibrate.main(["--scored", str(scored), "--labels", str(labels), "--target-precision", target,
+                               "--out-config", str(tmp_path / "c.yaml"), "--report", str(tmp_path / "c.html")])
+    code = raised.value.code if problem == "precision" else code
+    assert code == 2 and message in capsys.readouterr().err
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_parquet_labels_and_curve_edges(tmp_path):
+    pq.write_table(pa.table({"id": ["a", "b"], "verdict": ["MISMATCH ", "match"]}), tmp_path / "l.parquet")
+    labels = cal.read_labels(str(tmp_path / "l.parquet"), "id", "verdict")
+    assert labels.to_pydict() == {"id": ["a", "b"], "is_mismatch": [True, False]}
+    # Ties: rows with equal scores are always flagged together.
+    c = cal.curve(np.array([0.2, 0.2, 0.5, 1.0], np.float32), np.array([True, False, True, False]), "itm")
+    assert c.flagged.tolist() == [2, 3] and c.precision.tolist() == [0.5, pytest.approx(2 / 3)]
+    assert c.thresholds.max() <= 1.0  # a cut above 1 cannot be configured
+    assert c.at(0.2) == {"threshold": 0.2, "precision": None, "recall": 0.0, "flagged": 0}
+    assert c.at(0.35)["flagged"] == 2 and c.at(0.5)["flagged"] == 2 and c.at(0.51)["flagged"] == 3
