@@ -46,6 +46,42 @@ def test_wrong_column_type_exits_2(tiny_itm, tmp_path):
     assert result.returncode == 2 and "must be a binary column" in result.stderr
 
 
+@pytest.mark.parametrize(
+    "option, value",
+    [("--id-column", "sku"), ("--image-column", "picture"), ("--image-uri-column", "uri")],
+)
+def test_every_missing_column_exits_2(option, value, catalog, tiny_itm, tmp_path, capsys):
+    # In process: preflight fails before Ray or torch is imported, so this costs milliseconds.
+    code = score.main(["--input", str(catalog), "--output", str(tmp_path / "o"), option, value, *_models(tiny_itm)])
+    assert code == 2
+    assert f"no column '{value}'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "columns, message",
+    [
+        ({"id": [1], "text": [3], "image": [b"x"]}, "column 'text' must be a string column"),
+        ({"id": [1], "text": ["x"], "uri": [7]}, "column 'uri' must be a string column"),
+    ],
+)
+def test_text_and_uri_columns_of_the_wrong_type_exit_2(columns, message, tiny_itm, tmp_path, capsys):
+    pq.write_table(pa.table(columns), tmp_path / "c.parquet")
+    extra = ["--image-uri-column", "uri"] if "uri" in columns else []
+    code = score.main(["--input", str(tmp_path / "c.parquet"), "--output", str(tmp_path / "o"), *extra, *_models(tiny_itm)])
+    assert code == 2 and message in capsys.readouterr().err
+
+
+def test_empty_dataset_is_a_successful_zero_row_run(ray_session, tiny_itm, tmp_path, capsys):
+    schema = pa.schema([("id", pa.string()), ("text", pa.string()), ("image", pa.binary())])
+    write_catalog(tmp_path / "catalog", [], files=1, schema=schema)
+    code = score.main(["--input", str(tmp_path / "catalog"), "--output", str(tmp_path / "o"), *_models(tiny_itm), "--json"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["rows_read"] == summary["rows_written"] == 0
+    assert pq.read_table(tmp_path / "o").num_rows == 0
+
+
 @pytest.mark.parametrize("kind", ["missing", "empty_dir", "not_parquet"])
 def test_unusable_input_exits_2(kind, tiny_itm, tmp_path):
     path = tmp_path / "input"
