@@ -74,9 +74,7 @@ class Blip2Captioner:
         """``images``: resized uint8 ``(3, h, w)`` arrays. Returns one stripped caption each."""
         if not images:
             return []
-        pixel_values = self.images.to_pixel_values(images).to(
-            self.device, dtype=next(self.model.parameters()).dtype
-        )
+        pixel_values = self.images.to_device_pixel_values(images, self.device, next(self.model.parameters()).dtype)
         # One autocast context around the whole generate call, so half-precision weight
         # copies are made once per batch, not once per decoding step.
         with autocast(self.precision, self.device):

@@ -79,9 +79,7 @@ class BlipScorer:
         if not texts:
             empty = np.zeros(0, dtype=np.float32)
             return empty, empty.copy(), np.zeros(0, dtype=bool)
-        pixel_values = self.images.to_pixel_values(images).to(
-            self.device, dtype=next(self.model.parameters()).dtype
-        )
+        pixel_values = self.images.to_device_pixel_values(images, self.device, next(self.model.parameters()).dtype)
         text = self.tokenize(texts)
         with autocast(self.precision, self.device):
             itc, itm = self._forward(pixel_values, text)

@@ -202,3 +202,71 @@ def build_tiny_checkpoints(root: str | Path, seed: int = 0) -> tuple[Path, Path]
     """Both tiny checkpoints under ``root``: ``(itm_dir, caption_dir)``."""
     root = Path(root)
     return build_tiny_itm(root / "tiny-blip-itm", seed), build_tiny_blip2(root / "tiny-blip2-opt", seed)
+
+
+# --- Benchmark checkpoints: BLIP-base layout at a chosen width and depth --------------------
+
+BLIP_BASE_VOCAB = 30524  # bert-base-uncased plus BLIP's [DEC] and [ENC]
+
+
+def bench_itm_config(width: int = 768, depth: int = 12, image_size: int = 384, vocab_size: int = BLIP_BASE_VOCAB) -> BlipConfig:
+    """``BlipForImageTextRetrieval`` in BLIP-base's layout (ViT-B/16 and BERT-base: 64-wide heads,
+    4x MLP, 16 px patches). The defaults are BLIP-base itself (``Salesforce/blip-itm-base-coco``);
+    a smaller ``width``/``depth`` keeps the layout and shrinks the cost."""
+    heads = max(1, width // 64)
+    vocab = _bert_vocab()
+    config = BlipConfig(
+        text_config={
+            "vocab_size": max(vocab_size, len(vocab)),
+            "hidden_size": width,
+            "encoder_hidden_size": width,
+            "intermediate_size": 4 * width,
+            "num_hidden_layers": depth,
+            "num_attention_heads": heads,
+            "max_position_embeddings": 512,
+            "pad_token_id": vocab.index("[PAD]"),
+            "bos_token_id": vocab.index("[DEC]"),
+            "sep_token_id": vocab.index("[SEP]"),
+        },
+        vision_config={
+            "hidden_size": width,
+            "intermediate_size": 4 * width,
+            "num_hidden_layers": depth,
+            "num_attention_heads": heads,
+            "image_size": image_size,
+            "patch_size": 16,
+        },
+        projection_dim=256,
+        image_text_hidden_size=256,
+    )
+    config.architectures = ["BlipForImageTextRetrieval"]
+    return config
+
+
+def bench_itm_processor(image_size: int = 384) -> BlipProcessor:
+    """The small word-level BERT tokenizer of the tiny checkpoints with an ``image_size`` processor."""
+    vocab = _bert_vocab()
+    tokenizer = BertTokenizer(
+        vocab={token: index for index, token in enumerate(vocab)},
+        do_lower_case=True,
+        bos_token="[DEC]",
+        additional_special_tokens=["[ENC]"],
+        model_max_length=512,
+    )
+    image_processor = BlipImageProcessorPil(
+        size={"height": image_size, "width": image_size}, image_mean=_CLIP_MEAN, image_std=_CLIP_STD
+    )
+    return BlipProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def build_bench_itm(
+    directory: str | Path, width: int = 384, depth: int = 6, image_size: int = 384, seed: int = 0
+) -> Path:
+    """Write a random-weight BLIP-base-layout ITM checkpoint (by default half width, half depth)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = BlipForImageTextRetrieval(bench_itm_config(width, depth, image_size)).eval()
+    model.save_pretrained(directory, safe_serialization=True)
+    bench_itm_processor(image_size).save_pretrained(directory)
+    return directory

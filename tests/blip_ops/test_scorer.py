@@ -132,3 +132,11 @@ def test_bf16_autocast_on_cpu_runs_in_bf16_and_stays_close(scorer, tiny_itm):
     # bf16 keeps ~3 significant digits; scores move, but only a little.
     np.testing.assert_allclose(itc16, itc, atol=0.05)
     np.testing.assert_allclose(itm16, itm, atol=0.05)
+
+
+def test_device_normalisation_equals_the_processors(scorer):
+    images = [_resized(scorer, d) for d in _images()[:3]]
+    expected = scorer.images.to_pixel_values(images)
+    got = scorer.images.to_device_pixel_values(images, "cpu", torch.float32)
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
