@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import http.client
 import itertools
+import logging
 import os
 import threading
 import time
@@ -258,6 +259,7 @@ def s3_store(tmp_path_factory):
     """
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()

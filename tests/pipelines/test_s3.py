@@ -8,19 +8,23 @@ the output all live on S3, and the proxy answers every eighth request with 503 S
 import io
 import json
 import multiprocessing
+import pickle
 from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
 from blip_ops import model_cache
+from blip_ops import s3 as s3fs
 from blip_ops.checkpoints import ITM, CheckpointError, inspect_checkpoint
 from blip_ops.samples import draw_shape
 from pipelines.config import build_config
 from pipelines.preflight import InputError, preflight
 from pipelines.run import run_job
+from pipelines.storage import locate, read_bytes
 from tests.s3_server import ACCESS_KEY, SECRET_KEY
 
 BUCKET = "test"
@@ -170,3 +174,21 @@ def test_s3_problems_are_input_errors_without_secrets(s3, tiny_itm, tmp_path):
         preflight(build_config(dict(values, input="s3://no-such-bucket/catalog")))
     for error in (missing, pickled, no_input, no_bucket):
         assert SECRET_KEY not in str(error.value) and ACCESS_KEY not in str(error.value)
+
+
+def test_one_filesystem_per_process_that_keeps_its_retries_when_shipped(s3):
+    fs = s3fs.filesystem()
+    assert s3fs.filesystem() is fs and locate(f"s3://{BUCKET}/a").filesystem is fs
+    shipped = pickle.dumps(fs)  # what Ray sends to its workers
+    assert SECRET_KEY.encode() not in shipped and ACCESS_KEY.encode() not in shipped
+    assert pickle.loads(shipped) is fs  # rebuilt with the same retry strategy, not pyarrow's default
+
+    s3.put(f"s3://{BUCKET}/probe.bin", b"payload")
+    s3.proxy.inject(first=3)  # pyarrow's default: three attempts, all answered 503 or 500
+    default = pafs.S3FileSystem(endpoint_override=s3.endpoint.removeprefix("http://"), scheme="http")
+    with pytest.raises(OSError, match="SLOW_DOWN|INTERNAL|503|500") as failed:
+        default.open_input_stream(f"{BUCKET}/probe.bin").read()
+    assert SECRET_KEY not in str(failed.value)
+    s3.proxy.inject(first=4)  # ours outlasts more
+    assert read_bytes(f"s3://{BUCKET}/probe.bin") == b"payload"
+    assert len(s3.proxy.faults()) == 3 + 4
