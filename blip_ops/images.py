@@ -56,10 +56,15 @@ def _scale_to_8_bit(image: Image.Image) -> Image.Image:
     """Map high-bit-depth grayscale to 8 bits by scaling; Pillow's own convert clips (Pillow #2574)."""
     array = np.asarray(image)
     if image.mode in _SIXTEEN_BIT_MODES or (image.mode == "I" and array.max(initial=0) > 255):
-        array = np.clip(array.astype(np.float64) / 257.0, 0, 255)
-    elif image.mode == "F":
-        array = np.clip(array, 0, 255)
-    return Image.fromarray(np.rint(array).astype(np.uint8), mode="L")
+        # x / 257 rounded (65535 -> 255), in integers: 4 bytes a pixel instead of float64's 8,
+        # which matters at Pillow's pixel limit (89 megapixels). No ties exist, so this equals rint.
+        wide = np.clip(array, 0, 65535).astype(np.uint32)
+        wide += 128
+        wide //= 257
+        return Image.fromarray(wide.astype(np.uint8), mode="L")
+    # 32-bit integer or float pixels already in 0..255; clipped, or a negative value would wrap to white.
+    array = np.clip(np.rint(array) if image.mode == "F" else array, 0, 255)
+    return Image.fromarray(array.astype(np.uint8), mode="L")
 
 
 def to_rgb_array(image: Image.Image) -> np.ndarray:

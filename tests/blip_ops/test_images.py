@@ -29,6 +29,15 @@ def test_sixteen_bit_grayscale_is_scaled_not_clipped():
     assert abs(int(rgb[0, 0, 0]) - 127) <= 1
 
 
+@pytest.mark.parametrize(
+    "values, expected",
+    [([-5, 0, 30, 200], [0, 0, 30, 200]), ([-5, 0, 257 * 100, 70000], [0, 0, 100, 255])],
+)
+def test_thirty_two_bit_pixels_are_clipped_or_scaled_never_wrapped(values, expected):
+    data = image_bytes(Image.fromarray(np.array([values], dtype=np.int32)), "TIFF")
+    assert decode_rgb(data)[0, :, 0].tolist() == expected
+
+
 def test_exif_orientation_is_honoured():
     image = Image.new("RGB", (8, 4), (0, 128, 0))
     exif = Image.Exif()
