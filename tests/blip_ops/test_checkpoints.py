@@ -4,7 +4,7 @@ import shutil
 import pytest
 
 from blip_ops.captioner import Blip2Captioner
-from blip_ops.checkpoints import CAPTION, ITM, CheckpointError, inspect_checkpoint, is_local_reference
+from blip_ops.checkpoints import CAPTION, ITM, CheckpointError, inspect_checkpoint, is_local_reference, local_checkpoint
 from blip_ops.scorer import BlipScorer
 
 
@@ -13,6 +13,9 @@ def test_hub_ids_and_paths_are_told_apart(tmp_path):
     assert is_local_reference("/models/blip")
     assert is_local_reference("./blip")
     assert is_local_reference(str(tmp_path))
+    assert not is_local_reference("s3://bucket/models/blip")  # fetched through the model cache
+    assert local_checkpoint(str(tmp_path)) == str(tmp_path)  # local paths and hub ids pass through
+    assert local_checkpoint("Salesforce/blip-itm-base-coco") == "Salesforce/blip-itm-base-coco"
 
 
 def test_missing_directory(tmp_path):

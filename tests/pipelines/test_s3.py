@@ -137,9 +137,13 @@ def test_models_copied_once_per_node(s3_run, s3_store):
 
 def test_cache_is_shared_by_processes_and_refetched_when_the_model_changes(s3, tiny_itm):
     uri = s3.upload_dir(Path(tiny_itm), f"s3://{BUCKET}/models/itm")
+    # A download killed halfway left a temporary directory: never used, removed by the next one.
+    stale = s3.model_cache / f".{model_cache.cache_name(uri, model_cache.list_remote(uri))}.killed"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
     with multiprocessing.get_context("spawn").Pool(3) as pool:
         dirs = pool.map(model_cache.local_model_dir, [uri] * 3)
-    assert len(set(dirs)) == 1
+    assert len(set(dirs)) == 1 and not stale.exists()
     assert _successful_gets(s3.proxy, "models/itm/model.safetensors") == 1
     first = Path(dirs[0])
     assert sorted(p.name for p in first.iterdir()) == sorted(
