@@ -70,9 +70,9 @@ class Blip2Captioner:
         return {name: ids.repeat(batch_size, 1).to(self.device) for name, ids in self._prompt_ids.items()}
 
     @torch.inference_mode()
-    def caption(self, images: list[np.ndarray]) -> list[str]:
-        """``images``: resized uint8 ``(3, h, w)`` arrays. Returns one stripped caption each."""
-        if not images:
+    def caption(self, images) -> list[str]:
+        """``images``: resized uint8 ``(3, h, w)`` arrays, or one ``(n, 3, h, w)`` array. Returns one stripped caption each."""
+        if len(images) == 0:
             return []
         pixel_values = self.images.to_device_pixel_values(images, self.device, next(self.model.parameters()).dtype)
         # One autocast context around the whole generate call, so half-precision weight

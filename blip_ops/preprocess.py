@@ -8,6 +8,8 @@ exactly what the processor computes in one call.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from .checkpoints import load_image_processor
@@ -42,7 +44,7 @@ class ImagePreparer:
     def from_bytes(self, buffer: bytes) -> np.ndarray:
         return np.frombuffer(buffer, dtype=np.uint8).reshape(3, self.height, self.width)
 
-    def to_device_pixel_values(self, images: list[np.ndarray], device: str, dtype=None):
+    def to_device_pixel_values(self, images, device: str, dtype=None):
         """``to_pixel_values`` computed by torch on ``device``: the uint8 batch crosses to the GPU
         (a quarter of the bytes) and is rescaled and normalised there, so the one CPU that feeds a
         GPU actor is not spent on float arithmetic. Same operations as the processor's, in float32
@@ -50,7 +52,11 @@ class ImagePreparer:
         import torch
 
         processor = self.image_processor
-        pixels = torch.from_numpy(np.stack(images)).to(device).float()
+        batch = images if isinstance(images, np.ndarray) else np.stack(images)
+        with warnings.catch_warnings():
+            # A read-only view of Arrow memory: torch warns, but only reads it (.float() copies).
+            warnings.filterwarnings("ignore", message=".*not writable.*")
+            pixels = torch.from_numpy(batch).to(device).float()
         if processor.do_rescale:
             pixels = pixels * processor.rescale_factor
         if processor.do_normalize:

@@ -72,8 +72,9 @@ class BlipScorer:
         )
 
     @torch.inference_mode()
-    def score(self, images: list[np.ndarray], texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``images``: resized uint8 ``(3, h, w)`` arrays. Returns float32 ``itc``, ``itm`` and bool ``truncated``."""
+    def score(self, images, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``images``: resized uint8 ``(3, h, w)`` arrays, or one ``(n, 3, h, w)`` array.
+        Returns float32 ``itc``, ``itm`` and bool ``truncated``."""
         if len(images) != len(texts):
             raise ValueError(f"{len(images)} images for {len(texts)} texts")
         if not texts:

@@ -102,6 +102,21 @@ def _spread(values: np.ndarray, mask: np.ndarray, type_: pa.DataType) -> pa.Arra
     return pa.array(full, type=type_, mask=~mask)
 
 
+def _pixel_batch(column: pa.ChunkedArray, rows: np.ndarray, preparer: ImagePreparer) -> np.ndarray:
+    """The chosen rows' uint8 pixels as one ``(n, 3, h, w)`` array read straight from the Arrow
+    buffers (one copy, in C++): every value is exactly one image at model resolution, so the hot
+    loop creates no per-row Python objects."""
+    shape = (len(rows), 3, preparer.height, preparer.width)
+    if not len(rows):
+        return np.zeros(shape, dtype=np.uint8)
+    values = column.take(pa.array(rows, pa.int64())).combine_chunks()
+    offset_type = np.int64 if pa.types.is_large_binary(values.type) else np.int32
+    offsets = np.frombuffer(values.buffers()[1], dtype=offset_type, count=len(values) + 1, offset=values.offset * np.dtype(offset_type).itemsize)
+    if not np.all(np.diff(offsets) == preparer.num_bytes):
+        raise ValueError(f"pixel values are not all {preparer.num_bytes} bytes ({preparer.height}x{preparer.width} RGB)")
+    return np.frombuffer(values.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]].reshape(shape)
+
+
 class ScoreStage:
     """ITC and ITM for every row with a decoded image and a usable text."""
 
@@ -115,9 +130,8 @@ class ScoreStage:
     def __call__(self, batch: pa.Table) -> pa.Table:
         mask = _scorable(batch)
         texts = batch.column(self.text_column).to_pylist()
-        pixels = batch.column(S.PIXELS_SCORE).to_pylist()
         rows = np.flatnonzero(mask)
-        images = [self.scorer.images.from_bytes(pixels[i]) for i in rows]
+        images = _pixel_batch(batch.column(S.PIXELS_SCORE), rows, self.scorer.images)
         itc, itm, scored_truncated = self.scorer.score(images, [texts[i] for i in rows])
 
         truncated = np.zeros(len(mask), dtype=bool)
@@ -190,9 +204,8 @@ class CaptionStage:
         mask = batch.column(S.PIXELS_CAPTION).is_valid().to_numpy(zero_copy_only=False)
         if self.policy == "flagged":
             mask &= batch.column("flagged").to_numpy(zero_copy_only=False)
-        pixels = batch.column(S.PIXELS_CAPTION).to_pylist()
         rows = np.flatnonzero(mask)
-        captions = self.captioner.caption([self.captioner.images.from_bytes(pixels[i]) for i in rows])
+        captions = self.captioner.caption(_pixel_batch(batch.column(S.PIXELS_CAPTION), rows, self.captioner.images))
         column = [None] * len(mask)
         for row, caption in zip(rows, captions):
             column[row] = caption

@@ -1,0 +1,264 @@
+"""CPU benchmark: the naive Hugging Face loop against this pipeline, same catalog, same checkpoint.
+
+    python -m benchmarks.cpu_bench                 # about 3 minutes on 2 quiet cores
+    python -m benchmarks.cpu_bench --rows 64       # a quick look
+
+Both sides score the same generated catalog (JPEG product-style images at 480x360, short
+titles) with the same random-weight checkpoint in BLIP-base's layout (ViT-B/16 at 384 px
+and BERT, 64-wide heads, 4x MLPs) at reduced width and depth, in fp32:
+
+* **naive**: what a user writes by hand. Read the Parquet batch by batch, decode with PIL,
+  run the checkpoint's processor on the PIL images, then call ``BlipForImageTextRetrieval``
+  twice, ``use_itm_head=True`` for ITM and ``use_itm_head=False`` for ITC, so the vision
+  encoder runs twice per batch. All in this process, with torch's default threads.
+* **pipeline**: ``pipelines.run.run_job`` on a local Ray: decode tasks resize to uint8 on
+  CPU workers while the scoring actor runs one vision pass per batch for ITC and ITM.
+
+Times include reading, decoding and model loading on both sides; the Ray instance is
+started before the clock (on a cluster it is already running). The script also checks that
+both sides computed the same scores, so the speed-up is not bought with different numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def machine() -> dict:
+    """What the figures were measured on (shared machines: the load average matters)."""
+    model = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory_gib = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                memory_gib = round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "memory_gib": memory_gib,
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "python": platform.python_version(),
+    }
+
+
+def write_catalog(directory: Path, rows: int, rows_per_group: int, seed: int = 0) -> Path:
+    """``rows`` records: a drawn shape as a 480x360 JPEG and a short title (a quarter mismatched)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from blip_ops.samples import COLORS, SHAPES, draw_shape
+
+    rng = random.Random(seed)
+    images = {(c, s): draw_shape(c, s, size=(480, 360)) for c in COLORS for s in SHAPES}
+    ids, texts, blobs = [], [], []
+    for index in range(rows):
+        color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
+        text_color = color if index % 4 else rng.choice([c for c in COLORS if c != color])
+        ids.append(f"item-{index:06d}")
+        texts.append(f"a {text_color} {shape} on a white background")
+        blobs.append(images[(color, shape)])
+    table = pa.table({"id": ids, "text": texts, "image": pa.array(blobs, pa.binary())})
+    directory.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, directory / "catalog.parquet", row_group_size=rows_per_group)
+    return directory
+
+
+def naive_baseline(checkpoint: str, catalog: Path, batch_size: int, max_text_tokens: int = 35) -> tuple[dict, float]:
+    """The hand-written loop: two model calls per batch, processor on PIL images. Returns scores by id and seconds."""
+    import pyarrow.parquet as pq
+    import torch
+    from PIL import Image, ImageOps
+    from transformers import AutoProcessor, BlipForImageTextRetrieval
+
+    started = time.perf_counter()
+    processor = AutoProcessor.from_pretrained(checkpoint, backend="pil")
+    model = BlipForImageTextRetrieval.from_pretrained(checkpoint).eval()
+    scores = {}
+    for batch in pq.ParquetFile(catalog / "catalog.parquet").iter_batches(batch_size=batch_size):
+        ids = batch.column("id").to_pylist()
+        texts = batch.column("text").to_pylist()
+        images = [ImageOps.exif_transpose(Image.open(io.BytesIO(b))).convert("RGB") for b in batch.column("image").to_pylist()]
+        inputs = processor(
+            images=images, text=texts, padding=True, truncation=True, max_length=max_text_tokens, return_tensors="pt"
+        )
+        with torch.no_grad():
+            itm = model(**inputs, use_itm_head=True).itm_score.softmax(dim=-1)[:, 1]
+            itc = model(**inputs, use_itm_head=False).itm_score.diagonal()
+        for row_id, c, m in zip(ids, itc.tolist(), itm.tolist()):
+            scores[row_id] = (c, m)
+    return scores, time.perf_counter() - started
+
+
+def pipeline(checkpoint: str, catalog: Path, output: Path, batch_size: int, ray_cpus: int, score_cpus: float, score_actors: str) -> tuple[dict, float]:
+    """``run_job`` on a local Ray started before the clock. Returns scores by id and seconds."""
+    import pyarrow.parquet as pq
+    import ray
+
+    from pipelines.config import build_config
+    from pipelines.run import run_job
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=ray_cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    config = build_config(
+        {
+            "input": str(catalog),
+            "output": str(output),
+            "itm_model": checkpoint,
+            "caption_model": "none",
+            "device": "cpu",
+            "precision": "fp32",
+            "score_batch_size": batch_size,
+            "decode_batch_size": batch_size,
+            "score_cpus": score_cpus,
+            "score_actors": score_actors,
+        }
+    )
+    started = time.perf_counter()
+    summary = run_job(config)
+    elapsed = time.perf_counter() - started
+    table = pq.read_table(output, columns=["id", "itc_score", "itm_score"]).to_pylist()
+    if summary.rows_written != len(table):
+        raise RuntimeError(f"pipeline wrote {summary.rows_written} rows, read back {len(table)}")
+    return {r["id"]: (r["itc_score"], r["itm_score"]) for r in table}, elapsed
+
+
+def model_only(checkpoint: str, batch_size: int, batches: int) -> dict:
+    """Seconds per batch of the model calls alone, same inputs, same threads, in this process:
+    this project's one-pass scorer against the two ``BlipForImageTextRetrieval`` calls."""
+    import numpy as np
+    import torch
+    from transformers import AutoProcessor, BlipForImageTextRetrieval
+
+    from blip_ops.scorer import BlipScorer
+
+    scorer = BlipScorer.from_pretrained(checkpoint, device="cpu", precision="fp32")
+    processor = AutoProcessor.from_pretrained(checkpoint, backend="pil")
+    model = BlipForImageTextRetrieval.from_pretrained(checkpoint).eval()
+    rng = np.random.RandomState(0)
+    size = scorer.images.height
+    images = [rng.randint(0, 256, (3, size, size), dtype=np.uint8) for _ in range(batch_size)]
+    texts = [f"a {c} circle on a white background" for c in ("red", "green", "blue", "yellow")] * (batch_size // 4 + 1)
+    texts = texts[:batch_size]
+    inputs = processor(
+        images=images, text=texts, padding=True, truncation=True, max_length=35, return_tensors="pt",
+        images_kwargs={"input_data_format": "channels_first", "do_resize": False},
+    )
+
+    def naive():
+        with torch.no_grad():
+            model(**inputs, use_itm_head=True)
+            model(**inputs, use_itm_head=False)
+
+    def ours():
+        scorer.score(images, texts)
+
+    timings = {}
+    for name, step in (("naive", naive), ("pipeline", ours)):
+        step()  # warm-up
+        started = time.perf_counter()
+        for _ in range(batches):
+            step()
+        timings[name] = (time.perf_counter() - started) / batches
+    return {
+        "threads": torch.get_num_threads(),
+        "naive_s_per_batch": round(timings["naive"], 3),
+        "pipeline_s_per_batch": round(timings["pipeline"], 3),
+        "ratio": round(timings["naive"] / timings["pipeline"], 2),
+    }
+
+
+def max_difference(a: dict, b: dict) -> float:
+    if a.keys() != b.keys():
+        raise RuntimeError("the two sides scored different rows")
+    return max(max(abs(x[0] - y[0]), abs(x[1] - y[1])) for x, y in ((a[k], b[k]) for k in a))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--width", type=int, default=256, help="hidden size of both towers (BLIP-base: 768)")
+    parser.add_argument("--depth", type=int, default=4, help="layers in each tower (BLIP-base: 12)")
+    parser.add_argument("--image-size", type=int, default=384)
+    parser.add_argument("--ray-cpus", type=int, default=4, help="logical CPUs of the local Ray (oversubscribing the cores lets decoding overlap the model)")
+    parser.add_argument("--score-cpus", type=float, default=1, help="CPUs per scoring actor; torch in the actor gets floor(this) threads")
+    parser.add_argument("--score-actors", default="2,2", help="two single-thread actors beat one two-thread actor on small matrices")
+    parser.add_argument("--model-batches", type=int, default=3, help="batches for the model-only comparison (0 skips it)")
+    parser.add_argument("--workdir", help="keep the checkpoint, catalog and output here (default: a temporary directory)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+
+    from blip_ops.tiny import build_bench_itm
+
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="blip-cpu-bench-"))
+    before = machine()
+    checkpoint = str(build_bench_itm(workdir / "itm", width=args.width, depth=args.depth, image_size=args.image_size))
+    catalog = write_catalog(workdir / "catalog", args.rows, rows_per_group=2 * args.batch_size)
+
+    naive_scores, naive_s = naive_baseline(checkpoint, catalog, args.batch_size)
+    load_between = [round(x, 2) for x in os.getloadavg()]
+    output = workdir / f"scored-{int(time.time())}"
+    pipe_scores, pipe_s = pipeline(
+        checkpoint, catalog, output, args.batch_size, args.ray_cpus, args.score_cpus, args.score_actors
+    )
+    model_stage = model_only(checkpoint, args.batch_size, args.model_batches) if args.model_batches else None
+    result = {
+        "model_only": model_stage,
+        "rows": args.rows,
+        "batch_size": args.batch_size,
+        "checkpoint": {"layout": "BLIP-base", "width": args.width, "depth": args.depth, "image_size": args.image_size},
+        "naive_pairs_per_s": round(args.rows / naive_s, 2),
+        "pipeline_pairs_per_s": round(args.rows / pipe_s, 2),
+        "ratio": round(naive_s / pipe_s, 2),
+        "naive_s": round(naive_s, 1),
+        "pipeline_s": round(pipe_s, 1),
+        "max_score_difference": max_difference(naive_scores, pipe_scores),
+        "pipeline_settings": {"ray_cpus": args.ray_cpus, "score_cpus": args.score_cpus, "score_actors": args.score_actors},
+        "machine": before,
+        "load_average_between": load_between,
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+    }
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    else:
+        print(
+            f"naive HF loop : {result['naive_pairs_per_s']:8.2f} pairs/s ({result['naive_s']} s)\n"
+            f"this pipeline : {result['pipeline_pairs_per_s']:8.2f} pairs/s ({result['pipeline_s']} s)\n"
+            f"ratio         : {result['ratio']:.2f}x   (max |score difference| {result['max_score_difference']:.2e})\n"
+            + (
+                f"model calls only ({model_stage['threads']} threads, s/batch): naive {model_stage['naive_s_per_batch']}, "
+                f"pipeline {model_stage['pipeline_s_per_batch']}, ratio {model_stage['ratio']:.2f}x\n"
+                if model_stage
+                else ""
+            )
+            + f"rows {args.rows}, batch {args.batch_size}, checkpoint BLIP-base layout width {args.width} depth "
+            f"{args.depth} at {args.image_size} px; load average {before['load_average']} -> {result['load_average_after']}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,445 @@
+"""GPU benchmark: full-size BLIP-base ITM and BLIP-2 OPT-2.7B (random weights, real shapes).
+
+    python -m benchmarks.gpu_bench                     # on a machine with a CUDA GPU
+    python -m benchmarks.gpu_bench --smoke --json      # tiny shapes on the CPU (run by the tests)
+
+Random weights have the real shapes, so every matrix multiply costs what the real model's
+does; scores and captions mean nothing. To make every caption cost the same, each one is
+forced to exactly ``--tokens`` new tokens (``min_new_tokens``), on both sides.
+
+What is measured, after warm-up batches, with the GPU synchronised at each clock read:
+
+* **decode**: image bytes read from a Parquet file, decoded and resized to uint8 at model
+  resolution by a thread pool (in the pipeline this runs in Ray CPU tasks on other cores).
+* **score**, this project: ``BlipScorer.score`` on decoded uint8 batches: normalisation on the
+  GPU, one vision pass for ITC and ITM, ``--precision`` (auto: bf16 autocast).
+* **score**, naive: what a user writes by hand on the same decoded images: the processor on
+  PIL images, then ``BlipForImageTextRetrieval`` twice (ITM, then ITC), fp32 as loaded.
+* **caption**, this project: ``Blip2Captioner.caption`` (batched greedy, KV cache, autocast);
+  naive: processor on PIL images and ``generate`` in fp32, same batch size.
+
+Reported: pairs/s and captions/s for each side and their ratio, mean GPU utilisation while
+each side ran (``nvidia-smi``), and achieved TFLOP/s counted from the model shapes (one vision
+pass per pair for both sides, so the naive side's wasted second pass is not credited). The
+arithmetic ceiling is ``--peak-tflops`` (default 989: H100 SXM dense bf16) over those FLOPs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# The issue's estimates, printed beside the counts from the shapes for comparison.
+ISSUE_ITM_GFLOP_PER_PAIR = 141.0
+ISSUE_BLIP2_TFLOP_PER_IMAGE = 0.7
+ISSUE_BLIP2_GFLOP_PER_TOKEN = 5.3
+
+
+# --- model shapes --------------------------------------------------------------------------
+
+
+def itm_config(smoke: bool):
+    from blip_ops.tiny import bench_itm_config
+
+    if smoke:
+        return bench_itm_config(width=64, depth=1, image_size=64, vocab_size=0)
+    return bench_itm_config()  # BLIP-base: ViT-B/16 at 384 px, BERT-base
+
+
+def blip2_config(smoke: bool, tokenizer, image_token_id: int):
+    """``Salesforce/blip2-opt-2.7b``'s shapes (EVA ViT-g/14 at 224 px, Q-Former, OPT-2.7B), or tiny ones."""
+    from transformers import Blip2Config
+
+    if smoke:
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=28, patch_size=14)
+        qformer = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, encoder_hidden_size=32, vocab_size=100)
+        text = dict(hidden_size=32, word_embed_proj_dim=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=len(tokenizer))
+        queries = 4
+    else:
+        vision = dict(hidden_size=1408, intermediate_size=6144, num_hidden_layers=39, num_attention_heads=16, image_size=224, patch_size=14)
+        qformer = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, encoder_hidden_size=1408, vocab_size=30522)
+        text = dict(hidden_size=2560, word_embed_proj_dim=2560, ffn_dim=10240, num_hidden_layers=32, num_attention_heads=32, vocab_size=50272)
+        queries = 32
+    text.update(
+        model_type="opt",
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config = Blip2Config(
+        vision_config=vision,
+        qformer_config=dict(qformer, cross_attention_frequency=2),
+        text_config=text,
+        num_query_tokens=queries,
+        image_token_index=image_token_id,
+    )
+    config.architectures = ["Blip2ForConditionalGeneration"]
+    return config
+
+
+def _linear_flops(tokens: float, d_in: int, d_out: int) -> float:
+    return 2.0 * tokens * d_in * d_out
+
+
+def itm_pair_gflop(config, text_tokens: float) -> float:
+    """FLOPs of one ITC+ITM pair with one vision pass, from the shapes (multiply-adds x 2)."""
+    v, t = config.vision_config, config.text_config
+    n = (v.image_size // v.patch_size) ** 2 + 1
+    d, f = v.hidden_size, v.intermediate_size
+    vision = _linear_flops(n - 1, 3 * v.patch_size**2, d) + v.num_hidden_layers * (
+        _linear_flops(n, d, 4 * d) + _linear_flops(n, d, 2 * f) + 4.0 * n * n * d
+    )
+    L, dt, ft = text_tokens, t.hidden_size, t.intermediate_size
+    self_block = _linear_flops(L, dt, 4 * dt) + 4.0 * L * L * dt + _linear_flops(L, dt, 2 * ft)
+    cross = _linear_flops(L, dt, 2 * dt) + _linear_flops(n, t.encoder_hidden_size, 2 * dt) + 4.0 * L * n * dt
+    text = t.num_hidden_layers * (2 * self_block + cross)  # unimodal (ITC) + fused (ITM)
+    return (vision + text) / 1e9
+
+
+def _params(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def blip2_gflop(model, prompt_tokens: int) -> tuple[float, float]:
+    """(GFLOP per image before decoding, GFLOP per generated token), approximated as 2 x params x
+    tokens per component plus the Q-Former's cross-attention projections of the image tokens."""
+    config = model.config
+    v = config.vision_config
+    n = (v.image_size // v.patch_size) ** 2 + 1
+    q = config.num_query_tokens
+    lm = model.language_model
+    embeddings = _params(lm.get_input_embeddings())
+    lm_body = _params(lm) - embeddings
+    head = model.get_output_embeddings().weight.numel()
+    vision = 2.0 * n * _params(model.vision_model)
+    qformer = 2.0 * q * _params(model.qformer)
+    cross_layers = -(-config.qformer_config.num_hidden_layers // config.qformer_config.cross_attention_frequency)
+    qformer += cross_layers * _linear_flops(n, config.qformer_config.encoder_hidden_size, 2 * config.qformer_config.hidden_size)
+    prefill = 2.0 * (q + prompt_tokens) * (lm_body + _params(model.language_projection))
+    per_token = 2.0 * (lm_body + head)
+    return (vision + qformer + prefill + per_token) / 1e9, per_token / 1e9
+
+
+# --- data ---------------------------------------------------------------------------------
+
+
+def catalog_images(directory: Path, rows: int) -> tuple[list[bytes], list[str]]:
+    """Write a Parquet catalog (JPEG bytes, titles) and read the image bytes back from it."""
+    import pyarrow.parquet as pq
+
+    from benchmarks.cpu_bench import write_catalog
+
+    write_catalog(directory, rows, rows_per_group=64)
+    table = pq.read_table(directory / "catalog.parquet", columns=["image", "text"])
+    return table.column("image").to_pylist(), table.column("text").to_pylist()
+
+
+def decode_all(blobs: list[bytes], preparers, workers: int) -> tuple[list[list], float]:
+    """uint8 arrays at each preparer's resolution; returns them and images/s."""
+    from blip_ops.images import decode_rgb
+
+    def one(blob):
+        rgb = decode_rgb(blob)
+        return [p.resize(rgb) for p in preparers]
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool:
+        decoded = list(pool.map(one, blobs))
+    elapsed = time.perf_counter() - started
+    return [list(column) for column in zip(*decoded)], len(blobs) / elapsed
+
+
+def pil_images(blobs: list[bytes]) -> list:
+    from PIL import Image, ImageOps
+
+    return [ImageOps.exif_transpose(Image.open(io.BytesIO(b))).convert("RGB") for b in blobs]
+
+
+def cycle_batches(items: list, total: int, batch_size: int):
+    """``total`` items in batches, cycling through ``items``."""
+    index = 0
+    while index < total:
+        size = min(batch_size, total - index)
+        yield [items[(index + k) % len(items)] for k in range(size)], index
+        index += size
+
+
+# --- measuring ----------------------------------------------------------------------------
+
+
+class GpuUtilisation:
+    """Mean GPU utilisation (%) sampled with nvidia-smi every 0.2 s; None where it cannot be read."""
+
+    def __init__(self, device: str):
+        self.samples: list[float] = []
+        self._enabled = device.startswith("cuda") and shutil.which("nvidia-smi") is not None
+        index = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"
+        self._command = ["nvidia-smi", "-i", index, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                out = subprocess.run(self._command, capture_output=True, text=True, timeout=5).stdout.strip()
+                self.samples.append(float(out.splitlines()[0]))
+            except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+                pass
+            self._stop.wait(0.2)
+
+    def __enter__(self):
+        if self._enabled:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._enabled:
+            self._thread.join()
+
+    @property
+    def mean(self) -> float | None:
+        return round(statistics.fmean(self.samples), 1) if self.samples else None
+
+
+def _sync(device: str):
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@contextmanager
+def timed(device: str, result: dict):
+    _sync(device)
+    started = time.perf_counter()
+    with GpuUtilisation(device) as gpu:
+        yield
+        _sync(device)
+    result["seconds"] = time.perf_counter() - started
+    result["gpu_util_percent"] = gpu.mean
+
+
+def run_timed(step, batches, warmup: int, device: str) -> dict:
+    """``step(batch)`` over ``batches`` after ``warmup`` untimed batches; returns seconds, items and outputs."""
+    batches = list(batches)
+    for batch, _ in batches[:warmup]:
+        step(batch)
+    measured = batches[warmup:] or batches
+    result: dict = {"items": sum(len(b) for b, _ in measured), "outputs": []}
+    with timed(device, result):
+        for batch, start in measured:
+            result["outputs"].append((start, step(batch)))
+    return result
+
+
+# --- the two workloads --------------------------------------------------------------------
+
+
+def bench_scoring(args, device: str, blobs, texts) -> dict:
+    import numpy as np
+    import torch
+    from transformers import BlipForImageTextRetrieval
+
+    from blip_ops.preprocess import ImagePreparer
+    from blip_ops.scorer import BlipScorer
+    from blip_ops.tiny import bench_itm_processor
+
+    config = itm_config(args.smoke)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = BlipForImageTextRetrieval(config).eval()
+    processor = bench_itm_processor(config.vision_config.image_size)
+    scorer = BlipScorer(model, processor, device, max_text_tokens=35, precision=args.precision)
+    (resized,), decode_rate = decode_all(blobs, [ImagePreparer(processor.image_processor)], args.decode_threads)
+    pairs = list(zip(resized, texts))
+
+    def ours(batch):
+        itc, itm, _ = scorer.score([p[0] for p in batch], [p[1] for p in batch])
+        return itc, itm
+
+    fast = run_timed(ours, cycle_batches(pairs, args.pairs, args.score_batch_size), args.warmup, device)
+
+    images = pil_images(blobs)
+    naive_pairs = list(zip(images, texts))
+
+    @torch.no_grad()
+    def naive(batch):
+        inputs = processor(
+            images=[p[0] for p in batch], text=[p[1] for p in batch], padding=True, truncation=True, max_length=35, return_tensors="pt"
+        ).to(device)
+        itm = model(**inputs, use_itm_head=True).itm_score.softmax(dim=-1)[:, 1]
+        itc = model(**inputs, use_itm_head=False).itm_score.diagonal()
+        return itc.float().cpu().numpy(), itm.float().cpu().numpy()
+
+    slow = run_timed(naive, cycle_batches(naive_pairs, args.naive_pairs, args.score_batch_size), args.warmup, device)
+
+    # Both sides scored the first rows of the cycle: compare them.
+    first = {start: out for start, out in fast["outputs"]}
+    differences = [
+        float(np.max(np.abs(np.concatenate(out) - np.concatenate(first[start]))))
+        for start, out in slow["outputs"]
+        if start in first and len(first[start][0]) == len(out[0])
+    ]
+    token_lengths = processor.tokenizer(texts[:256], padding=False, truncation=True, max_length=35)["input_ids"]
+    gflop = itm_pair_gflop(config, statistics.fmean(len(ids) for ids in token_lengths))
+    return _report("pairs", fast, slow, gflop, args.peak_tflops) | {
+        "decode_resize_images_per_s": round(decode_rate, 1),
+        "decode_threads": args.decode_threads,
+        "gflop_per_pair_from_shapes": round(gflop, 1),
+        "gflop_per_pair_issue_estimate": ISSUE_ITM_GFLOP_PER_PAIR,
+        "max_score_difference_vs_naive": max(differences) if differences else None,
+        "precision": scorer.precision,
+        "batch_size": args.score_batch_size,
+    }
+
+
+def bench_captioning(args, device: str, blobs) -> dict:
+    import torch
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    from blip_ops.captioner import Blip2Captioner
+    from blip_ops.preprocess import ImagePreparer
+    from blip_ops.tiny import _CLIP_MEAN, _CLIP_STD, _opt_tokenizer
+
+    tokenizer = _opt_tokenizer()  # ids past its vocabulary decode to nothing: captions are not read
+    size = 28 if args.smoke else 224
+    image_processor = BlipImageProcessorPil(size={"height": size, "width": size}, image_mean=_CLIP_MEAN, image_std=_CLIP_STD)
+    queries = 4 if args.smoke else 32
+    processor = Blip2Processor(image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=queries)
+    config = blip2_config(args.smoke, tokenizer, tokenizer.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Blip2ForConditionalGeneration(config).eval()
+    # Every caption exactly --tokens long, on both sides, so captions/s compare like with like.
+    model.generation_config.min_new_tokens = args.tokens
+    captioner = Blip2Captioner(model, processor, device, max_new_tokens=args.tokens, precision=args.precision)
+    (resized,), _ = decode_all(blobs, [ImagePreparer(image_processor)], args.decode_threads)
+
+    fast = run_timed(captioner.caption, cycle_batches(resized, args.captions, args.caption_batch_size), args.warmup, device)
+
+    images = pil_images(blobs)
+
+    @torch.no_grad()
+    def naive(batch):
+        inputs = processor(images=batch, return_tensors="pt").to(device)
+        out = model.generate(**inputs, max_new_tokens=args.tokens, do_sample=False)
+        return [text.strip() for text in processor.batch_decode(out, skip_special_tokens=True)]
+
+    slow = run_timed(naive, cycle_batches(images, args.naive_captions, args.caption_batch_size), args.warmup, device)
+    first = {start: out for start, out in fast["outputs"]}
+    compared = [(a, b) for start, out in slow["outputs"] if start in first for a, b in zip(out, first[start])]
+    image_gflop, token_gflop = blip2_gflop(model, prompt_tokens=0)
+    gflop = image_gflop + (args.tokens - 1) * token_gflop
+    return _report("captions", fast, slow, gflop, args.peak_tflops) | {
+        "tokens_per_caption": args.tokens,
+        "gflop_per_image_from_shapes": round(image_gflop, 1),
+        "gflop_per_token_from_shapes": round(token_gflop, 2),
+        "issue_estimate": {"tflop_per_image": ISSUE_BLIP2_TFLOP_PER_IMAGE, "gflop_per_token": ISSUE_BLIP2_GFLOP_PER_TOKEN},
+        "captions_equal_to_naive": round(sum(a == b for a, b in compared) / len(compared), 3) if compared else None,
+        "precision": captioner.precision,
+        "batch_size": args.caption_batch_size,
+    }
+
+
+def _report(unit: str, fast: dict, slow: dict, gflop_per_item: float, peak_tflops: float) -> dict:
+    fast_rate = fast["items"] / fast["seconds"]
+    slow_rate = slow["items"] / slow["seconds"]
+    return {
+        f"{unit}_per_s": round(fast_rate, 2),
+        f"naive_{unit}_per_s": round(slow_rate, 2),
+        "ratio": round(fast_rate / slow_rate, 2),
+        "measured_items": fast["items"],
+        "naive_measured_items": slow["items"],
+        "achieved_tflops": round(fast_rate * gflop_per_item / 1e3, 2),
+        "naive_achieved_tflops": round(slow_rate * gflop_per_item / 1e3, 2),
+        "fraction_of_peak": round(fast_rate * gflop_per_item / 1e3 / peak_tflops, 3),
+        f"ceiling_{unit}_per_s": round(peak_tflops * 1e3 / gflop_per_item, 1),
+        "gpu_util_percent": fast["gpu_util_percent"],
+        "naive_gpu_util_percent": slow["gpu_util_percent"],
+    }
+
+
+def _environment(device: str) -> dict:
+    import torch
+
+    env = {"device": device, "torch": torch.__version__, "cpus": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()]}
+    if device.startswith("cuda"):
+        env["gpu"] = torch.cuda.get_device_name(0)
+        env["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    return env
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes and few rows; runs on the CPU")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--precision", default="auto", help="auto | fp32 | bf16 | fp16 for this project's side")
+    parser.add_argument("--rows", type=int, default=512, help="rows in the Parquet catalog (images cycle through them)")
+    parser.add_argument("--pairs", type=int, default=8192)
+    parser.add_argument("--naive-pairs", type=int, default=2048)
+    parser.add_argument("--captions", type=int, default=2048)
+    parser.add_argument("--naive-captions", type=int, default=512)
+    parser.add_argument("--score-batch-size", type=int, default=256)
+    parser.add_argument("--caption-batch-size", type=int, default=128)
+    parser.add_argument("--tokens", type=int, default=20, help="generated tokens per caption")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed batches before each measurement")
+    parser.add_argument("--decode-threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU (H100 SXM: 989)")
+    parser.add_argument("--skip-captions", action="store_true")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.rows, args.pairs, args.naive_pairs, args.captions, args.naive_captions = 16, 24, 16, 8, 8
+        args.score_batch_size, args.caption_batch_size, args.tokens, args.warmup = 8, 4, 4, 1
+        args.decode_threads = min(args.decode_threads, 2)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from blip_ops.checkpoints import resolve_device
+
+    device = resolve_device(args.device)
+    if device == "cpu" and not args.smoke:
+        print("warning: no CUDA device; full-size models on the CPU will take a very long time", file=sys.stderr)
+    workdir = Path(tempfile.mkdtemp(prefix="blip-gpu-bench-"))
+    try:
+        blobs, texts = catalog_images(workdir, args.rows)
+        result = {"environment": _environment(device), "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+        result["scoring"] = bench_scoring(args, device, blobs, texts)
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        if not args.skip_captions:
+            result["captioning"] = bench_captioning(args, device, blobs)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    result["smoke"] = args.smoke
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    else:
+        print(json.dumps(result, indent=2, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""The GPU benchmark's code paths, at tiny shapes on the CPU, so the script cannot rot unnoticed."""
+
+import json
+
+import pytest
+
+from benchmarks import gpu_bench
+
+
+def test_smoke_run_reports_every_figure(capsys):
+    assert gpu_bench.main(["--smoke", "--device", "cpu", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["smoke"] is True and result["environment"]["device"] == "cpu"
+    scoring, captioning = result["scoring"], result["captioning"]
+    for section, unit in ((scoring, "pairs"), (captioning, "captions")):
+        assert section[f"{unit}_per_s"] > 0 and section[f"naive_{unit}_per_s"] > 0
+        assert section["ratio"] == pytest.approx(section[f"{unit}_per_s"] / section[f"naive_{unit}_per_s"], rel=0.02)
+        assert section["precision"] == "fp32"  # auto on the CPU
+        assert section["gpu_util_percent"] is None  # no GPU: not made up
+    # fp32 on both sides: the one-pass scorer and the two-call loop agree, and so do the captions.
+    assert scoring["max_score_difference_vs_naive"] < 1e-4
+    assert captioning["captions_equal_to_naive"] == 1.0
+    assert scoring["decode_resize_images_per_s"] > 0
+
+
+def test_flop_counts_match_the_issues_estimates_at_full_size():
+    """Counted from BLIP-base's and BLIP-2 OPT-2.7B's shapes (no weights allocated)."""
+    import torch
+    from transformers import Blip2ForConditionalGeneration
+
+    from blip_ops.tiny import _opt_tokenizer
+
+    assert gpu_bench.itm_pair_gflop(gpu_bench.itm_config(smoke=False), text_tokens=35) == pytest.approx(141, rel=0.02)
+    tokenizer = _opt_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    config = gpu_bench.blip2_config(False, tokenizer, tokenizer.convert_tokens_to_ids("<image>"))
+    with torch.device("meta"):
+        model = Blip2ForConditionalGeneration(config)
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(3.745e9, rel=0.01)
+    per_image, per_token = gpu_bench.blip2_gflop(model, prompt_tokens=0)
+    assert per_image == pytest.approx(700, rel=0.05) and per_token == pytest.approx(5.3, rel=0.02)
