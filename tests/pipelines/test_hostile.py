@@ -17,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -122,7 +123,11 @@ def catalog(tmp_path_factory, bomb):
         {"id": f"id-{i % 5}", "case": case, "text": text, "image": image, "expected": status}
         for i, (case, text, image, status) in enumerate(_cases(bomb))
     ]
-    return records, write_catalog(tmp_path_factory.mktemp("hostile"), records, files=4)
+    directory = write_catalog(tmp_path_factory.mktemp("hostile"), records, files=4)
+    # A file whose text and image columns hold only nulls is written with Arrow's null type.
+    odd = {"id": "id-x", "case": "null_typed_file", "text": None, "image": None, "expected": "image_error"}
+    pq.write_table(pa.table({k: pa.nulls(1) if v is None else [v] for k, v in odd.items()}), directory / "part-9.parquet")
+    return records + [odd], directory
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +144,7 @@ def hostile_run(ray_session, tiny_itm, tiny_caption, catalog, tmp_path_factory):
 def test_one_output_row_per_input_row(hostile_run, catalog):
     records, directory = catalog
     summary, by_case, output = hostile_run
-    assert len(list(directory.glob("*.parquet"))) == 4
+    assert len(list(directory.glob("*.parquet"))) == 5
     rows = pq.read_table(output).to_pylist()
     assert Counter(r["case"] for r in rows) == Counter(r["case"] for r in records)
     assert len(rows) == len(records) == summary.rows_read == summary.rows_written
