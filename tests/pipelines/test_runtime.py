@@ -1,0 +1,60 @@
+"""Progress output: one compact line per interval when not on a terminal, Ray's bars on one."""
+
+import re
+
+import pytest
+
+from pipelines import runtime
+
+
+def _run(ray, rows=60):
+    import ray.data
+
+    class ScoreStage:
+        """Named like the pipeline's scoring stage, whose output rows count as done (defined
+        here so it is pickled by value: Ray's workers cannot import test modules)."""
+
+        def __call__(self, batch):
+            return batch
+
+    ds = ray.data.range(rows, override_num_blocks=3).map_batches(
+        ScoreStage, batch_size=10, compute=ray.data.ActorPoolStrategy(size=1)
+    )
+    return ds.count()
+
+
+@pytest.fixture
+def every_refresh(monkeypatch):
+    monkeypatch.setenv(runtime.PROGRESS_INTERVAL_ENV, "0")
+    yield
+    runtime.configure_progress(None)
+
+
+def test_log_lines_when_not_a_terminal(ray_session, every_refresh, capsys):
+    assert runtime.configure_progress(interactive=False)
+    assert _run(ray_session) == 60
+    err = capsys.readouterr().err
+    lines = re.findall(r"progress: (\d+)/(\d+) rows scored \(\d+%\), [\d.]+ rows/s", err)
+    assert lines, err[-2000:]
+    assert all(int(total) == 60 and 0 <= int(done) <= 60 for done, total in lines)
+    assert re.search(r"done: 60 rows scored in \d+s \([\d.]+ rows/s\)", err), err[-2000:]
+    assert "Running Dataset" not in err  # Ray's multi-line blocks are replaced
+
+
+def test_terminal_keeps_rays_progress_bars(ray_session, every_refresh, capsys):
+    runtime.configure_progress(interactive=True)
+    assert _run(ray_session, rows=20) == 20
+    assert "rows scored" not in capsys.readouterr().err
+
+
+def test_progress_line_and_interval(monkeypatch):
+    assert runtime.progress_line(1200, 5000, 34.09) == "progress: 1200/5000 rows scored (24%), 35.2 rows/s, about 1m48s left"
+    assert runtime.progress_line(5000, 5000, 100) == "progress: 5000/5000 rows scored (100%), 50.0 rows/s"
+    assert runtime.progress_line(7, None, 2) == "progress: 7 rows scored, 3.5 rows/s"
+    assert runtime.progress_line(0, 10, 0) == "progress: 0/10 rows scored (0%), 0.0 rows/s"
+    monkeypatch.setenv(runtime.PROGRESS_INTERVAL_ENV, "2.5")
+    assert runtime.progress_interval_s() == 2.5
+    monkeypatch.setenv(runtime.PROGRESS_INTERVAL_ENV, "soon")
+    assert runtime.progress_interval_s() == runtime.DEFAULT_PROGRESS_INTERVAL_S
+    monkeypatch.delenv(runtime.PROGRESS_INTERVAL_ENV)
+    assert runtime.progress_interval_s() == runtime.DEFAULT_PROGRESS_INTERVAL_S
