@@ -199,3 +199,39 @@ def test_readme_duckdb_queries(scored):
     assert all(MARKUP in row[1] for row in top)
     version = connection.sql(queries["schema version of the scored files"]).fetchall()
     assert version == [(str(SCHEMA_VERSION),)]
+
+
+def test_report_renders_in_headless_chromium(scored, tmp_path):
+    from tests import browser
+
+    if browser.find_chromium() is None:
+        pytest.skip("no chromium binary (Debian: apt-get install chromium; .ci/run installs it)")
+    _, output, _ = scored
+    # A copy: the module's later tests rewrite the report in place.
+    page = tmp_path / "report.html"
+    page.write_text((output / "_report.html").read_text())
+    manifest = json.loads((output / "_manifest.json").read_text())
+    result = browser.open_page(page, {
+        "rows": "document.querySelector('[data-count=rows]').textContent",
+        "flagged": "document.querySelector('[data-count=flagged]').textContent",
+        "statuses": "Object.fromEntries([...document.querySelectorAll('[data-count^=status-]')]"
+                    ".map(e => [e.dataset.count.slice(7), Number(e.textContent)]))",
+        "title": "document.title",
+        "scripts": "document.scripts.length",
+        "injected": "document.querySelectorAll('#examples script, #examples img:not([src^=\"data:image/jpeg\"]), b').length",
+        "texts": "[...document.querySelectorAll('#examples td.text')].map(e => e.textContent)",
+        "categories": "[...document.querySelectorAll('tr.category th')].map(e => e.textContent)",
+        "images": "[...document.images].map(i => i.complete && i.naturalWidth > 0)",
+        "charts": "document.querySelectorAll('svg line.threshold').length",
+    })
+    assert result.errors == [] and result.dialogs == []
+    assert result.values["rows"] == str(manifest["rows"]) and result.values["flagged"] == str(manifest["flagged"])
+    assert result.values["statuses"] == manifest["rows_by_status"]
+    # Catalog markup is text on the page, never markup: nothing ran, nothing was injected.
+    assert result.values["title"].startswith("blip-moderate run") and result.values["scripts"] == 0
+    assert result.values["injected"] == 0
+    assert result.values["texts"] and all(text.startswith(MARKUP) for text in result.values["texts"])
+    assert "<b>bags</b>" in result.values["categories"]
+    assert result.values["images"] and all(result.values["images"]) and result.values["charts"] == 2
+    # Self-contained: the page asked the network for nothing but itself and its inline images.
+    assert [url for url in result.requests if not url.startswith(("file://", "data:"))] == []

@@ -1,0 +1,138 @@
+"""A headless Chromium driven over the DevTools protocol (aiohttp's websocket client, no extra package).
+
+``open_page(path, expressions)`` loads a local file, waits for the load event, evaluates each
+JavaScript expression, and returns them with every console error, uncaught exception, error
+log entry (failed loads, CSP violations...) and every network request the page made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BINARIES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+
+
+def find_chromium() -> str | None:
+    for name in BINARIES:
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+@dataclass
+class PageResult:
+    values: dict = field(default_factory=dict)
+    console_errors: list = field(default_factory=list)
+    exceptions: list = field(default_factory=list)
+    log_errors: list = field(default_factory=list)
+    requests: list = field(default_factory=list)
+    dialogs: list = field(default_factory=list)
+
+    @property
+    def errors(self) -> list:
+        return self.console_errors + self.exceptions + self.log_errors
+
+
+def _wait_for_port(profile: Path, process: subprocess.Popen, timeout: float) -> int:
+    marker = profile / "DevToolsActivePort"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"chromium exited with {process.returncode}: {process.stderr.read()[-2000:]}")
+        if marker.exists():
+            lines = marker.read_text().splitlines()
+            if lines and lines[0].isdigit():
+                return int(lines[0])
+        time.sleep(0.1)
+    raise TimeoutError("chromium did not open its DevTools port")
+
+
+async def _drive(port: int, url: str, expressions: dict[str, str], timeout: float) -> PageResult:
+    import aiohttp
+
+    result = PageResult()
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{port}/json/list") as response:
+            targets = await response.json(content_type=None)
+        page = next(t for t in targets if t["type"] == "page")
+        async with session.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=0) as ws:
+            counter = 0
+            pending: dict[int, asyncio.Future] = {}
+            loaded = asyncio.get_running_loop().create_future()
+
+            async def send(method, **params):
+                nonlocal counter
+                counter += 1
+                future = asyncio.get_running_loop().create_future()
+                pending[counter] = future
+                await ws.send_str(json.dumps({"id": counter, "method": method, "params": params}))
+                return await asyncio.wait_for(future, timeout)
+
+            async def receive():
+                async for message in ws:
+                    data = json.loads(message.data)
+                    if "id" in data and data["id"] in pending:
+                        pending.pop(data["id"]).set_result(data)
+                        continue
+                    method, params = data.get("method"), data.get("params", {})
+                    if method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert"):
+                        result.console_errors.append(" ".join(str(a.get("value", a.get("description"))) for a in params["args"]))
+                    elif method == "Runtime.exceptionThrown":
+                        result.exceptions.append(params["exceptionDetails"].get("text"))
+                    elif method == "Log.entryAdded" and params["entry"]["level"] == "error":
+                        result.log_errors.append(params["entry"].get("text"))
+                    elif method == "Network.requestWillBeSent":
+                        result.requests.append(params["request"]["url"])
+                    elif method == "Page.javascriptDialogOpening":
+                        result.dialogs.append(params.get("message"))
+                        await ws.send_str(json.dumps({"id": 0, "method": "Page.handleJavaScriptDialog", "params": {"accept": True}}))
+                    elif method == "Page.loadEventFired" and not loaded.done():
+                        loaded.set_result(True)
+
+            reader = asyncio.create_task(receive())
+            try:
+                for domain in ("Runtime", "Log", "Network", "Page"):
+                    await send(f"{domain}.enable")
+                await send("Page.navigate", url=url)
+                await asyncio.wait_for(loaded, timeout)
+                await asyncio.sleep(0.3)  # late console messages
+                for name, expression in expressions.items():
+                    reply = await send("Runtime.evaluate", expression=expression, returnByValue=True)
+                    remote = reply["result"]["result"]
+                    if "exceptionDetails" in reply["result"]:
+                        raise AssertionError(f"{name}: {reply['result']['exceptionDetails']}")
+                    result.values[name] = remote.get("value")
+            finally:
+                reader.cancel()
+    return result
+
+
+def open_page(path: Path, expressions: dict[str, str], timeout: float = 60) -> PageResult:
+    binary = find_chromium()
+    if binary is None:
+        raise FileNotFoundError("no chromium binary")
+    with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
+        process = subprocess.Popen(
+            [binary, "--headless=new", "--disable-gpu", "--no-sandbox", "--no-first-run", "--no-default-browser-check",
+             "--disable-dev-shm-usage", "--disable-extensions", "--remote-debugging-port=0",
+             "--remote-allow-origins=*", f"--user-data-dir={profile}", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+        try:
+            port = _wait_for_port(Path(profile), process, timeout)
+            return asyncio.run(_drive(port, Path(path).resolve().as_uri(), expressions, timeout))
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
