@@ -133,9 +133,9 @@ def cluster():
                 process.send_signal(signal.SIGTERM)  # ray start --block stops the node's processes
         for process in reversed(processes):
             try:
-                process.wait(timeout=20)
+                process.wait(timeout=5)
             except subprocess.TimeoutExpired:
-                process.kill()
+                process.kill()  # then every process of the node, below
         for directory in (node_dir, head_dir):
             _kill_leftovers(directory)
             shutil.rmtree(directory, ignore_errors=True)

@@ -57,7 +57,16 @@ def scored(ray_session, catalog, tiny_itm, tiny_caption, tmp_path_factory):
     """One real run; returns (config, output dir, summary)."""
     output = tmp_path_factory.mktemp("report-out")
     config = job_config(catalog, output, tiny_itm, tiny_caption, run_id="run-one")
-    return config, output, run_job(config)
+    summary = run_job(config)
+    # Later tests rewrite the report in place; the browser test reads this run's own.
+    snapshot = tmp_path_factory.mktemp("report-snapshot")
+    for name in ("_report.html", "_manifest.json"):
+        (snapshot / name).write_bytes((output / name).read_bytes())
+    SNAPSHOT["dir"] = snapshot
+    return config, output, summary
+
+
+SNAPSHOT = {}
 
 
 def test_report_and_summary_row_are_written_beside_the_output(scored, records):
@@ -123,10 +132,13 @@ def test_examples_are_the_most_confident_mismatches(scored):
 
 
 def test_each_run_appends_a_summary_row(scored, catalog, tiny_itm, tiny_caption):
-    config, output, _ = scored
+    config, output, summary = scored
+    # What run_job does after a second commit to the same output (a second pipeline run would
+    # only cost time: run-one already shows run_job calling this).
+    manifest = dict(json.loads((output / "_manifest.json").read_text()), run_id="run-two")
     again = job_config(catalog, output, tiny_itm, None, captions="none", run_id="run-two", overwrite=True,
                        itm_threshold=0.95, report_category_column="no_such_column")
-    run_job(again)
+    artifacts.write_run_artifacts(again, locate(str(output)), manifest, dict(summary.as_dict(), run_id="run-two"))
     rows = {row["run_id"]: row for row in pq.read_table(output / "_runs").to_pylist()}
     assert set(rows) == {"run-one", "run-two"} and rows["run-two"]["itm_threshold"] == 0.95
     page = (output / "_report.html").read_text()
@@ -201,16 +213,13 @@ def test_readme_duckdb_queries(scored):
     assert version == [(str(SCHEMA_VERSION),)]
 
 
-def test_report_renders_in_headless_chromium(scored, tmp_path):
+def test_report_renders_in_headless_chromium(scored):
     from tests import browser
 
     if browser.find_chromium() is None:
         pytest.skip("no chromium binary (Debian: apt-get install chromium; .ci/run installs it)")
-    _, output, _ = scored
-    # A copy: the module's later tests rewrite the report in place.
-    page = tmp_path / "report.html"
-    page.write_text((output / "_report.html").read_text())
-    manifest = json.loads((output / "_manifest.json").read_text())
+    page = SNAPSHOT["dir"] / "_report.html"  # run-one's report and manifest, as committed
+    manifest = json.loads((SNAPSHOT["dir"] / "_manifest.json").read_text())
     result = browser.open_page(page, {
         "rows": "document.querySelector('[data-count=rows]').textContent",
         "flagged": "document.querySelector('[data-count=flagged]').textContent",
