@@ -244,3 +244,14 @@ def test_report_renders_in_headless_chromium(scored):
     assert result.values["images"] and all(result.values["images"]) and result.values["charts"] == 2
     # Self-contained: the page asked the network for nothing but itself and its inline images.
     assert [url for url in result.requests if not url.startswith(("file://", "data:"))] == []
+
+
+def test_without_a_category_column_the_report_says_how_to_get_one(scored):
+    config, output, summary = scored
+    plain = config.model_copy(update={"report_category_column": None})
+    manifest = json.loads((output / "_manifest.json").read_text())
+    stats = report.collect_stats(locate(str(output)), manifest["files"], plain, examples=2)
+    assert stats.categories == {} and stats.category_problem is None and len(stats.examples) == 2
+    page = report.render_report(manifest, summary.as_dict(), plain, stats, {})
+    assert "No category column chosen" in page and '<tr class="category">' not in page
+    assert page.count('<span class="noimg">no image</span>') == 2  # no thumbnails given
