@@ -165,28 +165,36 @@ def collect_stats(location: Location, files: list[str], config: JobConfig, examp
     return stats
 
 
-def fetch_images(config: JobConfig, ids: list, max_rows_scanned: int | None = None) -> dict:
-    """The image bytes of the rows with these ids, read back from the input (first row per id).
+def fetch_images(config: JobConfig, ids: list) -> dict:
+    """The image bytes (or, with ``image_uri_column``, the images its URIs name) of the rows with
+    these ids, read back from the input; the first row wins for a duplicated id.
 
-    The scan reads only the id and image columns, pushes the id filter into the Parquet reader
-    and stops as soon as every id is found (or after ``max_rows_scanned`` rows), so it stays
-    bounded by the few examples shown, never by the output size.
+    Bounded by the few examples, not by the input: a first pass reads only the id column, row
+    group by row group, and the image column is read only from the row groups that hold a
+    wanted id (at most one per id), and only until every id is found.
     """
-    wanted = [i for i in dict.fromkeys(ids) if i is not None]
-    if not wanted:
+    remaining = [i for i in dict.fromkeys(ids) if i is not None]
+    if not remaining:
         return {}
     location = locate(config.input)
     dataset = pads.dataset(location.path, filesystem=location.filesystem, format="parquet", partitioning="hive")
     image_column = config.image_uri_column or config.image_column
     id_type = dataset.schema.field(config.id_column).type
-    condition = pc.field(config.id_column).isin(pa.array(wanted, id_type))
     found: dict = {}
-    scanned = 0
-    for batch in dataset.to_batches(columns=[config.id_column, image_column], filter=condition):
-        for key, value in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
-            found.setdefault(key, value)
-        scanned += batch.num_rows
-        if len(found) == len(wanted) or (max_rows_scanned is not None and scanned >= max_rows_scanned):
+    for fragment in dataset.get_fragments():
+        for row_group in fragment.split_by_row_group():
+            keys = row_group.to_table(columns=[config.id_column], schema=dataset.schema).column(0)
+            hits = pc.is_in(keys, value_set=pa.array(remaining, id_type)).fill_null(False)
+            rows = np.flatnonzero(hits.to_numpy(zero_copy_only=False))
+            if not len(rows):
+                continue
+            picked = row_group.to_table(columns=[config.id_column, image_column], schema=dataset.schema).take(rows)
+            for key, value in zip(picked.column(0).to_pylist(), picked.column(1).to_pylist()):
+                found.setdefault(key, value)
+            remaining = [key for key in remaining if key not in found]
+            if not remaining:
+                break
+        if not remaining:
             break
     if config.image_uri_column:
         return {key: _read_uri(value) for key, value in found.items()}

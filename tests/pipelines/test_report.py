@@ -255,3 +255,20 @@ def test_without_a_category_column_the_report_says_how_to_get_one(scored):
     page = report.render_report(manifest, summary.as_dict(), plain, stats, {})
     assert "No category column chosen" in page and '<tr class="category">' not in page
     assert page.count('<span class="noimg">no image</span>') == 2  # no thumbnails given
+
+
+def test_fetch_images_reads_only_the_wanted_rows(tmp_path):
+    import pyarrow as pa
+
+    part = tmp_path / "catalog" / "dt=2026-11-25"
+    part.mkdir(parents=True)
+    ids = [f"i{n}" for n in range(60)] + ["i7"]  # a duplicated id: the first row wins
+    images = [bytes([n]) for n in range(61)]
+    pq.write_table(pa.table({"id": ids, "text": ["t"] * 61, "image": images}), part / "p.parquet", row_group_size=8)
+    config = build_config({"input": str(tmp_path / "catalog"), "output": "unused"})
+    assert report.fetch_images(config, ["i7", "i59", "missing", None, "i7"]) == {"i7": bytes([7]), "i59": bytes([59])}
+    uris = tmp_path / "uris.parquet"
+    (tmp_path / "a.bin").write_bytes(b"abc")
+    pq.write_table(pa.table({"id": [1, 2], "text": ["t", "t"], "uri": [str(tmp_path / "a.bin"), str(tmp_path / "gone")]}), uris)
+    config = build_config({"input": str(uris), "output": "unused", "image_uri_column": "uri"})
+    assert report.fetch_images(config, [2, 1]) == {1: b"abc", 2: None}
