@@ -6,6 +6,7 @@ import re
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 
 from blip_ops.samples import sample_catalog
@@ -89,12 +90,20 @@ def test_sample_is_deterministic_and_where_restricts(frame, options):
 
 def test_parquet_path_with_hive_partitions_and_pushdown(frame, options, tmp_path):
     for category, part in frame.groupby("category"):
-        write_catalog(tmp_path / f"category={category}", part.drop(columns=["category"]).to_dict("records"), files=2)
+        directory = tmp_path / f"category={category}"
+        directory.mkdir()
+        table = pa.Table.from_pandas(part.drop(columns=["category"]), preserve_index=False)
+        # Small row groups: selection and image reads go row group by row group.
+        pq.write_table(table.slice(0, 5), directory / "a.parquet", row_group_size=2)
+        pq.write_table(table.slice(5), directory / "b.parquet", row_group_size=3)
     config = _config(options, str(tmp_path))
     table = select_rows(str(tmp_path), config, where=pc.field("category") == "shoes", sample=3, seed=1)
     assert table.num_rows == 3 and set(table.column("category").to_pylist()) == {"shoes"}
     by_id = frame.set_index("id")
     assert all(by_id.loc[row["id"], "image"] == row["image"] for row in table.to_pylist())
+    everything = select_rows(str(tmp_path), config)
+    assert sorted(everything.column("id").to_pylist()) == sorted(frame["id"])
+    assert all(by_id.loc[row["id"], "image"] == row["image"] for row in everything.to_pylist())
     query = select_rows(str(tmp_path), config, where="category == 'hats' and id != 'item-0000'")
     expected = frame[(frame.category == "hats") & (frame.id != "item-0000")]["id"]
     assert sorted(query.column("id").to_pylist()) == sorted(expected)
