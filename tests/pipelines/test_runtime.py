@@ -41,10 +41,19 @@ def test_log_lines_when_not_a_terminal(ray_session, every_refresh, capsys):
     assert "Running Dataset" not in err  # Ray's multi-line blocks are replaced
 
 
-def test_terminal_keeps_rays_progress_bars(ray_session, every_refresh, capsys):
+def test_terminal_keeps_rays_progress_bars(every_refresh):
+    import ray.data
+    from ray.data._internal.execution import streaming_executor
+
+    context = ray.data.DataContext.get_current()
     runtime.configure_progress(interactive=True)
-    assert _run(ray_session, rows=20) == 20
-    assert "rows scored" not in capsys.readouterr().err
+    ray_default = streaming_executor.get_progress_manager(context, "ds", {}, False)
+    runtime.configure_progress(interactive=False)
+    ours = streaming_executor.get_progress_manager(context, "ds", {}, False)
+    assert type(ours).__name__ == "LineProgressManager" and type(ray_default).__name__ != "LineProgressManager"
+    # Installing twice wraps Ray's own factory once, not our wrapper.
+    original = streaming_executor.get_progress_manager._blip_original
+    assert original.__module__ == "ray.data._internal.progress"
 
 
 def test_progress_line_and_interval(monkeypatch):
