@@ -38,7 +38,8 @@ def _precision(value: str) -> float:
 
 def make_parser(prog: str = "python -m jobs.calibrate") -> argparse.ArgumentParser:
     parser = _Parser(prog=prog, description=__doc__.splitlines()[0])
-    parser.add_argument("--scored", required=True, help="A committed jobs.score output (directory or s3:// prefix).")
+    parser.add_argument("--scored", required=True, nargs="+", metavar="PATH",
+                        help="One or more committed jobs.score outputs (directories or s3:// prefixes), e.g. several days.")
     parser.add_argument("--labels", required=True, help="CSV or Parquet: id column + verdict column (mismatch | match).")
     parser.add_argument("--target-precision", required=True, type=_precision, help="Precision each chosen threshold must reach, in (0, 1].")
     parser.add_argument("--id-column", default="id", help="Id column in both the scored output and the labels (default id).")
@@ -68,10 +69,12 @@ def _current_thresholds(scored: str) -> dict:
 
 def main(argv: list[str] | None = None, prog: str = "python -m jobs.calibrate") -> int:
     args = make_parser(prog).parse_args(argv)
+    import pyarrow as pa
+
     from pipelines import calibration as cal
 
     try:
-        scored = cal.read_scored(args.scored, args.id_column)
+        scored = pa.concat_tables([cal.read_scored(path, args.id_column) for path in args.scored], promote_options="permissive")
         labels = cal.read_labels(args.labels, args.id_column, args.verdict_column)
         joined = cal.join(scored, labels, args.id_column)
     except cal.CalibrationError as exc:
@@ -81,7 +84,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m jobs.calibrate") 
         print("error: no labelled row has scores (ids do not match, or every labelled row is an error)", file=sys.stderr)
         return EXIT_USAGE
 
-    current = _current_thresholds(args.scored)
+    runs = [_current_thresholds(path) for path in args.scored]
+    # The current thresholds are known only when every output was scored with the same ones.
+    current = runs[0] if all(run == runs[0] for run in runs) else None
     names = ["itm", "itc"] if args.checks == "both" else [args.checks]
     truth = joined.table.column("is_mismatch").to_numpy(zero_copy_only=False)
     curves = {name: cal.curve(joined.table.column(cal.SCORES[name]).to_numpy(zero_copy_only=False), truth, name) for name in names}
@@ -114,7 +119,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m jobs.calibrate") 
         for name, choice in choices.items():
             now = choice.current
             if current is None:
-                now_text = "current: unknown (no committed manifest)"
+                now_text = "current: unknown (no committed manifest, or outputs scored with different thresholds)"
             elif now.get("threshold") is None:
                 now_text = "current: off"
             else:

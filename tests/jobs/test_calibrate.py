@@ -123,7 +123,7 @@ def test_checks_itm_alone_turns_itc_off(tmp_path, capsys):
     config = build_config(dict(load_yaml(out), input="x", output="y"))
     assert config.itc_threshold is None and 0 < config.itm_threshold < 1
     printed = capsys.readouterr().out
-    assert "itm: threshold" in printed and "current: unknown (no committed manifest)" in printed
+    assert "itm: threshold" in printed and "current: unknown (no committed manifest" in printed
 
 
 @pytest.mark.parametrize("problem, message", [
@@ -171,3 +171,19 @@ def test_parquet_labels_and_curve_edges(tmp_path):
     assert c.thresholds.max() <= 1.0  # a cut above 1 cannot be configured
     assert c.at(0.2) == {"threshold": 0.2, "precision": None, "recall": 0.0, "flagged": 0}
     assert c.at(0.35)["flagged"] == 2 and c.at(0.5)["flagged"] == 2 and c.at(0.51)["flagged"] == 3
+
+
+def test_several_outputs_are_calibrated_together(tmp_path, capsys):
+    scored, labels, itm, _, truth = synthetic(tmp_path, n=300, seed=4)
+    # Split the output in two "days": the result is the same as for the whole.
+    table = pq.read_table(scored / "part-0.parquet")
+    for day, part in (("d1", table.slice(0, 120)), ("d2", table.slice(120))):
+        (tmp_path / day).mkdir()
+        pq.write_table(part, tmp_path / day / "part-0.parquet")
+    common = ["--labels", str(labels), "--target-precision", "0.85", "--json", "--checks", "itm",
+              "--out-config", str(tmp_path / "c.yaml"), "--report", str(tmp_path / "c.html")]
+    calibrate.main(["--scored", str(scored), *common])
+    whole = json.loads(capsys.readouterr().out)
+    calibrate.main(["--scored", str(tmp_path / "d1"), str(tmp_path / "d2"), *common])
+    split = json.loads(capsys.readouterr().out)
+    assert split["chosen"] == whole["chosen"] and split["labelled_scored_rows"] == len(truth)
