@@ -168,6 +168,7 @@ def _score(table: pa.Table, config: JobConfig) -> pd.DataFrame:
     resources = resolve_resources(config, runtime.cluster_gpus(), runtime.cluster_cpus())
     run_id = config.run_id or _new_run_id()
     if table.num_rows:
+        runtime.expect_rows(table.num_rows)
         dataset = score_rows(ray.data.from_arrow(table), config, run_id, resources, passthrough)
         scored = pa.concat_tables(ray.get(dataset.to_arrow_refs()))
     else:

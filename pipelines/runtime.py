@@ -28,6 +28,14 @@ progress_log = logging.getLogger("blip_moderate.progress")
 
 # None: decide by whether stdout is a terminal (as Ray does); True/False force it.
 _interactive: bool | None = None
+# Rows the next run will score, when the caller knows (Ray's plan often does not).
+_expected_rows: int | None = None
+
+
+def expect_rows(rows: int | None) -> None:
+    """Tell the progress lines how many rows the next dataset run scores (for % and time left)."""
+    global _expected_rows
+    _expected_rows = rows
 
 
 def connect(address: str | None) -> bool:
@@ -119,9 +127,9 @@ def _line_manager_class():
         def _rows(self) -> tuple[int, int | None]:
             for state in self._topology.values():
                 if PROGRESS_OPERATOR in state.op.name:
-                    return int(state.op.metrics.row_outputs_taken), state.op.num_output_rows_total()
+                    return int(state.op.metrics.row_outputs_taken), _expected_rows or state.op.num_output_rows_total()
             metric = self._global_progress_metric
-            return int(metric.completed), metric.total
+            return int(metric.completed), _expected_rows or metric.total
 
         def refresh(self):
             now = time.monotonic()

@@ -32,7 +32,11 @@ def every_refresh(monkeypatch):
 
 def test_log_lines_when_not_a_terminal(ray_session, every_refresh, capsys):
     assert runtime.configure_progress(interactive=False)
-    assert _run(ray_session) == 60
+    runtime.expect_rows(60)
+    try:
+        assert _run(ray_session) == 60
+    finally:
+        runtime.expect_rows(None)
     err = capsys.readouterr().err
     lines = re.findall(r"progress: (\d+)/(\d+) rows scored \(\d+%\), [\d.]+ rows/s", err)
     assert lines, err[-2000:]
