@@ -24,7 +24,7 @@ import pyarrow.dataset as pads
 from pipelines import views
 from pipelines.config import JobConfig, build_config
 from pipelines.preflight import check_columns, check_models, inspect_input
-from pipelines.schema import OUTPUT_COLUMNS, passthrough_schema
+from pipelines.schema import passthrough_schema
 from pipelines.storage import read_bytes
 
 # Keeps input order through Ray (which may reorder blocks) so each result row finds its image again.
@@ -277,4 +277,4 @@ def show_flagged(df: pd.DataFrame, n: int = 20, *, id_column=None, text_column=N
     return FlaggedView(html, rows)
 
 
-__all__ = ["audit", "show_flagged", "FlaggedView", "OUTPUT_COLUMNS"]
+__all__ = ["audit", "select_rows", "show_flagged", "FlaggedView"]
