@@ -272,3 +272,21 @@ def test_fetch_images_reads_only_the_wanted_rows(tmp_path):
     pq.write_table(pa.table({"id": [1, 2], "text": ["t", "t"], "uri": [str(tmp_path / "a.bin"), str(tmp_path / "gone")]}), uris)
     config = build_config({"input": str(uris), "output": "unused", "image_uri_column": "uri"})
     assert report.fetch_images(config, [2, 1]) == {1: b"abc", 2: None}
+
+
+def test_empty_output_with_a_check_off(tmp_path):
+    """Zero rows (a valid run) and itc_threshold none: no quantiles, no threshold line for ITC."""
+    import pyarrow as pa
+
+    from pipelines.schema import output_schema
+
+    schema = output_schema(pa.schema([("id", pa.string()), ("text", pa.string()), ("category", pa.string())]), None)
+    pq.write_table(schema.empty_table(), tmp_path / "part-x-empty.parquet")
+    config = build_config({"input": str(tmp_path), "output": str(tmp_path), "report_category_column": "category",
+                           "itc_threshold": "none"})
+    manifest = {"run_id": "empty", "files": ["part-x-empty.parquet"], "schema_version": 1}
+    artifacts.write_run_artifacts(config, locate(str(tmp_path)), manifest, {"elapsed_s": 1.0})
+    (row,) = pq.read_table(tmp_path / "_runs").to_pylist()
+    assert (row["rows"], row["flagged"], row["flag_rate"], row["itm_p50"], row["itc_threshold"]) == (0, 0, 0.0, None, None)
+    page = (tmp_path / "_report.html").read_text()
+    assert 'data-count="rows">0<' in page and page.count('class="threshold"') == 1
