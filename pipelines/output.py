@@ -33,7 +33,6 @@ from .units import Unit, covered_ranges, missing_ranges, parse_piece
 MANIFEST = "_manifest.json"
 SUCCESS = "_SUCCESS"
 ATTEMPT = "_attempt.json"
-REPORT = "report.html"
 STAGING_PREFIX = "_staging-"
 
 
@@ -69,7 +68,7 @@ def _names(location: Location, path: str | None = None) -> list[pafs.FileInfo]:
 
 def _is_ours(name: str) -> bool:
     """Names this job writes; anything else in the output belongs to someone else."""
-    return name.startswith("_") or name.startswith("part-") or name == REPORT
+    return name.startswith("_") or name.startswith("part-")
 
 
 def _read_json(location: Location, name: str) -> dict | None:

@@ -113,6 +113,7 @@ def run_job(config: JobConfig, checked: Checked | None = None) -> RunSummary:
     if attempt.resumed:
         log.warning("resuming run %s: %d of %d rows are already durable", attempt.run_id, resumed, source.num_rows)
     if any(todo.values()):
+        runtime.expect_rows(source.num_rows - resumed)
         _score_missing(config, source, destination, attempt, todo)
 
     image_column = None if config.image_uri_column else config.image_column
