@@ -38,7 +38,9 @@ _NOT_FOR_AUDIT = ("input", "output", "overwrite")
 ATTRS_KEY = "blip_moderate"
 
 
-def audit(source, *, sample: int | None = None, where=None, seed: int = 0, **options) -> pd.DataFrame:
+def audit(
+    source, *, sample: int | None = None, where=None, seed: int = 0, warm_models: bool = True, **options
+) -> pd.DataFrame:
     """Score ``source`` and return one row per selected record, in input order.
 
     ``source``: a Parquet path or ``s3://`` URI (as ``--input``), or a pandas DataFrame whose
@@ -59,6 +61,11 @@ def audit(source, *, sample: int | None = None, where=None, seed: int = 0, **opt
     ``captions=``, ``itm_threshold=``, ``device=``, ``ray_address=``...), validated like
     ``--config``: a mistyped name raises ``ConfigError`` naming it.
 
+    ``warm_models`` (default): up to ``pipelines.warm.WARM_MAX_ROWS`` rows are scored by model
+    actors kept alive between calls, so only the first audit with given models and settings
+    pays for loading them; ``release_models()`` stops them (and frees their GPUs). Larger
+    audits, or ``warm_models=False``, run the batch pipeline, whose actors end with the call.
+
     The result has the CLI's output columns in the same order (``df[cli_columns]``), plus, for
     byte images, the image column itself as the last column, so ``show_flagged`` can draw
     thumbnails (with ``image_uri_column`` the URI column is already there).
@@ -71,7 +78,7 @@ def audit(source, *, sample: int | None = None, where=None, seed: int = 0, **opt
     is_frame = isinstance(source, pd.DataFrame)
     config = build_config(dict(options, input=_DATAFRAME_INPUT if is_frame else str(source), output=_NO_OUTPUT))
     check_models(config)  # a wrong model path fails in a second, before Ray starts
-    return _score(select_rows(source, config, sample=sample, where=where, seed=seed), config)
+    return _score(select_rows(source, config, sample=sample, where=where, seed=seed), config, warm_models)
 
 
 def select_rows(source, config: JobConfig, *, sample: int | None = None, where=None, seed: int = 0) -> pa.Table:
@@ -154,10 +161,10 @@ def _new_run_id() -> str:
     return "audit-" + datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
 
 
-def _score(table: pa.Table, config: JobConfig) -> pd.DataFrame:
+def _score(table: pa.Table, config: JobConfig, warm_models: bool = True) -> pd.DataFrame:
     import ray
 
-    from pipelines import runtime
+    from pipelines import runtime, warm
     from pipelines.build import resolve_resources, score_rows
 
     image = _image_column(config)
@@ -167,7 +174,9 @@ def _score(table: pa.Table, config: JobConfig) -> pd.DataFrame:
     runtime.connect(config.ray_address)
     resources = resolve_resources(config, runtime.cluster_gpus(), runtime.cluster_cpus())
     run_id = config.run_id or _new_run_id()
-    if table.num_rows:
+    if 0 < table.num_rows <= warm.WARM_MAX_ROWS and warm_models:
+        scored = warm.warm_stages(config, resources).run(table, run_id, passthrough)
+    elif table.num_rows:
         runtime.expect_rows(table.num_rows)
         dataset = score_rows(ray.data.from_arrow(table), config, run_id, resources, passthrough)
         scored = pa.concat_tables(ray.get(dataset.to_arrow_refs()))
@@ -277,4 +286,11 @@ def show_flagged(df: pd.DataFrame, n: int = 20, *, id_column=None, text_column=N
     return FlaggedView(html, rows)
 
 
-__all__ = ["audit", "select_rows", "show_flagged", "FlaggedView"]
+def release_models() -> int:
+    """Stop the warm model actors ``audit`` keeps between calls; returns how many sets were stopped."""
+    from pipelines import warm
+
+    return warm.release()
+
+
+__all__ = ["audit", "release_models", "select_rows", "show_flagged", "FlaggedView"]

@@ -100,6 +100,8 @@ def _unfused() -> dict:
 # Python exception from a stage is not retried (bad rows never raise; anything that does
 # is systemic). Past the limit the run fails, and rerunning it resumes from durable pieces.
 TASK_RETRIES = 3
+# Ray 2.60 takes retry limits only as extra remote args, deprecated from 2.64 (Ray is pinned to 2.60.x).
+warnings.filterwarnings("ignore", message=".*`ray_remote_args` is deprecated.*")
 ACTOR_RESTARTS = 3
 
 
@@ -147,6 +149,47 @@ def build_scored_dataset(
     )
 
 
+def decode_kwargs(config: JobConfig) -> dict:
+    return {
+        "text_column": config.text_column,
+        "image_column": config.image_uri_column or config.image_column,
+        "from_uri": bool(config.image_uri_column),
+        "score_model": config.itm_model,
+        "caption_model": config.caption_model if config.captioning else None,
+    }
+
+
+def score_stage_kwargs(config: JobConfig, resources: Resources) -> dict:
+    return {
+        "model": config.itm_model,
+        "device": resources.score_device,
+        "max_text_tokens": config.max_text_tokens,
+        "text_column": config.text_column,
+        "precision": config.precision,
+    }
+
+
+def caption_stage_kwargs(config: JobConfig, resources: Resources) -> dict:
+    return {
+        "model": config.caption_model,
+        "device": resources.caption_device,
+        "max_new_tokens": config.max_new_tokens,
+        "prompt": config.caption_prompt,
+        "policy": config.captions,
+        "precision": config.precision,
+    }
+
+
+def finalize_kwargs(config: JobConfig, run_id: str, passthrough: list[str], keep=()) -> dict:
+    return {
+        "passthrough": passthrough,
+        "run_id": run_id,
+        "itm_model": config.itm_model,
+        "caption_model": config.recorded_caption_model,
+        "keep": list(keep),
+    }
+
+
 def score_rows(
     ds: ray.data.Dataset,
     config: JobConfig,
@@ -157,7 +200,6 @@ def score_rows(
 ) -> ray.data.Dataset:
     """decode -> score -> flag -> caption -> finalize over any dataset holding the configured columns;
     ``passthrough`` names the input columns kept in the output, ``keep`` working columns kept after them."""
-    image_column = config.image_uri_column or config.image_column
     with warnings.catch_warnings():
         # Deprecated from Ray 2.64; with Ray pinned to 2.60 it is the supported way to prevent fusion.
         warnings.filterwarnings("ignore", message=".*ray_remote_args_fn.*")
@@ -166,13 +208,7 @@ def score_rows(
             batch_format="pyarrow",
             batch_size=config.decode_batch_size,
             ray_remote_args_fn=_unfused,
-            fn_kwargs={
-                "text_column": config.text_column,
-                "image_column": image_column,
-                "from_uri": bool(config.image_uri_column),
-                "score_model": config.itm_model,
-                "caption_model": config.caption_model if config.captioning else None,
-            },
+            fn_kwargs=decode_kwargs(config),
             udf_modifying_row_count=False,
             **task_retries(),
         )
@@ -184,13 +220,7 @@ def score_rows(
         num_gpus=resources.score_gpus,
         num_cpus=resources.score_cpus,
         **actor_retries(),
-        fn_constructor_kwargs={
-            "model": config.itm_model,
-            "device": resources.score_device,
-            "max_text_tokens": config.max_text_tokens,
-            "text_column": config.text_column,
-            "precision": config.precision,
-        },
+        fn_constructor_kwargs=score_stage_kwargs(config, resources),
         udf_modifying_row_count=False,
     )
     ds = ds.map_batches(
@@ -209,26 +239,13 @@ def score_rows(
             num_gpus=resources.caption_gpus,
             num_cpus=resources.caption_cpus,
             **actor_retries(),
-            fn_constructor_kwargs={
-                "model": config.caption_model,
-                "device": resources.caption_device,
-                "max_new_tokens": config.max_new_tokens,
-                "prompt": config.caption_prompt,
-                "policy": config.captions,
-                "precision": config.precision,
-            },
+            fn_constructor_kwargs=caption_stage_kwargs(config, resources),
             udf_modifying_row_count=False,
         )
     return ds.map_batches(
         stages.finalize_batch,
         batch_format="pyarrow",
         batch_size=None,
-        fn_kwargs={
-            "passthrough": passthrough,
-            "run_id": run_id,
-            "itm_model": config.itm_model,
-            "caption_model": config.recorded_caption_model,
-            "keep": list(keep),
-        },
+        fn_kwargs=finalize_kwargs(config, run_id, passthrough, keep),
         udf_modifying_row_count=False,
     )

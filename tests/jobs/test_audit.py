@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from blip_ops.samples import sample_catalog
-from jobs.audit import audit, select_rows, show_flagged
+from jobs.audit import audit, release_models, select_rows, show_flagged
 from pipelines.config import ConfigError, build_config
 from pipelines.preflight import InputError
 from pipelines.schema import output_schema
@@ -43,7 +43,20 @@ def options(tiny_itm, tiny_caption):
 
 @pytest.fixture(scope="module")
 def audited(ray_session, frame, options):
-    return audit(frame, **options)
+    yield audit(frame, **options)
+    release_models()
+
+
+def test_warm_actors_are_reused_and_give_the_pipelines_rows(audited, frame, options):
+    from pipelines import warm
+
+    again = audit(frame, **options)
+    assert len(warm._actors) == 1  # the second call reused the first call's actors
+    batch = audit(frame, warm_models=False, **options)
+    assert len(warm._actors) == 1
+    compared = ["id", "itc_score", "itm_score", "caption", "flagged", "flag_reasons", "status", "error", "text_truncated"]
+    for other in (again, batch):
+        pd.testing.assert_frame_equal(audited[compared], other[compared])
 
 
 def test_same_columns_as_the_cli_plus_the_image_column(audited, frame):
