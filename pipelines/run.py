@@ -77,8 +77,8 @@ def _summary(manifest: dict, destination: Location, started: float, outcome: str
     )
 
 
-def _score_missing(config: JobConfig, source: InputInfo, destination: Location, attempt: output.Attempt, todo) -> int:
-    """Run the pipeline over the rows still to do; returns the rows written."""
+def _score_missing(config: JobConfig, source: InputInfo, destination: Location, attempt: output.Attempt, todo) -> dict:
+    """Run the pipeline over the rows still to do; returns the resources it resolved."""
     from .build import build_scored_dataset, resolve_resources  # imports Ray Data
 
     runtime.connect(config.ray_address)
@@ -86,10 +86,9 @@ def _score_missing(config: JobConfig, source: InputInfo, destination: Location, 
     dataset = build_scored_dataset(
         config, source, attempt.run_id, resources, todo, attempt.staging, destination.filesystem
     )
-    written = 0
-    for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-        written += sum(batch.column("rows").to_pylist())
-    return written
+    for _ in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+        pass  # the work is done by the write stage; its one row per piece is not needed here
+    return asdict(resources)
 
 
 def run_job(config: JobConfig, checked: Checked | None = None) -> RunSummary:
@@ -112,9 +111,10 @@ def run_job(config: JobConfig, checked: Checked | None = None) -> RunSummary:
     todo = {u.index: missing_ranges(u, covered.get(u.index, [])) for u in source.units}
     if attempt.resumed:
         log.warning("resuming run %s: %d of %d rows are already durable", attempt.run_id, resumed, source.num_rows)
+    resources = None
     if any(todo.values()):
         runtime.expect_rows(source.num_rows - resumed)
-        _score_missing(config, source, destination, attempt, todo)
+        resources = _score_missing(config, source, destination, attempt, todo)
 
     image_column = None if config.image_uri_column else config.image_column
     schema = output_schema(source.schema, image_column)
@@ -127,6 +127,7 @@ def run_job(config: JobConfig, checked: Checked | None = None) -> RunSummary:
         "config": config.model_dump(mode="json"),
         "started_at": datetime.now(timezone.utc).isoformat(),
         "resumed_rows": resumed,
+        "resources": resources,  # per-stage GPUs, CPUs, devices and actor pool bounds; None if all was resumed
     }
     try:
         result = output.commit(destination, attempt, source.units, schema, manifest)
