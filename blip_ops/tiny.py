@@ -68,18 +68,23 @@ def _bert_vocab() -> list[str]:
     return specials + list(dict.fromkeys(_WORDS)) + chars + ["##" + c for c in string.ascii_lowercase + string.digits]
 
 
-def build_tiny_itm(directory: str | Path, seed: int = 0) -> Path:
-    """Write a tiny ``BlipForImageTextRetrieval`` checkpoint with its processor to ``directory``."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    vocab = _bert_vocab()
-    tokenizer = BertTokenizer(
+def _bert_tokenizer(vocab: list[str]) -> BertTokenizer:
+    """BLIP's BERT tokenizer layout ([DEC] as BOS, [ENC] special) over a small word vocabulary."""
+    return BertTokenizer(
         vocab={token: index for index, token in enumerate(vocab)},
         do_lower_case=True,
         bos_token="[DEC]",
         additional_special_tokens=["[ENC]"],
         model_max_length=512,
     )
+
+
+def build_tiny_itm(directory: str | Path, seed: int = 0) -> Path:
+    """Write a tiny ``BlipForImageTextRetrieval`` checkpoint with its processor to ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = _bert_vocab()
+    tokenizer = _bert_tokenizer(vocab)
     config = BlipConfig(
         text_config={
             "vocab_size": len(vocab),
@@ -246,13 +251,7 @@ def bench_itm_config(width: int = 768, depth: int = 12, image_size: int = 384, v
 def bench_itm_processor(image_size: int = 384) -> BlipProcessor:
     """The small word-level BERT tokenizer of the tiny checkpoints with an ``image_size`` processor."""
     vocab = _bert_vocab()
-    tokenizer = BertTokenizer(
-        vocab={token: index for index, token in enumerate(vocab)},
-        do_lower_case=True,
-        bos_token="[DEC]",
-        additional_special_tokens=["[ENC]"],
-        model_max_length=512,
-    )
+    tokenizer = _bert_tokenizer(vocab)
     image_processor = BlipImageProcessorPil(
         size={"height": image_size, "width": image_size}, image_mean=_CLIP_MEAN, image_std=_CLIP_STD
     )
