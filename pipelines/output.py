@@ -168,7 +168,7 @@ def _pieces(location: Location, attempt: Attempt) -> dict[str, str]:
         if info.base_name.startswith(prefix) and parse_piece(info.base_name):
             found[info.base_name[len(prefix):]] = info.path
     for info in _names(location, attempt.staging):
-        if parse_piece(info.base_name) and info.base_name.endswith(".parquet"):
+        if parse_piece(info.base_name):
             found.setdefault(info.base_name, info.path)
     return found
 

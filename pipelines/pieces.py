@@ -62,18 +62,19 @@ def read_units(items: pa.Table, *, filesystem: pafs.FileSystem, schema: pa.Schem
     for item in items.to_pylist():
         ranges = json.loads(item["ranges"])
         partition = json.loads(item["partition"])
-        parquet = pq.ParquetFile(filesystem.open_input_file(item["path"]))
-        columns = [name for name in schema.names if name in parquet.schema_arrow.names]
-        first = 0
-        for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=[item["row_group"]], columns=columns):
-            count = batch.num_rows
-            mask = _wanted(first, count, ranges)
-            if mask.any():
-                table = _conform(batch, schema, partition)
-                table = table.append_column(UNIT, pa.array(np.full(count, item["unit"], dtype=np.int64)))
-                table = table.append_column(ROW, pa.array(np.arange(first, first + count, dtype=np.int64)))
-                yield table.filter(pa.array(mask))
-            first += count
+        with filesystem.open_input_file(item["path"]) as source:
+            parquet = pq.ParquetFile(source)
+            columns = [name for name in schema.names if name in parquet.schema_arrow.names]
+            first = 0
+            for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=[item["row_group"]], columns=columns):
+                count = batch.num_rows
+                mask = _wanted(first, count, ranges)
+                if mask.any():
+                    table = _conform(batch, schema, partition)
+                    table = table.append_column(UNIT, pa.array(np.full(count, item["unit"], dtype=np.int64)))
+                    table = table.append_column(ROW, pa.array(np.arange(first, first + count, dtype=np.int64)))
+                    yield table.filter(pa.array(mask))
+                first += count
 
 
 def _runs(units: np.ndarray, rows: np.ndarray) -> list[tuple[int, int]]:

@@ -98,6 +98,7 @@ def run_job(config: JobConfig, checked: Checked | None = None) -> RunSummary:
     settings is left as it is, and an interrupted attempt is resumed from its durable pieces.
     """
     started = time.monotonic()
+    started_at = datetime.now(timezone.utc).isoformat()
     source, destination = checked or preflight(config)
     key = work_key(config, source.fingerprint)
     committed = output.read_committed(destination)
@@ -125,7 +126,7 @@ def run_job(config: JobConfig, checked: Checked | None = None) -> RunSummary:
         "itm_model": config.itm_model,
         "caption_model": config.recorded_caption_model,
         "config": config.model_dump(mode="json"),
-        "started_at": datetime.now(timezone.utc).isoformat(),
+        "started_at": started_at,
         "resumed_rows": resumed,
         "resources": resources,  # per-stage GPUs, CPUs, devices and actor pool bounds; None if all was resumed
     }

@@ -18,6 +18,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 from .config import JobConfig
+from .storage import locate
 
 PIECE_RE = re.compile(r"u(\d{6})-r(\d{10})-n(\d{6})\.parquet$")
 
@@ -79,8 +80,6 @@ def model_fingerprint(reference: str | None) -> list:
     different run); a hub id by its name."""
     if not reference:
         return [reference]
-    from .storage import locate
-
     try:
         location = locate(reference)
         if location.filesystem.get_file_info(location.path).type != pafs.FileType.Directory:
