@@ -97,36 +97,60 @@ def _kill_leftovers(marker: str) -> None:
                 pass
 
 
+START_TRIES = 3
+
+
+def _start_node(command, directory: str, env: dict, ready, what: str, processes: list) -> None:
+    """``ray start --block`` with ports picked just before; tried again with fresh ports when it
+    exits early (a free port can be taken by another process before Ray binds it)."""
+    log = os.path.join(directory, "ray-start.log")
+    for attempt in range(1, START_TRIES + 1):
+        with open(log, "w") as stream:
+            process = subprocess.Popen(command(), env=env, stdout=stream, stderr=subprocess.STDOUT, start_new_session=True)
+        processes.append(process)
+        try:
+            _wait(ready, what, processes=processes)
+            return
+        except RuntimeError:
+            if process.poll() is None or attempt == START_TRIES:
+                with open(log) as stream:
+                    raise RuntimeError(f"{what} did not start; ray start said:\n{stream.read()[-3000:]}") from None
+            processes.remove(process)
+            _kill_leftovers(directory)
+
+
 @pytest.fixture(scope="module")
 def cluster():
     # Short paths: Ray's unix sockets live under the temp dir and have a length limit.
     head_dir = tempfile.mkdtemp(prefix="bmh", dir="/tmp")
     node_dir = tempfile.mkdtemp(prefix="bmn", dir="/tmp")
     env = _environment()
-    gcs, dashboard = _free_port(), _free_port()
+    ports = {}
     processes = []
+
+    def head_command():
+        ports.update(gcs=_free_port(), dashboard=_free_port())
+        return [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={ports['gcs']}",
+                f"--temp-dir={head_dir}", "--num-cpus=0", "--num-gpus=0", "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={ports['dashboard']}", "--disable-usage-stats", "--min-worker-port=0",
+                "--max-worker-port=0", *_node_ports()]
+
+    def node_command():
+        return [RAY, "start", "--block", f"--address=127.0.0.1:{ports['gcs']}", "--node-ip-address=127.0.0.1",
+                f"--temp-dir={node_dir}", "--num-cpus=2", "--num-gpus=0", '--resources={"second_node": 1}',
+                "--min-worker-port=0", "--max-worker-port=0", *_node_ports()]
+
+    def address():
+        return f"http://127.0.0.1:{ports['dashboard']}"
+
+    def two_nodes():
+        nodes = _get_json(f"{address()}/api/v0/nodes")["data"]["result"]["result"]
+        return sum(1 for n in nodes if n["state"] == "ALIVE") == 2
+
     try:
-        processes.append(subprocess.Popen(
-            [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}", f"--temp-dir={head_dir}",
-             "--num-cpus=0", "--num-gpus=0", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-             "--disable-usage-stats", "--min-worker-port=0", "--max-worker-port=0", *_node_ports()],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        ))
-        address = f"http://127.0.0.1:{dashboard}"
-        _wait(lambda: _get_json(f"{address}/api/version"), "head node", processes=processes)
-        processes.append(subprocess.Popen(
-            [RAY, "start", "--block", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1", f"--temp-dir={node_dir}",
-             "--num-cpus=2", "--num-gpus=0", '--resources={"second_node": 1}', "--min-worker-port=0", "--max-worker-port=0",
-             *_node_ports()],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        ))
-
-        def two_nodes():
-            nodes = _get_json(f"{address}/api/v0/nodes")["data"]["result"]["result"]
-            return sum(1 for n in nodes if n["state"] == "ALIVE") == 2
-
-        _wait(two_nodes, "second node", processes=processes)
-        yield {"address": address, "env": env}
+        _start_node(head_command, head_dir, env, lambda: _get_json(f"{address()}/api/version"), "head node", processes)
+        _start_node(node_command, node_dir, env, two_nodes, "second node", processes)
+        yield {"address": address(), "env": env}
     finally:
         for process in reversed(processes):
             if process.poll() is None:
