@@ -14,7 +14,7 @@ import torch
 
 from .checkpoints import CAPTION, inspect_checkpoint, load_model, load_processor, resolve_device
 from .precision import autocast, resolve_precision
-from .preprocess import ImagePreparer
+from .preprocess import ImagePreparer, check_resize_settings
 
 
 class Blip2Captioner:
@@ -52,7 +52,9 @@ class Blip2Captioner:
         # transformers 5.23 already selects SDPA attention for BLIP-2's vision model, Q-Former
         # and OPT (all declare _supports_sdpa); nothing to override.
         model = load_model(reference, Blip2ForConditionalGeneration, device)
-        return cls(model, load_processor(reference), device, max_new_tokens, prompt, precision)
+        processor = load_processor(reference)
+        check_resize_settings(reference, processor.image_processor)
+        return cls(model, processor, device, max_new_tokens, prompt, precision)
 
     def _encode_prompt(self) -> dict:
         # The processor expands the image placeholder tokens in front of the prompt.

@@ -1,29 +1,41 @@
-"""Splitting the checkpoint's own image processor into a CPU half and a model half.
+"""The checkpoint's own image preprocessing, split into a CPU half and a model half.
 
-The CPU half (``resize``) turns an RGB array into uint8 pixels at model resolution, which
-is cheap to ship between workers (a quarter of float32). The model half (``to_pixel_values``)
-rescales and normalises. Both call the checkpoint's processor, so together they compute
-exactly what the processor computes in one call.
+The CPU half (``Resize``) turns an RGB array into uint8 pixels at model resolution, which is
+cheap to ship between workers (a quarter of float32). It runs in the decode workers, which
+never run a model, so it uses Pillow and numpy only and reads its settings from the
+checkpoint's processor config files (``Resize.read``): any import of transformers' image code
+imports torch, which costs every decode worker seconds of start-up and hundreds of MB.
+The model half (``ImagePreparer.to_device_pixel_values``) rescales and normalises with torch.
+
+Together they compute what the checkpoint's processor computes in one call. Tests compare
+both halves with the processor, and every model actor checks that the settings read from the
+files are the ones its processor loaded (``check_resize_settings``), so a reading that
+drifted from transformers' would stop the run rather than change a score.
 """
 
 from __future__ import annotations
 
+import json
 import warnings
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-from .checkpoints import load_image_processor
+from . import model_cache
+from .checkpoints import CheckpointError, is_local_reference, load_image_processor, local_checkpoint
+
+# Processor types whose preprocessing is exactly: convert to RGB, resize to a fixed
+# height x width with one Pillow filter, rescale, normalise (BLIP and BLIP-2 both use it).
+BLIP_IMAGE_PROCESSORS = frozenset({"BlipImageProcessor", "BlipImageProcessorFast", "BlipImageProcessorPil"})
 
 
-class ImagePreparer:
-    def __init__(self, image_processor):
-        self.image_processor = image_processor
-        size = image_processor.size
-        self.height, self.width = int(size["height"]), int(size["width"])
-
-    @classmethod
-    def from_pretrained(cls, reference: str) -> "ImagePreparer":
-        return cls(load_image_processor(reference))
+@dataclass(frozen=True)
+class Resize:
+    height: int
+    width: int
+    resample: int  # a Pillow filter; BLIP's is 3, bicubic
 
     @property
     def num_bytes(self) -> int:
@@ -31,24 +43,135 @@ class ImagePreparer:
 
     def resize(self, rgb: np.ndarray) -> np.ndarray:
         """``(H, W, 3)`` uint8 RGB to ``(3, height, width)`` uint8 at model resolution."""
-        out = self.image_processor(
-            images=[rgb],
-            do_convert_rgb=False,
-            do_rescale=False,
-            do_normalize=False,
-            input_data_format="channels_last",
-            return_tensors=None,
-        )["pixel_values"][0]
-        return np.ascontiguousarray(out, dtype=np.uint8)
+        # What transformers.image_transforms.resize does with uint8 pixels: one Pillow resize
+        # with no reducing gap, no rescaling around it.
+        resized = Image.fromarray(rgb).resize((self.width, self.height), resample=self.resample, reducing_gap=None)
+        return np.ascontiguousarray(np.asarray(resized).transpose(2, 0, 1))
 
     def from_bytes(self, buffer: bytes) -> np.ndarray:
         return np.frombuffer(buffer, dtype=np.uint8).reshape(3, self.height, self.width)
 
+    @classmethod
+    def from_processor(cls, image_processor) -> "Resize":
+        size = image_processor.size
+        if (
+            not image_processor.do_resize
+            or getattr(image_processor, "do_center_crop", None)
+            or getattr(image_processor, "do_pad", None)
+            or not (size.get("height") and size.get("width"))
+        ):
+            raise CheckpointError(
+                f"unsupported image preprocessing ({type(image_processor).__name__}, size {dict(size)}): "
+                "BLIP models take images resized to one fixed height and width"
+            )
+        return cls(int(size["height"]), int(size["width"]), int(image_processor.resample))
+
+    @classmethod
+    def from_settings(cls, settings: dict) -> "Resize | None":
+        """From a saved image processor config; None unless it plainly describes BLIP's resize."""
+        size, resample = settings.get("size"), settings.get("resample")
+        if isinstance(size, int):
+            size = {"height": size, "width": size}  # BLIP processors resize an int size to a square
+        if (
+            settings.get("image_processor_type") not in BLIP_IMAGE_PROCESSORS
+            or settings.get("do_resize") is not True
+            or settings.get("do_center_crop")
+            or settings.get("do_pad")
+            or not isinstance(size, dict)
+            or {k for k, v in size.items() if v is not None} != {"height", "width"}
+            or not all(isinstance(size[k], int) and size[k] > 0 for k in ("height", "width"))
+            or not (isinstance(resample, int) and 0 <= resample <= 5)
+        ):
+            return None
+        return cls(size["height"], size["width"], resample)
+
+    @classmethod
+    def read(cls, reference: str) -> "Resize | None":
+        """The checkpoint's resize from its files, without transformers; None where they do not say plainly."""
+        settings = _saved_image_processor_settings(reference)
+        return cls.from_settings(settings) if settings is not None else None
+
+
+def resize_for(reference: str) -> Resize:
+    """The checkpoint's resize: read from its files, else from its processor loaded by transformers."""
+    return Resize.read(reference) or Resize.from_processor(load_image_processor(reference))
+
+
+def check_resize_settings(reference: str, image_processor) -> None:
+    """Refuse to run when the decode workers' reading of the files disagrees with the processor."""
+    read = Resize.read(reference)
+    loaded = Resize.from_processor(image_processor)
+    if read is not None and read != loaded:
+        raise CheckpointError(
+            f"{reference}: image settings read from the config files ({read}) differ from the ones "
+            f"transformers loaded ({loaded}); refusing to score with preprocessing that differs from the checkpoint's"
+        )
+
+
+def _load_json(path: Path | None) -> dict | None:
+    if path is None or not path.is_file():
+        return None
+    try:
+        loaded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # transformers will report it properly on the fallback path
+    return loaded if isinstance(loaded, dict) else None
+
+
+def _saved_image_processor_settings(reference: str) -> dict | None:
+    """transformers' order: the ``image_processor`` entry of ``processor_config.json`` (the layout
+    ``save_pretrained`` writes since 5.0), else ``preprocessor_config.json`` (older checkpoints)."""
+    processor_config = _checkpoint_file(reference, "processor_config.json")
+    if processor_config is None:
+        return None  # not known whether a nested config exists, so not known which file wins
+    nested = _load_json(processor_config) if processor_config is not _ABSENT else None
+    if nested is not None and isinstance(nested.get("image_processor"), dict):
+        return nested["image_processor"]
+    legacy = _checkpoint_file(reference, "preprocessor_config.json")
+    return _load_json(legacy) if legacy not in (None, _ABSENT) else None
+
+
+_ABSENT = Path("/nonexistent")  # known not to exist (as opposed to None: not known)
+
+
+def _checkpoint_file(reference: str, name: str) -> Path | None:
+    """A file of a local (or node-cached s3://) checkpoint, or of a hub checkpoint already in
+    the local hub cache; ``_ABSENT`` when known missing, None when not known."""
+    if model_cache.is_remote(reference) or is_local_reference(reference):
+        path = Path(local_checkpoint(reference)) / name
+        return path if path.is_file() else _ABSENT
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(reference, name)
+    if isinstance(found, str):
+        return Path(found)
+    return None if found is None else _ABSENT
+
+
+class ImagePreparer:
+    """Both halves for a model actor, from the processor the actor loaded with its model."""
+
+    def __init__(self, image_processor):
+        self.image_processor = image_processor
+        self.resizer = Resize.from_processor(image_processor)
+        self.height, self.width = self.resizer.height, self.resizer.width
+
+    @property
+    def num_bytes(self) -> int:
+        return self.resizer.num_bytes
+
+    def resize(self, rgb: np.ndarray) -> np.ndarray:
+        return self.resizer.resize(rgb)
+
+    def from_bytes(self, buffer: bytes) -> np.ndarray:
+        return self.resizer.from_bytes(buffer)
+
     def to_device_pixel_values(self, images, device: str, dtype=None):
-        """``to_pixel_values`` computed by torch on ``device``: the uint8 batch crosses to the GPU
-        (a quarter of the bytes) and is rescaled and normalised there, so the one CPU that feeds a
-        GPU actor is not spent on float arithmetic. Same operations as the processor's, in float32
-        (it rescales in float64 first: the results differ by float32 rounding, about 1e-7)."""
+        """The processor's rescale and normalise, computed by torch on ``device``: the uint8 batch
+        crosses to the GPU (a quarter of the bytes) and is rescaled and normalised there, so the one
+        CPU that feeds a GPU actor is not spent on float arithmetic. Same operations as the
+        processor's, in float32 (it rescales in float64 first: the results differ by float32
+        rounding, about 1e-7)."""
         import torch
 
         processor = self.image_processor
@@ -64,13 +187,3 @@ class ImagePreparer:
             std = torch.as_tensor(processor.image_std, dtype=torch.float32, device=device).reshape(-1, 1, 1)
             pixels = (pixels - mean) / std
         return pixels if dtype is None else pixels.to(dtype)
-
-    def to_pixel_values(self, images: list[np.ndarray]):
-        """Resized uint8 ``(3, h, w)`` arrays to the normalised float tensor the model takes."""
-        return self.image_processor(
-            images=images,
-            do_convert_rgb=False,
-            do_resize=False,
-            input_data_format="channels_first",
-            return_tensors="pt",
-        )["pixel_values"]

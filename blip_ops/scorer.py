@@ -16,7 +16,7 @@ from torch.nn.functional import normalize
 
 from .checkpoints import ITM, inspect_checkpoint, load_model, load_processor, resolve_device
 from .precision import autocast, resolve_precision
-from .preprocess import ImagePreparer
+from .preprocess import ImagePreparer, check_resize_settings
 
 
 @dataclass
@@ -49,7 +49,9 @@ class BlipScorer:
         # BLIP v1 in transformers 5.23 has eager attention only (no _supports_sdpa), so there
         # is no attention backend to choose here; BLIP-2 uses SDPA by default.
         model = load_model(reference, BlipForImageTextRetrieval, device)
-        return cls(model, load_processor(reference), device, max_text_tokens, precision)
+        processor = load_processor(reference)
+        check_resize_settings(reference, processor.image_processor)
+        return cls(model, processor, device, max_text_tokens, precision)
 
     def token_counts(self, texts: list[str]) -> np.ndarray:
         encoded = self.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]

@@ -13,21 +13,19 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 
-from blip_ops.captioner import Blip2Captioner
 from blip_ops.checkpoints import local_checkpoint
 from blip_ops.images import ImageError, decode_rgb
-from blip_ops.preprocess import ImagePreparer
-from blip_ops.scorer import BlipScorer
+from blip_ops.preprocess import Resize, resize_for
 
 from . import schema as S
 from .storage import read_bytes
 
 
 @functools.lru_cache(maxsize=4)
-def _preparer(reference: str) -> ImagePreparer:
+def _resizer(reference: str) -> Resize:
     # Cached per worker process: decode tasks reuse Ray's long-lived workers.
     # An s3:// model is copied once per node (blip_ops.model_cache), then read from local disk.
-    return ImagePreparer.from_pretrained(local_checkpoint(reference))
+    return resize_for(reference)
 
 
 def _text_problem(text) -> str | None:
@@ -59,8 +57,8 @@ def decode_batch(
     caption_model: str | None,
 ) -> pa.Table:
     """Decode images and check texts; adds pixels at each model's resolution and per-row errors."""
-    score_prep = _preparer(score_model)
-    caption_prep = _preparer(caption_model) if caption_model else None
+    score_prep = _resizer(score_model)
+    caption_prep = _resizer(caption_model) if caption_model else None
     texts = batch.column(text_column).to_pylist()
     sources = batch.column(image_column).to_pylist()
     image_errors, text_errors, score_pixels, caption_pixels = [], [], [], []
@@ -102,18 +100,18 @@ def _spread(values: np.ndarray, mask: np.ndarray, type_: pa.DataType) -> pa.Arra
     return pa.array(full, type=type_, mask=~mask)
 
 
-def _pixel_batch(column: pa.ChunkedArray, rows: np.ndarray, preparer: ImagePreparer) -> np.ndarray:
+def _pixel_batch(column: pa.ChunkedArray, rows: np.ndarray, size: Resize) -> np.ndarray:
     """The chosen rows' uint8 pixels as one ``(n, 3, h, w)`` array read straight from the Arrow
     buffers (one copy, in C++): every value is exactly one image at model resolution, so the hot
     loop creates no per-row Python objects."""
-    shape = (len(rows), 3, preparer.height, preparer.width)
+    shape = (len(rows), 3, size.height, size.width)
     if not len(rows):
         return np.zeros(shape, dtype=np.uint8)
     values = column.take(pa.array(rows, pa.int64())).combine_chunks()
     offset_type = np.int64 if pa.types.is_large_binary(values.type) else np.int32
     offsets = np.frombuffer(values.buffers()[1], dtype=offset_type, count=len(values) + 1, offset=values.offset * np.dtype(offset_type).itemsize)
-    if not np.all(np.diff(offsets) == preparer.num_bytes):
-        raise ValueError(f"pixel values are not all {preparer.num_bytes} bytes ({preparer.height}x{preparer.width} RGB)")
+    if not np.all(np.diff(offsets) == size.num_bytes):
+        raise ValueError(f"pixel values are not all {size.num_bytes} bytes ({size.height}x{size.width} RGB)")
     return np.frombuffer(values.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]].reshape(shape)
 
 
@@ -121,6 +119,10 @@ class ScoreStage:
     """ITC and ITM for every row with a decoded image and a usable text."""
 
     def __init__(self, *, model: str, device: str, max_text_tokens: int, text_column: str, precision: str = "auto"):
+        # Imported here, not at the top: the decode, flag and write tasks import this module too,
+        # and must not pay for torch and transformers.
+        from blip_ops.scorer import BlipScorer
+
         # Resolved once here: an s3:// model comes from the node's model cache.
         self.scorer = BlipScorer.from_pretrained(
             local_checkpoint(model), device=device, max_text_tokens=max_text_tokens, precision=precision
@@ -131,7 +133,7 @@ class ScoreStage:
         mask = _scorable(batch)
         texts = batch.column(self.text_column).to_pylist()
         rows = np.flatnonzero(mask)
-        images = _pixel_batch(batch.column(S.PIXELS_SCORE), rows, self.scorer.images)
+        images = _pixel_batch(batch.column(S.PIXELS_SCORE), rows, self.scorer.images.resizer)
         itc, itm, scored_truncated = self.scorer.score(images, [texts[i] for i in rows])
 
         truncated = np.zeros(len(mask), dtype=bool)
@@ -195,6 +197,8 @@ class CaptionStage:
     def __init__(
         self, *, model: str, device: str, max_new_tokens: int, prompt: str | None, policy: str, precision: str = "auto"
     ):
+        from blip_ops.captioner import Blip2Captioner  # not at the top: see ScoreStage
+
         self.captioner = Blip2Captioner.from_pretrained(
             local_checkpoint(model), device=device, max_new_tokens=max_new_tokens, prompt=prompt, precision=precision
         )
@@ -205,7 +209,7 @@ class CaptionStage:
         if self.policy == "flagged":
             mask &= batch.column("flagged").to_numpy(zero_copy_only=False)
         rows = np.flatnonzero(mask)
-        captions = self.captioner.caption(_pixel_batch(batch.column(S.PIXELS_CAPTION), rows, self.captioner.images))
+        captions = self.captioner.caption(_pixel_batch(batch.column(S.PIXELS_CAPTION), rows, self.captioner.images.resizer))
         column = [None] * len(mask)
         for row, caption in zip(rows, captions):
             column[row] = caption

@@ -91,3 +91,31 @@ def test_decompression_bomb_is_refused():
     assert len(bomb) < 1_000_000
     with pytest.raises(ImageError, match="too large"):
         decode_rgb(bomb)
+
+
+@pytest.mark.parametrize(
+    "mode, size",
+    [("RGB", (5, 4)), ("RGBA", (5, 4)), ("LA", (5, 4)), ("L", (5, 4)), ("1", (5, 4)), ("P", (5, 4)),
+     ("P-transparent", (5, 4)), ("PA", (5, 4)), ("CMYK", (5, 4)), ("I;16", (5, 4)), ("YCbCr", (5, 4))],
+)
+def test_rgb_conversion_equals_transformers(mode, size):
+    """decode_rgb restates transformers' convert_to_rgb (so decode workers need not import it); same pixels."""
+    from transformers.image_transforms import convert_to_rgb
+
+    from blip_ops.images import _scale_to_8_bit, to_rgb_array
+
+    rng = np.random.RandomState(0)
+    if mode == "I;16":
+        image = Image.fromarray(rng.randint(0, 65536, size[::-1], dtype=np.uint16))
+    elif mode.startswith("P"):
+        image = Image.fromarray(rng.randint(0, 256, size[::-1], dtype=np.uint8), "L").convert("P")
+        image.putpalette(list(rng.randint(0, 256, 768)))
+        if mode == "P-transparent":
+            image.info["transparency"] = 3
+        elif mode == "PA":
+            image = image.convert("PA")
+    else:
+        bands = len(Image.new(mode, (1, 1)).getbands())
+        image = Image.frombytes(mode, size, rng.randint(0, 256, size[0] * size[1] * bands, dtype=np.uint8).tobytes())
+    expected_input = _scale_to_8_bit(image) if mode == "I;16" else image
+    np.testing.assert_array_equal(to_rgb_array(image), convert_to_rgb(expected_input, return_numpy=True))

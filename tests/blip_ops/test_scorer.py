@@ -136,7 +136,9 @@ def test_bf16_autocast_on_cpu_runs_in_bf16_and_stays_close(scorer, tiny_itm):
 
 def test_device_normalisation_equals_the_processors(scorer):
     images = [_resized(scorer, d) for d in _images()[:3]]
-    expected = scorer.images.to_pixel_values(images)
+    expected = scorer.images.image_processor(
+        images=images, do_convert_rgb=False, do_resize=False, input_data_format="channels_first", return_tensors="pt"
+    )["pixel_values"]
     got = scorer.images.to_device_pixel_values(images, "cpu", torch.float32)
     assert got.dtype == torch.float32 and got.shape == expected.shape
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)

@@ -4,13 +4,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from blip_ops.preprocess import ImagePreparer
+from blip_ops.preprocess import resize_for
 from pipelines.stages import _pixel_batch
 
 
 @pytest.fixture(scope="module")
 def preparer(tiny_itm):
-    return ImagePreparer.from_pretrained(tiny_itm)
+    return resize_for(tiny_itm)
 
 
 def _pixels(preparer, n, seed=0):
