@@ -109,7 +109,7 @@ def check_resize_settings(reference: str, image_processor) -> None:
 
 
 def _load_json(path: Path | None) -> dict | None:
-    if path is None or not path.is_file():
+    if path is None or not path.is_file():  # not known, or known missing (_ABSENT)
         return None
     try:
         loaded = json.loads(path.read_text())
@@ -124,11 +124,10 @@ def _saved_image_processor_settings(reference: str) -> dict | None:
     processor_config = _checkpoint_file(reference, "processor_config.json")
     if processor_config is None:
         return None  # not known whether a nested config exists, so not known which file wins
-    nested = _load_json(processor_config) if processor_config is not _ABSENT else None
-    if nested is not None and isinstance(nested.get("image_processor"), dict):
+    nested = _load_json(processor_config) or {}
+    if isinstance(nested.get("image_processor"), dict):
         return nested["image_processor"]
-    legacy = _checkpoint_file(reference, "preprocessor_config.json")
-    return _load_json(legacy) if legacy not in (None, _ABSENT) else None
+    return _load_json(_checkpoint_file(reference, "preprocessor_config.json"))
 
 
 _ABSENT = Path("/nonexistent")  # known not to exist (as opposed to None: not known)

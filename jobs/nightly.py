@@ -25,7 +25,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from jobs.score import _OPTIONS, EXIT_FAILED, EXIT_OK, EXIT_USAGE, _Parser
-from pipelines.config import ConfigError, build_config, load_yaml
+from pipelines.config import ConfigError, JobConfig, build_config, load_yaml
 from pipelines.output import read_committed
 from pipelines.preflight import InputError, preflight
 from pipelines.storage import locate
@@ -112,8 +112,9 @@ def score_partition(day: str, base: dict, catalog: str, output_root: str, overwr
     )
 
 
-def write_record(output_root: str, nightly_id: str, started_at: datetime, base: dict, results: list[PartitionResult]) -> str:
-    """One Parquet file per nightly run, one row per partition considered: readable by any dashboard."""
+def write_record(output_root: str, nightly_id: str, started_at: datetime, config: JobConfig, results: list[PartitionResult]) -> str:
+    """One Parquet file per nightly run, one row per partition considered: readable by any dashboard.
+    Thresholds and models are the ones applied (defaults included), from the checked ``config``."""
     location = locate(_join(output_root, RECORDS))
     location.filesystem.create_dir(location.path, recursive=True)
     rows = [
@@ -121,10 +122,10 @@ def write_record(output_root: str, nightly_id: str, started_at: datetime, base: 
             vars(r),
             nightly_run_id=nightly_id,
             started_at=started_at,
-            itm_threshold=base.get("itm_threshold"),
-            itc_threshold=base.get("itc_threshold"),
-            itm_model=base.get("itm_model"),
-            caption_model=base.get("caption_model"),
+            itm_threshold=config.itm_threshold,
+            itc_threshold=config.itc_threshold,
+            itm_model=config.itm_model,
+            caption_model=config.recorded_caption_model,
         )
         for r in results
     ]
@@ -132,12 +133,9 @@ def write_record(output_root: str, nightly_id: str, started_at: datetime, base: 
         ("nightly_run_id", pa.string()), ("started_at", pa.timestamp("us", tz="UTC")), ("date", pa.string()),
         ("outcome", pa.string()), ("run_id", pa.string()), ("rows", pa.int64()), ("flagged", pa.int64()),
         ("ok", pa.int64()), ("image_error", pa.int64()), ("text_error", pa.int64()), ("resumed_rows", pa.int64()),
-        ("elapsed_s", pa.float64()), ("error", pa.string()), ("itm_threshold", pa.string()),
-        ("itc_threshold", pa.string()), ("itm_model", pa.string()), ("caption_model", pa.string()),
+        ("elapsed_s", pa.float64()), ("error", pa.string()), ("itm_threshold", pa.float64()),
+        ("itc_threshold", pa.float64()), ("itm_model", pa.string()), ("caption_model", pa.string()),
     ])
-    for row in rows:
-        for name in ("itm_threshold", "itc_threshold", "itm_model", "caption_model"):
-            row[name] = None if row[name] is None else str(row[name])
     path = location.join(f"run-{nightly_id}.parquet")
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), path, filesystem=location.filesystem)
     return path
@@ -152,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         base = dict(load_yaml(config_file) if config_file else {}, **args)
         for key in ("input", "output", "run_id", "overwrite"):
             base.pop(key, None)
-        build_config(dict(base, input=catalog, output=output_root))  # every option checked before any work
+        config = build_config(dict(base, input=catalog, output=output_root))  # every option checked before any work
         if day is not None and not (re.fullmatch(r"\d{4}-\d{2}-\d{2}", day) and _is_date(day)):
             raise ConfigError(f"--date must be YYYY-MM-DD, got {day!r}")
         available = list_partitions(catalog)
@@ -169,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     nightly_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
     started_at = datetime.now(timezone.utc)
     results = [score_partition(d, base, catalog, output_root, overwrite) for d in ([day] if day else available)]
-    record = write_record(output_root, nightly_id, started_at, base, results)
+    record = write_record(output_root, nightly_id, started_at, config, results)
 
     if as_json:
         print(json.dumps({"nightly_run_id": nightly_id, "record": record, "partitions": [vars(r) for r in results]}, default=str))

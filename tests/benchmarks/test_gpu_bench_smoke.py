@@ -39,3 +39,11 @@ def test_flop_counts_match_the_issues_estimates_at_full_size():
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(3.745e9, rel=0.01)
     per_image, per_token = gpu_bench.blip2_gflop(model, prompt_tokens=0)
     assert per_image == pytest.approx(700, rel=0.05) and per_token == pytest.approx(5.3, rel=0.02)
+
+
+@pytest.mark.parametrize("skip, kept", [("--skip-captions", "scoring"), ("--skip-scoring", "captioning")])
+def test_each_workload_runs_alone(capsys, skip, kept):
+    """The GPU machine runs them as two processes, so a failure in one still returns the other."""
+    assert gpu_bench.main(["--smoke", "--device", "cpu", "--json", skip]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert kept in result and ({"scoring", "captioning"} - {kept}).isdisjoint(result)

@@ -53,6 +53,8 @@ def test_nightly_scores_uncommitted_partitions_and_names_failures(ray_session, t
     assert {d: r["outcome"] for d, r in first.items()} == {
         "2026-11-01": "committed", "2026-11-02": "committed", "2026-11-03": "failed"
     }
+    # The thresholds applied, defaults included, as numbers a dashboard can compare.
+    assert {(r["itm_threshold"], r["itc_threshold"]) for r in first.values()} == {(0.5, 0.2)}
     assert "text" in first["2026-11-03"]["error"] and first["2026-11-01"]["rows"] == 6
 
     # The broken partition is repaired: the next run scores only it.
@@ -69,6 +71,8 @@ def test_nightly_scores_uncommitted_partitions_and_names_failures(ray_session, t
     assert json.loads((output / "dt=2026-11-01" / "_SUCCESS").read_text())["run_id"] == before
     rescored = pq.read_table(output / "dt=2026-11-02").to_pylist()
     assert len(rescored) == 6 and len({r["run_id"] for r in rescored}) == 1
+    latest = max(_records(output), key=lambda r: r["started_at"])
+    assert latest["date"] == "2026-11-02" and latest["itm_threshold"] == 0.9
 
 
 @pytest.mark.parametrize(
