@@ -155,15 +155,8 @@ class ImagePreparer:
         self.resizer = Resize.from_processor(image_processor)
         self.height, self.width = self.resizer.height, self.resizer.width
 
-    @property
-    def num_bytes(self) -> int:
-        return self.resizer.num_bytes
-
     def resize(self, rgb: np.ndarray) -> np.ndarray:
         return self.resizer.resize(rgb)
-
-    def from_bytes(self, buffer: bytes) -> np.ndarray:
-        return self.resizer.from_bytes(buffer)
 
     def to_device_pixel_values(self, images, device: str, dtype=None):
         """The processor's rescale and normalise, computed by torch on ``device``: the uint8 batch

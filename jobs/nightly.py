@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from jobs.score import _OPTIONS, EXIT_FAILED, EXIT_OK, EXIT_USAGE, _Parser
+from jobs.score import _OPTIONS, EXIT_FAILED, EXIT_OK, EXIT_USAGE, JPEG_DRAFT_FLAG, JPEG_DRAFT_HELP, _Parser
 from pipelines.config import ConfigError, JobConfig, build_config, load_yaml
 from pipelines.output import read_committed
 from pipelines.preflight import InputError, preflight
@@ -59,6 +59,7 @@ def make_parser() -> argparse.ArgumentParser:
         if flag not in ("--input", "--output", "--run-id"):
             parser.add_argument(flag, help=help_text)
     parser.add_argument("--overwrite", action="store_true", help="With --date: replace that partition's committed result.")
+    parser.add_argument(JPEG_DRAFT_FLAG, action="store_true", help=JPEG_DRAFT_HELP)
     parser.add_argument("--json", action="store_true", help="Print the run record as JSON.")
     return parser
 

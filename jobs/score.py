@@ -48,6 +48,10 @@ _OPTIONS = [
 ]
 
 
+JPEG_DRAFT_FLAG = "--jpeg-draft"
+JPEG_DRAFT_HELP = "Decode large JPEGs at reduced scale: less decode CPU, slightly different pixels and scores (off by default)."
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse exits 2 as well; keep one message format
         self.print_usage(sys.stderr)
@@ -61,6 +65,7 @@ def make_parser(prog: str = "python -m jobs.score") -> argparse.ArgumentParser:
     for flag, help_text in _OPTIONS:
         parser.add_argument(flag, help=help_text)
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing result in --output.")
+    parser.add_argument(JPEG_DRAFT_FLAG, action="store_true", help=JPEG_DRAFT_HELP)
     parser.add_argument("--json", action="store_true", help="Print the summary as JSON.")
     return parser
 

@@ -156,6 +156,7 @@ def decode_kwargs(config: JobConfig) -> dict:
         "from_uri": bool(config.image_uri_column),
         "score_model": config.itm_model,
         "caption_model": config.caption_model if config.captioning else None,
+        "jpeg_draft": config.jpeg_draft,
     }
 
 

@@ -95,6 +95,12 @@ class JobConfig(BaseModel):
     score_batch_size: int = Field(64, ge=1, description="Rows per scoring batch.")
     caption_batch_size: int = Field(16, ge=1, description="Rows per captioning batch.")
     decode_batch_size: int = Field(64, ge=1, description="Rows per decode task batch.")
+    jpeg_draft: bool = Field(
+        False,
+        description="Decode JPEGs at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) where both sides stay at least the "
+        "model's input size: several times less decode CPU for large photos, but pixels, and so scores, move slightly "
+        "from the checkpoint's own preprocessing (BENCHMARKS.md measures both). Off by default; part of the run key.",
+    )
 
     run_id: str | None = Field(None, description="Identifier recorded in every row and the manifest; generated when None.")
     report_category_column: str | None = Field(

@@ -55,17 +55,20 @@ def decode_batch(
     from_uri: bool,
     score_model: str,
     caption_model: str | None,
+    jpeg_draft: bool = False,
 ) -> pa.Table:
     """Decode images and check texts; adds pixels at each model's resolution and per-row errors."""
     score_prep = _resizer(score_model)
     caption_prep = _resizer(caption_model) if caption_model else None
+    # A draft decode must still cover the largest model input, so every resize stays a downscale.
+    draft_size = max(max(r.height, r.width) for r in (score_prep, caption_prep) if r) if jpeg_draft else None
     texts = batch.column(text_column).to_pylist()
     sources = batch.column(image_column).to_pylist()
     image_errors, text_errors, score_pixels, caption_pixels = [], [], [], []
     for text, source in zip(texts, sources):
         text_errors.append(_text_problem(text))
         try:
-            rgb = decode_rgb(_load_image_bytes(source, from_uri))
+            rgb = decode_rgb(_load_image_bytes(source, from_uri), draft_size)
             score_pixels.append(score_prep.resize(rgb).tobytes())
             caption_pixels.append(caption_prep.resize(rgb).tobytes() if caption_prep else None)
             image_errors.append(None)

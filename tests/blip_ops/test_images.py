@@ -119,3 +119,31 @@ def test_rgb_conversion_equals_transformers(mode, size):
         image = Image.frombytes(mode, size, rng.randint(0, 256, size[0] * size[1] * bands, dtype=np.uint8).tobytes())
     expected_input = _scale_to_8_bit(image) if mode == "I;16" else image
     np.testing.assert_array_equal(to_rgb_array(image), convert_to_rgb(expected_input, return_numpy=True))
+
+
+def _photo_jpeg(width, height, **save):
+    y, x = np.mgrid[0:height, 0:width]
+    array = np.stack([x * 255 // width, y * 255 // height, (x + y) * 255 // (width + height)], axis=-1).astype(np.uint8)
+    return image_bytes(Image.fromarray(array), "JPEG", quality=90, **save)
+
+
+def test_jpeg_draft_decodes_at_the_smallest_scale_that_keeps_both_sides():
+    data = _photo_jpeg(1600, 1200)
+    assert decode_rgb(data).shape == (1200, 1600, 3)
+    assert decode_rgb(data, draft_size=384).shape == (600, 800, 3)  # 1/4 would leave 300 < 384
+    assert decode_rgb(data, draft_size=100).shape == (150, 200, 3)  # 1/8, the smallest libjpeg offers
+    assert decode_rgb(data, draft_size=1300).shape == (1200, 1600, 3)  # no scale keeps 1300
+
+
+def test_jpeg_draft_follows_exif_rotation():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown portrait
+    data = _photo_jpeg(1600, 1200, exif=exif.tobytes())
+    assert decode_rgb(data).shape == (1600, 1200, 3)
+    assert decode_rgb(data, draft_size=384).shape == (800, 600, 3)
+
+
+def test_jpeg_draft_leaves_other_formats_alone():
+    y, x = np.mgrid[0:1200, 0:1600]
+    data = image_bytes(Image.fromarray((x % 256).astype(np.uint8)), "PNG")
+    np.testing.assert_array_equal(decode_rgb(data, draft_size=384), decode_rgb(data))

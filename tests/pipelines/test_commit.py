@@ -162,3 +162,16 @@ def test_prepare_output_refuses_foreign_files_and_other_results(tmp_path):
     with pytest.raises(output.OutputError, match="did not write"):
         output.prepare_output(str(tmp_path / "out"), overwrite=True, key="k2")
 
+
+
+def test_run_key_follows_settings_that_change_numbers_only():
+    from pipelines.config import build_config
+    from pipelines.units import work_key
+
+    base = {"input": "in", "output": "out", "itm_model": "m", "caption_model": "none"}
+    key = work_key(build_config(base), "fingerprint")
+    for changed in ({"precision": "bf16"}, {"jpeg_draft": True}, {"itm_threshold": 0.4}, {"max_text_tokens": 20}):
+        assert work_key(build_config(dict(base, **changed)), "fingerprint") != key, changed
+    for same in ({"score_batch_size": 8}, {"decode_batch_size": 8}, {"score_actors": "1,4"}, {"run_id": "r"}, {"output": "o2"}):
+        assert work_key(build_config(dict(base, **same)), "fingerprint") == key, same
+    assert work_key(build_config(base), "other input") != key

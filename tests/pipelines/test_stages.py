@@ -122,3 +122,23 @@ def test_truncation_is_reported_for_rows_with_a_broken_image(tiny_itm):
     out = ScoreStage(model=tiny_itm, device="cpu", max_text_tokens=35, text_column="text")(decoded)
     assert out.column("text_truncated").to_pylist() == [True, False]
     assert out.column("itc_score").to_pylist() == [None, None]
+
+
+def test_jpeg_draft_decode_moves_pixels_only_slightly(tiny_itm):
+    """--jpeg-draft: a large JPEG decodes at reduced scale; resized pixels stay close, not equal."""
+    import numpy as np
+    from PIL import Image
+
+    from tests.conftest import image_bytes
+
+    y, x = np.mgrid[0:600, 0:800]
+    photo = np.stack([x * 255 // 800, y * 255 // 600, (x * y) % 256], axis=-1).astype(np.uint8)
+    batch = pa.table({"text": ["a photo"], "image": [image_bytes(Image.fromarray(photo), "JPEG", quality=90)]})
+    kwargs = dict(text_column="text", image_column="image", from_uri=False, score_model=tiny_itm, caption_model=None)
+    full, draft = (
+        np.frombuffer(decode_batch(batch, jpeg_draft=on, **kwargs).column(S.PIXELS_SCORE)[0].as_py(), np.uint8).astype(int)
+        for on in (False, True)
+    )
+    difference = np.abs(full - draft)
+    assert difference.max() > 0  # it is a different decode, so it is opt-in
+    assert difference.mean() < 4
