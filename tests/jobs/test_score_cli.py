@@ -160,3 +160,16 @@ def test_console_script_dispatch():
 
     assert main([]) == 2
     assert main(["bogus"]) == 2
+
+
+def test_jpeg_draft_flag_reaches_the_decode_stage(tmp_path):
+    from jobs import nightly
+    from pipelines.build import decode_kwargs
+
+    base = ["--input", "a", "--output", "b"]
+    assert score.config_from_args(score.make_parser().parse_args(base)).jpeg_draft is False
+    config = score.config_from_args(score.make_parser().parse_args([*base, "--jpeg-draft"]))
+    assert config.jpeg_draft is True and decode_kwargs(config)["jpeg_draft"] is True
+    (tmp_path / "job.yaml").write_text("input: a\noutput: b\njpeg_draft: true\n")
+    assert score.config_from_args(score.make_parser().parse_args(["--config", str(tmp_path / "job.yaml")])).jpeg_draft
+    assert nightly.make_parser().parse_args(["--catalog", "c", "--output", "o", "--jpeg-draft"]).jpeg_draft is True
