@@ -8,7 +8,12 @@ the model (a model actor, a decode task) downloads it into a temporary directory
 that into place while holding an exclusive file lock; the others wait on the lock and find
 the finished copy. A directory under its final name is always complete: the rename is atomic,
 and a download killed halfway leaves only a temporary directory, removed by the next one.
-Old versions are not deleted.
+
+A re-uploaded model replaces its old copy once no live process on the node uses the old one:
+every process holds a shared lock on each version it resolved (``<name>.use``) for as long as
+it lives, and resolving a model deletes that URI's other versions whose lock it can take
+exclusively. So a nightly job whose model is re-uploaded does not fill the disk, and a
+running actor's copy is never deleted under it.
 """
 
 from __future__ import annotations
@@ -83,6 +88,38 @@ def cache_name(uri: str, files: list[RemoteFile]) -> str:
     return f"{stem}-{digest}"
 
 
+# Shared locks on the versions this process resolved, held until it exits (the OS drops them then).
+_IN_USE: dict[str, object] = {}
+
+
+def _hold_in_use(root: Path, name: str) -> None:
+    if name not in _IN_USE:
+        handle = open(root / f"{name}.use", "a+")
+        fcntl.flock(handle, fcntl.LOCK_SH)
+        _IN_USE[name] = handle
+
+
+def _evict_replaced(root: Path, uri: str, current: str) -> None:
+    """Delete the other cached versions of ``uri`` that no live process holds."""
+    for record in root.glob(f"*/{SOURCE_RECORD}"):
+        directory = record.parent
+        if directory.name == current or directory.name in _IN_USE or directory.name.startswith("."):
+            continue  # ".name.*" is a download in progress (or killed: the next download of it cleans up)
+        try:
+            if json.loads(record.read_text()).get("uri") != uri:
+                continue
+        except (OSError, ValueError):
+            continue
+        with open(root / f"{directory.name}.use", "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live process on this node still uses it
+            shutil.rmtree(directory, ignore_errors=True)
+            for leftover in (f"{directory.name}.use", f"{directory.name}.lock"):
+                (root / leftover).unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def _exclusive(lock_path: Path):
     with open(lock_path, "a+") as handle:
@@ -118,11 +155,18 @@ def local_model_dir(reference: str) -> str:
     root.mkdir(parents=True, exist_ok=True)
     name = cache_name(reference, files)
     target = root / name
-    if target.is_dir():  # complete by construction
-        return str(target)
+    _hold_in_use(root, name)  # before the check: from here on no other process deletes it
+    if not target.is_dir():  # a directory under its final name is complete by construction
+        _fetch(reference, files, root, name)
+    _evict_replaced(root, reference, name)
+    return str(target)
+
+
+def _fetch(reference: str, files: list[RemoteFile], root: Path, name: str) -> None:
+    target = root / name
     with _exclusive(root / f"{name}.lock"):
         if target.is_dir():  # another process finished it while this one waited
-            return str(target)
+            return
         for stale in root.glob(f".{name}.*"):  # left by a download that was killed
             shutil.rmtree(stale, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
@@ -135,4 +179,3 @@ def local_model_dir(reference: str) -> str:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-    return str(target)

@@ -198,3 +198,37 @@ def test_one_filesystem_per_process_that_keeps_its_retries_when_shipped(s3):
     s3.proxy.inject(first=4)  # ours outlasts more
     assert read_bytes(f"s3://{BUCKET}/probe.bin") == b"payload"
     assert len(s3.proxy.faults()) == 3 + 4
+
+
+def _resolve_in_another_process(uri):
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return Path(pool.apply(model_cache.local_model_dir, (uri,)))
+
+
+def _reupload(s3, uri, tiny_itm, comment):
+    config = json.loads((Path(tiny_itm) / "config.json").read_text())
+    config["_comment"] = comment
+    s3.put(f"{uri}/config.json", json.dumps(config).encode())
+
+
+def test_a_replaced_model_is_evicted_once_no_process_uses_it(s3, tiny_itm):
+    uri = s3.upload_dir(Path(tiny_itm), f"s3://{BUCKET}/models/evicted")
+    old = _resolve_in_another_process(uri)  # that process has exited: nothing uses the copy now
+    assert old.is_dir()
+    _reupload(s3, uri, tiny_itm, "v2")
+    new = Path(model_cache.local_model_dir(uri))
+    assert new.is_dir() and json.loads((new / "config.json").read_text())["_comment"] == "v2"
+    assert not old.exists()
+    assert not any(p.name.startswith(old.name) for p in s3.model_cache.iterdir())  # its lock files too
+
+
+def test_a_model_copy_in_use_is_kept_until_its_users_exit(s3, tiny_itm):
+    uri = s3.upload_dir(Path(tiny_itm), f"s3://{BUCKET}/models/in-use")
+    other = s3.upload_dir(Path(tiny_itm), f"s3://{BUCKET}/models/other")
+    in_use = Path(model_cache.local_model_dir(uri))  # this test's process now uses it, as a live actor would
+    unrelated = _resolve_in_another_process(other)
+    _reupload(s3, uri, tiny_itm, "v2")
+    replacement = _resolve_in_another_process(uri)
+    assert replacement != in_use and replacement.is_dir()
+    assert in_use.is_dir() and (in_use / "model.safetensors").is_file()
+    assert unrelated.is_dir()  # another URI's copy is never touched
