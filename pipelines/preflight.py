@@ -57,7 +57,8 @@ def inspect_input(config: JobConfig) -> InputInfo:
             raise InputError(f"input holds no Parquet files: {config.input}")
         units = plan_units(dataset)
         num_rows = sum(unit.rows for unit in units)
-        files_fingerprint = fingerprint(location.filesystem, files) + [
+        directory = location.path if info.type == pa.fs.FileType.Directory else None
+        files_fingerprint = fingerprint(location.filesystem, files, directory) + [
             model_fingerprint(config.itm_model),
             model_fingerprint(config.caption_model if config.captioning else None),
         ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -48,12 +49,23 @@ def _castable(file_type: pa.DataType, dataset_type: pa.DataType) -> bool:
     return file_type == dataset_type or pa.types.is_null(file_type)
 
 
+# Footers are read concurrently: on S3 each is a request of tens of milliseconds, and a
+# nightly partition can hold thousands of files.
+FOOTER_READERS = 16
+
+
+def _footer(fragment: pads.ParquetFileFragment) -> tuple[pa.Schema, object]:
+    return fragment.physical_schema, fragment.metadata
+
+
 def plan_units(dataset: pads.FileSystemDataset) -> list[Unit]:
     """One unit per non-empty row group, in file order; checks every file against the dataset schema."""
     units: list[Unit] = []
     schema = dataset.schema
-    for fragment in dataset.get_fragments():
-        physical = fragment.physical_schema
+    fragments = list(dataset.get_fragments())
+    with ThreadPoolExecutor(max(1, min(FOOTER_READERS, len(fragments)))) as pool:
+        footers = list(pool.map(_footer, fragments))  # in file order
+    for fragment, (physical, metadata) in zip(fragments, footers):
         for file_field in physical:
             if file_field.name in schema.names and not _castable(file_field.type, schema.field(file_field.name).type):
                 raise UnitError(
@@ -61,7 +73,6 @@ def plan_units(dataset: pads.FileSystemDataset) -> list[Unit]:
                     f"but other files of the input have {schema.field(file_field.name).type}"
                 )
         partition = pads.get_partition_keys(fragment.partition_expression) or {}
-        metadata = fragment.metadata
         for row_group in range(metadata.num_row_groups):
             rows = metadata.row_group(row_group).num_rows
             if rows:
@@ -69,10 +80,16 @@ def plan_units(dataset: pads.FileSystemDataset) -> list[Unit]:
     return units
 
 
-def fingerprint(filesystem: pafs.FileSystem, files: list[str]) -> list[list]:
-    """Path, size and modification time of every input file: a changed input is a different run."""
-    infos = filesystem.get_file_info(files)
-    return [[i.path, i.size, i.mtime_ns or 0] for i in infos]
+def fingerprint(filesystem: pafs.FileSystem, files: list[str], directory: str | None = None) -> list[list]:
+    """Path, size and modification time of every input file: a changed input is a different run.
+    Under ``directory`` they come from one recursive listing (on S3 a request per 1,000 files,
+    where asking file by file costs one request each); files the listing lacks are asked for."""
+    listed = {}
+    if directory is not None:
+        listed = {i.path: i for i in filesystem.get_file_info(pafs.FileSelector(directory, recursive=True))}
+    missing = [f for f in files if f not in listed]
+    listed.update(zip(missing, filesystem.get_file_info(missing)))
+    return [[f, listed[f].size, listed[f].mtime_ns or 0] for f in files]
 
 
 def model_fingerprint(reference: str | None) -> list:

@@ -13,6 +13,7 @@ it throttles or hiccups. Test setup and inspection go to moto directly, past the
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import itertools
 import logging
@@ -250,13 +251,10 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-@pytest.fixture(scope="session")
-def s3_store(tmp_path_factory):
-    """moto's S3 server and the fault proxy on loopback; sets the AWS_* variables to reach them.
-
-    Session-scoped and started before Ray (see ``ray_session``), so Ray's workers inherit the
-    endpoint, credentials and model cache location.
-    """
+@contextlib.contextmanager
+def running_s3(cache: Path):
+    """moto's S3 server and the fault proxy on loopback, with the AWS_* variables set to reach
+    them (and ``cache`` as the model cache) until the block ends."""
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
@@ -264,7 +262,6 @@ def s3_store(tmp_path_factory):
     server.start()
     host, port = server.get_host_and_port()
     proxy = FaultProxy((host, port)).start()
-    cache = tmp_path_factory.mktemp("model-cache")
     settings = {
         "AWS_ACCESS_KEY_ID": ACCESS_KEY,
         "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
@@ -289,6 +286,17 @@ def s3_store(tmp_path_factory):
                 os.environ[key] = value
         proxy.stop()
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_store(tmp_path_factory):
+    """The store for the whole test session.
+
+    Session-scoped and started before Ray (see ``ray_session``), so Ray's workers inherit the
+    endpoint, credentials and model cache location.
+    """
+    with running_s3(tmp_path_factory.mktemp("model-cache")) as store:
+        yield store
 
 
 @pytest.fixture

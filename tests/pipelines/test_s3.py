@@ -232,3 +232,29 @@ def test_a_model_copy_in_use_is_kept_until_its_users_exit(s3, tiny_itm):
     assert replacement != in_use and replacement.is_dir()
     assert in_use.is_dir() and (in_use / "model.safetensors").is_file()
     assert unrelated.is_dir()  # another URI's copy is never touched
+
+
+def test_preflight_lists_the_input_once_instead_of_asking_file_by_file(s3, tiny_itm):
+    """A nightly partition can hold thousands of files: one listing gives their sizes and times."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.config import build_config
+    from pipelines.preflight import preflight
+    from pipelines.units import fingerprint
+
+    for i in range(6):
+        buffer = io.BytesIO()
+        pq.write_table(pa.table({"id": [str(i)], "text": ["t"], "image": [b"x"]}), buffer)
+        s3.put(f"s3://{BUCKET}/many/part-{i}.parquet", buffer.getvalue())
+    config = build_config({"input": f"s3://{BUCKET}/many", "output": f"s3://{BUCKET}/out", "itm_model": tiny_itm, "caption_model": "none"})
+    s3.proxy.reset()
+    source, _ = preflight(config)
+    assert len(source.units) == 6
+    assert not [e for e in s3.proxy.log if e.method == "HEAD" and e.path.split("?")[0].endswith(".parquet")]
+    # The listing gives the same sizes and times as asking each file, so run keys do not change.
+    by_listing = fingerprint(source.location.filesystem, source.files, source.location.path)
+    by_file = fingerprint(source.location.filesystem, source.files)
+    assert by_listing == by_file, (by_listing[:1], by_file[:1])
