@@ -67,11 +67,13 @@ def test_precision_is_validated_and_reaches_the_config_from_the_cli():
 
 
 def test_stage_constructors_receive_the_precision(monkeypatch, tiny_itm, tiny_caption):
+    from blip_ops.captioner import Blip2Captioner
+    from blip_ops.scorer import BlipScorer
     from pipelines import stages
 
     seen = {}
-    monkeypatch.setattr(stages.BlipScorer, "from_pretrained", lambda *a, **k: seen.setdefault("score", k))
-    monkeypatch.setattr(stages.Blip2Captioner, "from_pretrained", lambda *a, **k: seen.setdefault("caption", k))
+    monkeypatch.setattr(BlipScorer, "from_pretrained", lambda *a, **k: seen.setdefault("score", k))
+    monkeypatch.setattr(Blip2Captioner, "from_pretrained", lambda *a, **k: seen.setdefault("caption", k))
     stages.ScoreStage(model=tiny_itm, device="cpu", max_text_tokens=35, text_column="text", precision="bf16")
     stages.CaptionStage(model=tiny_caption, device="cpu", max_new_tokens=4, prompt=None, policy="all", precision="fp16")
     assert seen["score"]["precision"] == "bf16" and seen["caption"]["precision"] == "fp16"
