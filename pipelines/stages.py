@@ -25,7 +25,7 @@ from .storage import read_bytes
 def _resizer(reference: str) -> Resize:
     # Cached per worker process: decode tasks reuse Ray's long-lived workers.
     # An s3:// model is copied once per node (blip_ops.model_cache), then read from local disk.
-    return resize_for(reference)
+    return resize_for(local_checkpoint(reference))
 
 
 def _text_problem(text) -> str | None:
