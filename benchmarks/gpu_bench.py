@@ -240,10 +240,14 @@ def timed(device: str, result: dict):
 def run_timed(step, batches, warmup: int, device: str) -> dict:
     """``step(batch)`` over ``batches`` after ``warmup`` untimed batches; returns seconds, items and outputs."""
     batches = list(batches)
+    _sync(device)
+    started = time.perf_counter()
     for batch, _ in batches[:warmup]:
         step(batch)
+    _sync(device)
+    warmup_seconds = time.perf_counter() - started  # includes torch.compile where it happens
     measured = batches[warmup:] or batches
-    result: dict = {"items": sum(len(b) for b, _ in measured), "outputs": []}
+    result: dict = {"items": sum(len(b) for b, _ in measured), "outputs": [], "warmup_seconds": round(warmup_seconds, 2)}
     with timed(device, result):
         for batch, start in measured:
             result["outputs"].append((start, step(batch)))
@@ -276,6 +280,23 @@ def bench_scoring(args, device: str, blobs, texts) -> dict:
         return itc, itm
 
     fast = run_timed(ours, cycle_batches(pairs, args.pairs, args.score_batch_size), args.warmup, device)
+    sweep = {
+        size: _rate("pairs", run_timed(ours, cycle_batches(pairs, args.pairs, size), args.warmup, device))
+        for size in args.sweep_score_batch_sizes
+    }
+    extra = {"batch_size_sweep": sweep} if sweep else {}
+    token_lengths = processor.tokenizer(texts[:256], padding=False, truncation=True, max_length=35)["input_ids"]
+    gflop = itm_pair_gflop(config, statistics.fmean(len(ids) for ids in token_lengths))
+    extra |= {
+        "decode_resize_images_per_s": round(decode_rate, 1),
+        "decode_threads": args.decode_threads,
+        "gflop_per_pair_from_shapes": round(gflop, 1),
+        "gflop_per_pair_issue_estimate": ISSUE_ITM_GFLOP_PER_PAIR,
+        "precision": scorer.precision,
+        "batch_size": args.score_batch_size,
+    }
+    if args.skip_naive:
+        return _report("pairs", fast, None, gflop, args.peak_tflops) | extra
 
     images = pil_images(blobs)
     naive_pairs = list(zip(images, texts))
@@ -298,16 +319,8 @@ def bench_scoring(args, device: str, blobs, texts) -> dict:
         for start, out in slow["outputs"]
         if start in first and len(first[start][0]) == len(out[0])
     ]
-    token_lengths = processor.tokenizer(texts[:256], padding=False, truncation=True, max_length=35)["input_ids"]
-    gflop = itm_pair_gflop(config, statistics.fmean(len(ids) for ids in token_lengths))
-    return _report("pairs", fast, slow, gflop, args.peak_tflops) | {
-        "decode_resize_images_per_s": round(decode_rate, 1),
-        "decode_threads": args.decode_threads,
-        "gflop_per_pair_from_shapes": round(gflop, 1),
-        "gflop_per_pair_issue_estimate": ISSUE_ITM_GFLOP_PER_PAIR,
+    return _report("pairs", fast, slow, gflop, args.peak_tflops) | extra | {
         "max_score_difference_vs_naive": max(differences) if differences else None,
-        "precision": scorer.precision,
-        "batch_size": args.score_batch_size,
     }
 
 
@@ -331,10 +344,28 @@ def bench_captioning(args, device: str, blobs) -> dict:
         model = Blip2ForConditionalGeneration(config).eval()
     # Every caption exactly --tokens long, on both sides, so captions/s compare like with like.
     model.generation_config.min_new_tokens = args.tokens
-    captioner = Blip2Captioner(model, processor, device, max_new_tokens=args.tokens, precision=args.precision)
+    captioner = Blip2Captioner(model, processor, device, max_new_tokens=args.tokens, precision=args.precision, cache=args.cache)
     (resized,), _ = decode_all(blobs, [ImagePreparer(image_processor)], args.decode_threads)
 
     fast = run_timed(captioner.caption, cycle_batches(resized, args.captions, args.caption_batch_size), args.warmup, device)
+    sweep = {
+        size: _rate("captions", run_timed(captioner.caption, cycle_batches(resized, args.captions, size), args.warmup, device))
+        for size in args.sweep_caption_batch_sizes
+    }
+    image_gflop, token_gflop = blip2_gflop(model, prompt_tokens=0)
+    gflop = image_gflop + (args.tokens - 1) * token_gflop
+    extra = {"batch_size_sweep": sweep} if sweep else {}
+    extra |= {
+        "tokens_per_caption": args.tokens,
+        "gflop_per_image_from_shapes": round(image_gflop, 1),
+        "gflop_per_token_from_shapes": round(token_gflop, 2),
+        "issue_estimate": {"tflop_per_image": ISSUE_BLIP2_TFLOP_PER_IMAGE, "gflop_per_token": ISSUE_BLIP2_GFLOP_PER_TOKEN},
+        "precision": captioner.precision,
+        "cache": args.cache,
+        "batch_size": args.caption_batch_size,
+    }
+    if args.skip_naive:
+        return _report("captions", fast, None, gflop, args.peak_tflops) | extra
 
     images = pil_images(blobs)
 
@@ -347,33 +378,39 @@ def bench_captioning(args, device: str, blobs) -> dict:
     slow = run_timed(naive, cycle_batches(images, args.naive_captions, args.caption_batch_size), args.warmup, device)
     first = {start: out for start, out in fast["outputs"]}
     compared = [(a, b) for start, out in slow["outputs"] if start in first for a, b in zip(out, first[start])]
-    image_gflop, token_gflop = blip2_gflop(model, prompt_tokens=0)
-    gflop = image_gflop + (args.tokens - 1) * token_gflop
-    return _report("captions", fast, slow, gflop, args.peak_tflops) | {
-        "tokens_per_caption": args.tokens,
-        "gflop_per_image_from_shapes": round(image_gflop, 1),
-        "gflop_per_token_from_shapes": round(token_gflop, 2),
-        "issue_estimate": {"tflop_per_image": ISSUE_BLIP2_TFLOP_PER_IMAGE, "gflop_per_token": ISSUE_BLIP2_GFLOP_PER_TOKEN},
+    return _report("captions", fast, slow, gflop, args.peak_tflops) | extra | {
         "captions_equal_to_naive": round(sum(a == b for a, b in compared) / len(compared), 3) if compared else None,
-        "precision": captioner.precision,
-        "batch_size": args.caption_batch_size,
     }
 
 
-def _report(unit: str, fast: dict, slow: dict, gflop_per_item: float, peak_tflops: float) -> dict:
-    fast_rate = fast["items"] / fast["seconds"]
-    slow_rate = slow["items"] / slow["seconds"]
+def _rate(unit: str, run: dict) -> dict:
     return {
+        f"{unit}_per_s": round(run["items"] / run["seconds"], 2),
+        "gpu_util_percent": run["gpu_util_percent"],
+        "warmup_seconds": run["warmup_seconds"],
+    }
+
+
+def _report(unit: str, fast: dict, slow: dict | None, gflop_per_item: float, peak_tflops: float) -> dict:
+    """``slow`` is None with --skip-naive: this project's side only."""
+    fast_rate = fast["items"] / fast["seconds"]
+    report = {
         f"{unit}_per_s": round(fast_rate, 2),
-        f"naive_{unit}_per_s": round(slow_rate, 2),
-        "ratio": round(fast_rate / slow_rate, 2),
         "measured_items": fast["items"],
-        "naive_measured_items": slow["items"],
+        "warmup_seconds": fast["warmup_seconds"],
         "achieved_tflops": round(fast_rate * gflop_per_item / 1e3, 2),
-        "naive_achieved_tflops": round(slow_rate * gflop_per_item / 1e3, 2),
         "fraction_of_peak": round(fast_rate * gflop_per_item / 1e3 / peak_tflops, 3),
         f"ceiling_{unit}_per_s": round(peak_tflops * 1e3 / gflop_per_item, 1),
         "gpu_util_percent": fast["gpu_util_percent"],
+    }
+    if slow is None:
+        return report
+    slow_rate = slow["items"] / slow["seconds"]
+    return report | {
+        f"naive_{unit}_per_s": round(slow_rate, 2),
+        "ratio": round(fast_rate / slow_rate, 2),
+        "naive_measured_items": slow["items"],
+        "naive_achieved_tflops": round(slow_rate * gflop_per_item / 1e3, 2),
         "naive_gpu_util_percent": slow["gpu_util_percent"],
     }
 
@@ -386,6 +423,10 @@ def _environment(device: str) -> dict:
         env["gpu"] = torch.cuda.get_device_name(0)
         env["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
     return env
+
+
+def _sizes(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
 
 
 def parse_args(argv):
@@ -406,11 +447,17 @@ def parse_args(argv):
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU (H100 SXM: 989)")
     parser.add_argument("--skip-captions", action="store_true")
     parser.add_argument("--skip-scoring", action="store_true", help="captioning only")
+    parser.add_argument("--skip-naive", action="store_true", help="this project's side only (no baseline, no ratio)")
+    parser.add_argument("--cache", default="dynamic", choices=("dynamic", "static"), help="captioner KV cache; static compiles on a GPU")
+    parser.add_argument("--sweep-score-batch-sizes", type=_sizes, default=[], help="comma-separated: also time this side at these sizes")
+    parser.add_argument("--sweep-caption-batch-sizes", type=_sizes, default=[], help="comma-separated, as above")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if args.smoke:
         args.rows, args.pairs, args.naive_pairs, args.captions, args.naive_captions = 16, 24, 16, 8, 8
         args.score_batch_size, args.caption_batch_size, args.tokens, args.warmup = 8, 4, 4, 1
+        args.sweep_score_batch_sizes = [min(size, 16) for size in args.sweep_score_batch_sizes]
+        args.sweep_caption_batch_sizes = [min(size, 8) for size in args.sweep_caption_batch_sizes]
         args.decode_threads = min(args.decode_threads, 2)
     return args
 

@@ -16,6 +16,8 @@ from .checkpoints import CAPTION, inspect_checkpoint, load_model, load_processor
 from .precision import autocast, resolve_precision
 from .preprocess import ImagePreparer, check_resize_settings
 
+CACHES = ("dynamic", "static")
+
 
 class Blip2Captioner:
     def __init__(
@@ -26,7 +28,10 @@ class Blip2Captioner:
         max_new_tokens: int = 30,
         prompt: str | None = None,
         precision: str = "auto",
+        cache: str = "dynamic",
     ):
+        if cache not in CACHES:
+            raise ValueError(f"cache must be one of {', '.join(CACHES)}, got {cache!r}")
         self.model = model
         self.processor = processor
         self.images = ImagePreparer(processor.image_processor)
@@ -35,6 +40,9 @@ class Blip2Captioner:
         self.prompt = prompt or None
         self._prompt_ids = self._encode_prompt() if self.prompt else None
         self.precision = resolve_precision(precision, device)
+        # "static" preallocates the KV cache at prompt + max_new_tokens; on a GPU transformers
+        # then compiles the decoding step (torch.compile, CUDA graphs). Same tokens, other cost.
+        self._generate_options = {"cache_implementation": "static"} if cache == "static" else {}
 
     @classmethod
     def from_pretrained(
@@ -44,6 +52,7 @@ class Blip2Captioner:
         max_new_tokens: int = 30,
         prompt: str | None = None,
         precision: str = "auto",
+        cache: str = "dynamic",
     ) -> "Blip2Captioner":
         from transformers import Blip2ForConditionalGeneration
 
@@ -54,7 +63,7 @@ class Blip2Captioner:
         model = load_model(reference, Blip2ForConditionalGeneration, device)
         processor = load_processor(reference)
         check_resize_settings(reference, processor.image_processor)
-        return cls(model, processor, device, max_new_tokens, prompt, precision)
+        return cls(model, processor, device, max_new_tokens, prompt, precision, cache)
 
     def _encode_prompt(self) -> dict:
         # The processor expands the image placeholder tokens in front of the prompt.
@@ -87,5 +96,6 @@ class Blip2Captioner:
                 do_sample=False,
                 num_beams=1,
                 use_cache=True,
+                **self._generate_options,
             )
         return [text.strip() for text in self.processor.batch_decode(generated, skip_special_tokens=True)]

@@ -47,3 +47,18 @@ def test_each_workload_runs_alone(capsys, skip, kept):
     assert gpu_bench.main(["--smoke", "--device", "cpu", "--json", skip]) == 0
     result = json.loads(capsys.readouterr().out)
     assert kept in result and ({"scoring", "captioning"} - {kept}).isdisjoint(result)
+
+
+def test_this_side_alone_with_a_static_cache_and_batch_size_sweeps(capsys):
+    """The options the GPU run uses to find the best batch sizes and to try the compiled static cache."""
+    argv = ["--smoke", "--device", "cpu", "--json", "--skip-naive", "--cache", "static"]
+    argv += ["--sweep-score-batch-sizes", "4,16", "--sweep-caption-batch-sizes", "2"]
+    assert gpu_bench.main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    scoring, captioning = result["scoring"], result["captioning"]
+    assert "ratio" not in scoring and "naive_pairs_per_s" not in scoring
+    assert "ratio" not in captioning and captioning["cache"] == "static"
+    assert set(scoring["batch_size_sweep"]) == {"4", "16"} and set(captioning["batch_size_sweep"]) == {"2"}
+    assert all(entry["pairs_per_s"] > 0 for entry in scoring["batch_size_sweep"].values())
+    assert captioning["batch_size_sweep"]["2"]["captions_per_s"] > 0
+    assert scoring["warmup_seconds"] >= 0 and captioning["warmup_seconds"] >= 0

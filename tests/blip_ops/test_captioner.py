@@ -58,3 +58,30 @@ def test_bf16_autocast_captions_run_in_bf16(tiny_caption):
         handle.remove()
     assert seen == {torch.bfloat16}
     assert len(captions) == 3 and all(isinstance(c, str) for c in captions)
+
+
+@pytest.mark.parametrize("prompt", [None, "a photo of"])
+def test_static_cache_captions_equal_the_reference(tiny_caption, prompt):
+    """The static KV cache (what torch.compile needs on a GPU) changes the cost, never the tokens."""
+    from transformers import StaticCache
+
+    reference = caption_reference(tiny_caption, MAX_NEW_TOKENS, prompt)
+    captioner = Blip2Captioner.from_pretrained(
+        tiny_caption, device="cpu", max_new_tokens=MAX_NEW_TOKENS, prompt=prompt, cache="static"
+    )
+    caches = set()
+    handle = captioner.model.language_model.register_forward_pre_hook(
+        lambda _m, _args, kwargs: caches.add(type(kwargs.get("past_key_values"))), with_kwargs=True
+    )
+    images = _images()
+    try:
+        captions = captioner.caption([captioner.images.resize(decode_rgb(d)) for d in images])
+    finally:
+        handle.remove()
+    assert caches == {StaticCache}
+    assert captions == [reference(d) for d in images]
+
+
+def test_unknown_cache_is_refused(tiny_caption):
+    with pytest.raises(ValueError, match="cache must be one of dynamic, static"):
+        Blip2Captioner.from_pretrained(tiny_caption, device="cpu", cache="paged")
