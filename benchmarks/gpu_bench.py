@@ -13,7 +13,7 @@ What is measured, after warm-up batches, with the GPU synchronised at each clock
 * **decode**: image bytes read from a Parquet file, decoded and resized to uint8 at model
   resolution by a thread pool (in the pipeline this runs in Ray CPU tasks on other cores).
 * **score**, this project: ``BlipScorer.score`` on decoded uint8 batches: normalisation on the
-  GPU, one vision pass for ITC and ITM, ``--precision`` (auto: bf16 autocast).
+  GPU, one vision pass for ITC and ITM, ``--precision`` (auto: bf16 autocast, vision attention fused).
 * **score**, naive: what a user writes by hand on the same decoded images: the processor on
   PIL images, then ``BlipForImageTextRetrieval`` twice (ITM, then ITC), fp32 as loaded.
 * **caption**, this project: ``Blip2Captioner.caption`` (batched greedy, KV cache, autocast);
@@ -272,6 +272,10 @@ def bench_scoring(args, device: str, blobs, texts) -> dict:
         model = BlipForImageTextRetrieval(config).eval()
     processor = bench_itm_processor(config.vision_config.image_size)
     scorer = BlipScorer(model, processor, device, max_text_tokens=35, precision=args.precision)
+    if args.eager_attention:
+        scorer.fused_attention = False  # to measure what the fused vision attention buys
+    if args.compile:
+        scorer._forward = torch.compile(scorer._forward)  # a trial, not a project option
     (resized,), decode_rate = decode_all(blobs, [ImagePreparer(processor.image_processor)], args.decode_threads)
     pairs = list(zip(resized, texts))
 
@@ -293,6 +297,8 @@ def bench_scoring(args, device: str, blobs, texts) -> dict:
         "gflop_per_pair_from_shapes": round(gflop, 1),
         "gflop_per_pair_issue_estimate": ISSUE_ITM_GFLOP_PER_PAIR,
         "precision": scorer.precision,
+        "fused_vision_attention": scorer.fused_attention,
+        "compiled": args.compile,
         "batch_size": args.score_batch_size,
     }
     if args.skip_naive:
@@ -449,6 +455,8 @@ def parse_args(argv):
     parser.add_argument("--skip-scoring", action="store_true", help="captioning only")
     parser.add_argument("--skip-naive", action="store_true", help="this project's side only (no baseline, no ratio)")
     parser.add_argument("--cache", default="dynamic", choices=("dynamic", "static"), help="captioner KV cache; static compiles on a GPU")
+    parser.add_argument("--eager-attention", action="store_true", help="scorer: transformers' eager vision attention even in half precision")
+    parser.add_argument("--compile", action="store_true", help="scorer: torch.compile its forward (a trial)")
     parser.add_argument("--sweep-score-batch-sizes", type=_sizes, default=[], help="comma-separated: also time this side at these sizes")
     parser.add_argument("--sweep-caption-batch-sizes", type=_sizes, default=[], help="comma-separated, as above")
     parser.add_argument("--json", action="store_true")

@@ -8,12 +8,14 @@ cross-attending for ITM), so each score equals what the model returns for the pa
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.nn.functional import normalize
 
+from .attention import sdpa_vision_attention
 from .checkpoints import ITM, inspect_checkpoint, load_model, load_processor, resolve_device
 from .precision import autocast, resolve_precision
 from .preprocess import ImagePreparer, check_resize_settings
@@ -37,6 +39,9 @@ class BlipScorer:
         self.max_text_tokens = max_text_tokens
         # Resolved once: "auto" is fp32 on the CPU (the fidelity reference), bf16 on CUDA.
         self.precision = resolve_precision(precision, device)
+        # fp32 keeps transformers' eager attention, so its scores are the checkpoint's own;
+        # half precision, already off in the third decimal, also fuses the vision attention.
+        self.fused_attention = self.precision != "fp32"
 
     @classmethod
     def from_pretrained(
@@ -46,8 +51,8 @@ class BlipScorer:
 
         inspect_checkpoint(reference, ITM)
         device = resolve_device(device)
-        # BLIP v1 in transformers 5.23 has eager attention only (no _supports_sdpa), so there
-        # is no attention backend to choose here; BLIP-2 uses SDPA by default.
+        # BLIP v1 in transformers 5.23 has eager attention only (no _supports_sdpa); the
+        # scorer fuses the vision attention itself in half precision (blip_ops.attention).
         model = load_model(reference, BlipForImageTextRetrieval, device)
         processor = load_processor(reference)
         check_resize_settings(reference, processor.image_processor)
@@ -84,7 +89,8 @@ class BlipScorer:
             return empty, empty.copy(), np.zeros(0, dtype=bool)
         pixel_values = self.images.to_device_pixel_values(images, self.device, next(self.model.parameters()).dtype)
         text = self.tokenize(texts)
-        with autocast(self.precision, self.device):
+        fused = sdpa_vision_attention(self.model.vision_model) if self.fused_attention else contextlib.nullcontext()
+        with autocast(self.precision, self.device), fused:
             itc, itm = self._forward(pixel_values, text)
         return (
             itc.cpu().numpy().astype(np.float32),

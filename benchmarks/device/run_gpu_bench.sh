@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Run ON the GPU machine, as the device tool's command (about 470 s at most; a 540 s timeout is enough):
-#   bash benchmarks/device/run_gpu_bench.sh          with carry: [".whl"]
-# Each workload runs as its own process under its own time limit, so a failure or a timeout in
+# Run ON the GPU machine, as the device tool's command, with carry: [".whl"]:
+#   bash benchmarks/device/run_gpu_bench.sh                   # the main figures (about 200 s)
+#   bash benchmarks/device/run_gpu_bench.sh STEP...           # chosen steps (names below)
+# Each step runs as its own process under its own time limit, so a failure or a timeout in
 # one still returns the others' figures. Everything lands in $OUT (JSON plus the full logs).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-bench-out}; mkdir -p "$OUT"
@@ -19,10 +20,20 @@ step() {  # name, seconds, gpu_bench arguments...
   timeout "$limit" python3 -m benchmarks.gpu_bench --json "$@" > "$OUT/$name.json" 2> "$OUT/$name.log"
   echo "== $name rc=$? in $((SECONDS - started)) s: $*"; tail -c 1200 "$OUT/$name.log"; cat "$OUT/$name.json"; echo
 }
-# Scoring against the naive loop at batch 256, then this side alone at other batch sizes.
-step scoring 120 --skip-captions --sweep-score-batch-sizes 64,512,1024
-# Captioning (dynamic KV cache) against naive generate at batch 128, then this side at 256 and 512.
-step captioning 170 --skip-scoring --sweep-caption-batch-sizes 256,512
-# The issue's open question: does a static KV cache with torch.compile (transformers compiles the
-# decoding step when the cache is static) pay off? Same batch size as the dynamic run above.
-step captioning_static 170 --skip-scoring --skip-naive --cache static --captions 1024 --warmup 3
+run() {
+  case $1 in
+    # Against the naive loops, this side at the default batch size, then alone at others.
+    scoring) step scoring 120 --skip-captions --sweep-score-batch-sizes 64,512,1024 ;;
+    captioning) step captioning 170 --skip-scoring --sweep-caption-batch-sizes 256,512 ;;
+    # What the fused (SDPA) vision attention buys: the scorer with transformers' eager attention.
+    scoring_eager) step scoring_eager 90 --skip-captions --skip-naive --eager-attention --sweep-score-batch-sizes 512 ;;
+    # Trials: torch.compile on the scorer; a static KV cache, which transformers compiles.
+    scoring_compiled) step scoring_compiled 150 --skip-captions --skip-naive --compile --sweep-score-batch-sizes 512 ;;
+    captioning_static) step captioning_static 170 --skip-scoring --skip-naive --cache static --captions 1024 --warmup 3 ;;
+    captioning_static_512) step captioning_static_512 170 --skip-scoring --skip-naive --cache static --caption-batch-size 512 --captions 2048 ;;
+    *) echo "unknown step $1" >&2; return 2 ;;
+  esac
+}
+for name in "${@:-scoring captioning}"; do
+  for one in $name; do run "$one"; done
+done
