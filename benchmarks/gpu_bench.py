@@ -274,10 +274,12 @@ def bench_scoring(args, device: str, blobs, texts) -> dict:
     scorer = BlipScorer(model, processor, device, max_text_tokens=35, precision=args.precision)
     if args.eager_attention:
         scorer.fused_attention = False  # to measure what the fused vision attention buys
+    scorer.images.pin_memory = not args.pageable
     if args.compile:
         scorer._forward = torch.compile(scorer._forward)  # a trial, not a project option
     (resized,), decode_rate = decode_all(blobs, [ImagePreparer(processor.image_processor)], args.decode_threads)
     pairs = list(zip(resized, texts))
+    pinned_equal = _pinned_pixels_equal(scorer.images, resized[: args.score_batch_size], device)
 
     def ours(batch):
         itc, itm, _ = scorer.score([p[0] for p in batch], [p[1] for p in batch])
@@ -298,6 +300,8 @@ def bench_scoring(args, device: str, blobs, texts) -> dict:
         "gflop_per_pair_issue_estimate": ISSUE_ITM_GFLOP_PER_PAIR,
         "precision": scorer.precision,
         "fused_vision_attention": scorer.fused_attention,
+        "pinned_staging": scorer.images.pin_memory,
+        "pinned_pixels_equal_pageable": pinned_equal,
         "compiled": args.compile,
         "batch_size": args.score_batch_size,
     }
@@ -328,6 +332,22 @@ def bench_scoring(args, device: str, blobs, texts) -> dict:
     return _report("pairs", fast, slow, gflop, args.peak_tflops) | extra | {
         "max_score_difference_vs_naive": max(differences) if differences else None,
     }
+
+
+def _pinned_pixels_equal(images, batch, device: str) -> bool | None:
+    """The pinned staging path gives the same pixel values as the plain copy (None off CUDA)."""
+    import torch
+
+    if not device.startswith("cuda"):
+        return None
+    saved = images.pin_memory
+    try:
+        images.pin_memory = True
+        pinned = images.to_device_pixel_values(batch, device)
+        images.pin_memory = False
+        return bool(torch.equal(pinned, images.to_device_pixel_values(batch, device)))
+    finally:
+        images.pin_memory = saved
 
 
 def bench_captioning(args, device: str, blobs) -> dict:
@@ -456,6 +476,7 @@ def parse_args(argv):
     parser.add_argument("--skip-naive", action="store_true", help="this project's side only (no baseline, no ratio)")
     parser.add_argument("--cache", default="dynamic", choices=("dynamic", "static"), help="captioner KV cache; static compiles on a GPU")
     parser.add_argument("--eager-attention", action="store_true", help="scorer: transformers' eager vision attention even in half precision")
+    parser.add_argument("--pageable", action="store_true", help="scorer: copy pixels to the GPU without pinned staging")
     parser.add_argument("--compile", action="store_true", help="scorer: torch.compile its forward (a trial)")
     parser.add_argument("--sweep-score-batch-sizes", type=_sizes, default=[], help="comma-separated: also time this side at these sizes")
     parser.add_argument("--sweep-caption-batch-sizes", type=_sizes, default=[], help="comma-separated, as above")

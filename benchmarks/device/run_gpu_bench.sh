@@ -27,6 +27,8 @@ run() {
     captioning) step captioning 170 --skip-scoring --sweep-caption-batch-sizes 256,512 ;;
     # What the fused (SDPA) vision attention buys: the scorer with transformers' eager attention.
     scoring_eager) step scoring_eager 90 --skip-captions --skip-naive --eager-attention --sweep-score-batch-sizes 512 ;;
+    # What pinned staging of the uint8 batch buys: the plain pageable copy.
+    scoring_pageable) step scoring_pageable 90 --skip-captions --skip-naive --pageable --sweep-score-batch-sizes 512 ;;
     # Trials: torch.compile on the scorer; a static KV cache, which transformers compiles.
     scoring_compiled) step scoring_compiled 150 --skip-captions --skip-naive --compile --sweep-score-batch-sizes 512 ;;
     captioning_static) step captioning_static 170 --skip-scoring --skip-naive --cache static --captions 1024 --warmup 3 ;;
