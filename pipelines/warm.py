@@ -41,6 +41,7 @@ def _actor(cls, gpus: float, kwargs: dict):
 class WarmStages:
     def __init__(self, config: JobConfig, resources: Resources):
         self.config = config
+        self.resources = resources
         self.scorer = _actor(stages.ScoreStage, resources.score_gpus, score_stage_kwargs(config, resources))
         self.captioner = (
             _actor(stages.CaptionStage, resources.caption_gpus, caption_stage_kwargs(config, resources))
@@ -52,7 +53,7 @@ class WarmStages:
         """Decode (a Ray task per batch) feeds the warm scorer batch by batch; captions follow the flags."""
         config = self.config
         decode = ray.remote(stages.decode_batch).options(num_cpus=1, max_retries=3)
-        size = config.score_batch_size
+        size = self.resources.score_batch_size
         scored = [
             self.scorer.__call__.remote(decode.remote(table.slice(start, size), **decode_kwargs(config)))
             for start in range(0, table.num_rows, size)
@@ -63,7 +64,7 @@ class WarmStages:
         ]
         result = pa.concat_tables(flagged)
         if self.captioner is not None:
-            size = config.caption_batch_size
+            size = self.resources.caption_batch_size
             refs = [self.captioner.__call__.remote(result.slice(start, size)) for start in range(0, result.num_rows, size)]
             result = pa.concat_tables(ray.get(refs))
         return stages.finalize_batch(result, **finalize_kwargs(config, run_id, passthrough))

@@ -34,3 +34,50 @@ def test_explicit_cpus_win():
     config = build_config(dict(BASE, device="cpu", score_cpus=2, caption_cpus=0.5))
     resources = resolve_resources(config, cluster_gpus=0, cluster_cpus=2)
     assert (resources.score_cpus, resources.caption_cpus) == (2, 0.5)
+
+
+@pytest.mark.parametrize(
+    "overrides, cluster_gpus, expected",
+    [
+        ({"device": "cpu"}, 4, (64, 16)),  # CPU actors: small batches, even on a GPU cluster
+        ({}, 0, (64, 16)),
+        ({}, 2, (256, 256)),  # GPU actors: batches that keep the GPU busy
+        ({"device": "cuda"}, 0, (256, 256)),
+        ({"score_gpus": 0, "caption_gpus": 0.5}, 1, (64, 256)),  # each stage by its own placement
+        ({"score_batch_size": 32, "caption_batch_size": "auto"}, 2, (32, 256)),
+        ({"score_batch_size": "auto", "caption_batch_size": 7}, 0, (64, 7)),
+    ],
+)
+def test_batch_sizes_follow_each_stages_placement_unless_set(overrides, cluster_gpus, expected):
+    resources = resolve_resources(build_config(dict(BASE, **overrides)), cluster_gpus, cluster_cpus=16)
+    assert (resources.score_batch_size, resources.caption_batch_size) == expected
+
+
+class _RecordingDataset:
+    """Stands in for a Dataset: records each stage's map_batches arguments, runs nothing."""
+
+    def __init__(self):
+        self.calls = {}
+
+    def map_batches(self, fn, **kwargs):
+        self.calls[getattr(fn, "__name__", type(fn).__name__)] = kwargs
+        return self
+
+
+@pytest.mark.parametrize("cluster_gpus, expected", [(0, (64, 16)), (1, (256, 256))])
+def test_model_stages_run_at_the_resolved_batch_sizes(cluster_gpus, expected):
+    from pipelines.build import score_rows
+
+    config = build_config(dict(BASE, caption_model="some/blip2", decode_batch_size=9))
+    resources = resolve_resources(config, cluster_gpus, cluster_cpus=16)
+    ds = score_rows(_RecordingDataset(), config, "run", resources, passthrough=["id"])
+    sizes = {name: ds.calls[name]["batch_size"] for name in ("decode_batch", "ScoreStage", "CaptionStage")}
+    assert sizes == {"decode_batch": 9, "ScoreStage": expected[0], "CaptionStage": expected[1]}
+
+
+def test_batch_size_flags_and_auto_reach_the_config():
+    from jobs import score
+
+    base = ["--input", "in", "--output", "out"]
+    config = score.config_from_args(score.make_parser().parse_args([*base, "--score-batch-size", "512", "--caption-batch-size", "auto"]))
+    assert (config.score_batch_size, config.caption_batch_size) == (512, None)
