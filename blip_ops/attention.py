@@ -13,6 +13,7 @@ scores in the third decimal), never in fp32, the fidelity reference.
 from __future__ import annotations
 
 import contextlib
+import threading
 import types
 
 import torch
@@ -34,18 +35,31 @@ def _blip_attention_modules(vision_model) -> list:
     return [module for module in vision_model.modules() if type(module) is BlipAttention]
 
 
+_lock = threading.Lock()
+_holders: dict[int, int] = {}  # id(vision_model) -> blocks currently inside sdpa_vision_attention
+
+
 @contextlib.contextmanager
 def sdpa_vision_attention(vision_model):
     """Within the block, ``vision_model``'s BLIP attention layers run through SDPA.
 
-    The model object is restored on exit, so another user of the same model (a reference
-    computation, the naive benchmark loop) still gets transformers' own eager attention.
+    The model object is restored when the last block using it exits, so another user of the
+    same model (a reference computation, the naive benchmark loop) still gets transformers'
+    own eager attention, and two threads scoring with one model never see it switch mid-pass.
     """
     modules = _blip_attention_modules(vision_model)
-    for module in modules:
-        module.forward = types.MethodType(_sdpa_forward, module)
+    key = id(vision_model)
+    with _lock:
+        if not _holders.get(key):
+            for module in modules:
+                module.forward = types.MethodType(_sdpa_forward, module)
+        _holders[key] = _holders.get(key, 0) + 1
     try:
         yield len(modules)
     finally:
-        for module in modules:
-            del module.forward
+        with _lock:
+            _holders[key] -= 1
+            if not _holders[key]:
+                del _holders[key]
+                for module in modules:
+                    del module.forward

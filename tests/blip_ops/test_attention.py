@@ -68,3 +68,20 @@ def test_scorer_fuses_only_in_half_precision(tiny_itm, monkeypatch, precision, f
     assert len(calls) == (layers if fused else 0)
     if fused:
         assert {shape[0] for shape in calls} == {2}  # one fused call per layer for the whole batch
+
+
+def test_nested_and_overlapping_blocks_keep_the_fused_attention_until_the_last_exits(itm_model, monkeypatch):
+    """Two threads scoring with one model: the first to finish must not switch the other's
+    remaining layers back to eager attention."""
+    calls = _sdpa_calls(monkeypatch)
+    vision = itm_model.vision_model
+    layers = itm_model.config.vision_config.num_hidden_layers
+    with torch.inference_mode():
+        with sdpa_vision_attention(vision):
+            with sdpa_vision_attention(vision):
+                pass  # the inner holder leaves first
+            vision(pixel_values=_pixels(itm_model))
+            assert len(calls) == layers
+        vision(pixel_values=_pixels(itm_model))
+    assert len(calls) == layers
+    assert not any("forward" in vars(m) for m in itm_model.modules())
