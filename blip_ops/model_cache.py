@@ -8,6 +8,8 @@ the model (a model actor, a decode task) downloads it into a temporary directory
 that into place while holding an exclusive file lock; the others wait on the lock and find
 the finished copy. A directory under its final name is always complete: the rename is atomic,
 and a download killed halfway leaves only a temporary directory, removed by the next one.
+A copy counts only if the prefix lists the same after it as before it; a re-upload caught
+halfway is discarded and the new version copied instead (up to three tries).
 
 A re-uploaded model replaces its old copy once no live process on the node uses the old one:
 every process holds a shared lock on each version it resolved (``<name>.use``) for as long as
@@ -40,6 +42,15 @@ _CHUNK = 8 * 1024 * 1024
 
 class ModelCacheError(ValueError):
     """A remote model directory that cannot be listed or copied."""
+
+
+class _ChangedWhileCopying(Exception):
+    """The model's objects changed (a re-upload) between listing them and copying them."""
+
+
+# A copy is checked against a second listing taken after it, since S3 has no snapshot of a
+# prefix: a re-upload in between would otherwise leave old and new files under one name.
+COPY_ATTEMPTS = 3
 
 
 @dataclass(frozen=True, order=True)
@@ -99,6 +110,12 @@ def _hold_in_use(root: Path, name: str) -> None:
         _IN_USE[name] = handle
 
 
+def _release_in_use(name: str) -> None:
+    handle = _IN_USE.pop(name, None)
+    if handle is not None:
+        handle.close()  # closing drops the shared lock
+
+
 def _evict_replaced(root: Path, uri: str, current: str) -> None:
     """Delete the other cached versions of ``uri`` that no live process holds."""
     for record in root.glob(f"*/{SOURCE_RECORD}"):
@@ -139,7 +156,7 @@ def _download(uri: str, files: list[RemoteFile], into: Path) -> None:
             while chunk := source.read(_CHUNK):
                 out.write(chunk)
         if target.stat().st_size != remote.size:
-            raise ModelCacheError(f"{uri}/{remote.name} changed while it was being copied; try again")
+            raise _ChangedWhileCopying(remote.name)
     record = {"uri": uri, "files": [asdict(f) for f in files]}
     (into / SOURCE_RECORD).write_text(json.dumps(record, indent=2))
 
@@ -148,18 +165,26 @@ def local_model_dir(reference: str) -> str:
     """A local directory holding the model ``reference`` names; local paths and hub ids pass through."""
     if not is_remote(reference):
         return reference
-    files = list_remote(reference)
-    if not files:
-        raise ModelCacheError(f"model directory does not exist (no objects under it): {reference}")
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
-    name = cache_name(reference, files)
-    target = root / name
-    _hold_in_use(root, name)  # before the check: from here on no other process deletes it
-    if not target.is_dir():  # a directory under its final name is complete by construction
-        _fetch(reference, files, root, name)
-    _evict_replaced(root, reference, name)
-    return str(target)
+    for _ in range(COPY_ATTEMPTS):
+        files = list_remote(reference)
+        if not files:
+            raise ModelCacheError(f"model directory does not exist (no objects under it): {reference}")
+        name = cache_name(reference, files)
+        target = root / name
+        _hold_in_use(root, name)  # before the check: from here on no other process deletes it
+        try:
+            if not target.is_dir():  # a directory under its final name is complete by construction
+                _fetch(reference, files, root, name)
+        except _ChangedWhileCopying:
+            _release_in_use(name)  # that version is gone from S3; list again and copy the new one
+            continue
+        _evict_replaced(root, reference, name)
+        return str(target)
+    raise ModelCacheError(
+        f"model {reference} changed on S3 while it was being copied, {COPY_ATTEMPTS} times; try again once its upload is finished"
+    )
 
 
 def _fetch(reference: str, files: list[RemoteFile], root: Path, name: str) -> None:
@@ -172,6 +197,8 @@ def _fetch(reference: str, files: list[RemoteFile], root: Path, name: str) -> No
         staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
         try:
             _download(reference, files, staging)
+            if list_remote(reference) != files:
+                raise _ChangedWhileCopying("listing")
             os.rename(staging, target)
         except OSError as exc:
             shutil.rmtree(staging, ignore_errors=True)

@@ -258,3 +258,41 @@ def test_preflight_lists_the_input_once_instead_of_asking_file_by_file(s3, tiny_
     by_listing = fingerprint(source.location.filesystem, source.files, source.location.path)
     by_file = fingerprint(source.location.filesystem, source.files)
     assert by_listing == by_file, (by_listing[:1], by_file[:1])
+
+
+def test_a_reupload_during_the_copy_is_never_cached_as_a_mixture(s3, tiny_itm, monkeypatch):
+    """S3 has no snapshot of a prefix: the copy is checked against a listing taken after it."""
+    uri = s3.upload_dir(Path(tiny_itm), f"s3://{BUCKET}/models/racing")
+    real_download = model_cache._download
+    copied = []
+
+    def download_then_reupload(uri_, files, into):
+        real_download(uri_, files, into)
+        copied.append(into)
+        if len(copied) == 1:  # the model is re-uploaded while the first copy is under way
+            _reupload(s3, uri, tiny_itm, "v2")
+
+    monkeypatch.setattr(model_cache, "_download", download_then_reupload)
+    resolved = Path(model_cache.local_model_dir(uri))
+    assert len(copied) == 2 and not copied[0].exists()  # the first copy was discarded
+    assert json.loads((resolved / "config.json").read_text())["_comment"] == "v2"
+    record = json.loads((resolved / model_cache.SOURCE_RECORD).read_text())
+    assert record["files"] == [vars(f) for f in model_cache.list_remote(uri)]
+    assert sorted(p.name for p in s3.model_cache.iterdir() if p.is_dir()) == [resolved.name]
+
+
+def test_a_model_that_keeps_changing_is_an_error_after_three_copies(s3, tiny_itm, monkeypatch):
+    uri = s3.upload_dir(Path(tiny_itm), f"s3://{BUCKET}/models/churning")
+    real_download = model_cache._download
+    copies = []
+
+    def download_then_reupload(uri_, files, into):
+        copies.append(into)
+        real_download(uri_, files, into)
+        _reupload(s3, uri, tiny_itm, "v" + "x" * len(copies))  # a new size each time
+
+    monkeypatch.setattr(model_cache, "_download", download_then_reupload)
+    with pytest.raises(model_cache.ModelCacheError, match="changed on S3 while it was being copied, 3 times"):
+        model_cache.local_model_dir(uri)
+    assert len(copies) == 3
+    assert not any(p.is_dir() for p in s3.model_cache.iterdir())  # no copy left under any name
