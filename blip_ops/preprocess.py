@@ -15,6 +15,7 @@ drifted from transformers' would stop the run rather than change a score.
 
 from __future__ import annotations
 
+import enum
 import json
 import warnings
 from dataclasses import dataclass
@@ -108,8 +109,8 @@ def check_resize_settings(reference: str, image_processor) -> None:
         )
 
 
-def _load_json(path: Path | None) -> dict | None:
-    if path is None or not path.is_file():  # not known, or known missing (_ABSENT)
+def _load_json(path: "Path | _Missing | None") -> dict | None:
+    if not isinstance(path, Path) or not path.is_file():  # not known, or known missing
         return None
     try:
         loaded = json.loads(path.read_text())
@@ -130,21 +131,24 @@ def _saved_image_processor_settings(reference: str) -> dict | None:
     return _load_json(_checkpoint_file(reference, "preprocessor_config.json"))
 
 
-_ABSENT = Path("/nonexistent")  # known not to exist (as opposed to None: not known)
+class _Missing(enum.Enum):
+    """A checkpoint file known not to exist, as opposed to None: not known (not in the hub cache)."""
+
+    FILE = "known missing"
 
 
-def _checkpoint_file(reference: str, name: str) -> Path | None:
+def _checkpoint_file(reference: str, name: str) -> "Path | _Missing | None":
     """A file of a local (or node-cached s3://) checkpoint, or of a hub checkpoint already in
-    the local hub cache; ``_ABSENT`` when known missing, None when not known."""
+    the local hub cache."""
     if model_cache.is_remote(reference) or is_local_reference(reference):
         path = Path(local_checkpoint(reference)) / name
-        return path if path.is_file() else _ABSENT
+        return path if path.is_file() else _Missing.FILE
     from huggingface_hub import try_to_load_from_cache
 
     found = try_to_load_from_cache(reference, name)
     if isinstance(found, str):
         return Path(found)
-    return None if found is None else _ABSENT
+    return None if found is None else _Missing.FILE
 
 
 class ImagePreparer:
