@@ -62,3 +62,10 @@ def test_this_side_alone_with_a_static_cache_and_batch_size_sweeps(capsys):
     assert all(entry["pairs_per_s"] > 0 for entry in scoring["batch_size_sweep"].values())
     assert captioning["batch_size_sweep"]["2"]["captions_per_s"] > 0
     assert scoring["warmup_seconds"] >= 0 and captioning["warmup_seconds"] >= 0
+
+
+def test_pixel_batch_benchmark_runs(capsys):
+    from benchmarks import pixel_batch
+
+    assert pixel_batch.main(["--rows", "4", "--side", "16", "--repeats", "2"]) == 0
+    assert "whole batch now" in capsys.readouterr().out

@@ -41,3 +41,17 @@ def test_pixel_batch_refuses_values_of_the_wrong_size(preparer):
     column = pa.chunked_array([pa.array([b"\x00" * (preparer.num_bytes - 1)], pa.binary())])
     with pytest.raises(ValueError, match="bytes"):
         _pixel_batch(column, np.array([0]), preparer)
+
+
+@pytest.mark.parametrize("sliced", [False, True])
+def test_a_whole_single_chunk_batch_is_a_view_of_the_arrow_buffer(preparer, sliced):
+    values = _pixels(preparer, 4, seed=3)
+    array = pa.array(values, pa.binary())
+    if sliced:  # a batch cut from a larger block: the chunk starts at an offset
+        array = pa.array([_pixels(preparer, 1, seed=9)[0], *values], pa.binary()).slice(1)
+    column = pa.chunked_array([array])
+    batch = _pixel_batch(column, np.arange(4), preparer)
+    np.testing.assert_array_equal(batch, np.stack([preparer.from_bytes(v) for v in values]))
+    data = np.frombuffer(array.buffers()[2], dtype=np.uint8)
+    assert np.shares_memory(batch, data)  # no copy
+    assert not np.shares_memory(_pixel_batch(column, np.array([0, 2]), preparer), data)  # a subset is gathered
