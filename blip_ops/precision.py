@@ -4,6 +4,7 @@ Weights stay in fp32 and ``torch.autocast`` runs matrix multiplications and atte
 the half type while keeping softmax, layer norm and reductions in fp32. That is the
 cheap half of the speed-up on a GPU (tensor cores) at a bounded cost in fidelity; the
 scores the fidelity tests pin down are the fp32 ones, which ``auto`` keeps on the CPU.
+In half precision the scorer also fuses BLIP's vision attention (``blip_ops.attention``).
 """
 
 from __future__ import annotations

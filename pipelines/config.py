@@ -71,7 +71,8 @@ class JobConfig(BaseModel):
         "auto",
         description="Model arithmetic: fp32, or bf16/fp16 autocast (weights stay fp32; matmuls and attention run in "
         "the half type, softmax and norms in fp32). auto: bf16 on CUDA (fp16 on GPUs without bf16), fp32 on CPU, "
-        "where scores equal the checkpoint's fp32 scores. Half precision moves scores slightly.",
+        "where scores equal the checkpoint's fp32 scores. Half precision moves scores slightly; in it, BLIP's vision "
+        "attention also runs fused (PyTorch SDPA), the same arithmetic in another order.",
     )
     ray_address: str | None = Field(None, description="None starts a local Ray; 'auto' or an address joins a cluster.")
 
