@@ -15,6 +15,7 @@ import pyarrow as pa
 
 from blip_ops.checkpoints import local_checkpoint
 from blip_ops.images import ImageError, decode_rgb
+from blip_ops.oom import HalvingBatches
 from blip_ops.preprocess import Resize, resize_for
 
 from . import schema as S
@@ -136,13 +137,16 @@ class ScoreStage:
             local_checkpoint(model), device=device, max_text_tokens=max_text_tokens, precision=precision
         )
         self.text_column = text_column
+        self.parts = HalvingBatches("scoring")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         mask = _scorable(batch)
         texts = batch.column(self.text_column).to_pylist()
         rows = np.flatnonzero(mask)
         images = _pixel_batch(batch.column(S.PIXELS_SCORE), rows, self.scorer.images.resizer)
-        itc, itm, scored_truncated = self.scorer.score(images, [texts[i] for i in rows])
+        scored_texts = [texts[i] for i in rows]
+        parts = self.parts.run(lambda a, b: self.scorer.score(images[a:b], scored_texts[a:b]), len(rows))
+        itc, itm, scored_truncated = (np.concatenate(column) for column in zip(*parts))
 
         truncated = np.zeros(len(mask), dtype=bool)
         truncated[rows] = scored_truncated
@@ -211,13 +215,15 @@ class CaptionStage:
             local_checkpoint(model), device=device, max_new_tokens=max_new_tokens, prompt=prompt, precision=precision
         )
         self.policy = policy
+        self.parts = HalvingBatches("captioning")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         mask = batch.column(S.PIXELS_CAPTION).is_valid().to_numpy(zero_copy_only=False)
         if self.policy == "flagged":
             mask &= batch.column("flagged").to_numpy(zero_copy_only=False)
         rows = np.flatnonzero(mask)
-        captions = self.captioner.caption(_pixel_batch(batch.column(S.PIXELS_CAPTION), rows, self.captioner.images.resizer))
+        images = _pixel_batch(batch.column(S.PIXELS_CAPTION), rows, self.captioner.images.resizer)
+        captions = [c for part in self.parts.run(lambda a, b: self.captioner.caption(images[a:b]), len(rows)) for c in part]
         column = [None] * len(mask)
         for row, caption in zip(rows, captions):
             column[row] = caption

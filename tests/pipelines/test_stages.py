@@ -1,5 +1,6 @@
 """Stage contracts without Ray: same rows, same order, plus the stage's columns."""
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -142,3 +143,51 @@ def test_jpeg_draft_decode_moves_pixels_only_slightly(tiny_itm):
     difference = np.abs(full - draft)
     assert difference.max() > 0  # it is a different decode, so it is opt-in
     assert difference.mean() < 4
+
+
+def _on_a_small_card(monkeypatch, model_call, fits: int) -> list:
+    """Make ``model_call`` (a bound method) raise CUDA out-of-memory above ``fits`` rows."""
+    import torch
+
+    sizes, real = [], model_call
+
+    def limited(images, *args):
+        sizes.append(len(images))
+        if len(images) > fits:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(images, *args)
+
+    monkeypatch.setattr(model_call.__self__, model_call.__name__, limited)
+    return sizes
+
+
+def _shapes_batch(n):
+    colours, shapes = ["red", "blue", "green"], ["circle", "square", "triangle"]
+    return pa.table({
+        "text": [f"a {colours[i % 3]} {shapes[i // 3 % 3]}" for i in range(n)],
+        "image": pa.array([draw_shape(colours[i % 3], shapes[i // 3 % 3]) for i in range(n)]),
+    })
+
+
+def test_model_stages_halve_their_batch_on_gpu_out_of_memory(tiny_itm, tiny_caption, monkeypatch):
+    """A batch too big for the card is scored and captioned in parts: same rows, same values."""
+    from pipelines.stages import CaptionStage
+
+    decoded = decode_batch(
+        _shapes_batch(7), text_column="text", image_column="image", from_uri=False, score_model=tiny_itm,
+        caption_model=tiny_caption,
+    )
+    score = ScoreStage(model=tiny_itm, device="cpu", max_text_tokens=35, text_column="text")
+    caption = CaptionStage(model=tiny_caption, device="cpu", max_new_tokens=4, prompt=None, policy="all")
+    expected = caption(score(decoded))
+
+    score_sizes = _on_a_small_card(monkeypatch, score.scorer.score, fits=3)
+    caption_sizes = _on_a_small_card(monkeypatch, caption.captioner.caption, fits=2)
+    got = caption(score(decoded))
+    # Scores agree to float rounding (texts pad to each part's longest), as in the scorer's
+    # batch-invariance test; everything else is equal.
+    for name in ("itc_score", "itm_score"):
+        np.testing.assert_allclose(got.column(name).to_numpy(), expected.column(name).to_numpy(), rtol=0, atol=1e-5)
+    assert got.drop_columns(["itc_score", "itm_score"]).equals(expected.drop_columns(["itc_score", "itm_score"]))
+    assert score_sizes == [7, 3, 3, 1] and caption_sizes == [7, 3, 1, 1, 1, 1, 1, 1, 1]
+    assert (score.parts.rows_per_call, caption.parts.rows_per_call) == (3, 1)
