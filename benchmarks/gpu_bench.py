@@ -166,6 +166,40 @@ def decode_all(blobs: list[bytes], preparers, workers: int) -> tuple[list[list],
     return [list(column) for column in zip(*decoded)], len(blobs) / elapsed
 
 
+_BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, BLIP's resample
+_RESIZERS: list = []
+
+
+def _decode_in_worker(blob: bytes) -> int:
+    from blip_ops.images import decode_rgb
+
+    rgb = decode_rgb(blob)
+    # Only the size comes back: pickling the arrays to this process would time the pipe, not
+    # decoding (the pipeline's tasks hand theirs to Ray's shared-memory object store).
+    return sum(resizer.resize(rgb).nbytes for resizer in _RESIZERS)
+
+
+def _set_resizers(resizers) -> None:
+    _RESIZERS[:] = resizers
+
+
+def decode_rate_in_processes(blobs: list[bytes], resizers, processes: int, repeat: int = 4) -> float:
+    """Images/s decoded and resized by ``processes`` worker processes, as the pipeline's decode
+    tasks run (each its own process, so the GIL does not limit them); ``repeat`` passes over
+    the blobs so start-up does not dominate. Only the rate is kept."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(processes, mp_context=context, initializer=_set_resizers, initargs=(resizers,)) as pool:
+        list(pool.map(_decode_in_worker, blobs[:processes], chunksize=1))  # workers started and warm
+        started = time.perf_counter()
+        for _ in range(repeat):
+            for _result in pool.map(_decode_in_worker, blobs, chunksize=8):
+                pass
+        return len(blobs) * repeat / (time.perf_counter() - started)
+
+
 def pil_images(blobs: list[bytes]) -> list:
     from PIL import Image, ImageOps
 
@@ -277,7 +311,11 @@ def bench_scoring(args, device: str, blobs, texts) -> dict:
     scorer.images.pin_memory = not args.pageable
     if args.compile:
         scorer._forward = torch.compile(scorer._forward)  # a trial, not a project option
-    (resized,), decode_rate = decode_all(blobs, [ImagePreparer(processor.image_processor)], args.decode_threads)
+    preparer = ImagePreparer(processor.image_processor)
+    (resized,), decode_rate = decode_all(blobs, [preparer], args.decode_threads)
+    process_rate = (
+        decode_rate_in_processes(blobs, [preparer.resizer], args.decode_processes) if args.decode_processes else None
+    )
     pairs = list(zip(resized, texts))
     pinned_equal = _pinned_pixels_equal(scorer.images, resized[: args.score_batch_size], device)
 
@@ -296,6 +334,8 @@ def bench_scoring(args, device: str, blobs, texts) -> dict:
     extra |= {
         "decode_resize_images_per_s": round(decode_rate, 1),
         "decode_threads": args.decode_threads,
+        "decode_processes": args.decode_processes,
+        "decode_resize_images_per_s_processes": round(process_rate, 1) if process_rate else None,
         "gflop_per_pair_from_shapes": round(gflop, 1),
         "gflop_per_pair_issue_estimate": ISSUE_ITM_GFLOP_PER_PAIR,
         "precision": scorer.precision,
@@ -409,6 +449,22 @@ def bench_captioning(args, device: str, blobs) -> dict:
     }
 
 
+def bench_decoding(args, blobs) -> dict:
+    """Decode and resize to BLIP ITM's 384 px only, in threads and in processes: no model."""
+    from blip_ops.preprocess import Resize
+
+    side = 64 if args.smoke else 384
+    resizer = Resize(side, side, _BICUBIC)
+    _, thread_rate = decode_all(blobs, [resizer], args.decode_threads)
+    processes = sorted({1, args.decode_processes or os.cpu_count() or 1})
+    return {
+        "side": side,
+        "threads": args.decode_threads,
+        "images_per_s_threads": round(thread_rate, 1),
+        "images_per_s_processes": {n: round(decode_rate_in_processes(blobs, [resizer], n), 1) for n in processes},
+    }
+
+
 def _rate(unit: str, run: dict) -> dict:
     return {
         f"{unit}_per_s": round(run["items"] / run["seconds"], 2),
@@ -470,9 +526,13 @@ def parse_args(argv):
     parser.add_argument("--tokens", type=int, default=20, help="generated tokens per caption")
     parser.add_argument("--warmup", type=int, default=2, help="untimed batches before each measurement")
     parser.add_argument("--decode-threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--decode-processes", type=int, default=0, help="also time decoding in this many processes, as the pipeline's decode tasks run (0: skip)"
+    )
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU (H100 SXM: 989)")
     parser.add_argument("--skip-captions", action="store_true")
     parser.add_argument("--skip-scoring", action="store_true", help="captioning only")
+    parser.add_argument("--decode-only", action="store_true", help="only decode+resize rates (threads, processes); no model")
     parser.add_argument("--skip-naive", action="store_true", help="this project's side only (no baseline, no ratio)")
     parser.add_argument("--cache", default="dynamic", choices=("dynamic", "static"), help="captioner KV cache; static compiles on a GPU")
     parser.add_argument("--eager-attention", action="store_true", help="scorer: transformers' eager vision attention even in half precision")
@@ -488,6 +548,7 @@ def parse_args(argv):
         args.sweep_score_batch_sizes = [min(size, 16) for size in args.sweep_score_batch_sizes]
         args.sweep_caption_batch_sizes = [min(size, 8) for size in args.sweep_caption_batch_sizes]
         args.decode_threads = min(args.decode_threads, 2)
+        args.decode_processes = min(args.decode_processes, 2)
     return args
 
 
@@ -504,11 +565,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         blobs, texts = catalog_images(workdir, args.rows)
         result = {"environment": _environment(device), "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
-        if not args.skip_scoring:
+        if args.decode_only:
+            result["decoding"] = bench_decoding(args, blobs)
+        elif not args.skip_scoring:
             result["scoring"] = bench_scoring(args, device, blobs, texts)
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
-        if not args.skip_captions:
+        if not args.skip_captions and not args.decode_only:
             result["captioning"] = bench_captioning(args, device, blobs)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

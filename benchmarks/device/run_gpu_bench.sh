@@ -23,8 +23,10 @@ step() {  # name, seconds, gpu_bench arguments...
 run() {
   case $1 in
     # Against the naive loops, this side at the default batch size, then alone at others.
-    scoring) step scoring 120 --skip-captions --sweep-score-batch-sizes 64,512,1024 ;;
+    scoring) step scoring 120 --skip-captions --sweep-score-batch-sizes 64,512,1024 --decode-processes 15 ;;
     captioning) step captioning 170 --skip-scoring --sweep-caption-batch-sizes 256,512 ;;
+    # Decode+resize alone, in threads and in 1 and 16 processes (the pipeline's decode tasks are processes).
+    decoding) step decoding 90 --decode-only --decode-processes 16 ;;
     # What the fused (SDPA) vision attention buys: the scorer with transformers' eager attention.
     scoring_eager) step scoring_eager 90 --skip-captions --skip-naive --eager-attention --sweep-score-batch-sizes 512 ;;
     # What pinned staging of the uint8 batch buys: the plain pageable copy.

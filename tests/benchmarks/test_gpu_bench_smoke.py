@@ -52,7 +52,7 @@ def test_each_workload_runs_alone(capsys, skip, kept):
 def test_this_side_alone_with_a_static_cache_and_batch_size_sweeps(capsys):
     """The options the GPU run uses to find the best batch sizes and to try the compiled static cache."""
     argv = ["--smoke", "--device", "cpu", "--json", "--skip-naive", "--cache", "static"]
-    argv += ["--sweep-score-batch-sizes", "4,16", "--sweep-caption-batch-sizes", "2"]
+    argv += ["--sweep-score-batch-sizes", "4,16", "--sweep-caption-batch-sizes", "2", "--decode-processes", "1"]
     assert gpu_bench.main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     scoring, captioning = result["scoring"], result["captioning"]
@@ -62,6 +62,7 @@ def test_this_side_alone_with_a_static_cache_and_batch_size_sweeps(capsys):
     assert all(entry["pairs_per_s"] > 0 for entry in scoring["batch_size_sweep"].values())
     assert captioning["batch_size_sweep"]["2"]["captions_per_s"] > 0
     assert scoring["warmup_seconds"] >= 0 and captioning["warmup_seconds"] >= 0
+    assert scoring["decode_processes"] == 1 and scoring["decode_resize_images_per_s_processes"] > 0
 
 
 def test_pixel_batch_benchmark_runs(capsys):
@@ -69,3 +70,12 @@ def test_pixel_batch_benchmark_runs(capsys):
 
     assert pixel_batch.main(["--rows", "4", "--side", "16", "--repeats", "2"]) == 0
     assert "whole batch now" in capsys.readouterr().out
+
+
+def test_decode_only_reports_thread_and_process_rates_without_models(capsys):
+    assert gpu_bench.main(["--smoke", "--device", "cpu", "--json", "--decode-only", "--decode-processes", "2"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert "scoring" not in result and "captioning" not in result
+    decoding = result["decoding"]
+    assert decoding["images_per_s_threads"] > 0
+    assert set(decoding["images_per_s_processes"]) == {"1", "2"} and all(r > 0 for r in decoding["images_per_s_processes"].values())
