@@ -128,7 +128,7 @@ def run_job(config: JobConfig, checked: Checked | None = None) -> RunSummary:
         "config": config.model_dump(mode="json"),
         "started_at": started_at,
         "resumed_rows": resumed,
-        "resources": resources,  # per-stage GPUs, CPUs, devices and actor pool bounds; None if all was resumed
+        "resources": resources,  # per-stage GPUs, CPUs, devices, actor pool bounds and batch sizes; None if all was resumed
     }
     try:
         result = output.commit(destination, attempt, source.units, schema, manifest)

@@ -141,6 +141,8 @@ def test_manifest_describes_the_result(all_captions_run, records):
     assert [f["name"] for f in manifest["schema"]] == pq.read_schema(output / manifest["files"][0]).names
     assert json.loads((output / "_SUCCESS").read_text())["run_id"] == "run-all"
     assert manifest["resources"]["score_device"] == "cpu" and len(manifest["resources"]["score_actors"]) == 2
+    # The batch sizes that ran, as resolved (set here; auto would record 64 and 16 on the CPU).
+    assert (manifest["resources"]["score_batch_size"], manifest["resources"]["caption_batch_size"]) == (5, 4)
     assert sorted(p.name for p in output.glob("*.parquet")) == sorted(manifest["files"])
     assert not list(output.glob("_staging-*"))
     assert summary.flagged == manifest["flagged"] == sum(r["flagged"] for r in pq.read_table(output).to_pylist())
