@@ -166,7 +166,6 @@ def decode_all(blobs: list[bytes], preparers, workers: int) -> tuple[list[list],
     return [list(column) for column in zip(*decoded)], len(blobs) / elapsed
 
 
-_BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, BLIP's resample
 _RESIZERS: list = []
 
 
@@ -452,9 +451,10 @@ def bench_captioning(args, device: str, blobs) -> dict:
 def bench_decoding(args, blobs) -> dict:
     """Decode and resize to BLIP ITM's 384 px only, in threads and in processes: no model."""
     from blip_ops.preprocess import Resize
+    from blip_ops.tiny import bench_itm_processor
 
     side = 64 if args.smoke else 384
-    resizer = Resize(side, side, _BICUBIC)
+    resizer = Resize.from_processor(bench_itm_processor(side).image_processor)
     _, thread_rate = decode_all(blobs, [resizer], args.decode_threads)
     processes = sorted({1, args.decode_processes or os.cpu_count() or 1})
     return {

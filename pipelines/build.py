@@ -14,6 +14,14 @@ from .preflight import InputInfo
 from .schema import output_schema, passthrough_schema
 
 
+# Rows per model batch where the config leaves it open, by where the actor runs. On a GPU a
+# batch must be large enough to keep it busy (H200: scoring 1125 pairs/s at 64, 1468 at 256,
+# 1587 at 1024; captions 273/s at 128, 363 at 256, 408 at 512); on a CPU, small enough that a
+# batch's activations stay modest and the pool's progress stays visible.
+GPU_BATCH_SIZES = {"score": 256, "caption": 256}
+CPU_BATCH_SIZES = {"score": 64, "caption": 16}
+
+
 @dataclass(frozen=True)
 class Resources:
     """Resolved per-stage placement: GPUs per actor and the device the model runs on."""
@@ -27,16 +35,8 @@ class Resources:
     # Actor pool bounds (min, max); each pool autoscales between them.
     score_actors: tuple[int, int] = (1, 1)
     caption_actors: tuple[int, int] = (1, 1)
-    score_batch_size: int = 64
-    caption_batch_size: int = 16
-
-
-# Rows per model batch where the config leaves it open, by where the actor runs. On a GPU a
-# batch must be large enough to keep it busy (H200: scoring 1125 pairs/s at 64, 1468 at 256,
-# 1587 at 1024; captions 273/s at 128, 363 at 256, 408 at 512); on a CPU, small enough that a
-# batch's activations stay modest and the pool's progress stays visible.
-GPU_BATCH_SIZES = {"score": 256, "caption": 256}
-CPU_BATCH_SIZES = {"score": 64, "caption": 16}
+    score_batch_size: int = CPU_BATCH_SIZES["score"]
+    caption_batch_size: int = CPU_BATCH_SIZES["caption"]
 
 
 def _batch_size(configured: int | None, gpus: float, stage: str) -> int:

@@ -23,6 +23,13 @@ def _none_word(value):
     return value
 
 
+def _auto_word(value):
+    """``auto`` (or ``none``, or blank) leaves a setting to be resolved when the job starts."""
+    if isinstance(value, str) and value.strip().lower() in ("auto", "none", ""):
+        return None
+    return value
+
+
 def _parse_range(value) -> tuple[int, int]:
     if isinstance(value, str):
         parts = [p.strip() for p in value.split(",")]
@@ -123,17 +130,13 @@ class JobConfig(BaseModel):
         "score_gpus", "caption_gpus", "score_cpus", "caption_cpus", "report_category_column", mode="before",
     )(_none_word)
 
-    @field_validator("score_batch_size", "caption_batch_size", mode="before")
-    @classmethod
-    def _auto_batch_size(cls, value):
-        if isinstance(value, str) and value.strip().lower() in ("auto", "none", ""):
-            return None  # resolved from where the stage's actors run (pipelines.build)
-        return value
+    # Resolved from where each stage's actors run (pipelines.build).
+    _auto_batch_sizes = field_validator("score_batch_size", "caption_batch_size", mode="before")(_auto_word)
 
     @field_validator("score_actors", "caption_actors", mode="before")
     @classmethod
     def _actor_range(cls, value):
-        if value is None or (isinstance(value, str) and value.strip().lower() in ("auto", "none", "")):
+        if _auto_word(value) is None:
             return None  # resolved from the cluster's resources when the job starts
         try:
             low, high = _parse_range(value)
