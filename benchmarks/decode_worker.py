@@ -22,7 +22,7 @@ WORKER = """
 import json, sys, time
 started = time.perf_counter()
 import pyarrow as pa
-from pipelines.stages import decode_batch
+from pipelines.dataflow.stages import decode_batch
 from blip_ops.samples import draw_shape
 if {load_processor}:
     from blip_ops.checkpoints import load_image_processor

@@ -1,5 +1,5 @@
 """Host time a model actor spends gathering one batch's pixels from Arrow, before and after the
-zero-copy path for whole single-chunk batches (``pipelines.stages._pixel_batch``).
+zero-copy path for whole single-chunk batches (``pipelines.dataflow.stages._pixel_batch``).
 
     python -m benchmarks.pixel_batch [--rows 256] [--side 384]
 """
@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from blip_ops.preprocess import Resize
-from pipelines.stages import _pixel_batch
+from pipelines.dataflow.stages import _pixel_batch
 
 
 def _median_ms(step, repeats: int) -> float:

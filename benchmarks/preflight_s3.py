@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from blip_ops.tiny import build_tiny_checkpoints
-    from pipelines import units
+    from pipelines.commit import units
     from pipelines.config import build_config
     from pipelines.preflight import preflight
     from tests.s3_server import running_s3

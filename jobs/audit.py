@@ -21,9 +21,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from pipelines import views
 from pipelines.config import JobConfig, build_config
 from pipelines.preflight import check_columns, check_models, inspect_input
+from pipelines.review import views
 from pipelines.schema import passthrough_schema
 from pipelines.storage import read_bytes
 
@@ -61,7 +61,7 @@ def audit(
     ``captions=``, ``itm_threshold=``, ``device=``, ``ray_address=``...), validated like
     ``--config``: a mistyped name raises ``ConfigError`` naming it.
 
-    ``warm_models`` (default): up to ``pipelines.warm.WARM_MAX_ROWS`` rows are scored by model
+    ``warm_models`` (default): up to ``pipelines.dataflow.warm.WARM_MAX_ROWS`` rows are scored by model
     actors kept alive between calls, so only the first audit with given models and settings
     pays for loading them; ``release_models()`` stops them (and frees their GPUs). Larger
     audits, or ``warm_models=False``, run the batch pipeline, whose actors end with the call.
@@ -164,8 +164,9 @@ def _new_run_id() -> str:
 def _score(table: pa.Table, config: JobConfig, warm_models: bool = True) -> pd.DataFrame:
     import ray
 
-    from pipelines import runtime, warm
-    from pipelines.build import resolve_resources, score_rows
+    from pipelines.dataflow import runtime, warm
+    from pipelines.dataflow.graph import score_rows
+    from pipelines.dataflow.resources import resolve_resources
 
     image = _image_column(config)
     images = table.column(image) if image else None
@@ -288,7 +289,7 @@ def show_flagged(df: pd.DataFrame, n: int = 20, *, id_column=None, text_column=N
 
 def release_models() -> int:
     """Stop the warm model actors ``audit`` keeps between calls; returns how many sets were stopped."""
-    from pipelines import warm
+    from pipelines.dataflow import warm
 
     return warm.release()
 

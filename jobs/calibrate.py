@@ -55,7 +55,7 @@ def make_parser(prog: str = "python -m jobs.calibrate") -> argparse.ArgumentPars
 def _current_thresholds(scored: str) -> dict:
     """The thresholds the scored run used, from its manifest (a value None: that check was off);
     None when the output has no committed manifest."""
-    from pipelines.output import read_committed
+    from pipelines.commit.output import read_committed
     from pipelines.storage import locate
 
     try:
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m jobs.calibrate") 
     args = make_parser(prog).parse_args(argv)
     import pyarrow as pa
 
-    from pipelines import calibration as cal
+    from pipelines.review import calibration as cal
 
     try:
         scored = pa.concat_tables([cal.read_scored(path, args.id_column) for path in args.scored], promote_options="permissive")

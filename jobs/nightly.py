@@ -25,8 +25,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from jobs.score import _OPTIONS, EXIT_FAILED, EXIT_OK, EXIT_USAGE, JPEG_DRAFT_FLAG, JPEG_DRAFT_HELP, _Parser
+from pipelines.commit.output import read_committed
 from pipelines.config import ConfigError, JobConfig, build_config, load_yaml
-from pipelines.output import read_committed
 from pipelines.preflight import InputError, preflight
 from pipelines.storage import locate
 

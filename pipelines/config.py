@@ -130,7 +130,7 @@ class JobConfig(BaseModel):
         "score_gpus", "caption_gpus", "score_cpus", "caption_cpus", "report_category_column", mode="before",
     )(_none_word)
 
-    # Resolved from where each stage's actors run (pipelines.build).
+    # Resolved from where each stage's actors run (pipelines.dataflow.resources).
     _auto_batch_sizes = field_validator("score_batch_size", "caption_batch_size", mode="before")(_auto_word)
 
     @field_validator("score_actors", "caption_actors", mode="before")

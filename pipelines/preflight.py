@@ -12,11 +12,11 @@ import pyarrow.dataset as pads
 
 from blip_ops.checkpoints import CAPTION, ITM, CheckpointError, inspect_checkpoint
 
-from . import output
+from .commit import output
+from .commit.units import Unit, UnitError, fingerprint, model_fingerprint, plan_units, work_key
 from .config import JobConfig
 from .schema import OUTPUT_COLUMNS
 from .storage import Location, locate
-from .units import Unit, UnitError, fingerprint, model_fingerprint, plan_units, work_key
 
 
 class InputError(ValueError):

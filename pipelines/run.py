@@ -8,12 +8,14 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
-from . import artifacts, output, runtime
+from .commit import output
+from .commit.units import durable_rows, missing_ranges, work_key
 from .config import JobConfig
+from .dataflow import runtime
 from .preflight import Checked, InputInfo, preflight
+from .review import artifacts
 from .schema import SCHEMA_VERSION, output_schema
 from .storage import Location
-from .units import durable_rows, missing_ranges, work_key
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +81,8 @@ def _summary(manifest: dict, destination: Location, started: float, outcome: str
 
 def _score_missing(config: JobConfig, source: InputInfo, destination: Location, attempt: output.Attempt, todo) -> dict:
     """Run the pipeline over the rows still to do; returns the resources it resolved."""
-    from .build import build_scored_dataset, resolve_resources  # imports Ray Data
+    from .dataflow.graph import build_scored_dataset  # imports Ray Data
+    from .dataflow.resources import resolve_resources
 
     runtime.connect(config.ray_address)
     resources = resolve_resources(config, runtime.cluster_gpus(), runtime.cluster_cpus())

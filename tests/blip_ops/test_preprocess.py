@@ -136,12 +136,12 @@ def test_hub_checkpoints_are_read_from_the_local_hub_cache(tmp_path, monkeypatch
 
 
 def test_decode_workers_never_import_torch_or_transformers(tiny_itm, tiny_caption):
-    """Decode, flag and write tasks import pipelines.stages; torch would cost each worker seconds and hundreds of MB."""
+    """Decode, flag and write tasks import pipelines.dataflow.stages; torch would cost each worker seconds and hundreds of MB."""
     script = f"""
 import sys
 import pyarrow as pa
-from pipelines.stages import decode_batch, flag_batch, finalize_batch
-from pipelines.pieces import read_units, write_pieces
+from pipelines.dataflow.stages import decode_batch, flag_batch, finalize_batch
+from pipelines.commit.pieces import read_units, write_pieces
 from tests.conftest import image_bytes
 from PIL import Image
 batch = pa.table({{"text": ["a red square"], "image": [image_bytes(Image.new("RGB", (40, 30), (255, 0, 0)))]}})

@@ -48,7 +48,7 @@ def audited(ray_session, frame, options):
 
 
 def test_warm_actors_are_reused_and_give_the_pipelines_rows(audited, frame, options):
-    from pipelines import warm
+    from pipelines.dataflow import warm
 
     again = audit(frame, **options)
     assert len(warm._actors) == 1  # the second call reused the first call's actors

@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs import calibrate
-from pipelines import calibration as cal
 from pipelines.config import build_config, load_yaml
+from pipelines.review import calibration as cal
 
 
 def synthetic(tmp_path, n=400, seed=0):

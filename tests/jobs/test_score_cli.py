@@ -164,7 +164,7 @@ def test_console_script_dispatch():
 
 def test_jpeg_draft_flag_reaches_the_decode_stage(tmp_path):
     from jobs import nightly
-    from pipelines.build import decode_kwargs
+    from pipelines.dataflow.graph import decode_kwargs
 
     base = ["--input", "a", "--output", "b"]
     assert score.config_from_args(score.make_parser().parse_args(base)).jpeg_draft is False

@@ -241,9 +241,9 @@ def test_preflight_lists_the_input_once_instead_of_asking_file_by_file(s3, tiny_
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from pipelines.commit.units import fingerprint
     from pipelines.config import build_config
     from pipelines.preflight import preflight
-    from pipelines.units import fingerprint
 
     for i in range(6):
         buffer = io.BytesIO()

@@ -6,7 +6,7 @@ import pytest
 
 from blip_ops.samples import draw_shape
 from pipelines import schema as S
-from pipelines.stages import ScoreStage, decode_batch, finalize_batch, flag_batch
+from pipelines.dataflow.stages import ScoreStage, decode_batch, finalize_batch, flag_batch
 
 
 def _scored(itc, itm, image_error=None, text_error=None):
@@ -171,7 +171,7 @@ def _shapes_batch(n):
 
 def test_model_stages_halve_their_batch_on_gpu_out_of_memory(tiny_itm, tiny_caption, monkeypatch):
     """A batch too big for the card is scored and captioned in parts: same rows, same values."""
-    from pipelines.stages import CaptionStage
+    from pipelines.dataflow.stages import CaptionStage
 
     decoded = decode_batch(
         _shapes_batch(7), text_column="text", image_column="image", from_uri=False, score_model=tiny_itm,

@@ -18,8 +18,8 @@ from blip_ops.images import ImageError, decode_rgb
 from blip_ops.oom import HalvingBatches
 from blip_ops.preprocess import Resize, resize_for
 
-from . import schema as S
-from .storage import read_bytes
+from .. import schema as S
+from ..storage import read_bytes
 
 
 @functools.lru_cache(maxsize=4)

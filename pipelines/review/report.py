@@ -19,10 +19,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
+from ..config import JobConfig
+from ..schema import SCHEMA_VERSION
+from ..storage import Location, locate, read_bytes
 from . import views
-from .config import JobConfig
-from .schema import SCHEMA_VERSION
-from .storage import Location, locate, read_bytes
 
 # Fine histograms: quantiles read from them are within half a bin (0.0005) of the exact value.
 ITM_RANGE, ITM_BINS = (0.0, 1.0), 1000

@@ -3,7 +3,7 @@ row in the run-summary table.
 
 Layout under OUTPUT:
 
-- ``_report.html``: the run report (``pipelines/report.py``), replaced by each run. The leading
+- ``_report.html``: the run report (``pipelines/review/report.py``), replaced by each run. The leading
   ``_`` matters: Parquet readers (``pyarrow.parquet.read_table(OUTPUT)``, Spark, Ray) skip such
   names, while a plain ``report.html`` among the part files would make them fail.
 - ``_runs/run-<run_id>.parquet``: one file per run, holding that run's single summary row
@@ -25,10 +25,10 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from ..config import JobConfig
+from ..schema import SCHEMA_VERSION, STATUS_IMAGE_ERROR, STATUS_OK, STATUS_TEXT_ERROR
+from ..storage import Location
 from . import report
-from .config import JobConfig
-from .schema import SCHEMA_VERSION, STATUS_IMAGE_ERROR, STATUS_OK, STATUS_TEXT_ERROR
-from .storage import Location
 
 log = logging.getLogger(__name__)
 

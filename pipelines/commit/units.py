@@ -18,8 +18,8 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
-from .config import JobConfig
-from .storage import locate
+from ..config import JobConfig
+from ..storage import locate
 
 PIECE_RE = re.compile(r"u(\d{6})-r(\d{10})-n(\d{6})\.parquet$")
 

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from pipelines import runtime
+from pipelines.dataflow import runtime
 
 
 def _run(ray, rows=60):

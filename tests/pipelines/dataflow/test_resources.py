@@ -1,7 +1,7 @@
 import pytest
 
-from pipelines.build import resolve_resources
 from pipelines.config import build_config
+from pipelines.dataflow.resources import resolve_resources
 
 BASE = {"input": "in", "output": "out"}
 
@@ -66,7 +66,7 @@ class _RecordingDataset:
 
 @pytest.mark.parametrize("cluster_gpus, expected", [(0, (64, 16)), (1, (256, 256))])
 def test_model_stages_run_at_the_resolved_batch_sizes(cluster_gpus, expected):
-    from pipelines.build import score_rows
+    from pipelines.dataflow.graph import score_rows
 
     config = build_config(dict(BASE, caption_model="some/blip2", decode_batch_size=9))
     resources = resolve_resources(config, cluster_gpus, cluster_cpus=16)

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from jobs.score import config_from_args, make_parser
-from pipelines.build import resolve_resources
 from pipelines.config import ConfigError, build_config
+from pipelines.dataflow.resources import resolve_resources
 from tests.conftest import image_bytes, write_catalog
 
 BASE = {"input": "in", "output": "out"}
@@ -69,7 +69,7 @@ def test_precision_is_validated_and_reaches_the_config_from_the_cli():
 def test_stage_constructors_receive_the_precision(monkeypatch, tiny_itm, tiny_caption):
     from blip_ops.captioner import Blip2Captioner
     from blip_ops.scorer import BlipScorer
-    from pipelines import stages
+    from pipelines.dataflow import stages
 
     seen = {}
     monkeypatch.setattr(BlipScorer, "from_pretrained", lambda *a, **k: seen.setdefault("score", k))
@@ -114,7 +114,7 @@ def _map_actor_ids() -> set[str]:
 
 
 def test_actor_pool_starts_at_one_and_grows(ray_session, tiny_itm):
-    from pipelines.build import score_rows
+    from pipelines.dataflow.graph import score_rows
 
     rng = np.random.RandomState(1)
     images = [image_bytes(Image.fromarray((rng.rand(32, 32, 3) * 255).astype(np.uint8)), "PNG") for _ in range(4)]

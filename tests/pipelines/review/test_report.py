@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from blip_ops.samples import sample_catalog
-from pipelines import artifacts, report
 from pipelines.config import build_config
+from pipelines.review import artifacts, report
 from pipelines.run import run_job
 from pipelines.schema import SCHEMA_VERSION
 from pipelines.storage import locate

@@ -10,9 +10,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import output
-from pipelines.pieces import ROW, UNIT, read_units, unit_items, write_pieces
-from pipelines.units import OverlapError, Unit, covered_ranges, missing_ranges, parse_piece, piece_name, plan_units
+from pipelines.commit import output
+from pipelines.commit.pieces import ROW, UNIT, read_units, unit_items, write_pieces
+from pipelines.commit.units import OverlapError, Unit, covered_ranges, missing_ranges, parse_piece, piece_name, plan_units
 
 SCHEMA = pa.schema([("id", pa.int64()), ("status", pa.string()), ("flagged", pa.bool_())])
 FS = pafs.LocalFileSystem()
@@ -80,7 +80,7 @@ def test_files_that_disagree_on_a_column_type_are_named(tmp_path):
     (tmp_path / "in").mkdir()
     pq.write_table(pa.table({"id": [1], "text": ["a"]}), tmp_path / "in" / "a.parquet")
     pq.write_table(pa.table({"id": [2], "text": [b"b"]}), tmp_path / "in" / "b.parquet")
-    from pipelines.units import UnitError
+    from pipelines.commit.units import UnitError
 
     with pytest.raises(UnitError, match="b.parquet"):
         plan_units(pads.dataset(str(tmp_path / "in"), format="parquet"))
@@ -165,8 +165,8 @@ def test_prepare_output_refuses_foreign_files_and_other_results(tmp_path):
 
 
 def test_run_key_follows_settings_that_change_numbers_only():
+    from pipelines.commit.units import work_key
     from pipelines.config import build_config
-    from pipelines.units import work_key
 
     base = {"input": "in", "output": "out", "itm_model": "m", "caption_model": "none"}
     key = work_key(build_config(base), "fingerprint")

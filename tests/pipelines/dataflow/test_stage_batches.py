@@ -5,7 +5,7 @@ import pyarrow as pa
 import pytest
 
 from blip_ops.preprocess import resize_for
-from pipelines.stages import _pixel_batch
+from pipelines.dataflow.stages import _pixel_batch
 
 
 @pytest.fixture(scope="module")

@@ -12,16 +12,10 @@ from __future__ import annotations
 import pyarrow as pa
 import ray
 
+from ..config import JobConfig
 from . import stages
-from .build import (
-    ACTOR_RESTARTS,
-    Resources,
-    caption_stage_kwargs,
-    decode_kwargs,
-    finalize_kwargs,
-    score_stage_kwargs,
-)
-from .config import JobConfig
+from .graph import ACTOR_RESTARTS, caption_stage_kwargs, decode_kwargs, finalize_kwargs, score_stage_kwargs
+from .resources import Resources
 
 # Larger audits go through the Ray Data pipeline, which decodes on many CPUs.
 WARM_MAX_ROWS = 2048

@@ -27,7 +27,7 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from .storage import Location, locate
+from ..storage import Location, locate
 from .units import Unit, covered_ranges, missing_ranges, parse_piece
 
 MANIFEST = "_manifest.json"

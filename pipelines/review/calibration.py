@@ -18,8 +18,8 @@ import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from ..storage import locate
 from . import views
-from .storage import locate
 
 MISMATCH, MATCH = "mismatch", "match"
 SCORES = {"itm": "itm_score", "itc": "itc_score"}
@@ -70,7 +70,7 @@ class Choice:
 
 def read_scored(path: str, id_column: str) -> pa.Table:
     """The committed rows of a scored output (the manifest's files when there is one)."""
-    from .output import committed_files  # the output contract lives there
+    from ..commit.output import committed_files  # the output contract lives there
 
     try:
         files = committed_files(path)
