@@ -169,7 +169,7 @@ def test_histogram_quantiles_and_display():
 
 def readme_queries() -> dict[str, str]:
     """The README's DuckDB queries, by their leading comment."""
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
     section = readme.split("### DuckDB queries", 1)[1]
     block = section.split("```sql\n", 1)[1].split("```", 1)[0]
     queries = {}
