@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 DEFAULT_ITM_MODEL = "Salesforce/blip-itm-base-coco"
 DEFAULT_CAPTION_MODEL = "Salesforce/blip2-opt-2.7b"
+DEFAULT_MAX_IMAGE_BYTES = 50 * 1024 * 1024
 
 
 class ConfigError(ValueError):
@@ -118,6 +119,13 @@ class JobConfig(BaseModel):
         description="Decode JPEGs at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) where both sides stay at least the "
         "model's input size: several times less decode CPU for large photos, but pixels, and so scores, move slightly "
         "from the checkpoint's own preprocessing (BENCHMARKS.md measures both). Off by default; part of the run key.",
+    )
+    max_image_bytes: int = Field(
+        DEFAULT_MAX_IMAGE_BYTES,
+        ge=1,
+        description="An image larger than this many bytes is an image_error and is never read whole: a URI's size "
+        "is checked before reading (a local stat, the S3 object's size) and a stream of unknown size is cut off at "
+        "the limit; a bytes column's value is measured.",
     )
 
     run_id: str | None = Field(None, description="Identifier recorded in every row and the manifest; generated when None.")

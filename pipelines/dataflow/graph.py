@@ -86,6 +86,7 @@ def decode_kwargs(config: JobConfig) -> dict:
         "score_model": config.itm_model,
         "caption_model": config.caption_model if config.captioning else None,
         "jpeg_draft": config.jpeg_draft,
+        "max_image_bytes": config.max_image_bytes,
     }
 
 

@@ -17,9 +17,10 @@ from blip_ops.checkpoints import local_checkpoint
 from blip_ops.images import ImageError, decode_rgb
 from blip_ops.oom import HalvingBatches
 from blip_ops.preprocess import Resize, resize_for
+from blip_ops.texts import text_problem
 
 from .. import schema as S
-from ..storage import read_bytes
+from ..storage import TooLarge, read_bytes
 
 
 @functools.lru_cache(maxsize=4)
@@ -29,21 +30,17 @@ def _resizer(reference: str) -> Resize:
     return resize_for(local_checkpoint(reference))
 
 
-def _text_problem(text) -> str | None:
-    if text is None:
-        return "missing text"
-    if not isinstance(text, str) or not text.strip():
-        return "empty or blank text"
-    return None
-
-
-def _load_image_bytes(value, from_uri: bool):
+def _load_image_bytes(value, from_uri: bool, max_image_bytes: int | None = None):
     if not from_uri:
+        if max_image_bytes is not None and value is not None and len(value) > max_image_bytes:
+            raise ImageError(str(TooLarge(len(value), max_image_bytes)))
         return value
     if value is None or not str(value).strip():
         raise ImageError("missing image URI")
     try:
-        return read_bytes(str(value))
+        return read_bytes(str(value), max_image_bytes)
+    except TooLarge as exc:
+        raise ImageError(str(exc)) from None
     except (OSError, ValueError) as exc:
         raise ImageError(f"cannot read image URI {value}: {exc}") from None
 
@@ -57,8 +54,10 @@ def decode_batch(
     score_model: str,
     caption_model: str | None,
     jpeg_draft: bool = False,
+    max_image_bytes: int | None = None,
 ) -> pa.Table:
-    """Decode images and check texts; adds pixels at each model's resolution and per-row errors."""
+    """Decode images and check texts; adds pixels at each model's resolution and per-row errors.
+    An image larger than ``max_image_bytes`` is an error without being read (URIs) or decoded."""
     score_prep = _resizer(score_model)
     caption_prep = _resizer(caption_model) if caption_model else None
     # A draft decode must still cover the largest model input, so every resize stays a downscale.
@@ -67,9 +66,9 @@ def decode_batch(
     sources = batch.column(image_column).to_pylist()
     image_errors, text_errors, score_pixels, caption_pixels = [], [], [], []
     for text, source in zip(texts, sources):
-        text_errors.append(_text_problem(text))
+        text_errors.append(text_problem(text))
         try:
-            rgb = decode_rgb(_load_image_bytes(source, from_uri), draft_size)
+            rgb = decode_rgb(_load_image_bytes(source, from_uri, max_image_bytes), draft_size)
             score_pixels.append(score_prep.resize(rgb).tobytes())
             caption_pixels.append(caption_prep.resize(rgb).tobytes() if caption_prep else None)
             image_errors.append(None)

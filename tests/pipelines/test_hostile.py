@@ -108,6 +108,7 @@ def _cases(bomb: bytes) -> list[tuple[str, object, object, str]]:
         ("null_text", None, image_bytes(Image.new("RGB", (4, 4))), "text_error"),
         ("empty_text", "", image_bytes(Image.new("RGB", (4, 4))), "text_error"),
         ("whitespace_text", " \t\n  ", image_bytes(Image.new("RGB", (4, 4))), "text_error"),
+        ("zero_width_text", "\u200b\u200b\ufeff\u2060", image_bytes(Image.new("RGB", (4, 4))), "text_error"),
         ("long_text", LONG_TEXT, image_bytes(Image.new("RGB", (4, 4))), "ok"),
         ("unicode_text", "Laufschuhe für Damen – Größe 38, rosé", image_bytes(Image.new("RGB", (4, 4))), "ok"),
         ("emoji_text", "👟 running shoes 🔥🔥", image_bytes(Image.new("RGB", (4, 4))), "ok"),
@@ -172,7 +173,7 @@ def test_errors_name_the_problem(hostile_run):
         "truncated_jpeg": "truncated", "random_bytes": "unrecognised", "empty_bytes": "empty image bytes",
         "null_image": "missing image", "svg": "unrecognised", "ico_not_allowed": "unsupported",
         "decompression_bomb": "too large", "null_text": "missing text", "empty_text": "blank text",
-        "whitespace_text": "blank text",
+        "whitespace_text": "blank text", "zero_width_text": "invisible characters only",
     }
     for case, fragment in expected.items():
         assert fragment in by_case[case]["error"], (case, by_case[case]["error"])
