@@ -24,6 +24,8 @@ _OPTIONS = [
     ("--captions", "Which rows to caption: all | flagged | none."),
     ("--caption-prompt", "Prompt the caption continues (default: none)."),
     ("--max-new-tokens", "Most tokens per caption (default 30)."),
+    ("--agreement-model", "Sentence model for caption_agreement (default sentence-transformers/all-MiniLM-L6-v2, packaged; 'none' off)."),
+    ("--agreement-threshold", "Flag caption_disagrees when caption_agreement is below this (default none: off)."),
     ("--itm-threshold", "Flag rows with itm_score below this (default 0.5; 'none' turns it off)."),
     ("--itc-threshold", "Flag rows with itc_score below this (default 0.2; 'none' turns it off)."),
     ("--max-text-tokens", "Truncate texts to this many tokens (default 35)."),

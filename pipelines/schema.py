@@ -12,11 +12,15 @@ STATUS_TEXT_ERROR = "text_error"
 
 REASON_ITM = "itm_below_threshold"
 REASON_ITC = "itc_below_threshold"
+REASON_CAPTION = "caption_disagrees"
+
+CAPTION_AGREEMENT = "caption_agreement"
 
 OUTPUT_FIELDS = [
     pa.field("itc_score", pa.float32()),
     pa.field("itm_score", pa.float32()),
     pa.field("caption", pa.string()),
+    pa.field(CAPTION_AGREEMENT, pa.float32()),
     pa.field("flagged", pa.bool_()),
     pa.field("flag_reasons", pa.list_(pa.string())),
     pa.field("status", pa.string()),

@@ -41,3 +41,16 @@ def caption_reference(checkpoint: str, max_new_tokens: int, prompt: str | None =
         return processor.batch_decode(out, skip_special_tokens=True)[0].strip()
 
     return caption
+
+
+def agreement_reference(directory: str):
+    """``similarity(text, caption) -> float`` through sentence-transformers' own encode, one pair at a time."""
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(directory, device="cpu")
+
+    def similarity(text: str, caption: str) -> float:
+        a, b = model.encode([text, caption], normalize_embeddings=True, convert_to_numpy=True)
+        return float(a @ b)
+
+    return similarity

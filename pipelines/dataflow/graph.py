@@ -108,6 +108,9 @@ def caption_stage_kwargs(config: JobConfig, resources: Resources) -> dict:
         "prompt": config.caption_prompt,
         "policy": config.captions,
         "precision": config.precision,
+        "text_column": config.text_column,
+        "agreement_model": config.agreement_model if config.agreeing else None,
+        "agreement_threshold": config.agreement_threshold,
     }
 
 

@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from blip_ops.checkpoints import local_checkpoint
 from blip_ops.images import ImageError, decode_rgb
@@ -206,7 +207,17 @@ class CaptionStage:
     """BLIP-2 captions for decodable rows: all of them, or only the flagged ones."""
 
     def __init__(
-        self, *, model: str, device: str, max_new_tokens: int, prompt: str | None, policy: str, precision: str = "auto"
+        self,
+        *,
+        model: str,
+        device: str,
+        max_new_tokens: int,
+        prompt: str | None,
+        policy: str,
+        precision: str = "auto",
+        text_column: str = "text",
+        agreement_model: str | None = None,
+        agreement_threshold: float | None = None,
     ):
         from blip_ops.captioner import Blip2Captioner  # not at the top: see ScoreStage
 
@@ -215,6 +226,15 @@ class CaptionStage:
         )
         self.policy = policy
         self.parts = HalvingBatches("captioning")
+        # The agreement encoder (22M parameters) rides along in the caption actor: it needs the
+        # caption just made, and its pass costs about 1% of the caption's (BENCHMARKS.md).
+        self.encoder = None
+        if agreement_model:
+            from blip_ops.agreement import SentenceEncoder
+
+            self.encoder = SentenceEncoder.from_pretrained(agreement_model, device=str(self.captioner.device))
+        self.text_column = text_column
+        self.agreement_threshold = agreement_threshold
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         mask = batch.column(S.PIXELS_CAPTION).is_valid().to_numpy(zero_copy_only=False)
@@ -226,7 +246,33 @@ class CaptionStage:
         column = [None] * len(mask)
         for row, caption in zip(rows, captions):
             column[row] = caption
-        return batch.drop_columns([S.PIXELS_CAPTION]).append_column("caption", pa.array(column, pa.string()))
+        batch = batch.drop_columns([S.PIXELS_CAPTION]).append_column("caption", pa.array(column, pa.string()))
+        if self.encoder is None:
+            return batch
+        return add_agreement(batch, self.encoder, self.text_column, self.agreement_threshold)
+
+
+def add_agreement(batch: pa.Table, encoder, text_column: str, threshold: float | None) -> pa.Table:
+    """``caption_agreement`` for captioned rows with a usable text, and ``caption_disagrees`` below ``threshold``."""
+    from blip_ops.agreement import agreement
+
+    usable = pc.not_equal(batch.column("status"), S.STATUS_TEXT_ERROR).to_pylist()
+    texts = [t if ok else None for t, ok in zip(batch.column(text_column).to_pylist(), usable)]
+    values = agreement(encoder, texts, batch.column("caption").to_pylist())
+    batch = batch.append_column(S.CAPTION_AGREEMENT, pa.array(values, pa.float32(), mask=np.isnan(values)))
+    if threshold is None:
+        return batch
+    below = ~np.isnan(values) & (values < threshold)
+    if not below.any():
+        return batch
+    reasons = batch.column("flag_reasons").to_pylist()
+    for row in np.flatnonzero(below):
+        reasons[row] = reasons[row] + [S.REASON_CAPTION]
+    flagged = batch.column("flagged").to_numpy(zero_copy_only=False) | below
+    return (
+        batch.set_column(batch.schema.get_field_index("flagged"), "flagged", pa.array(flagged, pa.bool_()))
+        .set_column(batch.schema.get_field_index("flag_reasons"), "flag_reasons", pa.array(reasons, pa.list_(pa.string())))
+    )
 
 
 def finalize_batch(
@@ -244,6 +290,8 @@ def finalize_batch(
     batch = batch.drop_columns([c for c in (S.PIXELS_CAPTION, S.PIXELS_SCORE) if c in batch.column_names])
     if "caption" not in batch.column_names:
         batch = batch.append_column("caption", pa.nulls(n, pa.string()))
+    if S.CAPTION_AGREEMENT not in batch.column_names:
+        batch = batch.append_column(S.CAPTION_AGREEMENT, pa.nulls(n, pa.float32()))
     scored_at = datetime.now(timezone.utc)
     added = {
         "run_id": pa.array([run_id] * n, pa.string()),

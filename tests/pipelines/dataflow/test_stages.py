@@ -255,3 +255,35 @@ def test_a_huge_image_uri_is_refused_in_bounded_memory(tiny_itm, tmp_path):
     error, grown_mb = result.stdout.strip().splitlines()[-2:]
     assert error == f"image of {4 * 1024**3} bytes exceeds the limit of {50 * 1024**2} bytes"
     assert int(grown_mb) < 16  # never read: not 4 GB, and not even the 50 MiB a read up to the limit would cost
+
+
+class _WordEncoder:
+    """Embeds a text by which of a few words it holds: agreement is then predictable."""
+
+    words = ["sofa", "couch", "shoe", "red"]
+
+    def encode(self, texts):
+        vectors = np.array([[float(w in t.lower()) for w in self.words] + [0.01] for t in texts], dtype=np.float32)
+        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def test_agreement_flags_rows_below_the_threshold_and_skips_unusable_texts():
+    from pipelines.dataflow.stages import add_agreement
+
+    batch = pa.table({
+        "text": ["red sofa", "red sofa", "shoe", "sofa", "red sofa"],
+        "status": ["ok", "ok", "text_error", "ok", "image_error"],
+        "caption": ["a photo of a red sofa", "a shoe", "a shoe", None, None],
+        "flagged": [False, False, True, False, True],
+        "flag_reasons": pa.array([[], [], ["text_error"], [], ["image_error"]], pa.list_(pa.string())),
+    })
+    out = add_agreement(batch, _WordEncoder(), "text", threshold=0.5)
+    values = out.column(S.CAPTION_AGREEMENT).to_pylist()
+    assert values[0] == pytest.approx(1.0, abs=1e-3) and values[1] < 0.5 and values[2:] == [None, None, None]
+    assert out.column("flag_reasons").to_pylist() == [
+        [], ["caption_disagrees"], ["text_error"], [], ["image_error"]
+    ]
+    assert out.column("flagged").to_pylist() == [False, True, True, False, True]
+    unflagged = add_agreement(batch, _WordEncoder(), "text", threshold=None)
+    assert unflagged.column("flag_reasons").to_pylist() == batch.column("flag_reasons").to_pylist()
+    assert out.column_names == batch.column_names + [S.CAPTION_AGREEMENT]
