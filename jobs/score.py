@@ -29,6 +29,7 @@ _OPTIONS = [
     ("--itm-threshold", "Flag rows with itm_score below this (default 0.5; 'none' turns it off)."),
     ("--itc-threshold", "Flag rows with itc_score below this (default 0.2; 'none' turns it off)."),
     ("--max-text-tokens", "Truncate texts to this many tokens (default 35)."),
+    ("--text-languages", "Languages the ITM model reads, ISO 639-1, comma-separated (default en); others are flagged; 'any' off."),
     ("--id-column", "Record id column (default id)."),
     ("--text-column", "Text column (default text)."),
     ("--image-column", "Image bytes column (default image)."),

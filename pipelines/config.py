@@ -78,6 +78,13 @@ class JobConfig(BaseModel):
     itm_threshold: float | None = Field(0.5, ge=0.0, le=1.0, description="Flag when itm_score is below this; None turns it off.")
     itc_threshold: float | None = Field(0.2, ge=-1.0, le=1.0, description="Flag when itc_score is below this; None turns it off.")
     max_text_tokens: int = Field(35, ge=3, le=512, description="Texts are truncated to this many tokens, as BLIP's ITM code does.")
+    text_languages: tuple[str, ...] | None = Field(
+        ("en",),
+        description="ISO 639-1 codes of the languages the ITM model reads (comma-separated on the command line). A "
+        "scored row whose text_language is detected as another language is flagged text_language_unsupported (its "
+        "scores are still written); a text whose language cannot be told is not. 'any' (or none) turns the check and "
+        "the detection off.",
+    )
 
     id_column: str = Field("id", description="Column that identifies a record (passed through, never deduplicated).")
     text_column: str = Field("text", description="String column holding the text to check.")
@@ -166,6 +173,18 @@ class JobConfig(BaseModel):
         if low < 1 or high < low:
             raise ValueError(f"need 1 <= MIN <= MAX, got {low},{high}")
         return low, high
+
+    @field_validator("text_languages", mode="before")
+    @classmethod
+    def _languages(cls, value):
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("any", "none", "off", "")):
+            return None
+        items = value.split(",") if isinstance(value, str) else list(value)
+        codes = tuple(dict.fromkeys(str(item).strip().lower() for item in items if str(item).strip()))
+        bad = [code for code in codes if len(code) != 2 or not code.isascii() or not code.isalpha()]
+        if bad or not codes:
+            raise ValueError(f"expected ISO 639-1 codes such as 'en' or 'en,de', or 'any'; got {value!r}")
+        return codes
 
     @field_validator("itm_model", "input", "output", "id_column", "text_column", "image_column")
     @classmethod

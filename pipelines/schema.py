@@ -13,8 +13,10 @@ STATUS_TEXT_ERROR = "text_error"
 REASON_ITM = "itm_below_threshold"
 REASON_ITC = "itc_below_threshold"
 REASON_CAPTION = "caption_disagrees"
+REASON_LANGUAGE = "text_language_unsupported"
 
 CAPTION_AGREEMENT = "caption_agreement"
+TEXT_LANGUAGE = "text_language"
 
 OUTPUT_FIELDS = [
     pa.field("itc_score", pa.float32()),
@@ -26,6 +28,7 @@ OUTPUT_FIELDS = [
     pa.field("status", pa.string()),
     pa.field("error", pa.string()),
     pa.field("text_truncated", pa.bool_()),
+    pa.field(TEXT_LANGUAGE, pa.string()),
     pa.field("run_id", pa.string()),
     pa.field("scored_at", pa.timestamp("us", tz="UTC")),
     pa.field("itm_model", pa.string()),

@@ -191,6 +191,18 @@ def _count(fs: pafs.FileSystem, paths: list[str]) -> tuple[int, dict[str, int], 
     return rows, dict(sorted(by_status.items())), flagged
 
 
+def _count_reasons(fs: pafs.FileSystem, paths: list[str]) -> dict[str, int]:
+    """Flagged rows by reason (a row flagged for two reasons counts under both)."""
+    by_reason = Counter()
+    for path in paths:
+        reasons = pq.read_table(path, columns=["flag_reasons"], filesystem=fs).column("flag_reasons")
+        flat = pa.compute.list_flatten(reasons.combine_chunks()) if len(reasons) else None
+        if flat is not None and len(flat):
+            counts = pa.compute.value_counts(flat)
+            by_reason.update(dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())))
+    return dict(sorted(by_reason.items()))
+
+
 def _check_complete(pieces: dict[str, str], units: list[Unit]) -> None:
     covered = covered_ranges(list(pieces))
     known = {u.index for u in units}
@@ -254,6 +266,7 @@ def commit(location: Location, attempt: Attempt, units: list[Unit], empty_schema
     body = dict(
         manifest, run_id=attempt.run_id, key=attempt.key, files=final, rows=rows,
         rows_by_status=by_status, flagged=flagged, committed_at=committed_at,
+        flagged_by_reason=_count_reasons(fs, [location.join(name) for name in final]),
     )
     _write_json(location, MANIFEST, body)
     _write_json(location, SUCCESS, {"run_id": attempt.run_id, "key": attempt.key, "committed_at": committed_at})

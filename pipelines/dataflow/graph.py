@@ -87,6 +87,15 @@ def decode_kwargs(config: JobConfig) -> dict:
         "caption_model": config.caption_model if config.captioning else None,
         "jpeg_draft": config.jpeg_draft,
         "max_image_bytes": config.max_image_bytes,
+        "detect_language": config.text_languages is not None,
+    }
+
+
+def flag_kwargs(config: JobConfig) -> dict:
+    return {
+        "itm_threshold": config.itm_threshold,
+        "itc_threshold": config.itc_threshold,
+        "text_languages": config.text_languages,
     }
 
 
@@ -161,7 +170,7 @@ def score_rows(
         stages.flag_batch,
         batch_format="pyarrow",
         batch_size=None,
-        fn_kwargs={"itm_threshold": config.itm_threshold, "itc_threshold": config.itc_threshold},
+        fn_kwargs=flag_kwargs(config),
         udf_modifying_row_count=False,
     )
     if config.captioning:

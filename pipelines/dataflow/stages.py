@@ -56,9 +56,11 @@ def decode_batch(
     caption_model: str | None,
     jpeg_draft: bool = False,
     max_image_bytes: int | None = None,
+    detect_language: bool = False,
 ) -> pa.Table:
     """Decode images and check texts; adds pixels at each model's resolution and per-row errors.
-    An image larger than ``max_image_bytes`` is an error without being read (URIs) or decoded."""
+    An image larger than ``max_image_bytes`` is an error without being read (URIs) or decoded;
+    with ``detect_language``, usable texts get their ISO 639-1 ``text_language`` (or null)."""
     score_prep = _resizer(score_model)
     caption_prep = _resizer(caption_model) if caption_model else None
     # A draft decode must still cover the largest model input, so every resize stays a downscale.
@@ -83,8 +85,14 @@ def decode_batch(
             caption_pixels.append(None)
     if not from_uri:
         batch = batch.drop_columns([image_column])
+    languages = [None] * len(texts)
+    if detect_language:
+        from blip_ops.language import detect_languages  # loads the model once per worker process
+
+        languages = detect_languages([t if e is None else None for t, e in zip(texts, text_errors)])
     return (
-        batch.append_column(S.IMAGE_ERROR, pa.array(image_errors, pa.string()))
+        batch.append_column(S.TEXT_LANGUAGE, pa.array(languages, pa.string()))
+        .append_column(S.IMAGE_ERROR, pa.array(image_errors, pa.string()))
         .append_column(S.TEXT_ERROR, pa.array(text_errors, pa.string()))
         .append_column(S.PIXELS_SCORE, pa.array(score_pixels, pa.binary()))
         .append_column(S.PIXELS_CAPTION, pa.array(caption_pixels, pa.binary()))
@@ -164,7 +172,7 @@ class ScoreStage:
         )
 
 
-def _row_verdict(image_error, text_error, itc, itm, itm_threshold, itc_threshold):
+def _row_verdict(image_error, text_error, itc, itm, itm_threshold, itc_threshold, language=None, languages=None):
     reasons = []
     if image_error is not None:
         reasons.append(S.STATUS_IMAGE_ERROR)
@@ -179,18 +187,26 @@ def _row_verdict(image_error, text_error, itc, itm, itm_threshold, itc_threshold
         reasons.append(S.REASON_ITM)
     if itc_threshold is not None and itc < itc_threshold:
         reasons.append(S.REASON_ITC)
+    if languages is not None and language is not None and language not in languages:
+        # The scores stand, but BLIP reads only the listed languages: a human decides (fail closed).
+        reasons.append(S.REASON_LANGUAGE)
     return S.STATUS_OK, None, reasons
 
 
-def flag_batch(batch: pa.Table, *, itm_threshold: float | None, itc_threshold: float | None) -> pa.Table:
-    """Status, error and flags from the decode errors and the scores."""
+def flag_batch(
+    batch: pa.Table, *, itm_threshold: float | None, itc_threshold: float | None, text_languages=None
+) -> pa.Table:
+    """Status, error and flags from the decode errors, the scores and (``text_languages``) the text's language."""
+    n = batch.num_rows
+    language = batch.column(S.TEXT_LANGUAGE).to_pylist() if S.TEXT_LANGUAGE in batch.column_names else [None] * n
+    languages = frozenset(text_languages) if text_languages is not None else None
     columns = zip(
         batch.column(S.IMAGE_ERROR).to_pylist(),
         batch.column(S.TEXT_ERROR).to_pylist(),
         batch.column("itc_score").to_pylist(),
         batch.column("itm_score").to_pylist(),
     )
-    verdicts = [_row_verdict(*row, itm_threshold, itc_threshold) for row in columns]
+    verdicts = [_row_verdict(*row, itm_threshold, itc_threshold, code, languages) for row, code in zip(columns, language)]
     statuses = [v[0] for v in verdicts]
     errors = [v[1] for v in verdicts]
     reasons = [v[2] for v in verdicts]
@@ -292,6 +308,8 @@ def finalize_batch(
         batch = batch.append_column("caption", pa.nulls(n, pa.string()))
     if S.CAPTION_AGREEMENT not in batch.column_names:
         batch = batch.append_column(S.CAPTION_AGREEMENT, pa.nulls(n, pa.float32()))
+    if S.TEXT_LANGUAGE not in batch.column_names:
+        batch = batch.append_column(S.TEXT_LANGUAGE, pa.nulls(n, pa.string()))
     scored_at = datetime.now(timezone.utc)
     added = {
         "run_id": pa.array([run_id] * n, pa.string()),

@@ -287,3 +287,26 @@ def test_agreement_flags_rows_below_the_threshold_and_skips_unusable_texts():
     unflagged = add_agreement(batch, _WordEncoder(), "text", threshold=None)
     assert unflagged.column("flag_reasons").to_pylist() == batch.column("flag_reasons").to_pylist()
     assert out.column_names == batch.column_names + [S.CAPTION_AGREEMENT]
+
+
+def test_unsupported_languages_are_flagged_but_keep_their_scores():
+    batch = _scored(itc=[0.5, 0.5, 0.5, None], itm=[0.9, 0.9, 0.1, None], text_error=[None, None, None, "missing text"])
+    batch = batch.append_column(S.TEXT_LANGUAGE, pa.array(["de", None, "en", "de"], pa.string()))
+    out = flag_batch(batch, itm_threshold=0.5, itc_threshold=0.2, text_languages=("en",))
+    assert out.column("flag_reasons").to_pylist() == [
+        ["text_language_unsupported"], [], ["itm_below_threshold"], ["text_error"]  # undetermined: not flagged
+    ]
+    assert out.column("status").to_pylist() == ["ok", "ok", "ok", "text_error"]
+    assert out.column("itm_score").to_pylist()[0] == pytest.approx(0.9)
+    assert flag_batch(batch, itm_threshold=0.5, itc_threshold=0.2, text_languages=("en", "de")).column(
+        "flag_reasons").to_pylist()[0] == []
+    off = flag_batch(batch, itm_threshold=0.5, itc_threshold=0.2, text_languages=None)
+    assert off.column("flag_reasons").to_pylist()[0] == []
+
+
+def test_decode_detects_languages_of_usable_texts_only(tiny_itm):
+    texts = ["Wasserdichte Wanderschuhe für Herren aus braunem Leder", "Red leather sofa for the living room", "SKU-4432-XL", None]
+    batch = pa.table({"text": texts, "image": pa.array([draw_shape("red", "circle")] * 4, pa.binary())})
+    kwargs = dict(text_column="text", image_column="image", from_uri=False, score_model=tiny_itm, caption_model=None)
+    assert decode_batch(batch, detect_language=True, **kwargs).column(S.TEXT_LANGUAGE).to_pylist() == ["de", "en", None, None]
+    assert decode_batch(batch, **kwargs).column(S.TEXT_LANGUAGE).null_count == 4
