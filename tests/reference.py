@@ -13,13 +13,15 @@ def _open(data: bytes) -> Image.Image:
     return ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
 
 
-def itm_reference(checkpoint: str):
-    """``score(image_bytes, text) -> (itc, itm)`` through ``BlipForImageTextRetrieval`` on one pair."""
+def itm_reference(checkpoint: str, max_text_tokens: int | None = None):
+    """``score(image_bytes, text) -> (itc, itm)`` through ``BlipForImageTextRetrieval`` on one pair
+    (texts truncated to ``max_text_tokens`` tokens by the processor when given, as BLIP's ITM code does)."""
     processor = AutoProcessor.from_pretrained(checkpoint)
     model = BlipForImageTextRetrieval.from_pretrained(checkpoint).eval()
+    truncation = {"truncation": True, "max_length": max_text_tokens} if max_text_tokens else {}
 
     def score(data: bytes, text: str) -> tuple[float, float]:
-        inputs = processor(images=_open(data), text=text, return_tensors="pt")
+        inputs = processor(images=_open(data), text=text, return_tensors="pt", **truncation)
         with torch.no_grad():
             itc = model(**inputs, use_itm_head=False).itm_score[0, 0].item()
             itm = model(**inputs, use_itm_head=True).itm_score.softmax(dim=-1)[0, 1].item()
