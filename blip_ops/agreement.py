@@ -109,7 +109,16 @@ def read_layout(directory: str) -> SentenceLayout:
     """Read ``modules.json``, the pooling config and ``sentence_bert_config.json``; refuse what is not honoured.
 
     A plain transformers checkpoint (no ``modules.json``) is mean-pooled, the sentence-transformers default."""
-    root = Path(directory)
+    try:
+        return _read_layout(Path(directory))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(f"unreadable sentence-transformers settings in {directory}: {exc}") from None
+
+
+def _read_layout(root: Path) -> SentenceLayout:
+    directory = str(root)
     if not (root / "config.json").is_file():
         raise CheckpointError(f"not a Hugging Face checkpoint (no config.json): {directory}")
     if not any(root.glob("*.safetensors")):
