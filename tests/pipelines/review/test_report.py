@@ -111,6 +111,9 @@ def test_flags_are_counted_by_reason(scored):
     page = (output / "_report.html").read_text()
     for reason, count in expected.items():
         assert f'data-count="reason-{reason}">{count}<' in page
+    row = pq.read_table(output / "_runs").to_pylist()[0]
+    assert row["flagged_text_language_unsupported"] == 1
+    assert row["flagged_caption_disagrees"] == expected["caption_disagrees"] and row["agreement_threshold"] == 0.99
 
 
 def test_quantiles_match_the_scored_rows(scored):
