@@ -152,3 +152,10 @@ def test_pickle_only_folders_are_refused(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(CheckpointError, match="safetensors"):
         read_layout(str(tmp_path))
+
+
+def test_an_uncached_hub_id_or_a_missing_directory_is_refused_offline(tmp_path):
+    with pytest.raises(CheckpointError, match="cannot resolve agreement model 'nobody-here/no-such-model'"):
+        resolve_agreement_model("nobody-here/no-such-model")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        resolve_agreement_model(str(tmp_path / "missing"))
