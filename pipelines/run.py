@@ -36,6 +36,8 @@ class RunSummary:
     outcome: str = COMMITTED
     # Rows an interrupted earlier attempt had already made durable; not scored again.
     resumed_rows: int = 0
+    # Flagged rows by reason (itm_below_threshold, text_language_unsupported, caption_disagrees, ...).
+    flagged_by_reason: dict[str, int] = field(default_factory=dict)
 
     @property
     def rows_per_s(self) -> float:
@@ -53,8 +55,10 @@ class RunSummary:
             )
         errors = ", ".join(f"{k}={v}" for k, v in self.errors.items()) or "none"
         resumed = f" ({self.resumed_rows} resumed from an interrupted attempt)" if self.resumed_rows else ""
+        reasons = ", ".join(f"{k}={v}" for k, v in self.flagged_by_reason.items())
         return (
-            f"run {self.run_id}: read {self.rows_read} rows{resumed}, scored {self.scored}, flagged {self.flagged}, "
+            f"run {self.run_id}: read {self.rows_read} rows{resumed}, scored {self.scored}, flagged {self.flagged}"
+            f"{f' ({reasons})' if reasons else ''}, "
             f"errors: {errors}; {self.elapsed_s:.1f}s ({self.rows_per_s:.1f} rows/s); output: {self.output}"
         )
 
@@ -76,6 +80,7 @@ def _summary(manifest: dict, destination: Location, started: float, outcome: str
         elapsed_s=time.monotonic() - started,
         outcome=outcome,
         resumed_rows=resumed,
+        flagged_by_reason=manifest.get("flagged_by_reason", {}),
     )
 
 

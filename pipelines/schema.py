@@ -12,16 +12,23 @@ STATUS_TEXT_ERROR = "text_error"
 
 REASON_ITM = "itm_below_threshold"
 REASON_ITC = "itc_below_threshold"
+REASON_CAPTION = "caption_disagrees"
+REASON_LANGUAGE = "text_language_unsupported"
+
+CAPTION_AGREEMENT = "caption_agreement"
+TEXT_LANGUAGE = "text_language"
 
 OUTPUT_FIELDS = [
     pa.field("itc_score", pa.float32()),
     pa.field("itm_score", pa.float32()),
     pa.field("caption", pa.string()),
+    pa.field(CAPTION_AGREEMENT, pa.float32()),
     pa.field("flagged", pa.bool_()),
     pa.field("flag_reasons", pa.list_(pa.string())),
     pa.field("status", pa.string()),
     pa.field("error", pa.string()),
     pa.field("text_truncated", pa.bool_()),
+    pa.field(TEXT_LANGUAGE, pa.string()),
     pa.field("run_id", pa.string()),
     pa.field("scored_at", pa.timestamp("us", tz="UTC")),
     pa.field("itm_model", pa.string()),

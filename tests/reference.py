@@ -19,13 +19,15 @@ def _open(data: bytes) -> Image.Image:
     return ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
 
 
-def itm_reference(checkpoint: str):
-    """``score(image_bytes, text) -> (itc, itm)`` through ``BlipForImageTextRetrieval`` on one pair."""
+def itm_reference(checkpoint: str, max_text_tokens: int | None = None):
+    """``score(image_bytes, text) -> (itc, itm)`` through ``BlipForImageTextRetrieval`` on one pair
+    (texts truncated to ``max_text_tokens`` tokens by the processor when given, as BLIP's ITM code does)."""
     processor = _processor(checkpoint)
     model = BlipForImageTextRetrieval.from_pretrained(checkpoint).eval()
+    truncation = {"truncation": True, "max_length": max_text_tokens} if max_text_tokens else {}
 
     def score(data: bytes, text: str) -> tuple[float, float]:
-        inputs = processor(images=_open(data), text=text, return_tensors="pt")
+        inputs = processor(images=_open(data), text=text, return_tensors="pt", **truncation)
         with torch.no_grad():
             itc = model(**inputs, use_itm_head=False).itm_score[0, 0].item()
             itm = model(**inputs, use_itm_head=True).itm_score.softmax(dim=-1)[0, 1].item()
@@ -47,3 +49,16 @@ def caption_reference(checkpoint: str, max_new_tokens: int, prompt: str | None =
         return processor.batch_decode(out, skip_special_tokens=True)[0].strip()
 
     return caption
+
+
+def agreement_reference(directory: str):
+    """``similarity(text, caption) -> float`` through sentence-transformers' own encode, one pair at a time."""
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(directory, device="cpu")
+
+    def similarity(text: str, caption: str) -> float:
+        a, b = model.encode([text, caption], normalize_embeddings=True, convert_to_numpy=True)
+        return float(a @ b)
+
+    return similarity

@@ -178,16 +178,22 @@ def durable(location: Location, attempt: Attempt) -> dict[int, list[tuple[int, i
     return covered_ranges(list(_pieces(location, attempt)))
 
 
-def _count(fs: pafs.FileSystem, paths: list[str]) -> tuple[int, dict[str, int], int]:
-    """Rows by status and flagged rows, reading two small columns file by file."""
+def _count(fs: pafs.FileSystem, paths: list[str], by_reason: Counter | None = None) -> tuple[int, dict[str, int], int]:
+    """Rows by status and flagged rows, reading two small columns file by file; with ``by_reason``,
+    also flagged rows by reason (a row flagged for two counts under both), in the same reads."""
     rows, flagged, by_status = 0, 0, Counter()
+    columns = ["status", "flagged"] + (["flag_reasons"] if by_reason is not None else [])
     for path in paths:
-        table = pq.read_table(path, columns=["status", "flagged"], filesystem=fs)
+        table = pq.read_table(path, columns=columns, filesystem=fs)
         rows += table.num_rows
         flagged += int(pa.compute.sum(table.column("flagged")).as_py() or 0)
         counts = pa.compute.value_counts(table.column("status").combine_chunks()) if table.num_rows else None
         if counts is not None:
             by_status.update(dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())))
+        reasons = pa.compute.list_flatten(table.column("flag_reasons").combine_chunks()) if by_reason is not None and table.num_rows else None
+        if reasons is not None and len(reasons):
+            counts = pa.compute.value_counts(reasons)
+            by_reason.update(dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())))
     return rows, dict(sorted(by_status.items())), flagged
 
 
@@ -235,7 +241,8 @@ def commit(location: Location, attempt: Attempt, units: list[Unit], empty_schema
     pieces = _pieces(location, attempt)
     _check_complete(pieces, units)
     expected = sum(u.rows for u in units)
-    rows, by_status, flagged = _count(fs, sorted(pieces.values()))
+    by_reason = Counter() if "flag_reasons" in empty_schema.names else None
+    rows, by_status, flagged = _count(fs, sorted(pieces.values()), by_reason)
     if rows != expected:
         raise IncompleteError(f"row count mismatch: {expected} input rows, {rows} staged; nothing committed")
 
@@ -254,6 +261,7 @@ def commit(location: Location, attempt: Attempt, units: list[Unit], empty_schema
     body = dict(
         manifest, run_id=attempt.run_id, key=attempt.key, files=final, rows=rows,
         rows_by_status=by_status, flagged=flagged, committed_at=committed_at,
+        flagged_by_reason=dict(sorted((by_reason or {}).items())),
     )
     _write_json(location, MANIFEST, body)
     _write_json(location, SUCCESS, {"run_id": attempt.run_id, "key": attempt.key, "committed_at": committed_at})

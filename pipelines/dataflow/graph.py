@@ -86,6 +86,16 @@ def decode_kwargs(config: JobConfig) -> dict:
         "score_model": config.itm_model,
         "caption_model": config.caption_model if config.captioning else None,
         "jpeg_draft": config.jpeg_draft,
+        "max_image_bytes": config.max_image_bytes,
+        "detect_language": config.text_languages is not None,
+    }
+
+
+def flag_kwargs(config: JobConfig) -> dict:
+    return {
+        "itm_threshold": config.itm_threshold,
+        "itc_threshold": config.itc_threshold,
+        "text_languages": config.text_languages,
     }
 
 
@@ -107,6 +117,9 @@ def caption_stage_kwargs(config: JobConfig, resources: Resources) -> dict:
         "prompt": config.caption_prompt,
         "policy": config.captions,
         "precision": config.precision,
+        "text_column": config.text_column,
+        "agreement_model": config.agreement_model if config.agreeing else None,
+        "agreement_threshold": config.agreement_threshold,
     }
 
 
@@ -157,7 +170,7 @@ def score_rows(
         stages.flag_batch,
         batch_format="pyarrow",
         batch_size=None,
-        fn_kwargs={"itm_threshold": config.itm_threshold, "itc_threshold": config.itc_threshold},
+        fn_kwargs=flag_kwargs(config),
         udf_modifying_row_count=False,
     )
     if config.captioning:

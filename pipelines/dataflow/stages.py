@@ -12,14 +12,16 @@ from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from blip_ops.checkpoints import local_checkpoint
 from blip_ops.images import ImageError, decode_rgb
 from blip_ops.oom import HalvingBatches
 from blip_ops.preprocess import Resize, resize_for
+from blip_ops.texts import text_problem
 
 from .. import schema as S
-from ..storage import read_bytes
+from ..storage import TooLarge, read_bytes
 
 
 @functools.lru_cache(maxsize=4)
@@ -29,21 +31,17 @@ def _resizer(reference: str) -> Resize:
     return resize_for(local_checkpoint(reference))
 
 
-def _text_problem(text) -> str | None:
-    if text is None:
-        return "missing text"
-    if not isinstance(text, str) or not text.strip():
-        return "empty or blank text"
-    return None
-
-
-def _load_image_bytes(value, from_uri: bool):
+def _load_image_bytes(value, from_uri: bool, max_image_bytes: int | None = None):
     if not from_uri:
+        if max_image_bytes is not None and value is not None and len(value) > max_image_bytes:
+            raise ImageError(str(TooLarge(len(value), max_image_bytes)))
         return value
     if value is None or not str(value).strip():
         raise ImageError("missing image URI")
     try:
-        return read_bytes(str(value))
+        return read_bytes(str(value), max_image_bytes)
+    except TooLarge as exc:
+        raise ImageError(str(exc)) from None
     except (OSError, ValueError) as exc:
         raise ImageError(f"cannot read image URI {value}: {exc}") from None
 
@@ -57,8 +55,12 @@ def decode_batch(
     score_model: str,
     caption_model: str | None,
     jpeg_draft: bool = False,
+    max_image_bytes: int | None = None,
+    detect_language: bool = False,
 ) -> pa.Table:
-    """Decode images and check texts; adds pixels at each model's resolution and per-row errors."""
+    """Decode images and check texts; adds pixels at each model's resolution and per-row errors.
+    An image larger than ``max_image_bytes`` is an error without being read (URIs) or decoded;
+    with ``detect_language``, usable texts get their ISO 639-1 ``text_language`` (or null)."""
     score_prep = _resizer(score_model)
     caption_prep = _resizer(caption_model) if caption_model else None
     # A draft decode must still cover the largest model input, so every resize stays a downscale.
@@ -67,9 +69,9 @@ def decode_batch(
     sources = batch.column(image_column).to_pylist()
     image_errors, text_errors, score_pixels, caption_pixels = [], [], [], []
     for text, source in zip(texts, sources):
-        text_errors.append(_text_problem(text))
+        text_errors.append(text_problem(text))
         try:
-            rgb = decode_rgb(_load_image_bytes(source, from_uri), draft_size)
+            rgb = decode_rgb(_load_image_bytes(source, from_uri, max_image_bytes), draft_size)
             score_pixels.append(score_prep.resize(rgb).tobytes())
             caption_pixels.append(caption_prep.resize(rgb).tobytes() if caption_prep else None)
             image_errors.append(None)
@@ -83,8 +85,14 @@ def decode_batch(
             caption_pixels.append(None)
     if not from_uri:
         batch = batch.drop_columns([image_column])
+    languages = [None] * len(texts)
+    if detect_language:
+        from blip_ops.language import detect_languages  # loads the model once per worker process
+
+        languages = detect_languages([t if e is None else None for t, e in zip(texts, text_errors)])
     return (
-        batch.append_column(S.IMAGE_ERROR, pa.array(image_errors, pa.string()))
+        batch.append_column(S.TEXT_LANGUAGE, pa.array(languages, pa.string()))
+        .append_column(S.IMAGE_ERROR, pa.array(image_errors, pa.string()))
         .append_column(S.TEXT_ERROR, pa.array(text_errors, pa.string()))
         .append_column(S.PIXELS_SCORE, pa.array(score_pixels, pa.binary()))
         .append_column(S.PIXELS_CAPTION, pa.array(caption_pixels, pa.binary()))
@@ -164,7 +172,7 @@ class ScoreStage:
         )
 
 
-def _row_verdict(image_error, text_error, itc, itm, itm_threshold, itc_threshold):
+def _row_verdict(image_error, text_error, itc, itm, itm_threshold, itc_threshold, language=None, languages=None):
     reasons = []
     if image_error is not None:
         reasons.append(S.STATUS_IMAGE_ERROR)
@@ -179,18 +187,26 @@ def _row_verdict(image_error, text_error, itc, itm, itm_threshold, itc_threshold
         reasons.append(S.REASON_ITM)
     if itc_threshold is not None and itc < itc_threshold:
         reasons.append(S.REASON_ITC)
+    if languages is not None and language is not None and language not in languages:
+        # The scores stand, but BLIP reads only the listed languages: a human decides (fail closed).
+        reasons.append(S.REASON_LANGUAGE)
     return S.STATUS_OK, None, reasons
 
 
-def flag_batch(batch: pa.Table, *, itm_threshold: float | None, itc_threshold: float | None) -> pa.Table:
-    """Status, error and flags from the decode errors and the scores."""
+def flag_batch(
+    batch: pa.Table, *, itm_threshold: float | None, itc_threshold: float | None, text_languages=None
+) -> pa.Table:
+    """Status, error and flags from the decode errors, the scores and (``text_languages``) the text's language."""
+    n = batch.num_rows
+    language = batch.column(S.TEXT_LANGUAGE).to_pylist() if S.TEXT_LANGUAGE in batch.column_names else [None] * n
+    languages = frozenset(text_languages) if text_languages is not None else None
     columns = zip(
         batch.column(S.IMAGE_ERROR).to_pylist(),
         batch.column(S.TEXT_ERROR).to_pylist(),
         batch.column("itc_score").to_pylist(),
         batch.column("itm_score").to_pylist(),
     )
-    verdicts = [_row_verdict(*row, itm_threshold, itc_threshold) for row in columns]
+    verdicts = [_row_verdict(*row, itm_threshold, itc_threshold, code, languages) for row, code in zip(columns, language)]
     statuses = [v[0] for v in verdicts]
     errors = [v[1] for v in verdicts]
     reasons = [v[2] for v in verdicts]
@@ -207,7 +223,17 @@ class CaptionStage:
     """BLIP-2 captions for decodable rows: all of them, or only the flagged ones."""
 
     def __init__(
-        self, *, model: str, device: str, max_new_tokens: int, prompt: str | None, policy: str, precision: str = "auto"
+        self,
+        *,
+        model: str,
+        device: str,
+        max_new_tokens: int,
+        prompt: str | None,
+        policy: str,
+        precision: str = "auto",
+        text_column: str = "text",
+        agreement_model: str | None = None,
+        agreement_threshold: float | None = None,
     ):
         from blip_ops.captioner import Blip2Captioner  # not at the top: see ScoreStage
 
@@ -216,6 +242,15 @@ class CaptionStage:
         )
         self.policy = policy
         self.parts = HalvingBatches("captioning")
+        # The agreement encoder (22M parameters) rides along in the caption actor: it needs the
+        # caption just made, and its pass costs about 1% of the caption's (BENCHMARKS.md).
+        self.encoder = None
+        if agreement_model:
+            from blip_ops.agreement import SentenceEncoder
+
+            self.encoder = SentenceEncoder.from_pretrained(agreement_model, device=str(self.captioner.device))
+        self.text_column = text_column
+        self.agreement_threshold = agreement_threshold
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         mask = batch.column(S.PIXELS_CAPTION).is_valid().to_numpy(zero_copy_only=False)
@@ -227,7 +262,33 @@ class CaptionStage:
         column = [None] * len(mask)
         for row, caption in zip(rows, captions):
             column[row] = caption
-        return batch.drop_columns([S.PIXELS_CAPTION]).append_column("caption", pa.array(column, pa.string()))
+        batch = batch.drop_columns([S.PIXELS_CAPTION]).append_column("caption", pa.array(column, pa.string()))
+        if self.encoder is None:
+            return batch
+        return add_agreement(batch, self.encoder, self.text_column, self.agreement_threshold)
+
+
+def add_agreement(batch: pa.Table, encoder, text_column: str, threshold: float | None) -> pa.Table:
+    """``caption_agreement`` for captioned rows with a usable text, and ``caption_disagrees`` below ``threshold``."""
+    from blip_ops.agreement import agreement
+
+    usable = pc.not_equal(batch.column("status"), S.STATUS_TEXT_ERROR).to_pylist()
+    texts = [t if ok else None for t, ok in zip(batch.column(text_column).to_pylist(), usable)]
+    values = agreement(encoder, texts, batch.column("caption").to_pylist())
+    batch = batch.append_column(S.CAPTION_AGREEMENT, pa.array(values, pa.float32(), mask=np.isnan(values)))
+    if threshold is None:
+        return batch
+    below = ~np.isnan(values) & (values < threshold)
+    if not below.any():
+        return batch
+    reasons = batch.column("flag_reasons").to_pylist()
+    for row in np.flatnonzero(below):
+        reasons[row] = reasons[row] + [S.REASON_CAPTION]
+    flagged = batch.column("flagged").to_numpy(zero_copy_only=False) | below
+    return (
+        batch.set_column(batch.schema.get_field_index("flagged"), "flagged", pa.array(flagged, pa.bool_()))
+        .set_column(batch.schema.get_field_index("flag_reasons"), "flag_reasons", pa.array(reasons, pa.list_(pa.string())))
+    )
 
 
 def finalize_batch(
@@ -245,6 +306,10 @@ def finalize_batch(
     batch = batch.drop_columns([c for c in (S.PIXELS_CAPTION, S.PIXELS_SCORE) if c in batch.column_names])
     if "caption" not in batch.column_names:
         batch = batch.append_column("caption", pa.nulls(n, pa.string()))
+    if S.CAPTION_AGREEMENT not in batch.column_names:
+        batch = batch.append_column(S.CAPTION_AGREEMENT, pa.nulls(n, pa.float32()))
+    if S.TEXT_LANGUAGE not in batch.column_names:
+        batch = batch.append_column(S.TEXT_LANGUAGE, pa.nulls(n, pa.string()))
     scored_at = datetime.now(timezone.utc)
     added = {
         "run_id": pa.array([run_id] * n, pa.string()),

@@ -14,7 +14,7 @@ import ray
 
 from ..config import JobConfig
 from . import stages
-from .graph import ACTOR_RESTARTS, caption_stage_kwargs, decode_kwargs, finalize_kwargs, score_stage_kwargs
+from .graph import ACTOR_RESTARTS, caption_stage_kwargs, decode_kwargs, finalize_kwargs, flag_kwargs, score_stage_kwargs
 from .resources import Resources
 
 # Larger audits go through the Ray Data pipeline, which decodes on many CPUs.
@@ -53,7 +53,7 @@ class WarmStages:
             for start in range(0, table.num_rows, size)
         ]
         flagged = [
-            stages.flag_batch(batch, itm_threshold=config.itm_threshold, itc_threshold=config.itc_threshold)
+            stages.flag_batch(batch, **flag_kwargs(config))
             for batch in ray.get(scored)
         ]
         result = pa.concat_tables(flagged)

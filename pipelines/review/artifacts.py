@@ -26,7 +26,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ..config import JobConfig
-from ..schema import SCHEMA_VERSION, STATUS_IMAGE_ERROR, STATUS_OK, STATUS_TEXT_ERROR
+from ..schema import REASON_CAPTION, REASON_LANGUAGE, SCHEMA_VERSION, STATUS_IMAGE_ERROR, STATUS_OK, STATUS_TEXT_ERROR
 from ..storage import Location
 from . import report
 
@@ -61,6 +61,10 @@ RUN_SUMMARY_SCHEMA = pa.schema(
         pa.field("rows_per_s", pa.float64()),
         pa.field("resumed_rows", pa.int64()),
         pa.field("schema_version", pa.int32()),
+        # Rows flagged for the checks beside ITM/ITC (a row can carry several reasons).
+        pa.field("flagged_text_language_unsupported", pa.int64()),
+        pa.field("flagged_caption_disagrees", pa.int64()),
+        pa.field("agreement_threshold", pa.float64()),
     ],
     metadata={b"blip_moderate_run_summary_version": b"1"},
 )
@@ -97,6 +101,9 @@ def summary_row(config: JobConfig, manifest: dict, summary: dict, stats: report.
         "rows_per_s": summary.get("rows_per_s"),
         "resumed_rows": int(manifest.get("resumed_rows") or summary.get("resumed_rows") or 0),
         "schema_version": int(manifest.get("schema_version", SCHEMA_VERSION)),
+        "flagged_text_language_unsupported": stats.by_reason.get(REASON_LANGUAGE, 0),
+        "flagged_caption_disagrees": stats.by_reason.get(REASON_CAPTION, 0),
+        "agreement_threshold": config.agreement_threshold,
     }
 
 

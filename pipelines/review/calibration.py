@@ -22,7 +22,8 @@ from ..storage import locate
 from . import views
 
 MISMATCH, MATCH = "mismatch", "match"
-SCORES = {"itm": "itm_score", "itc": "itc_score"}
+SCORES = {"itm": "itm_score", "itc": "itc_score", "agreement": "caption_agreement"}
+AGREEMENT = "caption_agreement"  # optional: outputs scored before it, or without captions, lack values
 
 
 class CalibrationError(ValueError):
@@ -84,7 +85,10 @@ def read_scored(path: str, id_column: str) -> pa.Table:
         missing = [c for c in columns if c not in dataset.schema.names]
         if missing:
             raise CalibrationError(f"scored output {path} has no column(s) {missing}")
-        return dataset.to_table(columns=columns)
+        if AGREEMENT not in dataset.schema.names:
+            table = dataset.to_table(columns=columns)
+            return table.append_column(AGREEMENT, pa.nulls(table.num_rows, pa.float32()))
+        return dataset.to_table(columns=columns + [AGREEMENT])
     except (OSError, pa.ArrowInvalid) as exc:
         raise CalibrationError(f"cannot read scored output {path}: {exc}") from None
 
@@ -120,7 +124,7 @@ def read_labels(path: str, id_column: str, verdict_column: str) -> pa.Table:
 
 @dataclass
 class Joined:
-    table: pa.Table  # id, itm_score, itc_score, is_mismatch (scored rows only)
+    table: pa.Table  # id, itm_score, itc_score, caption_agreement (null where none), is_mismatch (scored rows only)
     labelled: int
     unmatched_labels: int
     unscored: int
@@ -135,7 +139,7 @@ def join(scored: pa.Table, labels: pa.Table, id_column: str) -> Joined:
     ok = pc.equal(joined.column("status"), "ok")
     found = set(joined.column("id").to_pylist())
     return Joined(
-        table=joined.filter(ok).select(["id", "itm_score", "itc_score", "is_mismatch"]),
+        table=joined.filter(ok).select(["id", "itm_score", "itc_score", AGREEMENT, "is_mismatch"]),
         labelled=joined.num_rows,
         unmatched_labels=sum(1 for key in labels.column("id").to_pylist() if key not in found),
         unscored=joined.num_rows - int(pc.sum(ok).as_py() or 0),
@@ -174,22 +178,64 @@ def choose(c: Curve, target: float, current: float | None) -> Choice:
                   int(c.flagged[best]), current=c.at(current))
 
 
-def combined(table: pa.Table, itm: float | None, itc: float | None) -> dict:
-    """Precision/recall of the job's actual rule: flagged when either check fires."""
-    truth = table.column("is_mismatch").to_numpy(zero_copy_only=False)
+def _scores(table: pa.Table, column: str) -> np.ndarray:
+    """A score column as float64, NaN where null (a NaN is never below a threshold: that check cannot fire)."""
+    return table.column(column).to_numpy(zero_copy_only=False).astype(np.float64)
+
+
+def _rule(table: pa.Table, itm: float | None, itc: float | None, agreement: float | None = None) -> np.ndarray:
     flag = np.zeros(table.num_rows, dtype=bool)
-    for name, threshold in (("itm_score", itm), ("itc_score", itc)):
+    for name, threshold in (("itm_score", itm), ("itc_score", itc), (AGREEMENT, agreement)):
         if threshold is not None:
-            flag |= table.column(name).to_numpy(zero_copy_only=False) < threshold
+            flag |= _scores(table, name) < threshold
+    return flag
+
+
+def combined(table: pa.Table, itm: float | None, itc: float | None, agreement: float | None = None) -> dict:
+    """Precision/recall of the job's actual rule: flagged when any check fires."""
+    truth = table.column("is_mismatch").to_numpy(zero_copy_only=False)
+    flag = _rule(table, itm, itc, agreement)
     tp = int((flag & truth).sum())
     return {"precision": tp / flag.sum() if flag.sum() else None,
             "recall": tp / truth.sum() if truth.sum() else None, "flagged": int(flag.sum())}
 
 
-def config_snippet(choices: dict[str, Choice], target: float, both: dict) -> str:
-    """YAML for ``jobs.score --config``; a check whose target cannot be met is left as configured."""
+def agreement_gain(table: pa.Table, itm: float | None, itc: float | None) -> dict:
+    """Does adding ``caption_agreement < t`` to the ITM/ITC rule raise its precision?
+
+    The ITM/ITC rule (the chosen thresholds) sets the target recall. Adding a check only adds
+    flags, so every extended rule keeps at least that recall; the best ``t`` is the one with the
+    highest precision (then the higher recall). ``improves`` says whether it beats the rule
+    alone. Rows without an agreement value (not captioned) are never flagged by it."""
+    truth = table.column("is_mismatch").to_numpy(zero_copy_only=False).astype(bool)
+    base_flag = _rule(table, itm, itc)
+    without = combined(table, itm, itc)
+    values = _scores(table, AGREEMENT)
+    candidates = ~base_flag & ~np.isnan(values)
+    result = {"target_recall": without["recall"], "without": without, "with": None, "improves": False,
+              "rows_with_agreement": int((~np.isnan(values)).sum())}
+    if not candidates.any() or not truth.any():
+        return result
+    c = curve(values[candidates], truth[candidates], "agreement")  # rows the rule does not flag yet
+    base_tp, base_flagged = int((base_flag & truth).sum()), int(base_flag.sum())
+    tp = base_tp + (np.rint(c.recall * c.positives).astype(np.int64) if c.positives else np.zeros(len(c.flagged), np.int64))
+    precision = tp / (base_flagged + c.flagged)
+    best = int(np.lexsort((-tp, -precision))[0]) if len(precision) else None
+    if best is None:
+        return result
+    result["with"] = {"agreement_threshold": float(c.thresholds[best]), "precision": float(precision[best]),
+                      "recall": float(tp[best] / truth.sum()), "flagged": int(base_flagged + c.flagged[best])}
+    result["improves"] = bool(without["precision"] is None or precision[best] > without["precision"] + 1e-12)
+    return result
+
+
+def config_snippet(choices: dict[str, Choice], target: float, both: dict, gain: dict | None = None) -> str:
+    """YAML for ``jobs.score --config``; a check whose target cannot be met is left as configured.
+    The agreement threshold is written only when adding it improves the ITM/ITC rule (``gain``)."""
     lines = [f"# thresholds calibrated by jobs.calibrate for precision >= {target:g} (mismatch = positive class)"]
     for name, choice in choices.items():
+        if name == "agreement":
+            continue
         key = f"{name}_threshold"
         if choice.met:
             lines.append(f"# {name}: precision {choice.precision:.3f}, recall {choice.recall:.3f} on the labelled rows")
@@ -198,7 +244,24 @@ def config_snippet(choices: dict[str, Choice], target: float, both: dict) -> str
             lines.append(f"# {key}: no threshold reaches precision {target:g} on the labelled rows; left unchanged")
     if both.get("precision") is not None:
         lines.append(f"# both checks together (flag if either fires): precision {both['precision']:.3f}, recall {both['recall']:.3f}")
+    if gain is not None:
+        lines.append(gain_line(gain))
+        if gain["improves"]:
+            lines.append(f"agreement_threshold: {gain['with']['agreement_threshold']!r}")
     return "\n".join(lines) + "\n"
+
+
+def gain_line(gain: dict) -> str:
+    base, added = gain["without"], gain["with"]
+    if added is None:
+        return "# caption agreement: no labelled row has a value the rule could add; agreement_threshold left off"
+    head = f"# adding caption_agreement < {added['agreement_threshold']:.4g}: precision {added['precision']:.3f}, " \
+           f"recall {added['recall']:.3f} (without: precision {_num(base['precision'])}, recall {_num(base['recall'])})"
+    return head + ("" if gain["improves"] else "; it does not improve precision, so agreement_threshold is left off")
+
+
+def _num(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def pr_curve_svg(c: Curve, choice: Choice, width: int = 420, height: int = 300) -> str:
@@ -230,7 +293,8 @@ def pr_curve_svg(c: Curve, choice: Choice, width: int = 420, height: int = 300) 
     return "".join(parts)
 
 
-def render_html(curves: dict[str, Curve], choices: dict[str, Choice], both: dict, joined: Joined, snippet: str) -> str:
+def render_html(curves: dict[str, Curve], choices: dict[str, Choice], both: dict, joined: Joined, snippet: str,
+                gain: dict | None = None) -> str:
     def pct(value):
         return "&ndash;" if value is None else f"{value:.3f}"
 
@@ -260,5 +324,6 @@ def render_html(curves: dict[str, Curve], choices: dict[str, Choice], both: dict
         "<table><tr><th></th><th>chosen t</th><th>precision</th><th>recall</th><th>current t</th><th>precision</th><th>recall</th></tr>"
         f"{''.join(rows)}</table>"
         f"<p>Both checks together (flag if either fires): precision {pct(both.get('precision'))}, recall {pct(both.get('recall'))}.</p>"
-        f"{figures}<h2>Config snippet</h2><pre>{views.esc(snippet)}</pre></body></html>\n"
+        + (f'<p class="agreement-gain">{views.esc(gain_line(gain).lstrip("# "))}.</p>' if gain is not None else "")
+        + f"{figures}<h2>Config snippet</h2><pre>{views.esc(snippet)}</pre></body></html>\n"
     )

@@ -90,6 +90,8 @@ class OutputStats:
     rows: int = 0
     flagged: int = 0
     by_status: Counter = field(default_factory=Counter)
+    # Flagged rows by reason; a row flagged for two reasons counts under both.
+    by_reason: Counter = field(default_factory=Counter)
     itm: Histogram = field(default_factory=lambda: Histogram.empty(ITM_RANGE, ITM_BINS))
     itc: Histogram = field(default_factory=lambda: Histogram.empty(ITC_RANGE, ITC_BINS))
     category_column: str | None = None
@@ -128,7 +130,7 @@ def collect_stats(location: Location, files: list[str], config: JobConfig, examp
     rank = _ranking_column(config)
     example_columns = [c for c in (config.id_column, config.text_column, "caption", "itm_score", "itc_score",
                                    "flag_reasons", "status", "error") if c in names]
-    columns = sorted(set(example_columns + ["status", "flagged"] + ([category] if category else [])))
+    columns = sorted(set(example_columns + ["status", "flagged", "flag_reasons"] + ([category] if category else [])))
     heap: list[tuple] = []  # (-score, sequence, row): keeps the `examples` lowest scores
     sequence = 0
     for batch in dataset.to_batches(columns=columns):
@@ -136,6 +138,10 @@ def collect_stats(location: Location, files: list[str], config: JobConfig, examp
         stats.rows += table.num_rows
         flagged = table.column("flagged")
         stats.flagged += int(pc.sum(flagged).as_py() or 0)
+        reasons = pc.list_flatten(table.column("flag_reasons"))
+        if len(reasons):
+            reason_counts = pc.value_counts(reasons)
+            stats.by_reason.update(dict(zip(reason_counts.field("values").to_pylist(), reason_counts.field("counts").to_pylist())))
         counts = pc.value_counts(table.column("status"))
         stats.by_status.update(dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())))
         ok = pc.equal(table.column("status"), "ok")
@@ -268,6 +274,7 @@ def _totals(stats: OutputStats) -> str:
     rows = [("rows", "rows", stats.rows)]
     rows += [(f"status-{status}", f"status {status}", count) for status, count in sorted(stats.by_status.items())]
     rows += [("flagged", "flagged", stats.flagged)]
+    rows += [(f"reason-{reason}", f"flagged: {reason}", count) for reason, count in sorted(stats.by_reason.items())]
     cells = "".join(
         f'<tr><th>{views.esc(label)}</th><td class="num" data-count="{views.esc(key)}">{count}</td></tr>' for key, label, count in rows
     )

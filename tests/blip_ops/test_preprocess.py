@@ -146,7 +146,8 @@ from tests.conftest import image_bytes
 from PIL import Image
 batch = pa.table({{"text": ["a red square"], "image": [image_bytes(Image.new("RGB", (40, 30), (255, 0, 0)))]}})
 out = decode_batch(batch, text_column="text", image_column="image", from_uri=False,
-                   score_model={tiny_itm!r}, caption_model={tiny_caption!r})
+                   score_model={tiny_itm!r}, caption_model={tiny_caption!r}, detect_language=True,
+                   max_image_bytes=10**6)
 from pipelines import schema as S
 assert out.column(S.IMAGE_ERROR).to_pylist() == [None]
 assert out.column(S.PIXELS_SCORE).is_valid().to_pylist() == [True]

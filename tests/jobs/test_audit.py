@@ -158,6 +158,29 @@ def test_options_are_validated_before_anything_runs(frame, options, tmp_path):
         audit(frame, sample=-1, **options)
     with pytest.raises(TypeError, match="where"):
         audit(frame, where=["category"], **options)
+    with pytest.raises(ConfigError, match="text_languages"):
+        audit(frame, text_languages="english", **options)
+    with pytest.raises(InputError, match="agreement model directory does not exist"):
+        audit(frame, agreement_model=str(tmp_path / "no-model"), **options)
+
+
+def test_agreement_language_and_size_limit_in_an_audit(ray_session, frame, options):
+    small = frame.head(6).copy().reset_index(drop=True)
+    sizes = small["image"].map(lambda data: len(data) if isinstance(data, bytes) else 0)
+    limit = int(sizes.max()) - 1  # the largest image is over the limit
+    decodable = [i for i in range(len(small)) if 0 < sizes[i] <= limit and small["text"][i].strip()]
+    german_row = decodable[0]
+    small.loc[german_row, "text"] = "Wasserdichte Wanderschuhe für Herren aus braunem Leder"
+    df = audit(small, agreement_threshold=0.99, text_languages="en", max_image_bytes=limit, **options)
+    too_large = (sizes > limit).values
+    assert too_large.sum() >= 1 and (df.loc[too_large, "status"] == "image_error").all()
+    assert df.loc[too_large, "error"].str.contains("exceeds the limit").all()
+    german = df.iloc[german_row]
+    assert german["status"] == "ok" and german["text_language"] == "de"
+    assert "text_language_unsupported" in german["flag_reasons"]
+    captioned = df["caption_agreement"].notna()
+    assert captioned.any()
+    assert all("caption_disagrees" in reasons for reasons in df.loc[captioned, "flag_reasons"])
 
 
 def test_show_flagged_escapes_catalog_text(audited):

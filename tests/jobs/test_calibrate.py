@@ -187,3 +187,63 @@ def test_several_outputs_are_calibrated_together(tmp_path, capsys):
     calibrate.main(["--scored", str(tmp_path / "d1"), str(tmp_path / "d2"), *common])
     split = json.loads(capsys.readouterr().out)
     assert split["chosen"] == whole["chosen"] and split["labelled_scored_rows"] == len(truth)
+
+
+def _with_agreement(tmp_path, informative: bool, seed=1):
+    """The synthetic output plus caption_agreement: telling mismatches apart on its own, or noise."""
+    scored, labels, itm, itc, truth = synthetic(tmp_path)
+    table = pq.read_table(scored / "part-0.parquet")
+    rng = np.random.default_rng(seed)
+    mismatch = np.array([line.split(",")[1].lower() == "mismatch" for line in labels.read_text().splitlines()[1:-1]])
+    if informative:
+        values = np.where(mismatch, rng.normal(0.1, 0.08, len(mismatch)), rng.normal(0.6, 0.08, len(mismatch)))
+    else:
+        values = rng.normal(0.4, 0.1, len(mismatch))
+    values = [None if i % 10 == 3 else float(v) for i, v in enumerate(values)]  # some rows were not captioned
+    pq.write_table(table.append_column("caption_agreement", pa.array(values, pa.float32())), scored / "part-0.parquet")
+    return scored, labels
+
+
+def _gain_brute_force(table, itm, itc):
+    truth = table.column("is_mismatch").to_numpy(zero_copy_only=False)
+    values = table.column("caption_agreement").to_numpy(zero_copy_only=False).astype(float)
+    base = (table.column("itm_score").to_numpy(zero_copy_only=False) < itm) | (table.column("itc_score").to_numpy(zero_copy_only=False) < itc)
+    best = None
+    for t in np.unique(values[~np.isnan(values)]) + 1e-6:
+        flag = base | (values < t)
+        key = ((flag & truth).sum() / flag.sum(), (flag & truth).sum())
+        best = key if best is None or key > best else best
+    return best[0]
+
+
+@pytest.mark.parametrize("informative", [True, False])
+def test_agreement_is_calibrated_and_added_only_when_it_improves_precision(tmp_path, capsys, informative):
+    scored, labels = _with_agreement(tmp_path, informative)
+    out = tmp_path / "cal.yaml"
+    code = calibrate.main(["--scored", str(scored), "--labels", str(labels), "--target-precision", "0.9",
+                           "--out-config", str(out), "--report", str(tmp_path / "c.html"), "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    gain = result["agreement_gain"]
+    assert "agreement" in result["chosen"] and gain["rows_with_agreement"] > 0
+    joined = cal.join(cal.read_scored(str(scored), "id"), cal.read_labels(str(labels), "id", "verdict"), "id")
+    itm, itc = result["chosen"]["itm"]["threshold"], result["chosen"]["itc"]["threshold"]
+    assert gain["with"]["precision"] == pytest.approx(_gain_brute_force(joined.table, itm, itc))
+    assert gain["with"]["recall"] >= gain["target_recall"]
+    assert gain["improves"] is informative
+    snippet = load_yaml(out)
+    if informative:
+        assert snippet["agreement_threshold"] == gain["with"]["agreement_threshold"]
+        assert gain["with"]["precision"] > gain["without"]["precision"]
+        build_config(dict(snippet, input="x", output="y"))  # the snippet is a valid config
+    else:
+        assert "agreement_threshold" not in snippet and "does not improve" in out.read_text()
+    assert "caption_agreement" in (tmp_path / "c.html").read_text()
+
+
+def test_outputs_without_agreement_calibrate_as_before(tmp_path, capsys):
+    scored, labels, *_ = synthetic(tmp_path)
+    assert calibrate.main(["--scored", str(scored), "--labels", str(labels), "--target-precision", "0.9",
+                           "--out-config", str(tmp_path / "c.yaml"), "--report", str(tmp_path / "c.html"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["agreement_gain"] is None and "agreement" not in result["chosen"]

@@ -82,6 +82,9 @@ def test_nightly_scores_uncommitted_partitions_and_names_failures(ray_session, t
         (["--date", "2026-10-01"], "no partition dt=2026-10-01"),
         (["--overwrite"], "--overwrite needs --date"),
         (["--itm-threshold", "7"], "itm_threshold"),
+        (["--text-languages", "english"], "text_languages"),
+        (["--agreement-threshold", "2"], "agreement_threshold"),
+        (["--max-image-bytes", "0"], "max_image_bytes"),
     ],
 )
 def test_nightly_usage_errors_exit_2(tiny_itm, catalog, tmp_path, capsys, extra, message):

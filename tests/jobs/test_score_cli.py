@@ -198,3 +198,16 @@ def test_jpeg_draft_flag_reaches_the_decode_stage(tmp_path):
     (tmp_path / "job.yaml").write_text("input: a\noutput: b\njpeg_draft: true\n")
     assert score.config_from_args(score.make_parser().parse_args(["--config", str(tmp_path / "job.yaml")])).jpeg_draft
     assert nightly.make_parser().parse_args(["--catalog", "c", "--output", "o", "--jpeg-draft"]).jpeg_draft is True
+
+
+def test_limit_agreement_and_language_flags(tmp_path):
+    from jobs import nightly
+
+    flags = ["--max-image-bytes", "2048", "--agreement-model", "none", "--text-languages", "en,fr"]
+    config = score.config_from_args(score.make_parser().parse_args(["--input", "a", "--output", "b", *flags]))
+    assert (config.max_image_bytes, config.agreement_model, config.text_languages) == (2048, None, ("en", "fr"))
+    config = score.config_from_args(score.make_parser().parse_args(
+        ["--input", "a", "--output", "b", "--agreement-threshold", "0.3", "--text-languages", "any"]))
+    assert (config.agreement_threshold, config.text_languages) == (0.3, None)
+    args = vars(nightly.make_parser().parse_args(["--catalog", "c", "--output", "o", *flags, "--agreement-threshold", "0.3"]))
+    assert (args["max_image_bytes"], args["text_languages"], args["agreement_threshold"]) == ("2048", "en,fr", "0.3")

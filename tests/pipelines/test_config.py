@@ -106,3 +106,57 @@ def test_yaml_loading(tmp_path):
         load_yaml(tmp_path / "bad.yaml")
     with pytest.raises(ConfigError, match="cannot read"):
         load_yaml(tmp_path / "missing.yaml")
+
+
+def test_limits_agreement_and_language_defaults():
+    config = build_config(BASE)
+    assert config.max_image_bytes == 50 * 1024 * 1024
+    assert config.agreement_model == "sentence-transformers/all-MiniLM-L6-v2" and config.agreement_threshold is None
+    assert config.agreeing and config.text_languages == ("en",)
+    assert not build_config(dict(BASE, captions="none")).agreeing  # agreement needs captions
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("en", ("en",)), ("en, DE,en", ("en", "de")), (["fr", "it"], ("fr", "it")), ("any", None), ("ANY", None), ("none", None),
+])
+def test_text_languages(value, expected):
+    assert build_config(dict(BASE, text_languages=value)).text_languages == expected
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"text_languages": "english"}, "text_languages: expected ISO 639-1"),
+        ({"text_languages": "en,"}, None),  # a trailing comma is harmless
+        ({"max_image_bytes": 0}, "max_image_bytes"),
+        ({"agreement_threshold": 1.5}, "agreement_threshold"),
+        ({"agreement_threshold": 0.3, "captions": "none"}, "agreement_threshold needs captions"),
+        ({"agreement_threshold": 0.3, "agreement_model": "none"}, "agreement_threshold needs captions"),
+    ],
+)
+def test_new_options_are_validated(override, message):
+    if message is None:
+        build_config(dict(BASE, **override))
+        return
+    with pytest.raises(ConfigError, match=message):
+        build_config(dict(BASE, **override))
+
+
+def test_new_options_in_yaml_reach_the_stages(tmp_path):
+    from types import SimpleNamespace
+
+    from pipelines.dataflow.graph import caption_stage_kwargs, decode_kwargs, flag_kwargs
+
+    path = tmp_path / "job.yaml"
+    path.write_text("max-image-bytes: 1000\nagreement_model: none\ntext_languages: [en, de]\n")
+    config = build_config(dict(BASE, **load_yaml(path)))
+    assert (config.max_image_bytes, config.agreement_model, config.text_languages) == (1000, None, ("en", "de"))
+    assert decode_kwargs(config)["max_image_bytes"] == 1000 and decode_kwargs(config)["detect_language"] is True
+    assert flag_kwargs(config)["text_languages"] == ("en", "de")
+    resources = SimpleNamespace(caption_device="cpu")  # all the caption stage's arguments read
+    assert caption_stage_kwargs(config, resources)["agreement_model"] is None
+    path.write_text("agreement_threshold: 0.25\ntext_languages: any\n")
+    config = build_config(dict(BASE, **load_yaml(path)))
+    kwargs = caption_stage_kwargs(config, resources)
+    assert (kwargs["agreement_model"], kwargs["agreement_threshold"]) == ("sentence-transformers/all-MiniLM-L6-v2", 0.25)
+    assert decode_kwargs(config)["detect_language"] is False and flag_kwargs(config)["text_languages"] is None

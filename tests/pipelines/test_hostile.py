@@ -25,6 +25,7 @@ from PIL import Image
 from pipelines.config import build_config
 from pipelines.run import run_job
 from tests.conftest import image_bytes, write_catalog
+from tests.reference import itm_reference
 
 ROOT = Path(__file__).resolve().parents[2]
 SHORT_TEXT = "a red circle"
@@ -111,6 +112,7 @@ def _cases(bomb: bytes) -> list[tuple[str, object, object, str]]:
         ("null_text", None, image_bytes(Image.new("RGB", (4, 4))), "text_error"),
         ("empty_text", "", image_bytes(Image.new("RGB", (4, 4))), "text_error"),
         ("whitespace_text", " \t\n  ", image_bytes(Image.new("RGB", (4, 4))), "text_error"),
+        ("zero_width_text", "\u200b\u200b\ufeff\u2060", image_bytes(Image.new("RGB", (4, 4))), "text_error"),
         ("long_text", LONG_TEXT, image_bytes(Image.new("RGB", (4, 4))), "ok"),
         ("unicode_text", "Laufschuhe für Damen – Größe 38, rosé", image_bytes(Image.new("RGB", (4, 4))), "ok"),
         ("emoji_text", "👟 running shoes 🔥🔥", image_bytes(Image.new("RGB", (4, 4))), "ok"),
@@ -169,13 +171,45 @@ def test_each_case_gets_its_status(hostile_run, catalog):
             assert row["itc_score"] is None and row["itm_score"] is None
 
 
+# Cases whose pixels depart from the checkpoint's own preprocessing on purpose: 16-bit grayscale
+# is scaled to 8 bits where transformers' conversion (through Pillow) clips it (README, Fidelity).
+DEPARTS = {"png_16bit_gray"}
+
+
+def test_scored_rows_equal_the_single_pair_reference(hostile_run, catalog, tiny_itm):
+    records, _ = catalog
+    _, by_case, _ = hostile_run
+    reference = itm_reference(tiny_itm, MAX_TEXT_TOKENS)
+    compared = []
+    for record in records:
+        row = by_case[record["case"]]
+        if record["expected"] != "ok" or record["case"] in DEPARTS:
+            continue
+        itc, itm = reference(record["image"], record["text"])
+        assert (row["itc_score"], row["itm_score"]) == (pytest.approx(itc, abs=1e-3), pytest.approx(itm, abs=1e-3)), record["case"]
+        compared.append(record["case"])
+    assert {"rgba", "palette_transparency", "cmyk_jpeg", "exif_rotated_jpeg", "animated_gif", "animated_webp", "bmp",
+            "tiff", "webp", "elongated_wide", "elongated_tall", "long_text"} <= set(compared)
+
+
+def test_sixteen_bit_grayscale_departs_as_the_readme_says(catalog):
+    from transformers.image_transforms import convert_to_rgb
+
+    from blip_ops.images import decode_rgb
+
+    records, _ = catalog
+    data = next(r["image"] for r in records if r["case"] == "png_16bit_gray")  # every pixel 40000 of 65535
+    theirs = np.array(convert_to_rgb(Image.open(io.BytesIO(data))))
+    assert decode_rgb(data).max() == decode_rgb(data).min() == 156 and theirs.min() == 255  # scaled vs clipped to white
+
+
 def test_errors_name_the_problem(hostile_run):
     _, by_case, _ = hostile_run
     expected = {
         "truncated_jpeg": "truncated", "random_bytes": "unrecognised", "empty_bytes": "empty image bytes",
         "null_image": "missing image", "svg": "unrecognised", "ico_not_allowed": "unsupported",
         "decompression_bomb": "too large", "null_text": "missing text", "empty_text": "blank text",
-        "whitespace_text": "blank text",
+        "whitespace_text": "blank text", "zero_width_text": "invisible characters only",
     }
     for case, fragment in expected.items():
         assert fragment in by_case[case]["error"], (case, by_case[case]["error"])

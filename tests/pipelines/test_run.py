@@ -13,7 +13,7 @@ from pipelines.preflight import InputError
 from pipelines.run import run_job
 from pipelines.schema import OUTPUT_COLUMNS
 from tests.conftest import write_catalog
-from tests.reference import caption_reference, itm_reference
+from tests.reference import agreement_reference, caption_reference, itm_reference
 
 MAX_NEW_TOKENS = 6
 
@@ -132,6 +132,23 @@ def test_captions_equal_single_image_reference(all_captions_run, records, tiny_c
             assert row["caption"] == reference(record["image"])
 
 
+def test_caption_agreement_equals_sentence_transformers(all_captions_run, records):
+    # The default agreement model (the packaged all-MiniLM-L6-v2) ran in the caption actors.
+    from blip_ops.agreement import DEFAULT_AGREEMENT_MODEL, clean_caption, resolve_agreement_model
+
+    reference = agreement_reference(resolve_agreement_model(DEFAULT_AGREEMENT_MODEL))
+    by_key, _ = _by_key(all_captions_run[1])
+    checked = 0
+    for record in records:
+        row = by_key[record["row_key"]]
+        if row["status"] == "ok" and clean_caption(row["caption"]):
+            assert row["caption_agreement"] == pytest.approx(reference(row["text"], clean_caption(row["caption"])), abs=1e-5)
+            checked += 1
+        elif row["status"] != "ok":
+            assert row["caption_agreement"] is None  # no caption, or no text to compare it with
+    assert checked >= 15
+
+
 def test_manifest_describes_the_result(all_captions_run, records):
     summary, output = all_captions_run
     manifest = json.loads((output / "_manifest.json").read_text())
@@ -150,7 +167,9 @@ def test_manifest_describes_the_result(all_captions_run, records):
 
 def test_captions_flagged_policy(ray_session, tiny_itm, tiny_caption, catalog, tmp_path):
     # A high ITM threshold flags some rows and not others, so the cascade is really exercised.
-    config = _config(tiny_itm, tiny_caption, catalog, tmp_path / "out", captions="flagged", itm_threshold=0.85, itc_threshold="none")
+    # An agreement threshold no random caption reaches: every captioned, scored row also disagrees.
+    config = _config(tiny_itm, tiny_caption, catalog, tmp_path / "out", captions="flagged", itm_threshold=0.85,
+                     itc_threshold="none", agreement_threshold=0.99)
     run_job(config)
     rows = pq.read_table(tmp_path / "out").to_pylist()
     assert any(r["flagged"] for r in rows if r["status"] == "ok") and any(not r["flagged"] for r in rows)
@@ -158,7 +177,12 @@ def test_captions_flagged_policy(ray_session, tiny_itm, tiny_caption, catalog, t
         if row["flagged"] and row["status"] != "image_error":
             assert row["caption"] is not None
         else:
-            assert row["caption"] is None
+            assert row["caption"] is None and row["caption_agreement"] is None
+        if row["caption_agreement"] is not None:  # agreement exists only where a caption does (flagged rows here)
+            assert row["caption_agreement"] < 0.99 and row["flag_reasons"][-1] == "caption_disagrees"
+        else:
+            assert "caption_disagrees" not in row["flag_reasons"]
+    assert any(r["caption_agreement"] is not None for r in rows)
 
 
 def test_caption_prompt_reaches_the_captions_and_the_run_key(ray_session, tiny_itm, tiny_caption, catalog, tmp_path, records):
@@ -187,6 +211,7 @@ def test_captions_none_skips_the_caption_model(ray_session, tiny_itm, catalog, t
     table = pq.read_table(tmp_path / "out")
     assert table.num_rows == len(records) == summary.rows_read
     assert table.column("caption").null_count == table.num_rows
+    assert table.column("caption_agreement").null_count == table.num_rows
     assert set(table.column("caption_model").to_pylist()) == {None}
 
 

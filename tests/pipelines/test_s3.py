@@ -296,3 +296,17 @@ def test_a_model_that_keeps_changing_is_an_error_after_three_copies(s3, tiny_itm
         model_cache.local_model_dir(uri)
     assert len(copies) == 3
     assert not any(p.is_dir() for p in s3.model_cache.iterdir())  # no copy left under any name
+
+
+def test_an_s3_object_over_the_limit_is_refused_unread(s3_store):
+    from pipelines.storage import TooLarge
+
+    s3_store.create_bucket("limits")
+    small = s3_store.put("s3://limits/small.bin", b"s" * 1000)
+    large = s3_store.put("s3://limits/large.bin", b"L" * 300_000)
+    s3_store.proxy.log.clear()
+    assert read_bytes(small, limit=1000) == b"s" * 1000
+    with pytest.raises(TooLarge, match="image of 300000 bytes exceeds the limit of 1000 bytes"):
+        read_bytes(large, limit=1000)
+    assert _successful_gets(s3_store.proxy, "large.bin") == 0  # its size came from the HEAD request alone
+    assert _successful_gets(s3_store.proxy, "small.bin") == 1

@@ -1,5 +1,9 @@
 """Stage contracts without Ray: same rows, same order, plus the stage's columns."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -7,6 +11,8 @@ import pytest
 from blip_ops.samples import draw_shape
 from pipelines import schema as S
 from pipelines.dataflow.stages import ScoreStage, decode_batch, finalize_batch, flag_batch
+
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _scored(itc, itm, image_error=None, text_error=None):
@@ -203,3 +209,116 @@ def test_model_stages_halve_their_batch_on_gpu_out_of_memory(tiny_itm, tiny_capt
     assert got.drop_columns(["itc_score", "itm_score"]).equals(expected.drop_columns(["itc_score", "itm_score"]))
     assert score_sizes == [7, 3, 3, 1] and caption_sizes == [7, 3, 1, 1, 1, 1, 1, 1, 1]
     assert (score.parts.rows_per_call, caption.parts.rows_per_call) == (3, 1)
+
+
+def test_images_over_the_byte_limit_are_image_errors(tiny_itm, tmp_path):
+    small, large = draw_shape("red", "circle"), draw_shape("blue", "square") + b"\0" * 5000
+    (tmp_path / "small.png").write_bytes(small)
+    (tmp_path / "large.png").write_bytes(large)
+    limit = len(small) + 10
+    by_bytes = decode_batch(
+        pa.table({"text": ["a", "b"], "image": pa.array([small, large], pa.binary())}),
+        text_column="text", image_column="image", from_uri=False, score_model=tiny_itm, caption_model=None,
+        max_image_bytes=limit,
+    )
+    by_uri = decode_batch(
+        pa.table({"text": ["a", "b"], "uri": [str(tmp_path / "small.png"), str(tmp_path / "large.png")]}),
+        text_column="text", image_column="uri", from_uri=True, score_model=tiny_itm, caption_model=None,
+        max_image_bytes=limit,
+    )
+    for out in (by_bytes, by_uri):
+        assert out.column(S.IMAGE_ERROR).to_pylist() == [
+            None, f"image of {len(large)} bytes exceeds the limit of {limit} bytes"
+        ]
+        assert out.column(S.PIXELS_SCORE).is_valid().to_pylist() == [True, False]
+
+
+def test_invisible_text_is_a_text_error(tiny_itm):
+    out = decode_batch(
+        pa.table({"text": ["\u200b\u200b", "\u200bok"], "image": pa.array([draw_shape("red", "circle")] * 2, pa.binary())}),
+        text_column="text", image_column="image", from_uri=False, score_model=tiny_itm, caption_model=None,
+    )
+    errors = out.column(S.TEXT_ERROR).to_pylist()
+    assert errors[0].startswith("text of invisible characters only") and errors[1] is None
+
+
+def test_a_huge_image_uri_is_refused_in_bounded_memory(tiny_itm, tmp_path):
+    # A 4 GB sparse file (no disk used), decoded in a fresh process at the default limit: the
+    # peak resident size must not grow by anything near the file's size.
+    huge = tmp_path / "huge.jpg"
+    with open(huge, "wb") as handle:
+        handle.truncate(4 * 1024**3)
+    script = (
+        "import resource, sys\n"
+        "import pyarrow as pa\n"
+        "from pipelines.dataflow.stages import decode_batch\n"
+        "from pipelines.config import DEFAULT_MAX_IMAGE_BYTES\n"
+        "batch = pa.table({'text': ['t'], 'uri': [sys.argv[1]]})\n"
+        "decode_batch(batch.slice(0, 0), text_column='text', image_column='uri', from_uri=True, score_model=sys.argv[2], caption_model=None)\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "out = decode_batch(batch, text_column='text', image_column='uri', from_uri=True, score_model=sys.argv[2],\n"
+        "                   caption_model=None, max_image_bytes=DEFAULT_MAX_IMAGE_BYTES)\n"
+        "print(out.column('__image_error')[0].as_py())\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(huge), tiny_itm], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    error, grown_mb = result.stdout.strip().splitlines()[-2:]
+    assert error == f"image of {4 * 1024**3} bytes exceeds the limit of {50 * 1024**2} bytes"
+    assert int(grown_mb) < 16  # never read: not 4 GB, and not even the 50 MiB a read up to the limit would cost
+
+
+class _WordEncoder:
+    """Embeds a text by which of a few words it holds: agreement is then predictable."""
+
+    words = ["sofa", "couch", "shoe", "red"]
+
+    def encode(self, texts):
+        vectors = np.array([[float(w in t.lower()) for w in self.words] + [0.01] for t in texts], dtype=np.float32)
+        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def test_agreement_flags_rows_below_the_threshold_and_skips_unusable_texts():
+    from pipelines.dataflow.stages import add_agreement
+
+    batch = pa.table({
+        "text": ["red sofa", "red sofa", "shoe", "sofa", "red sofa"],
+        "status": ["ok", "ok", "text_error", "ok", "image_error"],
+        "caption": ["a photo of a red sofa", "a shoe", "a shoe", None, None],
+        "flagged": [False, False, True, False, True],
+        "flag_reasons": pa.array([[], [], ["text_error"], [], ["image_error"]], pa.list_(pa.string())),
+    })
+    out = add_agreement(batch, _WordEncoder(), "text", threshold=0.5)
+    values = out.column(S.CAPTION_AGREEMENT).to_pylist()
+    assert values[0] == pytest.approx(1.0, abs=1e-3) and values[1] < 0.5 and values[2:] == [None, None, None]
+    assert out.column("flag_reasons").to_pylist() == [
+        [], ["caption_disagrees"], ["text_error"], [], ["image_error"]
+    ]
+    assert out.column("flagged").to_pylist() == [False, True, True, False, True]
+    unflagged = add_agreement(batch, _WordEncoder(), "text", threshold=None)
+    assert unflagged.column("flag_reasons").to_pylist() == batch.column("flag_reasons").to_pylist()
+    assert out.column_names == batch.column_names + [S.CAPTION_AGREEMENT]
+
+
+def test_unsupported_languages_are_flagged_but_keep_their_scores():
+    batch = _scored(itc=[0.5, 0.5, 0.5, None], itm=[0.9, 0.9, 0.1, None], text_error=[None, None, None, "missing text"])
+    batch = batch.append_column(S.TEXT_LANGUAGE, pa.array(["de", None, "en", "de"], pa.string()))
+    out = flag_batch(batch, itm_threshold=0.5, itc_threshold=0.2, text_languages=("en",))
+    assert out.column("flag_reasons").to_pylist() == [
+        ["text_language_unsupported"], [], ["itm_below_threshold"], ["text_error"]  # undetermined: not flagged
+    ]
+    assert out.column("status").to_pylist() == ["ok", "ok", "ok", "text_error"]
+    assert out.column("itm_score").to_pylist()[0] == pytest.approx(0.9)
+    assert flag_batch(batch, itm_threshold=0.5, itc_threshold=0.2, text_languages=("en", "de")).column(
+        "flag_reasons").to_pylist()[0] == []
+    off = flag_batch(batch, itm_threshold=0.5, itc_threshold=0.2, text_languages=None)
+    assert off.column("flag_reasons").to_pylist()[0] == []
+
+
+def test_decode_detects_languages_of_usable_texts_only(tiny_itm):
+    texts = ["Wasserdichte Wanderschuhe für Herren aus braunem Leder", "Red leather sofa for the living room", "SKU-4432-XL", None]
+    batch = pa.table({"text": texts, "image": pa.array([draw_shape("red", "circle")] * 4, pa.binary())})
+    kwargs = dict(text_column="text", image_column="image", from_uri=False, score_model=tiny_itm, caption_model=None)
+    assert decode_batch(batch, detect_language=True, **kwargs).column(S.TEXT_LANGUAGE).to_pylist() == ["de", "en", None, None]
+    assert decode_batch(batch, **kwargs).column(S.TEXT_LANGUAGE).null_count == 4

@@ -29,7 +29,12 @@ def catalog_records(n=18):
     # Catalog text with markup lands in the examples (flagged rows) and in the category table.
     for record in records:
         record["text"] = MARKUP + " " + record["text"] if record["text"].strip() else record["text"]
+    # A title BLIP cannot read: flagged text_language_unsupported (see test_flags_are_counted_by_reason).
+    records[1]["text"] = GERMAN
     return records
+
+
+GERMAN = "Wasserdichte Wanderschuhe für Herren aus braunem Leder"
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +61,8 @@ def job_config(catalog, output, tiny_itm, tiny_caption, **overrides):
 def scored(ray_session, catalog, tiny_itm, tiny_caption, tmp_path_factory):
     """One real run; returns (config, output dir, summary)."""
     output = tmp_path_factory.mktemp("report-out")
-    config = job_config(catalog, output, tiny_itm, tiny_caption, run_id="run-one")
+    # No random caption agrees with its text this well: every captioned, scored row also disagrees.
+    config = job_config(catalog, output, tiny_itm, tiny_caption, run_id="run-one", agreement_threshold=0.99)
     summary = run_job(config)
     # Later tests rewrite the report in place; the browser test reads this run's own.
     snapshot = tmp_path_factory.mktemp("report-snapshot")
@@ -88,6 +94,26 @@ def test_report_and_summary_row_are_written_beside_the_output(scored, records):
     assert row["schema_version"] == manifest["schema_version"] and row["duration_s"] > 0
     assert row["committed_at"] is not None and row["started_at"] <= row["committed_at"]
     assert f'data-count="rows">{len(records)}<' in page and f'data-count="flagged">{summary.flagged}<' in page
+
+
+def test_flags_are_counted_by_reason(scored):
+    from collections import Counter
+
+    config, output, summary = scored
+    rows = pq.read_table(output).to_pylist()
+    expected = Counter(reason for row in rows for reason in row["flag_reasons"])
+    assert expected["text_language_unsupported"] == 1 and expected["caption_disagrees"] > 0
+    german = next(row for row in rows if row["text"] == GERMAN)
+    assert german["text_language"] == "de" and "text_language_unsupported" in german["flag_reasons"]
+    manifest = json.loads((output / "_manifest.json").read_text())
+    assert manifest["flagged_by_reason"] == dict(expected) == summary.flagged_by_reason
+    assert "text_language_unsupported=1" in summary.render()
+    page = (output / "_report.html").read_text()
+    for reason, count in expected.items():
+        assert f'data-count="reason-{reason}">{count}<' in page
+    row = pq.read_table(output / "_runs").to_pylist()[0]
+    assert row["flagged_text_language_unsupported"] == 1
+    assert row["flagged_caption_disagrees"] == expected["caption_disagrees"] and row["agreement_threshold"] == 0.99
 
 
 def test_quantiles_match_the_scored_rows(scored):
@@ -208,7 +234,7 @@ def test_readme_duckdb_queries(scored):
     top = connection.sql(queries["top flagged items: the most confident mismatches"]).fetchall()
     expected = table[table.flagged & (table.status == "ok")].sort_values(["itm_score", "id"]).head(20)
     assert [row[0] for row in top] == expected["id"].tolist() and top
-    assert all(MARKUP in row[1] for row in top)
+    assert all(MARKUP in row[1] or row[1] == GERMAN for row in top)
     version = connection.sql(queries["schema version of the scored files"]).fetchall()
     assert version == [(str(SCHEMA_VERSION),)]
 
@@ -239,7 +265,7 @@ def test_report_renders_in_headless_chromium(scored):
     # Catalog markup is text on the page, never markup: nothing ran, nothing was injected.
     assert result.values["title"].startswith("blip-moderate run") and result.values["scripts"] == 0
     assert result.values["injected"] == 0
-    assert result.values["texts"] and all(text.startswith(MARKUP) for text in result.values["texts"])
+    assert result.values["texts"] and all(text.startswith(MARKUP) or text == GERMAN for text in result.values["texts"])
     assert "<b>bags</b>" in result.values["categories"]
     assert result.values["images"] and all(result.values["images"]) and result.values["charts"] == 2
     # Self-contained: the page asked the network for nothing but itself and its inline images.
