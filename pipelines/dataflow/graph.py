@@ -96,6 +96,7 @@ def score_stage_kwargs(config: JobConfig, resources: Resources) -> dict:
         "max_text_tokens": config.max_text_tokens,
         "text_column": config.text_column,
         "precision": config.precision,
+        "threads": resources.score_threads,
     }
 
 
@@ -107,6 +108,7 @@ def caption_stage_kwargs(config: JobConfig, resources: Resources) -> dict:
         "prompt": config.caption_prompt,
         "policy": config.captions,
         "precision": config.precision,
+        "threads": resources.caption_threads,
     }
 
 
