@@ -45,11 +45,28 @@ def expect_rows(rows: int | None) -> None:
     _expected_rows = rows
 
 
+class _DropTokenAuthEnabledNotice(logging.Filter):
+    """A new local Ray turns token authentication on by default and says so at WARNING level on
+    every start: nothing to act on, so it stays off the terminal. Ray's warning that
+    authentication is *disabled* still shows. (Setting ``RAY_AUTH_MODE=token`` once Ray is
+    imported is too late: Ray reads it at import, and the local Ray then fails to start.)"""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Token authentication is enabled")
+
+
+def _quiet_token_auth_notice() -> None:
+    auth_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _DropTokenAuthEnabledNotice) for f in auth_log.filters):
+        auth_log.addFilter(_DropTokenAuthEnabledNotice())
+
+
 def connect(address: str | None) -> bool:
     """Returns True when this call started Ray (and so should shut it down)."""
     configure_progress()
     if ray.is_initialized():
         return False
+    _quiet_token_auth_notice()
     ray.init(
         address=address,
         include_dashboard=False,
@@ -242,6 +259,14 @@ def _watched(manager, topology):
     return manager
 
 
+def quiet_ray_data_console() -> None:
+    """Ray Data's INFO lines (execution plans, "Starting execution", "finished in") stay in its log
+    file (``logs/ray-data/`` of the Ray session); the terminal keeps its warnings and our progress."""
+    for handler in logging.getLogger("ray.data").handlers:
+        if handler.get_name() == "console":
+            handler.setLevel(max(handler.level, logging.WARNING))
+
+
 def configure_progress(interactive: bool | None = None) -> bool:
     """Progress bars on a terminal, log lines elsewhere; ``interactive`` overrides the terminal check.
 
@@ -254,6 +279,7 @@ def configure_progress(interactive: bool | None = None) -> bool:
     global _interactive
     _interactive = interactive
     ray.data.DataContext.get_current().enable_progress_bars = True
+    quiet_ray_data_console()
     try:
         from ray.data._internal.execution import streaming_executor
 

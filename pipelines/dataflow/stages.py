@@ -138,6 +138,14 @@ def set_torch_threads(threads: int | None) -> None:
     torch.set_num_threads(max(1, min(threads, cores)))
 
 
+def quiet_model_loading() -> None:
+    """No "Loading weights" progress bar from every actor: Ray forwards each actor's stderr to
+    the driver's terminal, where a bar per actor reads as noise. transformers' warnings stay."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 class ScoreStage:
     """ITC and ITM for every row with a decoded image and a usable text."""
 
@@ -150,6 +158,7 @@ class ScoreStage:
         from blip_ops.scorer import BlipScorer
 
         set_torch_threads(threads)
+        quiet_model_loading()
 
         # Resolved once here: an s3:// model comes from the node's model cache.
         self.scorer = BlipScorer.from_pretrained(
@@ -238,6 +247,7 @@ class CaptionStage:
         from blip_ops.captioner import Blip2Captioner  # not at the top: see ScoreStage
 
         set_torch_threads(threads)
+        quiet_model_loading()
 
         self.captioner = Blip2Captioner.from_pretrained(
             local_checkpoint(model), device=device, max_new_tokens=max_new_tokens, prompt=prompt, precision=precision

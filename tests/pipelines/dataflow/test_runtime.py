@@ -142,3 +142,19 @@ def test_stall_limit_from_the_environment(monkeypatch):
     assert runtime.stall_warning_s() == runtime.DEFAULT_STALL_WARNING_S
     monkeypatch.delenv(runtime.STALL_WARNING_ENV)
     assert runtime.stall_warning_s() == runtime.DEFAULT_STALL_WARNING_S == 300
+
+
+def test_ray_chatter_stays_off_the_terminal():
+    import logging
+
+    runtime.configure_progress(None)
+    console = [h for h in logging.getLogger("ray.data").handlers if h.get_name() == "console"]
+    assert console and all(h.level >= logging.WARNING for h in console)  # Ray Data's INFO lines go to its log file
+    runtime._quiet_token_auth_notice()
+    auth_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+
+    def shown(message):
+        return auth_log.filter(logging.LogRecord(auth_log.name, logging.WARNING, __file__, 1, message, (), None))
+
+    assert not shown("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out.")
+    assert shown("Token authentication is disabled for this Ray cluster. Anyone with network access ...")  # needs action
