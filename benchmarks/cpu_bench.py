@@ -17,6 +17,14 @@ and BERT, 64-wide heads, 4x MLPs) at reduced width and depth, in fp32:
 Times include reading, decoding and model loading on both sides; the Ray instance is
 started before the clock (on a cluster it is already running). The script also checks that
 both sides computed the same scores, so the speed-up is not bought with different numbers.
+
+``--defaults`` is the headline, what a new user gets: each side in a fresh process, timed
+from the command to its exit (imports, Ray start, model loads included). The pipeline is
+``python -m jobs.score`` at exactly its CLI defaults (``--caption-model none --device cpu``
+and the model, nothing else), which starts its own local Ray; the checkpoint is the
+mid-size one (width 384, 6 layers, 384 px)::
+
+    python -m benchmarks.cpu_bench --defaults --rows 1000
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import json
 import os
 import platform
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -189,6 +198,73 @@ def model_only(checkpoint: str, batch_size: int, batches: int) -> dict:
     }
 
 
+PROGRESS_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) progress: (\d+)")
+
+
+def _fresh_process(command: list[str], env: dict | None = None) -> tuple[subprocess.CompletedProcess, float]:
+    started = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1])
+    elapsed = time.perf_counter() - started
+    if result.returncode != 0:
+        raise RuntimeError(f"{command[:3]} exited {result.returncode}: {result.stderr[-3000:]}")
+    return result, elapsed
+
+
+def steady_rate(stderr: str) -> dict | None:
+    """From the job's progress lines: when the first rows were scored, and the rate after that."""
+    points = []
+    for line in stderr.splitlines():
+        match = PROGRESS_LINE.match(line)
+        if match:
+            points.append((time.mktime(time.strptime(match.group(1), "%Y-%m-%d %H:%M:%S")), int(match.group(2))))
+    moving = [(t, n) for t, n in points if n > 0]
+    if len(moving) < 2:
+        return None
+    (t0, n0), (t1, n1) = moving[0], moving[-1]
+    return {"first_rows_after_s": round(t0 - points[0][0], 1), "rows": n1 - n0, "seconds": t1 - t0,
+            "pairs_per_s": round((n1 - n0) / (t1 - t0), 2) if t1 > t0 else None}
+
+
+def defaults_run(checkpoint: str, catalog: Path, workdir: Path, rows: int) -> dict:
+    """Naive loop and ``python -m jobs.score`` at its defaults, each a fresh process, timed to its exit."""
+    import pyarrow.parquet as pq
+
+    scores_file = workdir / "naive-scores.json"
+    _, naive_s = _fresh_process([sys.executable, "-m", "benchmarks.cpu_bench", "--naive-only", checkpoint, str(catalog), str(scores_file)])
+    naive_scores = {k: tuple(v) for k, v in json.loads(scores_file.read_text()).items()}
+    load_between = [round(x, 2) for x in os.getloadavg()]
+    output = workdir / f"scored-defaults-{int(time.time())}"
+    command = [
+        sys.executable, "-m", "jobs.score", "--input", str(catalog), "--output", str(output),
+        "--itm-model", checkpoint, "--caption-model", "none", "--device", "cpu", "--json",
+    ]
+    # Progress lines every 5 s (instead of 15) only to read the steady rate; no setting of the job changes.
+    env = dict(os.environ, BLIP_MODERATE_PROGRESS_INTERVAL_S="5")
+    result, pipe_s = _fresh_process(command, env)
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    manifest = json.loads((output / "_manifest.json").read_text()) if (output / "_manifest.json").exists() else {}
+    table = pq.read_table(output, columns=["id", "itc_score", "itm_score"]).to_pylist()
+    pipe_scores = {r["id"]: (r["itc_score"], r["itm_score"]) for r in table}
+    steady = steady_rate(result.stderr)
+    naive_rate = rows / naive_s
+    return {
+        "mode": "defaults",
+        "rows": rows,
+        "naive_s": round(naive_s, 1),
+        "pipeline_s": round(pipe_s, 1),
+        "pipeline_run_job_s": summary.get("elapsed_s") and round(summary["elapsed_s"], 1),
+        "naive_pairs_per_s": round(naive_rate, 2),
+        "pipeline_pairs_per_s": round(rows / pipe_s, 2),
+        "ratio": round(naive_s / pipe_s, 2),
+        "steady": steady,
+        "steady_ratio": round(steady["pairs_per_s"] / naive_rate, 2) if steady and steady["pairs_per_s"] else None,
+        "max_score_difference": max_difference(naive_scores, pipe_scores),
+        "pipeline_resources": manifest.get("resources"),
+        "pipeline_command": " ".join(command[1:]),
+        "load_average_between": load_between,
+    }
+
+
 def max_difference(a: dict, b: dict) -> float:
     if a.keys() != b.keys():
         raise RuntimeError("the two sides scored different rows")
@@ -208,14 +284,53 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-batches", type=int, default=3, help="batches for the model-only comparison (0 skips it)")
     parser.add_argument("--workdir", help="keep the checkpoint, catalog and output here (default: a temporary directory)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--defaults", action="store_true",
+        help="the headline: each side a fresh process, jobs.score at its CLI defaults, the mid-size checkpoint "
+        "(width 384, depth 6 unless set); the tuned --ray-cpus/--score-* settings are not used",
+    )
+    parser.add_argument("--naive-only", nargs=3, metavar=("CHECKPOINT", "CATALOG", "SCORES_JSON"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+
+    if args.naive_only:  # the naive side of --defaults, in its own process
+        checkpoint, catalog, scores_file = args.naive_only
+        scores, _ = naive_baseline(checkpoint, Path(catalog), args.batch_size)
+        Path(scores_file).write_text(json.dumps(scores))
+        return 0
 
     from blip_ops.tiny import build_bench_itm
 
+    if args.defaults:
+        args.width = 384 if args.width == parser.get_default("width") else args.width
+        args.depth = 6 if args.depth == parser.get_default("depth") else args.depth
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="blip-cpu-bench-"))
     before = machine()
     checkpoint = str(build_bench_itm(workdir / "itm", width=args.width, depth=args.depth, image_size=args.image_size))
     catalog = write_catalog(workdir / "catalog", args.rows, rows_per_group=2 * args.batch_size)
+
+    if args.defaults:
+        result = defaults_run(checkpoint, catalog, workdir, args.rows)
+        result.update(
+            checkpoint={"layout": "BLIP-base", "width": args.width, "depth": args.depth, "image_size": args.image_size},
+            naive_batch_size=args.batch_size,
+            machine=before,
+            load_average_after=[round(x, 2) for x in os.getloadavg()],
+            date_utc=time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+        )
+        if args.json:
+            print(json.dumps(result, sort_keys=True))
+        else:
+            steady = result["steady"] or {}
+            print(
+                f"naive HF loop (fresh process)        : {result['naive_pairs_per_s']:8.2f} pairs/s ({result['naive_s']} s)\n"
+                f"jobs.score at its defaults (fresh)   : {result['pipeline_pairs_per_s']:8.2f} pairs/s ({result['pipeline_s']} s)\n"
+                f"ratio end to end                     : {result['ratio']:.2f}x   (max |score difference| {result['max_score_difference']:.2e})\n"
+                f"steady state (after the first rows)  : {steady.get('pairs_per_s')} pairs/s, {result['steady_ratio']}x; "
+                f"first rows {steady.get('first_rows_after_s')} s after the run's first progress line\n"
+                f"rows {args.rows}, checkpoint width {args.width} depth {args.depth} at {args.image_size} px; "
+                f"load average {before['load_average']} -> {result['load_average_between']} -> {result['load_average_after']}"
+            )
+        return 0
 
     naive_scores, naive_s = naive_baseline(checkpoint, catalog, args.batch_size)
     load_between = [round(x, 2) for x in os.getloadavg()]

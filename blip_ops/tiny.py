@@ -205,7 +205,10 @@ def build_tiny_blip2(directory: str | Path, seed: int = 0) -> Path:
 
 def build_tiny_checkpoints(root: str | Path, seed: int = 0) -> tuple[Path, Path]:
     """Both tiny checkpoints under ``root``: ``(itm_dir, caption_dir)``."""
+    from transformers.utils import logging as hf_logging
+
     root = Path(root)
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bars in the demo's terminal
     return build_tiny_itm(root / "tiny-blip-itm", seed), build_tiny_blip2(root / "tiny-blip2-opt", seed)
 
 

@@ -166,7 +166,7 @@ def _score(table: pa.Table, config: JobConfig, warm_models: bool = True) -> pd.D
 
     from pipelines.dataflow import runtime, warm
     from pipelines.dataflow.graph import score_rows
-    from pipelines.dataflow.resources import resolve_resources
+    from pipelines.dataflow.resources import check_fits, resolve_resources
 
     image = _image_column(config)
     images = table.column(image) if image else None
@@ -178,6 +178,7 @@ def _score(table: pa.Table, config: JobConfig, warm_models: bool = True) -> pd.D
     if 0 < table.num_rows <= warm.WARM_MAX_ROWS and warm_models:
         scored = warm.warm_stages(config, resources).run(table, run_id, passthrough)
     elif table.num_rows:
+        check_fits(config, resources, runtime.cluster_gpus(), runtime.cluster_cpus())  # the pools must leave decode a CPU
         runtime.expect_rows(table.num_rows)
         dataset = score_rows(ray.data.from_arrow(table), config, run_id, resources, passthrough)
         scored = pa.concat_tables(ray.get(dataset.to_arrow_refs()))

@@ -87,10 +87,12 @@ def _summary(manifest: dict, destination: Location, started: float, outcome: str
 def _score_missing(config: JobConfig, source: InputInfo, destination: Location, attempt: output.Attempt, todo) -> dict:
     """Run the pipeline over the rows still to do; returns the resources it resolved."""
     from .dataflow.graph import build_scored_dataset  # imports Ray Data
-    from .dataflow.resources import resolve_resources
+    from .dataflow.resources import check_fits, resolve_resources
 
     runtime.connect(config.ray_address)
-    resources = resolve_resources(config, runtime.cluster_gpus(), runtime.cluster_cpus())
+    gpus, cpus = runtime.cluster_gpus(), runtime.cluster_cpus()
+    resources = resolve_resources(config, gpus, cpus)
+    check_fits(config, resources, gpus, cpus)  # before any actor starts: a plan that cannot run exits 2
     dataset = build_scored_dataset(
         config, source, attempt.run_id, resources, todo, attempt.staging, destination.filesystem
     )

@@ -106,6 +106,7 @@ def score_stage_kwargs(config: JobConfig, resources: Resources) -> dict:
         "max_text_tokens": config.max_text_tokens,
         "text_column": config.text_column,
         "precision": config.precision,
+        "threads": resources.score_threads,
     }
 
 
@@ -120,6 +121,7 @@ def caption_stage_kwargs(config: JobConfig, resources: Resources) -> dict:
         "text_column": config.text_column,
         "agreement_model": config.agreement_model if config.agreeing else None,
         "agreement_threshold": config.agreement_threshold,
+        "threads": resources.caption_threads,
     }
 
 

@@ -8,6 +8,11 @@ pod, ``ray job submit``'s captured output, a notebook), one line every
     progress: 1200/5000 rows scored (24%), 35.2 rows/s, about 1m48s left
 
 instead of Ray's multi-line operator dumps, then a closing line; the job's summary follows.
+
+Stalls: when no row has been scored for ``BLIP_MODERATE_STALL_WARNING_S`` seconds (default 300;
+0 turns it off) while the scoring actors are idle or not yet started, the line says so and
+names the likely cause (on a terminal, a warning line beside Ray's bars). Ray's own answer is
+to fail after 30 minutes without progress; a starving plan shows ``0 rows scored`` until then.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ PROGRESS_INTERVAL_ENV = "BLIP_MODERATE_PROGRESS_INTERVAL_S"
 DEFAULT_PROGRESS_INTERVAL_S = 15.0
 # The operator whose output rows count as "done": every row passes through scoring once.
 PROGRESS_OPERATOR = "ScoreStage"
+STALL_WARNING_ENV = "BLIP_MODERATE_STALL_WARNING_S"
+DEFAULT_STALL_WARNING_S = 300.0
 
 progress_log = logging.getLogger("blip_moderate.progress")
 
@@ -38,11 +45,28 @@ def expect_rows(rows: int | None) -> None:
     _expected_rows = rows
 
 
+class _DropTokenAuthEnabledNotice(logging.Filter):
+    """A new local Ray turns token authentication on by default and says so at WARNING level on
+    every start: nothing to act on, so it stays off the terminal. Ray's warning that
+    authentication is *disabled* still shows. (Setting ``RAY_AUTH_MODE=token`` once Ray is
+    imported is too late: Ray reads it at import, and the local Ray then fails to start.)"""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Token authentication is enabled")
+
+
+def _quiet_token_auth_notice() -> None:
+    auth_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _DropTokenAuthEnabledNotice) for f in auth_log.filters):
+        auth_log.addFilter(_DropTokenAuthEnabledNotice())
+
+
 def connect(address: str | None) -> bool:
     """Returns True when this call started Ray (and so should shut it down)."""
     configure_progress()
     if ray.is_initialized():
         return False
+    _quiet_token_auth_notice()
     ray.init(
         address=address,
         include_dashboard=False,
@@ -94,6 +118,13 @@ def progress_interval_s() -> float:
         return DEFAULT_PROGRESS_INTERVAL_S
 
 
+def stall_warning_s() -> float:
+    try:
+        return max(0.0, float(os.environ.get(STALL_WARNING_ENV, DEFAULT_STALL_WARNING_S)))
+    except ValueError:
+        return DEFAULT_STALL_WARNING_S
+
+
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
     if seconds >= 3600:
@@ -111,6 +142,58 @@ def progress_line(done: int, total: int | None, elapsed_s: float) -> str:
     return f"progress: {done} rows scored, {rate:.1f} rows/s"
 
 
+def _score_state(topology):
+    for state in topology.values():
+        if PROGRESS_OPERATOR in state.op.name:
+            return state
+    return None
+
+
+def stall_cause(running: int, pending: int, active: int, stalled_s: float) -> str | None:
+    """What a stall of ``stalled_s`` seconds means, from the scoring pool's actor counts; None
+    while an actor is busy (a long batch is not a stall)."""
+    if active > 0:
+        return None
+    if running == 0 and pending > 0:
+        why = (
+            f"the {pending} scoring actor{'s' * (pending != 1)} never started: the cluster has no free CPUs or "
+            "GPUs for them (lower --score-cpus, --score-gpus or --score-actors MIN)"
+        )
+    else:
+        why = (
+            f"the {running} scoring actor{'s' * (running != 1)} sit{'s' * (running == 1)} idle waiting for input: "
+            "the read and decode tasks are not running, most likely because the model actors hold every CPU "
+            "(lower --score-cpus or --score-actors MIN), or reading the input is stuck"
+        )
+    return f"no row scored for {_duration(stalled_s)}; {why}"
+
+
+class StallWatch:
+    """Notices when the scored-row count stops moving while the scoring actors do nothing."""
+
+    def __init__(self, limit_s: float | None = None):
+        self.limit_s = stall_warning_s() if limit_s is None else limit_s
+        self._done = -1
+        self._moved = time.monotonic()
+
+    def check(self, topology, done: int, now: float | None = None) -> str | None:
+        now = time.monotonic() if now is None else now
+        if done != self._done:
+            self._done, self._moved = done, now
+            return None
+        stalled = now - self._moved
+        if not self.limit_s or stalled < self.limit_s:
+            return None
+        state = _score_state(topology)
+        if state is None:
+            return None
+        try:
+            info = state.op.get_actor_info()
+        except (AttributeError, NotImplementedError):  # not an actor pool (a Ray internal, pinned 2.60.x)
+            return None
+        return stall_cause(info.running, info.pending, info.active, stalled)
+
+
 def _line_manager_class():
     """A Ray Data progress manager (Ray 2.60's non-terminal one) that logs one compact line."""
     from ray.data._internal.progress.logging_progress import LoggingExecutionProgressManager
@@ -123,11 +206,12 @@ def _line_manager_class():
             self._started = time.monotonic()
             self._last = self._started
             self._interval = progress_interval_s()
+            self._stall = StallWatch()
 
         def _rows(self) -> tuple[int, int | None]:
-            for state in self._topology.values():
-                if PROGRESS_OPERATOR in state.op.name:
-                    return int(state.op.metrics.row_outputs_taken), _expected_rows or state.op.num_output_rows_total()
+            state = _score_state(self._topology)
+            if state is not None:
+                return int(state.op.metrics.row_outputs_taken), _expected_rows or state.op.num_output_rows_total()
             metric = self._global_progress_metric
             return int(metric.completed), _expected_rows or metric.total
 
@@ -137,7 +221,12 @@ def _line_manager_class():
                 return
             self._last = now
             done, total = self._rows()
-            _progress_logger().info(progress_line(done, total, now - self._started))
+            stalled = self._stall.check(self._topology, done, now)
+            line = progress_line(done, total, now - self._started)
+            if stalled:
+                _progress_logger().warning(f"{line}; {stalled}")
+            else:
+                _progress_logger().info(line)
 
         def close_with_finishing_description(self, desc: str, success: bool):
             done, total = self._rows()
@@ -146,6 +235,36 @@ def _line_manager_class():
             _progress_logger().info(f"{verdict}: {done} rows scored in {_duration(elapsed)} ({done / max(elapsed, 1e-9):.1f} rows/s)")
 
     return LineProgressManager
+
+
+def _watched(manager, topology):
+    """Ray's own progress manager (bars on a terminal), plus a warning line when rows stall."""
+    refresh = getattr(manager, "refresh", None)
+    if refresh is None:
+        return manager
+    watch = StallWatch()
+    warned = [0.0]
+
+    def refresh_and_watch(*args, **kwargs):
+        result = refresh(*args, **kwargs)
+        state = _score_state(topology)
+        now = time.monotonic()
+        stalled = watch.check(topology, int(state.op.metrics.row_outputs_taken), now) if state is not None else None
+        if stalled and now - warned[0] >= progress_interval_s():
+            warned[0] = now
+            _progress_logger().warning(f"warning: {stalled}")
+        return result
+
+    manager.refresh = refresh_and_watch
+    return manager
+
+
+def quiet_ray_data_console() -> None:
+    """Ray Data's INFO lines (execution plans, "Starting execution", "finished in") stay in its log
+    file (``logs/ray-data/`` of the Ray session); the terminal keeps its warnings and our progress."""
+    for handler in logging.getLogger("ray.data").handlers:
+        if handler.get_name() == "console":
+            handler.setLevel(max(handler.level, logging.WARNING))
 
 
 def configure_progress(interactive: bool | None = None) -> bool:
@@ -160,6 +279,7 @@ def configure_progress(interactive: bool | None = None) -> bool:
     global _interactive
     _interactive = interactive
     ray.data.DataContext.get_current().enable_progress_bars = True
+    quiet_ray_data_console()
     try:
         from ray.data._internal.execution import streaming_executor
 
@@ -171,7 +291,7 @@ def configure_progress(interactive: bool | None = None) -> bool:
     def get_progress_manager(ctx, dataset_id, topology, verbose_progress):
         terminal = sys.stdout.isatty() if _interactive is None else _interactive
         if terminal or not ctx.enable_progress_bars:
-            return original(ctx, dataset_id, topology, verbose_progress)
+            return _watched(original(ctx, dataset_id, topology, verbose_progress), topology)
         return line_manager(dataset_id, topology, ctx.enable_operator_progress_bars, verbose_progress)
 
     get_progress_manager._blip_original = original

@@ -132,13 +132,41 @@ def _pixel_batch(column: pa.ChunkedArray, rows: np.ndarray, size: Resize) -> np.
     return np.frombuffer(values.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]].reshape(shape)
 
 
+def set_torch_threads(threads: int | None) -> None:
+    """torch's intra-op threads for this actor (``Resources.score_threads``), at most the cores this
+    process may run on: Ray set ``OMP_NUM_THREADS`` from the actor's CPU reservation, which for a
+    fractional reservation is one thread."""
+    if not threads:
+        return
+    import os
+
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, min(threads, cores)))
+
+
+def quiet_model_loading() -> None:
+    """No "Loading weights" progress bar from every actor: Ray forwards each actor's stderr to
+    the driver's terminal, where a bar per actor reads as noise. transformers' warnings stay."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 class ScoreStage:
     """ITC and ITM for every row with a decoded image and a usable text."""
 
-    def __init__(self, *, model: str, device: str, max_text_tokens: int, text_column: str, precision: str = "auto"):
+    def __init__(
+        self, *, model: str, device: str, max_text_tokens: int, text_column: str, precision: str = "auto",
+        threads: int | None = None,
+    ):
         # Imported here, not at the top: the decode, flag and write tasks import this module too,
         # and must not pay for torch and transformers.
         from blip_ops.scorer import BlipScorer
+
+        set_torch_threads(threads)
+        quiet_model_loading()
 
         # Resolved once here: an s3:// model comes from the node's model cache.
         self.scorer = BlipScorer.from_pretrained(
@@ -146,6 +174,12 @@ class ScoreStage:
         )
         self.text_column = text_column
         self.parts = HalvingBatches("scoring")
+
+    def torch_threads(self) -> int:
+        """The intra-op threads torch really runs with in this actor (asked by tests and audits)."""
+        import torch
+
+        return torch.get_num_threads()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         mask = _scorable(batch)
@@ -234,8 +268,12 @@ class CaptionStage:
         text_column: str = "text",
         agreement_model: str | None = None,
         agreement_threshold: float | None = None,
+        threads: int | None = None,
     ):
         from blip_ops.captioner import Blip2Captioner  # not at the top: see ScoreStage
+
+        set_torch_threads(threads)
+        quiet_model_loading()
 
         self.captioner = Blip2Captioner.from_pretrained(
             local_checkpoint(model), device=device, max_new_tokens=max_new_tokens, prompt=prompt, precision=precision
@@ -251,6 +289,12 @@ class CaptionStage:
             self.encoder = SentenceEncoder.from_pretrained(agreement_model, device=str(self.captioner.device))
         self.text_column = text_column
         self.agreement_threshold = agreement_threshold
+
+    def torch_threads(self) -> int:
+        """The intra-op threads torch really runs with in this actor (asked by tests and audits)."""
+        import torch
+
+        return torch.get_num_threads()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         mask = batch.column(S.PIXELS_CAPTION).is_valid().to_numpy(zero_copy_only=False)

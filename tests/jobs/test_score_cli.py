@@ -155,6 +155,22 @@ def test_failed_run_exits_1_and_commits_nothing(ray_session, catalog, tiny_itm, 
     assert not list((tmp_path / "o").glob("*.parquet"))
 
 
+@pytest.mark.parametrize(
+    "flags, numbers",
+    [
+        (["--score-actors", "2,2", "--score-cpus", "1"], "2 scoring actors x 1 = 2 CPUs of the cluster's 2, leaving 0"),
+        (["--score-cpus", "2"], "1 scoring actor x 2 = 2 CPUs of the cluster's 2, leaving 0"),
+    ],
+)
+def test_a_plan_that_starves_decoding_exits_2_before_any_actor_starts(ray_session, catalog, tiny_itm, tmp_path, capsys, flags, numbers):
+    # ray_session is a 2-CPU local Ray: these settings used to hang at "0 rows scored" forever.
+    code = score.main(["--input", str(catalog), "--output", str(tmp_path / "o"), *_models(tiny_itm), *flags])
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    assert numbers in err and "--score-cpus (now" in err and "--score-actors MIN (now" in err
+    assert not list((tmp_path / "o").glob("**/*.parquet"))
+
+
 def test_cli_subprocess_starts_its_own_ray(catalog, tiny_itm, tmp_path):
     result = _run("--input", str(catalog), "--output", str(tmp_path / "o"), *_models(tiny_itm), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

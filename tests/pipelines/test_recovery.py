@@ -48,6 +48,30 @@ def _kill_all(pids) -> None:
             pass
 
 
+# Ray Data names each pool's actor class after its operator, the steps fused into it included:
+# MapWorker(MapBatches(ScoreStage)->MapBatches(flag_batch)...) (Ray 2.60, pinned).
+SCORING_ACTOR_CLASS = "MapWorker(MapBatches(ScoreStage)"
+
+
+def _scoring_actors(ray, state: str = "ALIVE") -> dict[str, dict]:
+    """This driver's scoring actors by actor id, from Ray's own actor table.
+
+    Only this job's actors, on this test session's Ray: never another suite's processes that
+    happen to run an actor of the same name. (``ray.util.state.list_actors`` needs the
+    dashboard, which ``ray_session`` does not start; the GCS table behind it does not. Ray is
+    pinned to 2.60.x.)
+    """
+    from ray._private.state import actors
+
+    job = ray.get_runtime_context().get_job_id()
+    return {
+        actor_id: actor
+        for actor_id, actor in actors().items()
+        if actor["JobID"] == job and actor["ActorClassName"].startswith(SCORING_ACTOR_CLASS)
+        and (state is None or actor["State"] == state) and actor.get("Pid")
+    }
+
+
 @pytest.fixture(scope="module")
 def many_rows(tmp_path_factory):
     """96 rows in 3 files of 4 row groups each, all with unique ids."""
@@ -124,23 +148,26 @@ def test_scoring_actor_killed_mid_run_is_restarted_and_nothing_is_lost(ray_sessi
         "input": str(catalog), "output": str(output), "itm_model": tiny_itm, "caption_model": "none",
         "decode_batch_size": 4, "score_batch_size": 4,
     })
-    killed: list[int] = []
+    killed: dict[str, int] = {}
 
     def kill_scorer_once():
+        # The actor is ALIVE once its __init__ (the model load) is done and rows are queued for it:
+        # on a tiny model it scores all 96 rows in about a second, so waiting for more would race.
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
-            actors = _processes(lambda cmd, environ: "ray::MapWorker(MapBatches(ScoreStage))" in cmd)
-            if actors and _staged_pieces(output):
-                _kill_all(actors)
-                killed.extend(actors)
+            for actor_id, actor in _scoring_actors(ray_session).items():
+                _kill_all([int(actor["Pid"])])  # that one process, found by its actor id
+                killed[actor_id] = int(actor["Pid"])
                 return
-            time.sleep(0.05)
+            time.sleep(0.02)
 
     killer = threading.Thread(target=kill_scorer_once, daemon=True)
     killer.start()
     summary = run_job(config)
     killer.join(timeout=5)
     assert killed, "no scoring actor was seen mid-run; test inconclusive"
+    (actor_id,) = killed
+    assert _scoring_actors(ray_session, state=None)[actor_id]["NumRestarts"] >= 1  # Ray restarted that actor
     assert summary.outcome == "committed" and summary.rows_written == len(records)
     assert sorted(_ids(output)) == sorted(r["id"] for r in records)
     assert pq.read_table(output, columns=["status"]).column("status").to_pylist().count("ok") == summary.scored

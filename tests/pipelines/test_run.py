@@ -270,3 +270,13 @@ def test_overwrite_never_deletes_foreign_files(tiny_itm, catalog, tmp_path):
     with pytest.raises(InputError, match="did not write"):
         run_job(_config(tiny_itm, None, catalog, tmp_path / "out", caption_model="none", overwrite=True))
     assert (tmp_path / "out" / "precious.txt").exists()
+
+
+def test_a_plan_that_starves_decoding_is_refused_before_any_actor_starts(ray_session, tiny_itm, catalog, tmp_path):
+    from pipelines.dataflow.resources import ResourceError
+
+    # Two 1-CPU actors on the 2-CPU ray_session: no read or decode task could ever run.
+    config = _config(tiny_itm, None, catalog, tmp_path / "out", caption_model="none", score_actors="2,2", score_cpus=1)
+    with pytest.raises(ResourceError, match=r"reserve 2 scoring actors x 1 = 2 CPUs of the cluster's 2.*--score-actors MIN \(now 2\)"):
+        run_job(config)
+    assert not list((tmp_path / "out").glob("**/*.parquet"))

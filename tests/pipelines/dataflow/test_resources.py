@@ -1,7 +1,7 @@
 import pytest
 
 from pipelines.config import build_config
-from pipelines.dataflow.resources import resolve_resources
+from pipelines.dataflow.resources import ResourceError, check_fits, resolve_resources, resource_problem
 
 BASE = {"input": "in", "output": "out"}
 
@@ -88,3 +88,58 @@ def test_batch_size_flags_and_auto_reach_the_config():
     base = ["--input", "in", "--output", "out"]
     config = score.config_from_args(score.make_parser().parse_args([*base, "--score-batch-size", "512", "--caption-batch-size", "auto"]))
     assert (config.score_batch_size, config.caption_batch_size) == (512, None)
+
+
+@pytest.mark.parametrize(
+    "overrides, cluster_gpus, cluster_cpus, expected",
+    [
+        ({"device": "cpu"}, 0, 2, None),  # the defaults always fit
+        ({"device": "cpu", "caption_model": "m"}, 0, 2, None),
+        ({}, 1, 16, None),
+        ({"device": "cpu", "score_actors": "2,2", "score_cpus": 1}, 0, 2, "2 scoring actors x 1 = 2 CPUs of the cluster's 2, leaving 0"),
+        ({"device": "cpu", "score_cpus": 2}, 0, 2, "--score-cpus (now 2)"),
+        ({"device": "cpu", "score_actors": "1,8", "score_cpus": 1}, 0, 2, None),  # only the minimum must fit
+        ({"device": "cpu", "caption_model": "m", "caption_cpus": 1}, 0, 2, "1 captioning actor x 1"),
+        ({"device": "cuda"}, 0, 8, "need 1 scoring actor x 1 = 1 GPUs, and the cluster has 0"),
+        ({"score_actors": "3,3"}, 2, 16, "--score-actors MIN (now 3), --score-gpus (now 1)"),
+        ({"score_actors": "4,4", "score_gpus": 0.5}, 2, 16, None),
+    ],
+)
+def test_resource_problem_names_the_numbers_and_the_flag(overrides, cluster_gpus, cluster_cpus, expected):
+    config = build_config(dict(BASE, caption_model=overrides.pop("caption_model", "none"), **overrides))
+    problem = resource_problem(config, resolve_resources(config, cluster_gpus, cluster_cpus), cluster_gpus, cluster_cpus)
+    if expected is None:
+        assert problem is None
+    else:
+        assert expected in problem
+
+
+def test_check_fits_refuses_on_a_local_ray_and_warns_on_a_joined_cluster(caplog):
+    starving = dict(BASE, device="cpu", caption_model="none", score_cpus=2)
+    local = build_config(starving)
+    with pytest.raises(ResourceError, match="cannot run on this machine's Ray"):
+        check_fits(local, resolve_resources(local, 0, 2), 0, 2)
+    joined = build_config(dict(starving, ray_address="auto"))  # its autoscaler may still add nodes
+    check_fits(joined, resolve_resources(joined, 0, 2), 0, 2)
+    assert "unless the cluster's autoscaler adds nodes" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "overrides, cluster_gpus, cluster_cpus, threads",
+    [
+        ({"device": "cpu"}, 0, 2, (2, None)),  # one actor, both cores (Ray alone would give it one)
+        ({"device": "cpu"}, 0, 16, (2, None)),  # up to 8 actors x 2 threads on a 16-core laptop
+        ({"device": "cpu", "caption_model": "m"}, 0, 2, (1, 1)),  # two stages share two cores
+        ({"device": "cpu", "caption_model": "m"}, 0, 16, (2, 2)),  # 4 + 4 actors x 2 threads
+        ({"device": "cpu", "score_cpus": 0.5, "score_actors": "2,2"}, 0, 2, (1, None)),  # set: Ray's rule
+        ({"device": "cpu", "score_cpus": 3}, 0, 16, (3, None)),
+        ({}, 8, 64, (1, 1)),  # a GPU actor only feeds its GPU
+        ({"score_gpus": 0, "caption_model": "m"}, 1, 16, (4, 1)),  # 4 CPU scoring actors x 4 beside a GPU captioner
+    ],
+)
+def test_model_threads_share_every_core_among_the_cpu_actors(overrides, cluster_gpus, cluster_cpus, threads):
+    config = build_config(dict(BASE, caption_model=overrides.pop("caption_model", "none"), **overrides))
+    resources = resolve_resources(config, cluster_gpus, cluster_cpus)
+    assert resources.score_threads == threads[0]
+    if threads[1] is not None:
+        assert resources.caption_threads == threads[1]

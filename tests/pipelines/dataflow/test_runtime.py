@@ -71,3 +71,90 @@ def test_progress_line_and_interval(monkeypatch):
     assert runtime.progress_interval_s() == runtime.DEFAULT_PROGRESS_INTERVAL_S
     monkeypatch.delenv(runtime.PROGRESS_INTERVAL_ENV)
     assert runtime.progress_interval_s() == runtime.DEFAULT_PROGRESS_INTERVAL_S
+
+
+def test_a_stall_is_named_in_the_progress_line_while_the_actors_sit_idle(ray_session, every_refresh, monkeypatch, capsys):
+    """A read stage that blocks starves the scoring actor: the line says so, not just '0 rows'."""
+    import time as _time
+
+    import ray.data
+
+    monkeypatch.setenv(runtime.STALL_WARNING_ENV, "1")
+
+    def blocked_read(batch):
+        _time.sleep(6)  # stands in for read/decode tasks that never get a CPU
+        return batch
+
+    class ScoreStage:
+        def __call__(self, batch):
+            return batch
+
+    assert runtime.configure_progress(interactive=False)
+    # A remote-args function keeps Ray from fusing the read into the actor, as in the pipeline.
+    ds = ray.data.range(20, override_num_blocks=1).map_batches(blocked_read, batch_size=None, ray_remote_args_fn=dict)
+    ds = ds.map_batches(
+        ScoreStage, batch_size=10, compute=ray.data.ActorPoolStrategy(size=1)
+    )
+    assert ds.count() == 20
+    err = capsys.readouterr().err
+    assert re.search(r"progress: 0 rows scored.*; no row scored for \d+s; the 1 scoring actor sits idle waiting for input", err), err[-3000:]
+    assert "lower --score-cpus or --score-actors MIN" in err
+
+
+class _Info:
+    def __init__(self, running, pending, active):
+        self.running, self.pending, self.active = running, pending, active
+
+
+class _Op:
+    name = "MapBatches(ScoreStage)"
+
+    def __init__(self, info):
+        self.info = info
+
+    def get_actor_info(self):
+        return self.info
+
+
+class _State:
+    def __init__(self, info):
+        self.op = _Op(info)
+
+
+def test_stall_watch_waits_for_the_limit_and_stays_quiet_while_an_actor_works():
+    idle = {"score": _State(_Info(running=2, pending=0, active=0))}
+    watch = runtime.StallWatch(limit_s=120)
+    assert watch.check(idle, 0, now=0) is None
+    assert watch.check(idle, 0, now=119) is None
+    assert watch.check(idle, 0, now=121).startswith("no row scored for 2m01s; the 2 scoring actors sit idle")
+    assert watch.check(idle, 5, now=200) is None  # rows moved: the clock restarts
+    busy = {"score": _State(_Info(running=1, pending=0, active=1))}
+    assert watch.check(busy, 5, now=1000) is None  # a long batch is not a stall
+    pending = {"score": _State(_Info(running=0, pending=1, active=0))}
+    assert "the 1 scoring actor never started" in watch.check(pending, 5, now=1000)
+    assert runtime.StallWatch(limit_s=0).check(idle, 0, now=10**6) is None  # 0 turns it off
+
+
+def test_stall_limit_from_the_environment(monkeypatch):
+    monkeypatch.setenv(runtime.STALL_WARNING_ENV, "42")
+    assert runtime.stall_warning_s() == 42
+    monkeypatch.setenv(runtime.STALL_WARNING_ENV, "later")
+    assert runtime.stall_warning_s() == runtime.DEFAULT_STALL_WARNING_S
+    monkeypatch.delenv(runtime.STALL_WARNING_ENV)
+    assert runtime.stall_warning_s() == runtime.DEFAULT_STALL_WARNING_S == 300
+
+
+def test_ray_chatter_stays_off_the_terminal():
+    import logging
+
+    runtime.configure_progress(None)
+    console = [h for h in logging.getLogger("ray.data").handlers if h.get_name() == "console"]
+    assert console and all(h.level >= logging.WARNING for h in console)  # Ray Data's INFO lines go to its log file
+    runtime._quiet_token_auth_notice()
+    auth_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+
+    def shown(message):
+        return auth_log.filter(logging.LogRecord(auth_log.name, logging.WARNING, __file__, 1, message, (), None))
+
+    assert not shown("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out.")
+    assert shown("Token authentication is disabled for this Ray cluster. Anyone with network access ...")  # needs action

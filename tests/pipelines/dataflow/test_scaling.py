@@ -77,6 +77,9 @@ def test_stage_constructors_receive_the_precision(monkeypatch, tiny_itm, tiny_ca
     stages.ScoreStage(model=tiny_itm, device="cpu", max_text_tokens=35, text_column="text", precision="bf16")
     stages.CaptionStage(model=tiny_caption, device="cpu", max_new_tokens=4, prompt=None, policy="all", precision="fp16")
     assert seen["score"]["precision"] == "bf16" and seen["caption"]["precision"] == "fp16"
+    from transformers.utils import logging as hf_logging
+
+    assert not hf_logging.is_progress_bar_enabled()  # no "Loading weights" bar from every actor
 
 
 # --- end to end on the local Ray (2 CPUs) ---------------------------------------------------
