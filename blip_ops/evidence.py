@@ -13,16 +13,20 @@ below ``L`` records nothing and the backward stops at ``L``'s attention. The sco
 embeddings are reused, so evidence costs one text-encoder forward and a partial backward per
 row and no vision pass (on the BLIP-base layout at 2 CPU threads, BENCHMARKS.md: evidence for
 every row costs about what the ITM text pass costs). The pass runs in fp32 whatever the scoring
-precision, so half precision cannot underflow the gradients.
+precision, so half precision cannot underflow the gradients. torch is imported where the map
+is computed, so preflight can check a layer (``check_layer``) without it.
 """
 
 from __future__ import annotations
 
 import string
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 TOP_WORDS = 5
 # LAVIS's demo explains layer 6 of BLIP-base's 12-layer text encoder; other depths use the middle.
@@ -107,6 +111,8 @@ class GradCam:
         model.requires_grad_(False)
 
     def explain(self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[Evidence]:
+        import torch
+
         if not len(input_ids):
             return []
         probs, grads = self._attention_and_gradient(image_embeds, input_ids, attention_mask)
@@ -131,6 +137,8 @@ class GradCam:
         return out
 
     def _attention_and_gradient(self, image_embeds, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
         captured = {}
 
         def leaf(module, args):

@@ -178,17 +178,22 @@ def durable(location: Location, attempt: Attempt) -> dict[int, list[tuple[int, i
     return covered_ranges(list(_pieces(location, attempt)))
 
 
-def _count(fs: pafs.FileSystem, paths: list[str]) -> tuple[int, dict[str, int], int]:
-    """Rows by status and flagged rows, reading two small columns file by file."""
-    rows, flagged, by_status = 0, 0, Counter()
+def _count(fs: pafs.FileSystem, paths: list[str]) -> tuple[int, dict[str, int], int, int]:
+    """Rows by status, flagged rows and rows with evidence, reading small columns file by file
+    (of the evidence struct only its ``layer``, set wherever evidence was computed)."""
+    rows, flagged, evidence, by_status = 0, 0, 0, Counter()
     for path in paths:
-        table = pq.read_table(path, columns=["status", "flagged"], filesystem=fs)
+        with fs.open_input_file(path) as source:
+            parquet = pq.ParquetFile(source)
+            table = parquet.read(columns=["status", "flagged"])
+            if "evidence" in parquet.schema_arrow.names:
+                evidence += table.num_rows - parquet.read(columns=["evidence.layer"]).column(0).null_count
         rows += table.num_rows
         flagged += int(pa.compute.sum(table.column("flagged")).as_py() or 0)
         counts = pa.compute.value_counts(table.column("status").combine_chunks()) if table.num_rows else None
         if counts is not None:
             by_status.update(dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())))
-    return rows, dict(sorted(by_status.items())), flagged
+    return rows, dict(sorted(by_status.items())), flagged, evidence
 
 
 def _check_complete(pieces: dict[str, str], units: list[Unit]) -> None:
@@ -235,7 +240,7 @@ def commit(location: Location, attempt: Attempt, units: list[Unit], empty_schema
     pieces = _pieces(location, attempt)
     _check_complete(pieces, units)
     expected = sum(u.rows for u in units)
-    rows, by_status, flagged = _count(fs, sorted(pieces.values()))
+    rows, by_status, flagged, evidence_rows = _count(fs, sorted(pieces.values()))
     if rows != expected:
         raise IncompleteError(f"row count mismatch: {expected} input rows, {rows} staged; nothing committed")
 
@@ -254,6 +259,7 @@ def commit(location: Location, attempt: Attempt, units: list[Unit], empty_schema
     body = dict(
         manifest, run_id=attempt.run_id, key=attempt.key, files=final, rows=rows,
         rows_by_status=by_status, flagged=flagged, committed_at=committed_at,
+        evidence=dict(manifest.get("evidence") or {}, rows=evidence_rows),
     )
     _write_json(location, MANIFEST, body)
     _write_json(location, SUCCESS, {"run_id": attempt.run_id, "key": attempt.key, "committed_at": committed_at})

@@ -61,6 +61,9 @@ RUN_SUMMARY_SCHEMA = pa.schema(
         pa.field("rows_per_s", pa.float64()),
         pa.field("resumed_rows", pa.int64()),
         pa.field("schema_version", pa.int32()),
+        pa.field("evidence", pa.string()),
+        pa.field("evidence_rows", pa.int64()),
+        pa.field("evidence_s", pa.float64()),
     ],
     metadata={b"blip_moderate_run_summary_version": b"1"},
 )
@@ -97,6 +100,9 @@ def summary_row(config: JobConfig, manifest: dict, summary: dict, stats: report.
         "rows_per_s": summary.get("rows_per_s"),
         "resumed_rows": int(manifest.get("resumed_rows") or summary.get("resumed_rows") or 0),
         "schema_version": int(manifest.get("schema_version", SCHEMA_VERSION)),
+        "evidence": config.evidence,
+        "evidence_rows": int((manifest.get("evidence") or {}).get("rows", 0)),
+        "evidence_s": (manifest.get("evidence") or {}).get("seconds"),
     }
 
 

@@ -169,7 +169,7 @@ def test_histogram_quantiles_and_display():
 
 def readme_queries() -> dict[str, str]:
     """The README's DuckDB queries, by their leading comment."""
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
     section = readme.split("### DuckDB queries", 1)[1]
     block = section.split("```sql\n", 1)[1].split("```", 1)[0]
     queries = {}
@@ -189,6 +189,7 @@ def test_readme_duckdb_queries(scored):
         "flag rate per category of the committed result",
         "top flagged items: the most confident mismatches",
         "schema version of the scored files",
+        "evidence of the flagged rows: the hottest patch and the top words",  # tests/pipelines/test_evidence_run.py
     }
     runs = pq.read_table(output / "_runs").to_pandas()
     table = pq.read_table(output).to_pandas()
