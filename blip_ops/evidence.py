@@ -20,6 +20,7 @@ is computed, so preflight can check a layer (``check_layer``) without it.
 from __future__ import annotations
 
 import string
+import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -109,6 +110,8 @@ class GradCam:
         self.block = model.text_encoder.encoder.layer[self.layer]
         # Inference only: with frozen weights the one leaf is the hidden state entering the layer.
         model.requires_grad_(False)
+        # The hooks sit on the shared model: two threads explaining at once would see each other's pass.
+        self._lock = threading.Lock()
 
     def explain(self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[Evidence]:
         import torch
@@ -149,24 +152,25 @@ class GradCam:
             captured["probs"] = output[1]
 
         model = self.model
-        hooks = [
-            self.block.register_forward_pre_hook(leaf),
-            self.block.crossattention.self.register_forward_hook(keep_probs),
-        ]
-        try:
-            # fp32 whatever the scoring precision: no autocast, and the embeddings cast up.
-            with torch.enable_grad(), torch.autocast(image_embeds.device.type, enabled=False):
-                embeds = image_embeds.detach().float().clone()  # a normal tensor, also from inference mode
-                fused = model.text_encoder(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    encoder_hidden_states=embeds,
-                    encoder_attention_mask=torch.ones(embeds.shape[:-1], dtype=torch.long, device=embeds.device),
-                ).last_hidden_state
-                logit = model.itm_head(fused[:, 0, :])[:, 1]
-                probs = captured["probs"]
-                (grads,) = torch.autograd.grad(logit.sum(), probs)
-        finally:
-            for hook in hooks:
-                hook.remove()
+        with self._lock:
+            hooks = [
+                self.block.register_forward_pre_hook(leaf),
+                self.block.crossattention.self.register_forward_hook(keep_probs),
+            ]
+            try:
+                # fp32 whatever the scoring precision: no autocast, and the embeddings cast up.
+                with torch.enable_grad(), torch.autocast(image_embeds.device.type, enabled=False):
+                    embeds = image_embeds.detach().float().clone()  # a normal tensor, also from inference mode
+                    fused = model.text_encoder(
+                        input_ids=input_ids,
+                        attention_mask=attention_mask,
+                        encoder_hidden_states=embeds,
+                        encoder_attention_mask=torch.ones(embeds.shape[:-1], dtype=torch.long, device=embeds.device),
+                    ).last_hidden_state
+                    logit = model.itm_head(fused[:, 0, :])[:, 1]
+                    probs = captured["probs"]
+                    (grads,) = torch.autograd.grad(logit.sum(), probs)
+            finally:
+                for hook in hooks:
+                    hook.remove()
         return probs.detach(), grads
