@@ -9,13 +9,19 @@ from PIL import Image, ImageOps
 from transformers import AutoProcessor, Blip2ForConditionalGeneration, BlipForImageTextRetrieval
 
 
+def _processor(checkpoint: str):
+    # The PIL backend, as the README promises: with torchvision installed, transformers would
+    # otherwise pick its torchvision backend and the reference's pixels could change under it.
+    return AutoProcessor.from_pretrained(checkpoint, backend="pil")
+
+
 def _open(data: bytes) -> Image.Image:
     return ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
 
 
 def itm_reference(checkpoint: str):
     """``score(image_bytes, text) -> (itc, itm)`` through ``BlipForImageTextRetrieval`` on one pair."""
-    processor = AutoProcessor.from_pretrained(checkpoint)
+    processor = _processor(checkpoint)
     model = BlipForImageTextRetrieval.from_pretrained(checkpoint).eval()
 
     def score(data: bytes, text: str) -> tuple[float, float]:
@@ -30,7 +36,7 @@ def itm_reference(checkpoint: str):
 
 def caption_reference(checkpoint: str, max_new_tokens: int, prompt: str | None = None):
     """``caption(image_bytes) -> str`` through ``Blip2ForConditionalGeneration.generate`` on one image."""
-    processor = AutoProcessor.from_pretrained(checkpoint)
+    processor = _processor(checkpoint)
     model = Blip2ForConditionalGeneration.from_pretrained(checkpoint).eval()
 
     def caption(data: bytes) -> str:

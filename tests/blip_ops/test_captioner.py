@@ -46,18 +46,23 @@ def test_explicit_fp32_captions_equal_auto_on_cpu(tiny_caption):
     assert auto.caption(resized) == fp32.caption(resized)
 
 
-def test_bf16_autocast_captions_run_in_bf16(tiny_caption):
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_half_precision_autocast_captions_run_in_half(tiny_caption, precision, dtype):
     captioner = Blip2Captioner.from_pretrained(
-        tiny_caption, device="cpu", max_new_tokens=MAX_NEW_TOKENS, precision="bf16"
+        tiny_caption, device="cpu", max_new_tokens=MAX_NEW_TOKENS, precision=precision
     )
+    assert captioner.precision == precision
     seen = set()
     handle = captioner.model.language_model.lm_head.register_forward_hook(lambda _m, _i, out: seen.add(out.dtype))
+    resized = [captioner.images.resize(decode_rgb(d)) for d in _images(3)]
     try:
-        captions = captioner.caption([captioner.images.resize(decode_rgb(d)) for d in _images(3)])
+        captions = captioner.caption(resized)
     finally:
         handle.remove()
-    assert seen == {torch.bfloat16}
-    assert len(captions) == 3 and all(isinstance(c, str) for c in captions)
+    assert seen == {dtype}
+    fp32 = Blip2Captioner.from_pretrained(tiny_caption, device="cpu", max_new_tokens=MAX_NEW_TOKENS, precision="fp32")
+    # Greedy decoding may part ways after a near-tie in half precision; most captions must agree.
+    assert sum(a == b for a, b in zip(captions, fp32.caption(resized))) >= 2
 
 
 @pytest.mark.parametrize("prompt", [None, "a photo of"])

@@ -38,12 +38,49 @@ def test_thirty_two_bit_pixels_are_clipped_or_scaled_never_wrapped(values, expec
     assert decode_rgb(data)[0, :, 0].tolist() == expected
 
 
-def test_exif_orientation_is_honoured():
-    image = Image.new("RGB", (8, 4), (0, 128, 0))
+def _asymmetric(width=12, height=6) -> np.ndarray:
+    """No rotation or mirror maps this image onto itself: every pixel has its own colour."""
+    y, x = np.mgrid[0:height, 0:width]
+    return np.stack([x * 20, y * 40, (x + 3 * y) % 7 * 30], axis=-1).astype(np.uint8)
+
+
+def _with_orientation(pixels: np.ndarray, orientation: int, fmt: str) -> bytes:
     exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
-    data = image_bytes(image, "JPEG", exif=exif.tobytes())
-    assert decode_rgb(data).shape == (8, 4, 3)
+    exif[0x0112] = orientation
+    return image_bytes(Image.fromarray(pixels), fmt, exif=exif.tobytes())
+
+
+# What a viewer shows for each EXIF orientation of stored pixels (EXIF 2.32, tag 0x0112),
+# written with numpy so that it does not lean on Pillow's own transpose table.
+DISPLAYED = {
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],  # mirrored left-right
+    3: lambda a: a[::-1, ::-1],  # rotated 180
+    4: lambda a: a[::-1, :],  # mirrored top-bottom
+    5: lambda a: a.transpose(1, 0, 2),  # mirrored along the main diagonal
+    6: lambda a: np.rot90(a, k=-1),  # rotated 90 clockwise
+    7: lambda a: a.transpose(1, 0, 2)[::-1, ::-1],  # mirrored along the other diagonal
+    8: lambda a: np.rot90(a, k=1),  # rotated 90 counter-clockwise
+}
+
+
+@pytest.mark.parametrize("orientation", sorted(DISPLAYED))
+def test_exif_orientation_is_honoured_pixel_for_pixel(orientation):
+    pixels = _asymmetric()
+    got = decode_rgb(_with_orientation(pixels, orientation, "PNG"))  # lossless: exact pixels
+    np.testing.assert_array_equal(got, DISPLAYED[orientation](pixels))
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 7, 8])
+def test_exif_rotated_jpeg_equals_the_reference_decode(orientation):
+    from tests.reference import _open
+
+    data = _with_orientation(np.kron(_asymmetric(), np.ones((8, 8, 1), dtype=np.uint8)), orientation, "JPEG")
+    expected = np.asarray(_open(data).convert("RGB"))
+    stored = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    got = decode_rgb(data)
+    assert got.shape != stored.shape or not np.array_equal(got, stored)  # the orientation did something
+    np.testing.assert_array_equal(got, expected)
 
 
 def test_animated_gif_decodes_first_frame():

@@ -116,20 +116,21 @@ def test_explicit_fp32_equals_auto_on_cpu(scorer, tiny_itm):
     np.testing.assert_array_equal(itm32, itm)
 
 
-def test_bf16_autocast_on_cpu_runs_in_bf16_and_stays_close(scorer, tiny_itm):
-    bf16 = BlipScorer.from_pretrained(tiny_itm, device="cpu", precision="bf16")
-    assert bf16.precision == "bf16"
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_half_precision_autocast_on_cpu_runs_in_half_and_stays_close(scorer, tiny_itm, precision, dtype):
+    half = BlipScorer.from_pretrained(tiny_itm, device="cpu", precision=precision)
+    assert half.precision == precision
     images = [_resized(scorer, d) for d in _images()]
-    seen, handles = _linear_output_dtypes(bf16.model)
+    seen, handles = _linear_output_dtypes(half.model)
     try:
-        itc16, itm16, _ = bf16.score(images, TEXTS)
+        itc16, itm16, _ = half.score(images, TEXTS)
     finally:
         for handle in handles:
             handle.remove()
-    assert seen == {torch.bfloat16}
+    assert seen == {dtype}
     assert itc16.dtype == np.float32 and itm16.dtype == np.float32
     itc, itm, _ = scorer.score(images, TEXTS)
-    # bf16 keeps ~3 significant digits; scores move, but only a little.
+    # bf16 keeps ~3 significant digits (fp16 ~4); scores move, but only a little.
     np.testing.assert_allclose(itc16, itc, atol=0.05)
     np.testing.assert_allclose(itm16, itm, atol=0.05)
 

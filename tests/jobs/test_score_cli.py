@@ -2,6 +2,7 @@
 
 import json
 import os
+from collections import Counter
 import subprocess
 import sys
 from pathlib import Path
@@ -131,8 +132,14 @@ def test_end_to_end_in_process_with_device_cpu(ray_session, catalog, tiny_itm, t
     assert code == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["rows_read"] == summary["rows_written"] == 10
-    assert summary["scored"] + sum(summary["errors"].values()) == 10
-    assert pq.read_table(tmp_path / "o").num_rows == 10
+    # Each record's defect is known: the counts must match them, not merely add up to 10.
+    expected = Counter(r["expected"] for r in sample_catalog(10, seed=5))
+    assert summary["scored"] == expected["match"] + expected["mismatch"]
+    assert summary["errors"] == {k: expected[k] for k in ("image_error", "text_error") if expected[k]}
+    table = pq.read_table(tmp_path / "o")
+    assert table.num_rows == 10
+    by_status = Counter(zip(table.column("expected").to_pylist(), table.column("status").to_pylist()))
+    assert all(status == ("ok" if kind in ("match", "mismatch") else kind) for kind, status in by_status)
 
 
 def test_failed_run_exits_1_and_commits_nothing(ray_session, catalog, tiny_itm, tmp_path, capsys):
@@ -160,6 +167,24 @@ def test_console_script_dispatch():
 
     assert main([]) == 2
     assert main(["bogus"]) == 2
+
+
+def test_caption_prompt_reaches_the_caption_stage_from_the_cli_and_yaml(tmp_path):
+    from pipelines.dataflow.graph import caption_stage_kwargs
+    from pipelines.dataflow.resources import resolve_resources
+
+    base = ["--input", "a", "--output", "b", "--device", "cpu"]
+
+    def prompt(args):
+        config = score.config_from_args(score.make_parser().parse_args(args))
+        return caption_stage_kwargs(config, resolve_resources(config, 0, 2))["prompt"]
+
+    assert prompt(base) is None
+    assert prompt([*base, "--caption-prompt", "a photo of"]) == "a photo of"
+    assert prompt([*base, "--caption-prompt", "none"]) is None
+    (tmp_path / "job.yaml").write_text("input: a\noutput: b\ncaption-prompt: a picture of\n")
+    assert prompt(["--config", str(tmp_path / "job.yaml")]) == "a picture of"
+    assert prompt(["--config", str(tmp_path / "job.yaml"), "--caption-prompt", "off"]) is None
 
 
 def test_jpeg_draft_flag_reaches_the_decode_stage(tmp_path):

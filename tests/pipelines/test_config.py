@@ -14,12 +14,22 @@ def test_defaults_follow_the_contract():
     assert config.device == "auto" and config.ray_address is None
 
 
-@pytest.mark.parametrize("word", ["none", "None", "NONE"])
+NONE_SETTINGS = (
+    "caption_model", "caption_prompt", "itm_threshold", "itc_threshold", "image_uri_column", "ray_address",
+    "score_gpus", "caption_gpus", "score_cpus", "caption_cpus", "report_category_column",
+)
+
+
+@pytest.mark.parametrize("word", ["none", "None", "NONE", "off", "OFF", "null", "Null", "", "  ", " off "])
 def test_none_turns_optional_settings_off(word):
-    config = build_config(dict(BASE, itm_threshold=word, itc_threshold=word, caption_model=word))
-    assert config.itm_threshold is None and config.itc_threshold is None
-    assert config.caption_model is None and config.captions == "none" and not config.captioning
-    assert config.recorded_caption_model is None
+    config = build_config(dict(BASE, **{name: word for name in NONE_SETTINGS}))
+    assert {name: getattr(config, name) for name in NONE_SETTINGS} == dict.fromkeys(NONE_SETTINGS)
+    assert config.captions == "none" and not config.captioning and config.recorded_caption_model is None
+
+
+def test_a_none_word_inside_a_value_is_a_value():
+    config = build_config(dict(BASE, caption_prompt="none of these", image_uri_column="off_site"))
+    assert (config.caption_prompt, config.image_uri_column) == ("none of these", "off_site")
 
 
 def test_captions_policy_without_caption_model_is_an_error():
@@ -52,11 +62,29 @@ def test_actor_ranges(value, expected):
         ({"score_batch_size": 0}, "score_batch_size"),
         ({"bogus_option": 1}, "bogus_option: unknown option"),
         ({"text_column": "  "}, "text_column"),
+        ({"score_actors": "1,2,3"}, "score_actors: expected MIN,MAX"),
+        ({"caption_actors": [1, 2, 3]}, "caption_actors"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"max_new_tokens": 513}, "max_new_tokens"),
+        ({"caption_gpus": -0.5}, "caption_gpus"),
+        ({"score_cpus": 0}, "score_cpus"),
+        ({"caption_cpus": 0}, "caption_cpus"),
+        ({"caption_cpus": -1}, "caption_cpus"),
+        *[({name: blank}, name) for name in ("input", "output", "itm_model", "id_column", "image_column") for blank in ("", "  ")],
     ],
 )
 def test_invalid_values_name_the_option(override, message):
     with pytest.raises(ConfigError, match=message):
         build_config(dict(BASE, **override))
+
+
+@pytest.mark.parametrize(
+    "override",
+    [{"max_new_tokens": 1}, {"max_new_tokens": 512}, {"caption_gpus": 0}, {"score_cpus": 0.01}, {"caption_cpus": 0.25}],
+)
+def test_bounds_are_inclusive_where_documented(override):
+    config = build_config(dict(BASE, **override))
+    assert {name: getattr(config, name) for name in override} == override
 
 
 def test_fractional_gpus_are_allowed():

@@ -57,7 +57,10 @@ def _png_16bit_rgb(width: int = 4, height: int = 3) -> bytes:
 def _exif_rotated() -> bytes:
     exif = Image.Exif()
     exif[0x0112] = 6  # displayed rotated 90 degrees
-    return image_bytes(Image.new("RGB", (8, 4), (0, 128, 0)), "JPEG", exif=exif.tobytes())
+    # Every pixel its own colour, so a wrong rotation or a mirror changes the pixels, not just the shape.
+    y, x = np.mgrid[0:32, 0:64]
+    pixels = np.stack([x * 4, y * 8, (x + 3 * y) % 7 * 30], axis=-1).astype(np.uint8)
+    return image_bytes(Image.fromarray(pixels), "JPEG", exif=exif.tobytes())
 
 
 def _palette_with_transparency() -> bytes:

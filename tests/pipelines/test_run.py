@@ -161,6 +161,26 @@ def test_captions_flagged_policy(ray_session, tiny_itm, tiny_caption, catalog, t
             assert row["caption"] is None
 
 
+def test_caption_prompt_reaches_the_captions_and_the_run_key(ray_session, tiny_itm, tiny_caption, catalog, tmp_path, records):
+    prompt = "a photo of"
+    config = _config(tiny_itm, tiny_caption, catalog, tmp_path / "out", captions="flagged", itm_threshold=0.85,
+                     itc_threshold="none", caption_prompt=prompt)
+    run_job(config)
+    reference = caption_reference(tiny_caption, MAX_NEW_TOKENS, prompt)
+    plain = caption_reference(tiny_caption, MAX_NEW_TOKENS)
+    by_key, rows = _by_key(tmp_path / "out")
+    captioned = [r for r in rows if r["caption"] is not None]
+    assert captioned
+    images = {record["row_key"]: record["image"] for record in records}
+    assert [r["caption"] for r in captioned] == [reference(images[r["row_key"]]) for r in captioned]
+    assert any(r["caption"] != plain(images[r["row_key"]]) for r in captioned), "the prompt must change captions"
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert manifest["config"]["caption_prompt"] == prompt
+    # Another prompt is another result: the committed one is not taken for it.
+    with pytest.raises(InputError, match="overwrite"):
+        run_job(config.model_copy(update={"caption_prompt": "an image of"}))
+
+
 def test_captions_none_skips_the_caption_model(ray_session, tiny_itm, catalog, tmp_path, records):
     config = _config(tiny_itm, "/does/not/matter", catalog, tmp_path / "out", captions="none")
     summary = run_job(config)

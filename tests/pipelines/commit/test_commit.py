@@ -170,8 +170,16 @@ def test_run_key_follows_settings_that_change_numbers_only():
 
     base = {"input": "in", "output": "out", "itm_model": "m", "caption_model": "none"}
     key = work_key(build_config(base), "fingerprint")
-    for changed in ({"precision": "bf16"}, {"jpeg_draft": True}, {"itm_threshold": 0.4}, {"max_text_tokens": 20}):
+    changes = (
+        {"precision": "bf16"}, {"jpeg_draft": True}, {"itm_threshold": 0.4}, {"max_text_tokens": 20},
+        {"caption_model": "c", "caption_prompt": "a photo of"},
+    )
+    for changed in changes:
         assert work_key(build_config(dict(base, **changed)), "fingerprint") != key, changed
     for same in ({"score_batch_size": 8}, {"decode_batch_size": 8}, {"score_actors": "1,4"}, {"run_id": "r"}, {"output": "o2"}):
         assert work_key(build_config(dict(base, **same)), "fingerprint") == key, same
     assert work_key(build_config(base), "other input") != key
+    captioned = dict(base, caption_model="c")
+    with_prompt = work_key(build_config(dict(captioned, caption_prompt="a photo of")), "fingerprint")
+    assert with_prompt != work_key(build_config(captioned), "fingerprint")
+    assert with_prompt != work_key(build_config(dict(captioned, caption_prompt="an image of")), "fingerprint")

@@ -30,6 +30,13 @@ def test_cpu_actors_leave_room_for_decoding_on_small_machines():
     assert single.score_cpus == 1.0
 
 
+@pytest.mark.parametrize("cluster_cpus, share", [(0.5, 0.25), (0.9, 0.25), (1.0, 0.25), (1.6, 0.4), (8, 1.0)])
+def test_cpu_share_has_a_quarter_cpu_floor_and_a_one_cpu_ceiling(cluster_cpus, share):
+    # Two model stages split half the CPUs: below one CPU in all, each actor still gets a quarter.
+    resources = resolve_resources(build_config(dict(BASE, device="cpu")), 0, cluster_cpus=cluster_cpus)
+    assert resources.score_cpus == resources.caption_cpus == pytest.approx(share)
+
+
 def test_explicit_cpus_win():
     config = build_config(dict(BASE, device="cpu", score_cpus=2, caption_cpus=0.5))
     resources = resolve_resources(config, cluster_gpus=0, cluster_cpus=2)

@@ -77,6 +77,18 @@ def test_decode_keeps_rows_and_order_and_drops_image_bytes(tiny_itm, tiny_captio
     assert [len(p) if p else None for p in out.column(S.PIXELS_CAPTION).to_pylist()] == [3 * 24 * 24, 3 * 24 * 24, None, None]
 
 
+def test_a_null_or_blank_image_uri_is_an_image_error_of_its_own(tiny_itm, tmp_path):
+    good = tmp_path / "good.jpg"
+    good.write_bytes(draw_shape("red", "circle"))
+    batch = pa.table({"id": [1, 2, 3, 4], "text": ["a", "b", "c", "d"], "uri": [None, "", "   ", str(good)]})
+    out = decode_batch(
+        batch, text_column="text", image_column="uri", from_uri=True, score_model=tiny_itm, caption_model=None
+    )
+    assert out.column(S.IMAGE_ERROR).to_pylist() == ["missing image URI"] * 3 + [None]
+    assert out.column(S.PIXELS_SCORE).is_valid().to_pylist() == [False, False, False, True]
+    assert out.column("uri").to_pylist() == batch.column("uri").to_pylist()  # URIs are kept, bytes are not
+
+
 def test_score_stage_scores_only_checkable_rows(tiny_itm):
     batch = pa.table(
         {
