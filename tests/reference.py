@@ -56,7 +56,7 @@ def gradcam_reference(checkpoint: str, block_num: int):
     ``maps`` is LAVIS's list for the pair: row 0 the [CLS] token's map, row 1 the mean over the word
     tokens, then one row per token after [CLS]; each ``rows*cols`` values. ``tokens``: the tokens after [CLS].
     """
-    processor = AutoProcessor.from_pretrained(checkpoint)
+    processor = _processor(checkpoint)
     model = BlipForImageTextRetrieval.from_pretrained(checkpoint).eval()
     side = model.config.vision_config.image_size // model.config.vision_config.patch_size
     heads = model.config.text_config.num_attention_heads
