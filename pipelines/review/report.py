@@ -3,8 +3,9 @@
 ``collect_stats`` reads the committed files once, batch by batch (driver memory stays bounded
 whatever the output size): counts by status, score histograms, flag rate per category and the
 most confident mismatches. ``fetch_images`` reads only those few rows' images back from the
-input by id. ``render_report`` turns it all into HTML with inline CSS and SVG and JPEG data
-URIs: nothing is loaded from anywhere, so the file reads offline, attached to a ticket or mail.
+input by id; examples with ``evidence`` also get its heat map drawn over the image
+(``blip_ops.heatmap``). ``render_report`` turns it all into HTML with inline CSS and SVG and JPEG
+data URIs: nothing is loaded from anywhere, so the file reads offline, attached to a ticket or mail.
 """
 
 from __future__ import annotations
