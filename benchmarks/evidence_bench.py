@@ -82,20 +82,27 @@ def measure(args) -> dict:
         step()  # warm-up
     # Rounds interleave the policies and the median is kept: on a shared machine the load
     # drifts, and timing each policy in its own stretch would charge the drift to one of them.
+    # CPU seconds (all of this process's threads) too: on a loaded machine waiting for a core
+    # inflates wall time but not CPU time, so the CPU-time ratios are the steadier cost figure.
     times = {name: [] for name in steps}
+    cpu_times = {name: [] for name in steps}
     for _ in range(args.batches):
         for name, step in steps.items():
             _sync(args.device)
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             step()
             _sync(args.device)
             times[name].append(time.perf_counter() - started)
-    for name, samples in times.items():
-        seconds = float(np.median(samples))
+            cpu_times[name].append(time.process_time() - cpu_started)
+    result["cpu_s_per_batch"] = {}
+    for name in steps:
+        seconds = float(np.median(times[name]))
         result["s_per_batch"][name] = round(seconds, 4)
         result["pairs_per_s"][name] = round(args.batch_size / seconds, 1)
-    none = result["s_per_batch"]["none"]
+        result["cpu_s_per_batch"][name] = round(float(np.median(cpu_times[name])), 4)
+    none, cpu_none = result["s_per_batch"]["none"], result["cpu_s_per_batch"]["none"]
     result["cost_vs_none"] = {name: round(s / none, 3) for name, s in result["s_per_batch"].items()}
+    result["cpu_cost_vs_none"] = {name: round(s / cpu_none, 3) for name, s in result["cpu_s_per_batch"].items()}
     result["pairs_per_s"].pop("vision_pass")
     result.update(
         layout={"width": width, "depth": depth, "image_size": image_size, "explained_layer": gradcam.layer},
@@ -126,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("none", "flagged", "all"):
             print(f"{name:8s} {result['pairs_per_s'][name]:9.1f} pairs/s  ({result['cost_vs_none'][name]:.2f}x the time of none)")
         print(f"the vision pass alone: {result['cost_vs_none']['vision_pass']:.2f}x the time of none")
+        print("CPU time vs none: " + ", ".join(f"{k} {v:.2f}x" for k, v in result["cpu_cost_vs_none"].items()))
         print(f"layout {result['layout']}, {result['device']} {result['precision']}, batch {args.batch_size}, "
               f"{result['threads']} threads, load {result['load_average_before']} -> {result['load_average_after']}")
     return 0
