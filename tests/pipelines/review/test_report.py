@@ -233,7 +233,7 @@ def test_report_renders_in_headless_chromium(scored, tmp_path):
         "categories": "[...document.querySelectorAll('tr.category th')].map(e => e.textContent)",
         "images": "[...document.images].map(i => i.complete && i.naturalWidth > 0)",
         "charts": "document.querySelectorAll('svg line.threshold').length",
-        "overlays": "[...document.querySelectorAll('#examples img.overlay')].map(i => [i.complete && i.naturalWidth > 0, i.naturalHeight > i.naturalWidth * 0.5])",
+        "overlays": "[...document.querySelectorAll('#examples img.overlay')].map(i => [i.complete && i.naturalWidth > 0, i.naturalWidth >= 120])",  # 120: with its legend
         "words": "[...document.querySelectorAll('#examples tr.bm-row')].map(r => [...r.querySelectorAll('.word')].map(w => w.textContent))",
     }, screenshot=tmp_path / "report-examples.png", screenshot_selector="#examples")
     assert result.errors == [] and result.dialogs == []
