@@ -4,11 +4,14 @@
 for ITC and then ITM costs two ViT passes. ``BlipScorer`` calls the same submodules in the
 same order as that forward, once for the image and twice for the text (unimodal for ITC,
 cross-attending for ITM), so each score equals what the model returns for the pair.
+``score_explained`` keeps that pass's image embeddings for Grad-CAM evidence (``blip_ops.evidence``),
+so explaining a row costs no second vision pass.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +22,15 @@ from .attention import sdpa_vision_attention
 from .checkpoints import ITM, inspect_checkpoint, load_model, load_processor, resolve_device
 from .precision import autocast, resolve_precision
 from .preprocess import ImagePreparer, check_resize_settings
+
+
+@dataclass
+class ExplainedScores:
+    itc: np.ndarray
+    itm: np.ndarray
+    truncated: np.ndarray
+    evidence: list  # an ``Evidence`` per row, None where not wanted
+    evidence_s: float  # seconds the evidence took
 
 
 @dataclass
@@ -78,27 +90,45 @@ class BlipScorer:
             truncated=self.token_counts(texts) > self.max_text_tokens,
         )
 
-    @torch.inference_mode()
     def score(self, images, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``images``: resized uint8 ``(3, h, w)`` arrays, or one ``(n, 3, h, w)`` array.
         Returns float32 ``itc``, ``itm`` and bool ``truncated``."""
+        itc, itm, text, _ = self._score(images, texts)
+        return itc, itm, text.truncated
+
+    def score_explained(self, images, texts: list[str], wanted, gradcam) -> ExplainedScores:
+        """``score`` plus Grad-CAM evidence (``blip_ops.evidence.GradCam``) for the rows that
+        ``wanted(itc, itm)`` (a bool mask) picks, from the same vision pass."""
+        itc, itm, text, image_embeds = self._score(images, texts)
+        rows = np.flatnonzero(wanted(itc, itm)) if len(texts) else np.zeros(0, dtype=np.int64)
+        evidence: list = [None] * len(texts)
+        if not len(rows):
+            return ExplainedScores(itc, itm, text.truncated, evidence, 0.0)
+        started = time.perf_counter()
+        index = torch.as_tensor(rows, device=self.device)
+        # Only the chosen rows, cut to their own longest text (padding is masked either way).
+        mask = text.attention_mask[index]
+        width = int(mask.sum(dim=1).max())
+        explained = gradcam.explain(image_embeds[index], text.input_ids[index][:, :width], mask[:, :width])
+        for row, item in zip(rows, explained):
+            evidence[row] = item
+        return ExplainedScores(itc, itm, text.truncated, evidence, time.perf_counter() - started)
+
+    @torch.inference_mode()
+    def _score(self, images, texts: list[str]):
         if len(images) != len(texts):
             raise ValueError(f"{len(images)} images for {len(texts)} texts")
         if not texts:
             empty = np.zeros(0, dtype=np.float32)
-            return empty, empty.copy(), np.zeros(0, dtype=bool)
+            return empty, empty.copy(), TextBatch(None, None, np.zeros(0, dtype=bool)), None
         pixel_values = self.images.to_device_pixel_values(images, self.device, next(self.model.parameters()).dtype)
         text = self.tokenize(texts)
         fused = sdpa_vision_attention(self.model.vision_model) if self.fused_attention else contextlib.nullcontext()
         with autocast(self.precision, self.device), fused:
-            itc, itm = self._forward(pixel_values, text)
-        return (
-            itc.cpu().numpy().astype(np.float32),
-            itm.cpu().numpy().astype(np.float32),
-            text.truncated,
-        )
+            itc, itm, image_embeds = self._forward(pixel_values, text)
+        return itc.cpu().numpy().astype(np.float32), itm.cpu().numpy().astype(np.float32), text, image_embeds
 
-    def _forward(self, pixel_values: torch.Tensor, text: TextBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, pixel_values: torch.Tensor, text: TextBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         model = self.model
         image_embeds = model.vision_model(pixel_values=pixel_values).last_hidden_state
         image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
@@ -115,4 +145,4 @@ class BlipScorer:
         image_feat = normalize(model.vision_proj(image_embeds[:, 0, :]).float(), dim=-1)
         text_feat = normalize(model.text_proj(unimodal[:, 0, :]).float(), dim=-1)
         itc = (image_feat * text_feat).sum(dim=-1)
-        return itc, itm
+        return itc, itm, image_embeds

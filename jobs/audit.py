@@ -255,8 +255,17 @@ def _image_bytes(value, is_uri: bool | None) -> bytes | None:
     return bytes(value)
 
 
+def _present(value):
+    """None for pandas' missing values (NaN, None, NA), so a missing caption or error shows nothing."""
+    if value is None or (not isinstance(value, (dict, list, np.ndarray)) and pd.isna(value)):
+        return None
+    return value
+
+
 def show_flagged(df: pd.DataFrame, n: int = 20, *, id_column=None, text_column=None, image_column=None) -> FlaggedView:
-    """The ``n`` most confidently flagged rows as an HTML table of thumbnails, text, caption, scores and reasons.
+    """The ``n`` most confidently flagged rows as an HTML table of thumbnails, text, caption, scores and reasons,
+    with the evidence heat map over the image and its top words where the row has evidence
+    (``blip_ops.heatmap.overlay(image, df.evidence[i])`` draws it for any row).
 
     Order: scored rows by ascending ``itm_score`` (then ``itc_score``), then the rows that could
     not be checked (image or text errors). Column names come from the ``audit`` result; pass them
@@ -268,17 +277,20 @@ def show_flagged(df: pd.DataFrame, n: int = 20, *, id_column=None, text_column=N
     order = flagged.sort_values(["itm_score", "itc_score"], na_position="last", kind="stable").head(n)
     rows = []
     for _, record in order.iterrows():
-        thumb = views.thumbnail_uri(_image_bytes(record[image_col], is_uri)) if image_col else None
+        data = _image_bytes(record[image_col], is_uri) if image_col else None
+        evidence = _present(record.get("evidence"))
         rows.append({
-            "id": record.get(id_col),
-            "text": record.get(text_col),
-            "caption": record.get("caption"),
+            "id": _present(record.get(id_col)),
+            "text": _present(record.get(text_col)),
+            "caption": _present(record.get("caption")),
             "itm_score": record.get("itm_score"),
             "itc_score": record.get("itc_score"),
-            "status": record.get("status"),
-            "error": record.get("error"),
+            "status": _present(record.get("status")),
+            "error": _present(record.get("error")),
             "flag_reasons": list(record.get("flag_reasons") if record.get("flag_reasons") is not None else []),
-            "thumbnail": thumb,
+            "thumbnail": views.thumbnail_uri(data),
+            "evidence": evidence,
+            "overlay": views.overlay_uri(data, evidence),
         })
     caption = f"{len(rows)} of {len(flagged)} flagged rows ({len(df)} audited)"
     html = (

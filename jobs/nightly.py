@@ -47,6 +47,7 @@ class PartitionResult:
     resumed_rows: int = 0
     elapsed_s: float = 0.0
     error: str | None = None
+    evidence_rows: int = 0
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -110,6 +111,7 @@ def score_partition(day: str, base: dict, catalog: str, output_root: str, overwr
         text_error=summary.errors.get("text_error", 0),
         resumed_rows=summary.resumed_rows,
         elapsed_s=time.monotonic() - started,
+        evidence_rows=summary.evidence_rows,
     )
 
 
@@ -136,6 +138,7 @@ def write_record(output_root: str, nightly_id: str, started_at: datetime, config
         ("ok", pa.int64()), ("image_error", pa.int64()), ("text_error", pa.int64()), ("resumed_rows", pa.int64()),
         ("elapsed_s", pa.float64()), ("error", pa.string()), ("itm_threshold", pa.float64()),
         ("itc_threshold", pa.float64()), ("itm_model", pa.string()), ("caption_model", pa.string()),
+        ("evidence_rows", pa.int64()),
     ])
     path = location.join(f"run-{nightly_id}.parquet")
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), path, filesystem=location.filesystem)

@@ -30,6 +30,8 @@ _OPTIONS = [
     ("--itc-threshold", "Flag rows with itc_score below this (default 0.2; 'none' turns it off)."),
     ("--max-text-tokens", "Truncate texts to this many tokens (default 35)."),
     ("--text-languages", "Languages the ITM model reads, ISO 639-1, comma-separated (default en); others are flagged; 'any' off."),
+    ("--evidence", "Grad-CAM evidence maps for: flagged (default: rows flagged by score) | all (scored rows) | none."),
+    ("--evidence-layer", "ITM text-encoder layer to explain (default auto: 6 of 12, else the middle)."),
     ("--id-column", "Record id column (default id)."),
     ("--text-column", "Text column (default text)."),
     ("--image-column", "Image bytes column (default image)."),

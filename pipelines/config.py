@@ -85,6 +85,15 @@ class JobConfig(BaseModel):
         "scores are still written); a text whose language cannot be told is not. 'any' (or none) turns the check and "
         "the detection off.",
     )
+    evidence: Literal["none", "flagged", "all"] = Field(
+        "flagged",
+        description="Which scored rows get a Grad-CAM evidence map of the ITM score (column evidence): the rows "
+        "flagged by score (ITM or ITC below its threshold), all scored rows, or none (no backward pass at all).",
+    )
+    evidence_layer: int | None = Field(
+        None, ge=0, description="ITM text-encoder layer whose cross-attention is explained; None (or 'auto'): 6 for "
+        "12-layer encoders, as LAVIS, else the middle one. The last layer is refused (its word maps are all zero).",
+    )
 
     id_column: str = Field("id", description="Column that identifies a record (passed through, never deduplicated).")
     text_column: str = Field("text", description="String column holding the text to check.")
@@ -160,6 +169,7 @@ class JobConfig(BaseModel):
 
     # Resolved from where each stage's actors run (pipelines.dataflow.resources).
     _auto_batch_sizes = field_validator("score_batch_size", "caption_batch_size", mode="before")(_auto_word)
+    _auto_layer = field_validator("evidence_layer", mode="before")(_auto_word)
 
     @field_validator("score_actors", "caption_actors", mode="before")
     @classmethod

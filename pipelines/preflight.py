@@ -12,12 +12,17 @@ import pyarrow.dataset as pads
 
 from blip_ops.agreement import inspect_agreement_model
 from blip_ops.checkpoints import CAPTION, ITM, CheckpointError, inspect_checkpoint
+from blip_ops.evidence import check_layer
 
 from .commit import output
 from .commit.units import Unit, UnitError, fingerprint, model_fingerprint, plan_units, work_key
 from .config import JobConfig
 from .schema import OUTPUT_COLUMNS
 from .storage import Location, locate
+
+
+# BlipTextConfig's default depth, for a config.json that leaves it out.
+BLIP_TEXT_LAYERS = 12
 
 
 class InputError(ValueError):
@@ -97,13 +102,24 @@ def check_columns(schema: pa.Schema, config: JobConfig) -> None:
 
 def check_models(config: JobConfig) -> None:
     try:
-        inspect_checkpoint(config.itm_model, ITM)
+        itm = inspect_checkpoint(config.itm_model, ITM)
         if config.captioning:
             inspect_checkpoint(config.caption_model, CAPTION)
         if config.agreeing:
             inspect_agreement_model(config.agreement_model)
     except CheckpointError as exc:
         raise InputError(str(exc)) from None
+    if config.evidence != "none":
+        try:
+            evidence_layer(itm, config)
+        except ValueError as exc:
+            raise InputError(f"--evidence-layer: {exc}") from None
+
+
+def evidence_layer(itm_config: dict, config: JobConfig) -> int:
+    """The ITM text-encoder layer evidence explains, from the checkpoint's config.json."""
+    layers = (itm_config.get("text_config") or {}).get("num_hidden_layers", BLIP_TEXT_LAYERS)
+    return check_layer(config.evidence_layer, int(layers))
 
 
 Checked = tuple[InputInfo, Location]

@@ -8,6 +8,9 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
+
 from .commit import output
 from .commit.units import durable_rows, missing_ranges, work_key
 from .config import JobConfig
@@ -38,6 +41,9 @@ class RunSummary:
     resumed_rows: int = 0
     # Flagged rows by reason (itm_below_threshold, text_language_unsupported, caption_disagrees, ...).
     flagged_by_reason: dict[str, int] = field(default_factory=dict)
+    # Rows of the result with a Grad-CAM evidence map, and the seconds this attempt spent on them.
+    evidence_rows: int = 0
+    evidence_s: float = 0.0
 
     @property
     def rows_per_s(self) -> float:
@@ -56,9 +62,10 @@ class RunSummary:
         errors = ", ".join(f"{k}={v}" for k, v in self.errors.items()) or "none"
         resumed = f" ({self.resumed_rows} resumed from an interrupted attempt)" if self.resumed_rows else ""
         reasons = ", ".join(f"{k}={v}" for k, v in self.flagged_by_reason.items())
+        evidence = f", evidence for {self.evidence_rows} ({self.evidence_s:.1f}s)" if self.evidence_rows else ""
         return (
             f"run {self.run_id}: read {self.rows_read} rows{resumed}, scored {self.scored}, flagged {self.flagged}"
-            f"{f' ({reasons})' if reasons else ''}, "
+            f"{f' ({reasons})' if reasons else ''}{evidence}, "
             f"errors: {errors}; {self.elapsed_s:.1f}s ({self.rows_per_s:.1f} rows/s); output: {self.output}"
         )
 
@@ -81,11 +88,14 @@ def _summary(manifest: dict, destination: Location, started: float, outcome: str
         outcome=outcome,
         resumed_rows=resumed,
         flagged_by_reason=manifest.get("flagged_by_reason", {}),
+        evidence_rows=int((manifest.get("evidence") or {}).get("rows", 0)),
+        evidence_s=float((manifest.get("evidence") or {}).get("seconds", 0.0)),
     )
 
 
-def _score_missing(config: JobConfig, source: InputInfo, destination: Location, attempt: output.Attempt, todo) -> dict:
-    """Run the pipeline over the rows still to do; returns the resources it resolved."""
+def _score_missing(config: JobConfig, source: InputInfo, destination: Location, attempt: output.Attempt, todo) -> tuple[dict, float]:
+    """Run the pipeline over the rows still to do; returns the resources it resolved and the
+    seconds its score actors spent on evidence."""
     from .dataflow.graph import build_scored_dataset  # imports Ray Data
     from .dataflow.resources import check_fits, resolve_resources
 
@@ -96,9 +106,11 @@ def _score_missing(config: JobConfig, source: InputInfo, destination: Location, 
     dataset = build_scored_dataset(
         config, source, attempt.run_id, resources, todo, attempt.staging, destination.filesystem
     )
-    for _ in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-        pass  # the work is done by the write stage; its one row per piece is not needed here
-    return asdict(resources)
+    evidence_s = 0.0
+    for written in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+        # The work is done by the write stage; its rows (one per piece) carry the evidence time.
+        evidence_s += float(pa.compute.sum(written.column("evidence_s")).as_py() or 0.0)
+    return asdict(resources), evidence_s
 
 
 def run_job(config: JobConfig, checked: Checked | None = None) -> RunSummary:
@@ -122,10 +134,10 @@ def run_job(config: JobConfig, checked: Checked | None = None) -> RunSummary:
     todo = {u.index: missing_ranges(u, covered.get(u.index, [])) for u in source.units}
     if attempt.resumed:
         log.warning("resuming run %s: %d of %d rows are already durable", attempt.run_id, resumed, source.num_rows)
-    resources = None
+    resources, evidence_s = None, 0.0
     if any(todo.values()):
         runtime.expect_rows(source.num_rows - resumed)
-        resources = _score_missing(config, source, destination, attempt, todo)
+        resources, evidence_s = _score_missing(config, source, destination, attempt, todo)
 
     image_column = None if config.image_uri_column else config.image_column
     schema = output_schema(source.schema, image_column)
@@ -139,6 +151,9 @@ def run_job(config: JobConfig, checked: Checked | None = None) -> RunSummary:
         "started_at": started_at,
         "resumed_rows": resumed,
         "resources": resources,  # per-stage GPUs, CPUs, devices, actor pool bounds and batch sizes; None if all was resumed
+        # The commit adds the result's evidence rows; seconds are this attempt's (resumed rows' are not known).
+        # (The layer explained is in each row's evidence.)
+        "evidence": {"policy": config.evidence, "seconds": round(evidence_s, 3)},
     }
     try:
         result = output.commit(destination, attempt, source.units, schema, manifest)

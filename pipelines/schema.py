@@ -18,6 +18,16 @@ REASON_LANGUAGE = "text_language_unsupported"
 CAPTION_AGREEMENT = "caption_agreement"
 TEXT_LANGUAGE = "text_language"
 
+# Grad-CAM of the ITM score (blip_ops.evidence): raw map over the patch grid (row-major), the
+# text's heaviest words, the explained layer; null where not computed.
+EVIDENCE_TYPE = pa.struct([
+    pa.field("rows", pa.int16()),
+    pa.field("cols", pa.int16()),
+    pa.field("heat", pa.list_(pa.float32())),
+    pa.field("words", pa.list_(pa.struct([pa.field("word", pa.string()), pa.field("weight", pa.float32())]))),
+    pa.field("layer", pa.int8()),
+])
+
 OUTPUT_FIELDS = [
     pa.field("itc_score", pa.float32()),
     pa.field("itm_score", pa.float32()),
@@ -33,6 +43,7 @@ OUTPUT_FIELDS = [
     pa.field("scored_at", pa.timestamp("us", tz="UTC")),
     pa.field("itm_model", pa.string()),
     pa.field("caption_model", pa.string()),
+    pa.field("evidence", EVIDENCE_TYPE),
 ]
 OUTPUT_COLUMNS = [field.name for field in OUTPUT_FIELDS]
 
@@ -41,6 +52,8 @@ IMAGE_ERROR = "__image_error"
 TEXT_ERROR = "__text_error"
 PIXELS_SCORE = "__pixels_score"
 PIXELS_CAPTION = "__pixels_caption"
+# Seconds of evidence computation, spread over the rows it explained (summed for the manifest).
+EVIDENCE_SECONDS = "__evidence_s"
 
 
 def passthrough_schema(input_schema: pa.Schema, image_column: str | None) -> pa.Schema:

@@ -3,11 +3,14 @@
 ``open_page(path, expressions)`` loads a local file, waits for the load event, evaluates each
 JavaScript expression, and returns them with every console error, uncaught exception, error
 log entry (failed loads, CSP violations...) and every network request the page made.
+``screenshot=`` saves a PNG of the element ``screenshot_selector`` names (default the whole page),
+so a test's artefacts show what a person would see.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import shutil
 import subprocess
@@ -55,7 +58,11 @@ def _wait_for_port(profile: Path, process: subprocess.Popen, timeout: float) -> 
     raise TimeoutError("chromium did not open its DevTools port")
 
 
-async def _drive(port: int, url: str, expressions: dict[str, str], timeout: float) -> PageResult:
+_RECT = """(() => { const e = document.querySelector(%s) || document.documentElement; const r = e.getBoundingClientRect();
+  return {x: r.left + window.scrollX, y: r.top + window.scrollY, width: Math.max(1, r.width), height: Math.max(1, r.height)}; })()"""
+
+
+async def _drive(port: int, url: str, expressions: dict[str, str], timeout: float, screenshot=None, selector=None) -> PageResult:
     import aiohttp
 
     result = PageResult()
@@ -110,25 +117,31 @@ async def _drive(port: int, url: str, expressions: dict[str, str], timeout: floa
                     if "exceptionDetails" in reply["result"]:
                         raise AssertionError(f"{name}: {reply['result']['exceptionDetails']}")
                     result.values[name] = remote.get("value")
+                if screenshot is not None:
+                    reply = await send("Runtime.evaluate", expression=_RECT % json.dumps(selector or "html"), returnByValue=True)
+                    clip = dict(reply["result"]["result"]["value"], scale=1)
+                    shot = await send("Page.captureScreenshot", format="png", captureBeyondViewport=True, clip=clip)
+                    Path(screenshot).write_bytes(base64.b64decode(shot["result"]["data"]))
             finally:
                 reader.cancel()
     return result
 
 
-def open_page(path: Path, expressions: dict[str, str], timeout: float = 60) -> PageResult:
+def open_page(path: Path, expressions: dict[str, str], timeout: float = 60, screenshot: Path | None = None,
+              screenshot_selector: str | None = None) -> PageResult:
     binary = find_chromium()
     if binary is None:
         raise FileNotFoundError("no chromium binary")
     with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
         process = subprocess.Popen(
             [binary, "--headless=new", "--disable-gpu", "--no-sandbox", "--no-first-run", "--no-default-browser-check",
-             "--disable-dev-shm-usage", "--disable-extensions", "--remote-debugging-port=0",
+             "--disable-dev-shm-usage", "--disable-extensions", "--remote-debugging-port=0", "--window-size=1280,900",
              "--remote-allow-origins=*", f"--user-data-dir={profile}", "about:blank"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )
         try:
             port = _wait_for_port(Path(profile), process, timeout)
-            return asyncio.run(_drive(port, Path(path).resolve().as_uri(), expressions, timeout))
+            return asyncio.run(_drive(port, Path(path).resolve().as_uri(), expressions, timeout, screenshot, screenshot_selector))
         finally:
             process.terminate()
             try:

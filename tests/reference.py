@@ -62,3 +62,39 @@ def agreement_reference(directory: str):
         return float(a @ b)
 
     return similarity
+
+
+def gradcam_reference(checkpoint: str, block_num: int):
+    """``gradcam(image_bytes, text) -> (maps, tokens)``: LAVIS's ``compute_gradcam`` (blip_image_text_matching.py)
+    ported onto ``BlipForImageTextRetrieval`` for one pair, as transformers scores it ([CLS] first, no [ENC]).
+
+    ``maps`` is LAVIS's list for the pair: row 0 the [CLS] token's map, row 1 the mean over the word
+    tokens, then one row per token after [CLS]; each ``rows*cols`` values. ``tokens``: the tokens after [CLS].
+    """
+    processor = _processor(checkpoint)
+    model = BlipForImageTextRetrieval.from_pretrained(checkpoint).eval()
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    heads = model.config.text_config.num_attention_heads
+
+    def gradcam(data: bytes, text: str):
+        inputs = processor(images=_open(data), text=text, return_tensors="pt")
+        image_embeds = model.vision_model(pixel_values=inputs["pixel_values"]).last_hidden_state
+        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long)
+        out = model.text_encoder(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+            encoder_hidden_states=image_embeds, encoder_attention_mask=image_atts, output_attentions=True,
+        )
+        output = model.itm_head(out.last_hidden_state[:, 0, :])
+        cams = out.cross_attentions[block_num]
+        (grads,) = torch.autograd.grad(output[:, 1].sum(), cams)
+        with torch.no_grad():
+            mask = inputs["attention_mask"].view(1, 1, -1, 1, 1)
+            token_length = int(inputs["attention_mask"].sum(dim=-1)[0]) - 2
+            cams = cams[:, :, :, 1:].reshape(1, heads, -1, side, side) * mask
+            grads = grads[:, :, :, 1:].clamp(0).reshape(1, heads, -1, side, side) * mask
+            gradcam = (cams * grads)[0].mean(0)
+            gradcam = torch.cat((gradcam[0:1], gradcam[1:token_length + 1].sum(dim=0, keepdim=True) / token_length, gradcam[1:]))
+        tokens = processor.tokenizer.convert_ids_to_tokens(inputs["input_ids"][0, 1:].tolist())
+        return gradcam.reshape(len(gradcam), -1).numpy(), tokens
+
+    return gradcam

@@ -35,6 +35,10 @@ run() {
     scoring_compiled) step scoring_compiled 150 --skip-captions --skip-naive --compile --sweep-score-batch-sizes 512 ;;
     captioning_static) step captioning_static 170 --skip-scoring --skip-naive --cache static --captions 1024 --warmup 3 ;;
     captioning_static_512) step captioning_static_512 170 --skip-scoring --skip-naive --cache static --caption-batch-size 512 --captions 2048 ;;
+    # What Grad-CAM evidence costs the score stage at full size: --evidence none, flagged (10%), all.
+    evidence) local started=$SECONDS
+      timeout 150 python3 -m benchmarks.evidence_bench --device cuda --full --batch-size 256 --batches 5 --json > "$OUT/evidence.json" 2> "$OUT/evidence.log"
+      echo "== evidence rc=$? in $((SECONDS - started)) s"; tail -c 1200 "$OUT/evidence.log"; cat "$OUT/evidence.json"; echo ;;
     *) echo "unknown step $1" >&2; return 2 ;;
   esac
 }

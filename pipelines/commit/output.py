@@ -178,13 +178,18 @@ def durable(location: Location, attempt: Attempt) -> dict[int, list[tuple[int, i
     return covered_ranges(list(_pieces(location, attempt)))
 
 
-def _count(fs: pafs.FileSystem, paths: list[str], by_reason: Counter | None = None) -> tuple[int, dict[str, int], int]:
-    """Rows by status and flagged rows, reading two small columns file by file; with ``by_reason``,
-    also flagged rows by reason (a row flagged for two counts under both), in the same reads."""
-    rows, flagged, by_status = 0, 0, Counter()
+def _count(fs: pafs.FileSystem, paths: list[str], by_reason: Counter | None = None) -> tuple[int, dict[str, int], int, int]:
+    """Rows by status, flagged rows and rows with evidence, reading small columns file by file
+    (of the evidence struct only its ``layer``, set wherever evidence was computed); with
+    ``by_reason``, also flagged rows by reason (a row flagged for two counts under both), in the same reads."""
+    rows, flagged, evidence, by_status = 0, 0, 0, Counter()
     columns = ["status", "flagged"] + (["flag_reasons"] if by_reason is not None else [])
     for path in paths:
-        table = pq.read_table(path, columns=columns, filesystem=fs)
+        with fs.open_input_file(path) as source:
+            parquet = pq.ParquetFile(source)
+            table = parquet.read(columns=columns)
+            if "evidence" in parquet.schema_arrow.names:
+                evidence += table.num_rows - parquet.read(columns=["evidence.layer"]).column(0).null_count
         rows += table.num_rows
         flagged += int(pa.compute.sum(table.column("flagged")).as_py() or 0)
         counts = pa.compute.value_counts(table.column("status").combine_chunks()) if table.num_rows else None
@@ -194,7 +199,7 @@ def _count(fs: pafs.FileSystem, paths: list[str], by_reason: Counter | None = No
         if reasons is not None and len(reasons):
             counts = pa.compute.value_counts(reasons)
             by_reason.update(dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())))
-    return rows, dict(sorted(by_status.items())), flagged
+    return rows, dict(sorted(by_status.items())), flagged, evidence
 
 
 def _check_complete(pieces: dict[str, str], units: list[Unit]) -> None:
@@ -242,7 +247,7 @@ def commit(location: Location, attempt: Attempt, units: list[Unit], empty_schema
     _check_complete(pieces, units)
     expected = sum(u.rows for u in units)
     by_reason = Counter() if "flag_reasons" in empty_schema.names else None
-    rows, by_status, flagged = _count(fs, sorted(pieces.values()), by_reason)
+    rows, by_status, flagged, evidence_rows = _count(fs, sorted(pieces.values()), by_reason)
     if rows != expected:
         raise IncompleteError(f"row count mismatch: {expected} input rows, {rows} staged; nothing committed")
 
@@ -262,6 +267,7 @@ def commit(location: Location, attempt: Attempt, units: list[Unit], empty_schema
         manifest, run_id=attempt.run_id, key=attempt.key, files=final, rows=rows,
         rows_by_status=by_status, flagged=flagged, committed_at=committed_at,
         flagged_by_reason=dict(sorted((by_reason or {}).items())),
+        evidence=dict(manifest.get("evidence") or {}, rows=evidence_rows),
     )
     _write_json(location, MANIFEST, body)
     _write_json(location, SUCCESS, {"run_id": attempt.run_id, "key": attempt.key, "committed_at": committed_at})

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from ..schema import EVIDENCE_SECONDS
 from .units import piece_name
 
 UNIT = "__unit"
@@ -100,14 +101,21 @@ def _write_atomically(table: pa.Table, filesystem: pafs.FileSystem, directory: s
 
 
 def write_pieces(batch: pa.Table, *, filesystem: pafs.FileSystem, staging: str, schema: pa.Schema) -> pa.Table:
-    """Write each run of consecutive rows as a piece named after them; returns one row per piece."""
+    """Write each run of consecutive rows as a piece named after them; returns one row per piece,
+    with the seconds the rows' evidence took (``EVIDENCE_SECONDS``, a working column never written)."""
     units = batch.column(UNIT).to_numpy()
     rows = batch.column(ROW).to_numpy()
-    data = batch.drop_columns([UNIT, ROW]).cast(schema)
-    names, counts = [], []
+    seconds = batch.column(EVIDENCE_SECONDS).to_numpy() if EVIDENCE_SECONDS in batch.column_names else np.zeros(len(rows))
+    data = batch.drop_columns([c for c in (UNIT, ROW, EVIDENCE_SECONDS) if c in batch.column_names]).cast(schema)
+    names, counts, spent = [], [], []
     for start, end in _runs(units, rows):
         name = piece_name(int(units[start]), int(rows[start]), end - start)
         _write_atomically(data.slice(start, end - start), filesystem, staging, name)
         names.append(name)
         counts.append(end - start)
-    return pa.table({"piece": pa.array(names, pa.string()), "rows": pa.array(counts, pa.int64())})
+        spent.append(float(seconds[start:end].sum()))
+    return pa.table({
+        "piece": pa.array(names, pa.string()),
+        "rows": pa.array(counts, pa.int64()),
+        "evidence_s": pa.array(spent, pa.float64()),
+    })

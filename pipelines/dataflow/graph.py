@@ -10,7 +10,7 @@ from ray.data import ActorPoolStrategy
 
 from ..commit import pieces
 from ..config import JobConfig
-from ..schema import output_schema, passthrough_schema
+from ..schema import EVIDENCE_SECONDS, output_schema, passthrough_schema
 from . import stages
 from .resources import Resources
 
@@ -68,7 +68,7 @@ def build_scored_dataset(
         },
         **task_retries(),
     )
-    ds = score_rows(ds, config, run_id, resources, passthrough, keep=[pieces.UNIT, pieces.ROW])
+    ds = score_rows(ds, config, run_id, resources, passthrough, keep=[pieces.UNIT, pieces.ROW, EVIDENCE_SECONDS])
     return ds.map_batches(
         pieces.write_pieces,
         batch_format="pyarrow",
@@ -107,7 +107,14 @@ def score_stage_kwargs(config: JobConfig, resources: Resources) -> dict:
         "text_column": config.text_column,
         "precision": config.precision,
         "threads": resources.score_threads,
+        "evidence": config.evidence,
+        "evidence_layer": config.evidence_layer,
     }
+
+
+def score_call_kwargs(config: JobConfig) -> dict:
+    """Per-call arguments of the score stage: the thresholds that pick the rows ``flagged`` evidence explains."""
+    return {"itm_threshold": config.itm_threshold, "itc_threshold": config.itc_threshold}
 
 
 def caption_stage_kwargs(config: JobConfig, resources: Resources) -> dict:
@@ -166,6 +173,7 @@ def score_rows(
         num_cpus=resources.score_cpus,
         **actor_retries(),
         fn_constructor_kwargs=score_stage_kwargs(config, resources),
+        fn_kwargs=score_call_kwargs(config),
         udf_modifying_row_count=False,
     )
     ds = ds.map_batches(

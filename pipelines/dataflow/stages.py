@@ -154,12 +154,33 @@ def quiet_model_loading() -> None:
     hf_logging.disable_progress_bar()
 
 
+def score_reasons(itc: float, itm: float, itm_threshold: float | None, itc_threshold: float | None) -> list[str]:
+    """The flag rule for a scored row: which checks its scores fail."""
+    reasons = []
+    if itm_threshold is not None and itm < itm_threshold:
+        reasons.append(S.REASON_ITM)
+    if itc_threshold is not None and itc < itc_threshold:
+        reasons.append(S.REASON_ITC)
+    return reasons
+
+
+def evidence_array(items: list) -> pa.Array:
+    """``blip_ops.evidence.Evidence`` objects (None: not computed) as the output's ``evidence`` column."""
+    return pa.array([None if item is None else item.as_dict() for item in items], S.EVIDENCE_TYPE)
+
+
 class ScoreStage:
-    """ITC and ITM for every row with a decoded image and a usable text."""
+    """ITC and ITM for every row with a decoded image and a usable text, and Grad-CAM evidence for
+    the scored rows the policy picks (``flagged``: those below a threshold; ``all``; ``none``).
+
+    Evidence is computed here, not in a stage of its own: it reuses the scoring pass's image
+    embeddings, which are far too large to ship between stages (577 x 768 floats per row at
+    384 px), and a later stage would have to run the vision encoder again.
+    """
 
     def __init__(
         self, *, model: str, device: str, max_text_tokens: int, text_column: str, precision: str = "auto",
-        threads: int | None = None,
+        threads: int | None = None, evidence: str = "none", evidence_layer: int | None = None,
     ):
         # Imported here, not at the top: the decode, flag and write tasks import this module too,
         # and must not pay for torch and transformers.
@@ -174,6 +195,12 @@ class ScoreStage:
         )
         self.text_column = text_column
         self.parts = HalvingBatches("scoring")
+        self.evidence = evidence
+        self.gradcam = None
+        if evidence != "none":
+            from blip_ops.evidence import GradCam
+
+            self.gradcam = GradCam(self.scorer.model, self.scorer.tokenizer, layer=evidence_layer)
 
     def torch_threads(self) -> int:
         """The intra-op threads torch really runs with in this actor (asked by tests and audits)."""
@@ -181,14 +208,38 @@ class ScoreStage:
 
         return torch.get_num_threads()
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def _wanted(self, itm_threshold: float | None, itc_threshold: float | None):
+        if self.evidence == "all":
+            return lambda itc, itm: np.ones(len(itc), dtype=bool)
+        return lambda itc, itm: np.array(
+            [bool(score_reasons(c, m, itm_threshold, itc_threshold)) for c, m in zip(itc, itm)], dtype=bool
+        )
+
+    def _score(self, images, texts, wanted):
+        if self.gradcam is None:
+            itc, itm, truncated = self.scorer.score(images, texts)
+            return itc, itm, truncated, [None] * len(texts), 0.0
+        result = self.scorer.score_explained(images, texts, wanted, self.gradcam)
+        return result.itc, result.itm, result.truncated, result.evidence, result.evidence_s
+
+    def __call__(self, batch: pa.Table, *, itm_threshold: float | None = None, itc_threshold: float | None = None) -> pa.Table:
+        """The thresholds pick the rows ``flagged`` evidence explains (call arguments, so warm actors
+        serve audits with other thresholds without reloading)."""
         mask = _scorable(batch)
         texts = batch.column(self.text_column).to_pylist()
         rows = np.flatnonzero(mask)
         images = _pixel_batch(batch.column(S.PIXELS_SCORE), rows, self.scorer.images.resizer)
         scored_texts = [texts[i] for i in rows]
-        parts = self.parts.run(lambda a, b: self.scorer.score(images[a:b], scored_texts[a:b]), len(rows))
-        itc, itm, scored_truncated = (np.concatenate(column) for column in zip(*parts))
+        wanted = self._wanted(itm_threshold, itc_threshold)
+        parts = self.parts.run(lambda a, b: self._score(images[a:b], scored_texts[a:b], wanted), len(rows))
+        itc, itm, scored_truncated = (np.concatenate(column) for column in list(zip(*parts))[:3])
+        evidence = [None] * len(mask)
+        for row, item in zip(rows, (item for part in parts for item in part[3])):
+            evidence[row] = item
+        explained = np.array([item is not None for item in evidence], dtype=bool)
+        seconds = np.zeros(len(mask))
+        if explained.any():
+            seconds[explained] = sum(part[4] for part in parts) / explained.sum()
 
         truncated = np.zeros(len(mask), dtype=bool)
         truncated[rows] = scored_truncated
@@ -203,6 +254,8 @@ class ScoreStage:
             .append_column("itc_score", _spread(itc, mask, pa.float32()))
             .append_column("itm_score", _spread(itm, mask, pa.float32()))
             .append_column("text_truncated", pa.array(truncated, pa.bool_()))
+            .append_column("evidence", evidence_array(evidence))
+            .append_column(S.EVIDENCE_SECONDS, pa.array(seconds, pa.float64()))
         )
 
 
@@ -217,10 +270,7 @@ def _row_verdict(image_error, text_error, itc, itm, itm_threshold, itc_threshold
         status = reasons[0]
         error = "; ".join(e for e in (image_error, text_error) if e is not None)
         return status, error, reasons
-    if itm_threshold is not None and itm < itm_threshold:
-        reasons.append(S.REASON_ITM)
-    if itc_threshold is not None and itc < itc_threshold:
-        reasons.append(S.REASON_ITC)
+    reasons = score_reasons(itc, itm, itm_threshold, itc_threshold)
     if languages is not None and language is not None and language not in languages:
         # The scores stand, but BLIP reads only the listed languages: a human decides (fail closed).
         reasons.append(S.REASON_LANGUAGE)
@@ -354,6 +404,8 @@ def finalize_batch(
         batch = batch.append_column(S.CAPTION_AGREEMENT, pa.nulls(n, pa.float32()))
     if S.TEXT_LANGUAGE not in batch.column_names:
         batch = batch.append_column(S.TEXT_LANGUAGE, pa.nulls(n, pa.string()))
+    if "evidence" not in batch.column_names:
+        batch = batch.append_column("evidence", pa.nulls(n, S.EVIDENCE_TYPE))
     scored_at = datetime.now(timezone.utc)
     added = {
         "run_id": pa.array([run_id] * n, pa.string()),

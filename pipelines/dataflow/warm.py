@@ -14,7 +14,15 @@ import ray
 
 from ..config import JobConfig
 from . import stages
-from .graph import ACTOR_RESTARTS, caption_stage_kwargs, decode_kwargs, finalize_kwargs, flag_kwargs, score_stage_kwargs
+from .graph import (
+    ACTOR_RESTARTS,
+    caption_stage_kwargs,
+    decode_kwargs,
+    finalize_kwargs,
+    flag_kwargs,
+    score_call_kwargs,
+    score_stage_kwargs,
+)
 from .resources import Resources
 
 # Larger audits go through the Ray Data pipeline, which decodes on many CPUs.
@@ -49,7 +57,7 @@ class WarmStages:
         decode = ray.remote(stages.decode_batch).options(num_cpus=1, max_retries=3)
         size = self.resources.score_batch_size
         scored = [
-            self.scorer.__call__.remote(decode.remote(table.slice(start, size), **decode_kwargs(config)))
+            self.scorer.__call__.remote(decode.remote(table.slice(start, size), **decode_kwargs(config)), **score_call_kwargs(config))
             for start in range(0, table.num_rows, size)
         ]
         flagged = [

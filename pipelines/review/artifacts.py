@@ -65,6 +65,9 @@ RUN_SUMMARY_SCHEMA = pa.schema(
         pa.field("flagged_text_language_unsupported", pa.int64()),
         pa.field("flagged_caption_disagrees", pa.int64()),
         pa.field("agreement_threshold", pa.float64()),
+        pa.field("evidence", pa.string()),
+        pa.field("evidence_rows", pa.int64()),
+        pa.field("evidence_s", pa.float64()),
     ],
     metadata={b"blip_moderate_run_summary_version": b"1"},
 )
@@ -104,6 +107,9 @@ def summary_row(config: JobConfig, manifest: dict, summary: dict, stats: report.
         "flagged_text_language_unsupported": stats.by_reason.get(REASON_LANGUAGE, 0),
         "flagged_caption_disagrees": stats.by_reason.get(REASON_CAPTION, 0),
         "agreement_threshold": config.agreement_threshold,
+        "evidence": config.evidence,
+        "evidence_rows": int((manifest.get("evidence") or {}).get("rows", 0)),
+        "evidence_s": (manifest.get("evidence") or {}).get("seconds"),
     }
 
 

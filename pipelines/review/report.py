@@ -3,8 +3,9 @@
 ``collect_stats`` reads the committed files once, batch by batch (driver memory stays bounded
 whatever the output size): counts by status, score histograms, flag rate per category and the
 most confident mismatches. ``fetch_images`` reads only those few rows' images back from the
-input by id. ``render_report`` turns it all into HTML with inline CSS and SVG and JPEG data
-URIs: nothing is loaded from anywhere, so the file reads offline, attached to a ticket or mail.
+input by id; examples with ``evidence`` also get its heat map drawn over the image
+(``blip_ops.heatmap``). ``render_report`` turns it all into HTML with inline CSS and SVG and JPEG
+data URIs: nothing is loaded from anywhere, so the file reads offline, attached to a ticket or mail.
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ def collect_stats(location: Location, files: list[str], config: JobConfig, examp
         category = None
     rank = _ranking_column(config)
     example_columns = [c for c in (config.id_column, config.text_column, "caption", "itm_score", "itc_score",
-                                   "flag_reasons", "status", "error") if c in names]
+                                   "flag_reasons", "status", "error", "evidence") if c in names]
     columns = sorted(set(example_columns + ["status", "flagged", "flag_reasons"] + ([category] if category else [])))
     heap: list[tuple] = []  # (-score, sequence, row): keeps the `examples` lowest scores
     sequence = 0
@@ -303,13 +304,26 @@ def _categories(stats: OutputStats) -> str:
     return f'<table class="totals">{head}{"".join(body)}</table>'
 
 
-def render_report(manifest: dict, summary: dict, config: JobConfig, stats: OutputStats, thumbnails: dict) -> str:
-    """The whole page. ``thumbnails``: id -> data URI for the examples."""
+def _evidence_note(examples: list[dict]) -> str:
+    if not any(row.get("overlay") for row in examples):
+        return ""
+    return (" The evidence map is Grad-CAM of the ITM score: bright where the text's words attend in the "
+            "image and raise the match score; the top words are the ones that attend most. A text that fits "
+            "nothing in the image shows little or scattered heat.")
+
+
+def render_report(
+    manifest: dict, summary: dict, config: JobConfig, stats: OutputStats, thumbnails: dict, overlays: dict | None = None
+) -> str:
+    """The whole page. ``thumbnails``: id -> data URI for the examples; ``overlays``: id -> data URI of
+    the evidence heat map over the image, for examples with evidence."""
     run_id = manifest.get("run_id") or summary.get("run_id")
+    overlays = overlays or {}
     examples = []
     for row in stats.examples:
-        examples.append(dict(row, id=row.get(config.id_column), text=row.get(config.text_column),
-                             thumbnail=thumbnails.get(row.get(config.id_column))))
+        key = row.get(config.id_column)
+        examples.append(dict(row, id=key, text=row.get(config.text_column), thumbnail=thumbnails.get(key),
+                             overlay=overlays.get(key) if row.get("evidence") else None))
     charts = "".join(
         f'<figure class="chart">{histogram_svg(hist.display(threshold), threshold, title)}'
         f"<figcaption>{views.esc(title)} over {hist.total} scored rows</figcaption></figure>"
@@ -338,7 +352,7 @@ def render_report(manifest: dict, summary: dict, config: JobConfig, stats: Outpu
         f"<h2>Score distributions</h2><div class=\"charts\">{charts}</div>"
         f"<h2>Flag rate by category</h2>{_categories(stats)}"
         f"<h2>Most confident mismatches</h2><p class=\"meta\">Scored rows that were flagged, lowest {rank} score first "
-        f"({len(examples)} shown).</p><div id=\"examples\">{views.rows_table(examples)}</div>"
+        f"({len(examples)} shown).{_evidence_note(examples)}</p><div id=\"examples\">{views.rows_table(examples)}</div>"
         "</body></html>\n"
     )
 
@@ -346,8 +360,14 @@ def render_report(manifest: dict, summary: dict, config: JobConfig, stats: Outpu
 def report_page(manifest: dict, summary: dict, config: JobConfig, stats: OutputStats) -> str:
     """The page for already collected ``stats``: fetches the examples' images and renders."""
     ids = [row.get(config.id_column) for row in stats.examples]
-    thumbnails = {key: views.thumbnail_uri(data) for key, data in fetch_images(config, ids).items()}
-    return render_report(manifest, summary, config, stats, thumbnails)
+    images = fetch_images(config, ids)
+    thumbnails = {key: views.thumbnail_uri(data) for key, data in images.items()}
+    overlays = {}
+    for row in stats.examples:
+        key = row.get(config.id_column)
+        if row.get("evidence") and key not in overlays:
+            overlays[key] = views.overlay_uri(images.get(key), row["evidence"])
+    return render_report(manifest, summary, config, stats, thumbnails, overlays)
 
 
 def build_report(location: Location, manifest: dict, summary: dict, config: JobConfig) -> str:

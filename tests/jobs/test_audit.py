@@ -142,7 +142,9 @@ def test_audit_of_a_path_with_uri_images(ray_session, frame, options, tmp_path):
     assert df["status"].tolist() == [expected[uri] for uri in df["uri"]]
     assert df.loc[df["status"] == "ok", "itm_score"].notna().all()
     view = show_flagged(df)
-    assert view.html.count("<img ") == sum(1 for r in view.rows if r["status"] != "image_error")
+    assert view.html.count("<img src=") == sum(1 for r in view.rows if r["status"] != "image_error")
+    # Overlays read the image through its URI too.
+    assert view.html.count('<img class="overlay"') == sum(1 for r in view.rows if r["status"] == "ok") > 0
 
 
 def test_options_are_validated_before_anything_runs(frame, options, tmp_path):
@@ -192,11 +194,35 @@ def test_show_flagged_escapes_catalog_text(audited):
     assert html.escape(MARKUP, quote=True) in page and "&lt;i&gt;id-1&lt;/i&gt;" in page
     # One thumbnail per flagged row with a decodable image; the undecodable ones say so.
     decodable = int((flagged["status"] != "image_error").sum())
-    assert page.count("<img ") == decodable
+    assert page.count("<img src=") == decodable
     assert page.count("no image") == len(flagged) - decodable
-    assert all(src.startswith("data:image/jpeg;base64,") for src in re.findall(r'<img src="([^"]+)"', page))
+    assert all(src.startswith("data:image/jpeg;base64,") for src in re.findall(r'<img (?:class="overlay" )?src="([^"]+)"', page))
+    # Evidence (on by default for rows flagged by score): the heat map over the image and the top words.
+    explained = int(flagged["evidence"].notna().sum())
+    assert explained == int((flagged["status"] == "ok").sum()) > 0
+    assert page.count('<img class="overlay"') == explained and page.count('class="words"') == explained
+    assert page.count("no evidence") == len(flagged) - explained
+    # pandas gives NaN for a missing caption and error; the page shows nothing, never "nan".
+    assert flagged["caption"].isna().any() and flagged["error"].isna().any()
+    assert not re.search(r">\s*nan\s*<", page) and "<div>nan</div>" not in page
     # Most confident mismatches first; rows that could not be checked last.
     scores = [r["itm_score"] for r in view.rows if r["status"] == "ok"]
     assert scores == sorted(scores)
     assert [r["status"] for r in view.rows][-1] != "ok"
     assert len(show_flagged(audited, n=2).rows) == 2
+
+
+def test_evidence_option_and_the_overlay_function_on_any_row(ray_session, frame, options):
+    from blip_ops.heatmap import overlay
+
+    small = frame.head(8)
+    everything = audit(small, evidence="all", **dict(options, itm_threshold=0.0, itc_threshold="none"))
+    ok = everything["status"] == "ok"
+    assert not everything["flagged"][ok].any()  # nothing flagged by score, yet every scored row explained
+    assert everything["evidence"][ok].notna().all() and everything["evidence"][~ok].isna().all()
+    row = everything[ok].iloc[0]
+    picture = overlay(row["image"], row["evidence"])  # a notebook user's call on any row
+    assert picture.size[0] > 0 and picture.mode == "RGB"
+    nothing = audit(small, evidence="none", **options)
+    assert nothing["evidence"].isna().all()
+    release_models()

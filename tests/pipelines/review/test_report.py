@@ -215,6 +215,7 @@ def test_readme_duckdb_queries(scored):
         "flag rate per category of the committed result",
         "top flagged items: the most confident mismatches",
         "schema version of the scored files",
+        "evidence of the flagged rows: the hottest patch and the top words",  # tests/pipelines/test_evidence_run.py
     }
     runs = pq.read_table(output / "_runs").to_pandas()
     table = pq.read_table(output).to_pandas()
@@ -239,7 +240,7 @@ def test_readme_duckdb_queries(scored):
     assert version == [(str(SCHEMA_VERSION),)]
 
 
-def test_report_renders_in_headless_chromium(scored):
+def test_report_renders_in_headless_chromium(scored, tmp_path):
     from tests import browser
 
     if browser.find_chromium() is None:
@@ -258,7 +259,9 @@ def test_report_renders_in_headless_chromium(scored):
         "categories": "[...document.querySelectorAll('tr.category th')].map(e => e.textContent)",
         "images": "[...document.images].map(i => i.complete && i.naturalWidth > 0)",
         "charts": "document.querySelectorAll('svg line.threshold').length",
-    })
+        "overlays": "[...document.querySelectorAll('#examples img.overlay')].map(i => [i.complete && i.naturalWidth > 0, i.naturalWidth >= 120])",  # 120: with its legend
+        "words": "[...document.querySelectorAll('#examples tr.bm-row')].map(r => [...r.querySelectorAll('.word')].map(w => w.textContent))",
+    }, screenshot=tmp_path / "report-examples.png", screenshot_selector="#examples")
     assert result.errors == [] and result.dialogs == []
     assert result.values["rows"] == str(manifest["rows"]) and result.values["flagged"] == str(manifest["flagged"])
     assert result.values["statuses"] == manifest["rows_by_status"]
@@ -268,6 +271,14 @@ def test_report_renders_in_headless_chromium(scored):
     assert result.values["texts"] and all(text.startswith(MARKUP) or text == GERMAN for text in result.values["texts"])
     assert "<b>bags</b>" in result.values["categories"]
     assert result.values["images"] and all(result.values["images"]) and result.values["charts"] == 2
+    # Every example (scored and flagged, so explained by default) shows its heat map and top words.
+    assert len(result.values["overlays"]) == len(result.values["texts"]) and all(all(o) for o in result.values["overlays"])
+    assert all(0 < len(words) <= 5 for words in result.values["words"])
+    # The screenshot in the test's artefacts shows the overlays as a person sees them.
+    from PIL import Image
+
+    shot = Image.open(tmp_path / "report-examples.png")
+    assert shot.width > 400 and shot.height > 100 * len(result.values["texts"])
     # Self-contained: the page asked the network for nothing but itself and its inline images.
     assert [url for url in result.requests if not url.startswith(("file://", "data:"))] == []
 
@@ -281,6 +292,7 @@ def test_without_a_category_column_the_report_says_how_to_get_one(scored):
     page = report.render_report(manifest, summary.as_dict(), plain, stats, {})
     assert "No category column chosen" in page and '<tr class="category">' not in page
     assert page.count('<span class="noimg">no image</span>') == 2  # no thumbnails given
+    assert "evidence (ITM Grad-CAM)" not in page and 'class="words"' in page  # no overlays given; words still shown
 
 
 def test_fetch_images_reads_only_the_wanted_rows(tmp_path):

@@ -1,0 +1,143 @@
+"""What Grad-CAM evidence costs the score stage: pairs/s with ``--evidence none``, ``flagged`` and ``all``.
+
+    python -m benchmarks.evidence_bench                    # CPU, BLIP-base layout at width 384, depth 6
+    python -m benchmarks.evidence_bench --device cuda --full --batch-size 256   # the GPU machine, BLIP-base
+
+The score stage's model calls alone, in this process, on the same batches: ``none`` is
+``BlipScorer.score`` (one vision pass, the ITM and ITC text passes); ``flagged`` is
+``score_explained`` explaining the lowest-ITM tenth of each batch (a 10% flag rate); ``all``
+explains every row. ``vision_pass`` times the vision encoder alone: what a separate evidence
+stage, which cannot be shipped the image embeddings, would have to run again. Random-weight checkpoints in BLIP-base's layout: the cost depends on
+shapes, not on weights. Decoding and Ray are left out: evidence does not change them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TITLES = [
+    "a red circle on a white background", "blue running shoes with white laces", "a green triangle",
+    "yellow leather handbag with a gold buckle and a long strap", "black phone", "a small wooden chair and a table",
+]
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def measure(args) -> dict:
+    import numpy as np
+    import torch
+
+    from benchmarks.cpu_bench import machine
+    from blip_ops.evidence import GradCam
+    from blip_ops.scorer import BlipScorer
+    from blip_ops.tiny import build_bench_itm
+
+    if args.smoke:
+        width, depth, image_size = 64, 2, 64
+    elif args.full:
+        width, depth, image_size = 768, 12, 384
+    else:
+        width, depth, image_size = args.width, args.depth, 384
+    with tempfile.TemporaryDirectory() as directory:
+        checkpoint = build_bench_itm(directory, width=width, depth=depth, image_size=image_size)
+        scorer = BlipScorer.from_pretrained(str(checkpoint), device=args.device, precision=args.precision)
+    gradcam = GradCam(scorer.model, scorer.tokenizer)
+    rng = np.random.RandomState(0)
+    images = rng.randint(0, 256, (args.batch_size, 3, image_size, image_size), dtype=np.uint8)
+    texts = [TITLES[i % len(TITLES)] for i in range(args.batch_size)]
+
+    def lowest_tenth(itc, itm):
+        wanted = np.zeros(len(itm), dtype=bool)
+        wanted[np.argsort(itm, kind="stable")[: max(1, round(0.1 * len(itm)))]] = True
+        return wanted
+
+    def vision_only():
+        # What a separate evidence stage would have to run again (it cannot be shipped the embeddings).
+        with torch.inference_mode():
+            pixels = scorer.images.to_device_pixel_values(images, args.device)
+            scorer.model.vision_model(pixel_values=pixels)
+
+    steps = {
+        "vision_pass": vision_only,
+        "none": lambda: scorer.score(images, texts),
+        "flagged": lambda: scorer.score_explained(images, texts, lowest_tenth, gradcam),
+        "all": lambda: scorer.score_explained(images, texts, lambda itc, itm: np.ones(len(itc), dtype=bool), gradcam),
+    }
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    result = {"pairs_per_s": {}, "s_per_batch": {}}
+    for step in steps.values():
+        step()  # warm-up
+    # Rounds interleave the policies and the median is kept: on a shared machine the load
+    # drifts, and timing each policy in its own stretch would charge the drift to one of them.
+    # CPU seconds (all of this process's threads) too: on a loaded machine waiting for a core
+    # inflates wall time but not CPU time, so the CPU-time ratios are the steadier cost figure.
+    times = {name: [] for name in steps}
+    cpu_times = {name: [] for name in steps}
+    for _ in range(args.batches):
+        for name, step in steps.items():
+            _sync(args.device)
+            started, cpu_started = time.perf_counter(), time.process_time()
+            step()
+            _sync(args.device)
+            times[name].append(time.perf_counter() - started)
+            cpu_times[name].append(time.process_time() - cpu_started)
+    result["cpu_s_per_batch"] = {}
+    for name in steps:
+        seconds = float(np.median(times[name]))
+        result["s_per_batch"][name] = round(seconds, 4)
+        result["pairs_per_s"][name] = round(args.batch_size / seconds, 1)
+        result["cpu_s_per_batch"][name] = round(float(np.median(cpu_times[name])), 4)
+    none, cpu_none = result["s_per_batch"]["none"], result["cpu_s_per_batch"]["none"]
+    result["cost_vs_none"] = {name: round(s / none, 3) for name, s in result["s_per_batch"].items()}
+    result["cpu_cost_vs_none"] = {name: round(s / cpu_none, 3) for name, s in result["cpu_s_per_batch"].items()}
+    result["pairs_per_s"].pop("vision_pass")
+    result.update(
+        layout={"width": width, "depth": depth, "image_size": image_size, "explained_layer": gradcam.layer},
+        device=args.device, precision=scorer.precision, batch_size=args.batch_size, batches=args.batches,
+        threads=torch.get_num_threads(), machine=machine(), load_average_before=load_before,
+        load_average_after=[round(x, 2) for x in os.getloadavg()],
+        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), command=" ".join(["python -m benchmarks.evidence_bench"] + sys.argv[1:]),
+    )
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="auto", help="scoring precision (evidence is fp32 regardless)")
+    parser.add_argument("--batch-size", type=int, default=64, help="the score stage's default: 64 on the CPU, 256 on a GPU")
+    parser.add_argument("--batches", type=int, default=5, help="timed rounds (the median is reported)")
+    parser.add_argument("--width", type=int, default=384, help="hidden size of both towers (BLIP-base: 768)")
+    parser.add_argument("--depth", type=int, default=6, help="layers in each tower (BLIP-base: 12)")
+    parser.add_argument("--full", action="store_true", help="BLIP-base itself: width 768, depth 12, 384 px")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, for the test")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    result = measure(args)
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    else:
+        for name in ("none", "flagged", "all"):
+            print(f"{name:8s} {result['pairs_per_s'][name]:9.1f} pairs/s  ({result['cost_vs_none'][name]:.2f}x the time of none)")
+        print(f"the vision pass alone: {result['cost_vs_none']['vision_pass']:.2f}x the time of none")
+        print("CPU time vs none: " + ", ".join(f"{k} {v:.2f}x" for k, v in result["cpu_cost_vs_none"].items()))
+        print(f"layout {result['layout']}, {result['device']} {result['precision']}, batch {args.batch_size}, "
+              f"{result['threads']} threads, load {result['load_average_before']} -> {result['load_average_after']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
