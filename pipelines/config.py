@@ -181,6 +181,15 @@ class JobConfig(BaseModel):
             raise ValueError(f"captions={self.captions!r} needs a caption model (caption_model is none)")
         return self
 
+    @model_validator(mode="after")
+    def _reuse_needs_the_keyed_plan(self):
+        if self.reuse and self.captions == "flagged":
+            raise ValueError("reuse works with captions 'all' or 'none' (with 'flagged', which images need a caption "
+                             "depends on this run's flags)")
+        if self.reuse and not self.dedup:
+            raise ValueError("reuse needs dedup (both run through the keyed plan)")
+        return self
+
     @property
     def captioning(self) -> bool:
         return self.captions != "none"

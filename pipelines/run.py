@@ -13,6 +13,7 @@ from .commit.units import durable_rows, missing_ranges, work_key
 from .config import JobConfig
 from .dataflow import runtime
 from .preflight import Checked, InputInfo, preflight
+from .reuse.sources import MANIFEST_KEYS as CONTENT_KEYS
 from .review import artifacts
 from .schema import SCHEMA_VERSION, output_schema
 from .storage import Location
@@ -36,6 +37,8 @@ class RunSummary:
     outcome: str = COMMITTED
     # Rows an interrupted earlier attempt had already made durable; not scored again.
     resumed_rows: int = 0
+    # Where the night went (pipelines.dataflow.dedup): reused rows, model calls, duplicates collapsed.
+    reuse: dict = field(default_factory=dict)
 
     @property
     def rows_per_s(self) -> float:
@@ -55,8 +58,22 @@ class RunSummary:
         resumed = f" ({self.resumed_rows} resumed from an interrupted attempt)" if self.resumed_rows else ""
         return (
             f"run {self.run_id}: read {self.rows_read} rows{resumed}, scored {self.scored}, flagged {self.flagged}, "
-            f"errors: {errors}; {self.elapsed_s:.1f}s ({self.rows_per_s:.1f} rows/s); output: {self.output}"
+            f"errors: {errors}{_render_reuse(self.reuse)}; {self.elapsed_s:.1f}s ({self.rows_per_s:.1f} rows/s); "
+            f"output: {self.output}"
         )
+
+
+REUSE_COUNTS = ("rows_scores_reused", "rows_captions_reused", "pairs_scored", "images_captioned", "duplicate_rows_collapsed")
+
+
+def _render_reuse(reuse: dict) -> str:
+    if not reuse:
+        return ""
+    return (
+        f"; scores reused for {reuse.get('rows_scores_reused', 0)} rows, captions for {reuse.get('rows_captions_reused', 0)}; "
+        f"{reuse.get('pairs_scored', 0)} pairs scored, {reuse.get('images_captioned', 0)} images captioned, "
+        f"{reuse.get('duplicate_rows_collapsed', 0)} duplicate rows collapsed"
+    )
 
 
 def new_run_id() -> str:
@@ -64,6 +81,7 @@ def new_run_id() -> str:
 
 
 def _summary(manifest: dict, destination: Location, started: float, outcome: str, resumed: int) -> RunSummary:
+    reuse = manifest.get("reuse") or {}
     by_status = manifest.get("rows_by_status", {})
     return RunSummary(
         run_id=manifest["run_id"],
@@ -76,22 +94,60 @@ def _summary(manifest: dict, destination: Location, started: float, outcome: str
         elapsed_s=time.monotonic() - started,
         outcome=outcome,
         resumed_rows=resumed,
+        reuse={k: reuse[k] for k in REUSE_COUNTS if k in reuse},
     )
 
 
-def _score_missing(config: JobConfig, source: InputInfo, destination: Location, attempt: output.Attempt, todo) -> dict:
-    """Run the pipeline over the rows still to do; returns the resources it resolved."""
-    from .dataflow.graph import build_scored_dataset  # imports Ray Data
+def _score_missing(config: JobConfig, source: InputInfo, destination: Location, attempt: output.Attempt, todo):
+    """Run the pipeline over the rows still to do; returns the resources it resolved, this run's
+    content-key digests and the counts of what was reused and computed."""
+    from .dataflow import dedup  # imports Ray Data
+    from .dataflow.graph import build_scored_dataset
     from .dataflow.resources import resolve_resources
 
     runtime.connect(config.ray_address)
     resources = resolve_resources(config, runtime.cluster_gpus(), runtime.cluster_cpus())
-    dataset = build_scored_dataset(
-        config, source, attempt.run_id, resources, todo, attempt.staging, destination.filesystem
-    )
+    digests = dedup.content_digests(config, resources)
+    if not any(todo.values()):
+        return None, digests, {}
+    if dedup.uses_keyed_plan(config):
+        counts = dedup.plan_and_compute(
+            config, source, attempt.run_id, resources, todo, attempt.staging, destination.filesystem, source.reuse, digests
+        )
+        dataset = dedup.assembled_dataset(config, source, attempt.run_id, todo, attempt.staging, destination.filesystem)
+    else:
+        counts = None
+        dataset = build_scored_dataset(
+            config, source, attempt.run_id, resources, todo, attempt.staging, destination.filesystem
+        )
     for _ in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
         pass  # the work is done by the write stage; its one row per piece is not needed here
-    return asdict(resources)
+    if counts is None:
+        counts = _row_by_row_counts(destination, attempt)
+    return asdict(resources), digests, counts
+
+
+def _row_by_row_counts(destination: Location, attempt: output.Attempt) -> dict:
+    """Without the keyed plan every scored row was a model call: counted from the staged pieces."""
+    import pyarrow.parquet as pq
+
+    scored = captioned = 0
+    for path in output.staged_paths(destination, attempt):
+        table = pq.read_table(path, columns=["itc_score", "caption"], filesystem=destination.filesystem)
+        scored += table.num_rows - table.column("itc_score").null_count
+        captioned += table.num_rows - table.column("caption").null_count
+    return {"pairs_scored": scored, "images_captioned": captioned}
+
+
+def _reuse_record(config: JobConfig, source: InputInfo, counts: dict) -> dict:
+    record = {k: counts.get(k, 0) for k in REUSE_COUNTS if k != "duplicate_rows_collapsed"}
+    record["duplicate_rows_collapsed"] = counts.get("duplicate_pairs_collapsed", 0)
+    record["duplicate_images_collapsed"] = counts.get("duplicate_images_collapsed", 0)
+    record["sources"] = [s.uri for s in source.reuse]
+    record["sources_matched"] = counts.get("sources_matched", {})
+    record["keyed_plan"] = "buckets" in counts
+    record["buckets"] = counts.get("buckets")
+    return record
 
 
 def run_job(config: JobConfig, checked: Checked | None = None) -> RunSummary:
@@ -115,10 +171,10 @@ def run_job(config: JobConfig, checked: Checked | None = None) -> RunSummary:
     todo = {u.index: missing_ranges(u, covered.get(u.index, [])) for u in source.units}
     if attempt.resumed:
         log.warning("resuming run %s: %d of %d rows are already durable", attempt.run_id, resumed, source.num_rows)
-    resources = None
     if any(todo.values()):
         runtime.expect_rows(source.num_rows - resumed)
-        resources = _score_missing(config, source, destination, attempt, todo)
+    # Digests are computed even when every row was durable: the manifest records them for later reuse.
+    resources, digests, counts = _score_missing(config, source, destination, attempt, todo)
 
     image_column = None if config.image_uri_column else config.image_column
     schema = output_schema(source.schema, image_column)
@@ -132,6 +188,8 @@ def run_job(config: JobConfig, checked: Checked | None = None) -> RunSummary:
         "started_at": started_at,
         "resumed_rows": resumed,
         "resources": resources,  # per-stage GPUs, CPUs, devices, actor pool bounds and batch sizes; None if all was resumed
+        CONTENT_KEYS: digests,  # what a later --reuse of this output matches against (pipelines.keys)
+        "reuse": _reuse_record(config, source, counts),  # counts cover this attempt's rows (not resumed ones)
     }
     try:
         result = output.commit(destination, attempt, source.units, schema, manifest)

@@ -18,6 +18,7 @@ from blip_ops.images import ImageError, decode_rgb
 from blip_ops.oom import HalvingBatches
 from blip_ops.preprocess import Resize, resize_for
 
+from .. import keys as K
 from .. import schema as S
 from ..storage import read_bytes
 
@@ -65,11 +66,15 @@ def decode_batch(
     draft_size = max(max(r.height, r.width) for r in (score_prep, caption_prep) if r) if jpeg_draft else None
     texts = batch.column(text_column).to_pylist()
     sources = batch.column(image_column).to_pylist()
-    image_errors, text_errors, score_pixels, caption_pixels = [], [], [], []
+    image_errors, text_errors, score_pixels, caption_pixels, image_hashes = [], [], [], [], []
     for text, source in zip(texts, sources):
         text_errors.append(_text_problem(text))
+        image_hashes.append(K.sha256_hex(source) if not from_uri else None)
         try:
-            rgb = decode_rgb(_load_image_bytes(source, from_uri), draft_size)
+            data = _load_image_bytes(source, from_uri)
+            if from_uri:
+                image_hashes[-1] = K.sha256_hex(data)  # the key is the bytes read, not the URI
+            rgb = decode_rgb(data, draft_size)
             score_pixels.append(score_prep.resize(rgb).tobytes())
             caption_pixels.append(caption_prep.resize(rgb).tobytes() if caption_prep else None)
             image_errors.append(None)
@@ -83,6 +88,10 @@ def decode_batch(
             caption_pixels.append(None)
     if not from_uri:
         batch = batch.drop_columns([image_column])
+    if K.IMAGE_SHA256 not in batch.column_names:  # the keyed plan computed them already
+        batch = batch.append_column(K.IMAGE_SHA256, pa.array(image_hashes, pa.string())).append_column(
+            K.TEXT_SHA256, pa.array([K.text_sha256(t) for t in texts], pa.string())
+        )
     return (
         batch.append_column(S.IMAGE_ERROR, pa.array(image_errors, pa.string()))
         .append_column(S.TEXT_ERROR, pa.array(text_errors, pa.string()))
@@ -230,6 +239,11 @@ class CaptionStage:
         return batch.drop_columns([S.PIXELS_CAPTION]).append_column("caption", pa.array(column, pa.string()))
 
 
+def _where_valid(column, value: str) -> pa.Array:
+    valid = column.is_valid().to_numpy(zero_copy_only=False)
+    return pa.array([value if v else None for v in valid], pa.string())
+
+
 def finalize_batch(
     batch: pa.Table,
     *,
@@ -251,9 +265,13 @@ def finalize_batch(
         "scored_at": pa.array([scored_at] * n, pa.timestamp("us", tz="UTC")),
         "itm_model": pa.array([itm_model] * n, pa.string()),
         "caption_model": pa.array([caption_model] * n, pa.string()),
+        # Computed now (this run) where there is a value; the keyed plan sets them for reused rows.
+        "scores_from_run": _where_valid(batch.column("itc_score"), run_id),
+        "caption_from_run": _where_valid(batch.column("caption"), run_id),
     }
     for name, values in added.items():
-        batch = batch.append_column(name, values)
+        if name not in batch.column_names:  # reused rows bring their own time and provenance
+            batch = batch.append_column(name, values)
     target = S.output_schema(batch.select(passthrough).schema, image_column=None)
     result = batch.select(target.names).cast(target)
     for name in keep:
