@@ -339,8 +339,10 @@ def store_results(batch: pa.Table, *, run_id: str, work_fs, work: str, buckets: 
     if keyless.any():
         direct = pa.Table.from_arrays(
             [pa.array(pos), batch.column(S.IMAGE_ERROR), batch.column("text_truncated")], schema=DIRECT_SCHEMA
-        ).filter(pa.array(keyless))
-        _write(work_fs, f"{work}/direct/u{int(pos[0] >> 32):06d}/{name}.parquet", direct)
+        )
+        units = pos >> 32  # a batch may hold rows of several units
+        for unit in np.unique(units[keyless]):
+            _write(work_fs, f"{work}/direct/u{unit:06d}/{name}.parquet", direct.filter(pa.array(keyless & (units == unit))))
     return pa.table({"pairs_scored": [int((do_score & scored).sum())], "images_captioned": [captions]})
 
 
@@ -410,7 +412,12 @@ def assemble_unit(
             itc, itm, truncated, scored_at, from_run, image_error = _align(pos, scores, SCORE_VALUE_FIELDS)
             direct_error, direct_truncated = _align(pos, direct, list(DIRECT_SCHEMA)[1:])
             keyless = picked.column(SKEY).is_null()
-            lost = pc.and_(pc.invert(keyless), pc.and_(itc.is_null(), image_error.is_null()))
+            direct_found = _align(pos, direct.append_column("__found", pa.array(np.ones(direct.num_rows, bool))),
+                                  [pa.field("__found", pa.bool_())])[0]
+            lost = pc.or_(
+                pc.and_(pc.invert(keyless), pc.and_(itc.is_null(), image_error.is_null())),
+                pc.and_(keyless, direct_found.is_null()),
+            )
             if pc.any(lost).as_py():
                 # A key whose value no pass wrote: a lost file or a bug, never a row to commit without scores.
                 raise RuntimeError(f"unit {unit}: {pc.sum(lost).as_py()} keyed rows have no value in the plan's results")
