@@ -15,6 +15,7 @@ from .dataflow import runtime
 from .preflight import Checked, InputInfo, preflight
 from .reuse.sources import MANIFEST_KEYS as CONTENT_KEYS
 from .review import artifacts
+from .review.artifacts import REUSE_COUNTS
 from .schema import SCHEMA_VERSION, output_schema
 from .storage import Location
 
@@ -61,9 +62,6 @@ class RunSummary:
             f"errors: {errors}{_render_reuse(self.reuse)}; {self.elapsed_s:.1f}s ({self.rows_per_s:.1f} rows/s); "
             f"output: {self.output}"
         )
-
-
-REUSE_COUNTS = ("rows_scores_reused", "rows_captions_reused", "pairs_scored", "images_captioned", "duplicate_rows_collapsed")
 
 
 def _render_reuse(reuse: dict) -> str:

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 REPORT = "_report.html"
 RUNS_DIR = "_runs"
 
+REUSE_COUNTS = ("rows_scores_reused", "rows_captions_reused", "pairs_scored", "images_captioned", "duplicate_rows_collapsed")
+
 _QUANTILE_FIELDS = [
     pa.field(f"{name}_p{int(q * 100):02d}", pa.float64()) for name in ("itm", "itc") for q in report.QUANTILES
 ]
@@ -61,6 +63,12 @@ RUN_SUMMARY_SCHEMA = pa.schema(
         pa.field("rows_per_s", pa.float64()),
         pa.field("resumed_rows", pa.int64()),
         pa.field("schema_version", pa.int32()),
+        # What the run reused and what it computed (manifest "reuse"; counts cover this attempt's rows).
+        pa.field("rows_scores_reused", pa.int64()),
+        pa.field("rows_captions_reused", pa.int64()),
+        pa.field("pairs_scored", pa.int64()),
+        pa.field("images_captioned", pa.int64()),
+        pa.field("duplicate_rows_collapsed", pa.int64()),
     ],
     metadata={b"blip_moderate_run_summary_version": b"1"},
 )
@@ -97,6 +105,7 @@ def summary_row(config: JobConfig, manifest: dict, summary: dict, stats: report.
         "rows_per_s": summary.get("rows_per_s"),
         "resumed_rows": int(manifest.get("resumed_rows") or summary.get("resumed_rows") or 0),
         "schema_version": int(manifest.get("schema_version", SCHEMA_VERSION)),
+        **{name: (manifest.get("reuse") or {}).get(name) for name in REUSE_COUNTS},
     }
 
 
