@@ -205,3 +205,19 @@ def test_reuse_from_yaml_list_and_cli_string(tmp_path):
     assert build_config({"input": "i", "output": "o", "reuse": "none"}).reuse == ()
     with pytest.raises(ConfigError, match="flagged"):
         build_config({"input": "i", "output": "o", "reuse": "a", "captions": "flagged"})
+
+
+def test_audit_takes_the_same_reuse_sources(days, tiny_itm, tiny_caption):
+    from jobs.audit import audit
+
+    frame = audit(str(days["root"] / "day2"), itm_model=tiny_itm, caption_model=tiny_caption, device="cpu",
+                  max_new_tokens=MAX_NEW_TOKENS, reuse=[str(days["root"] / "d1")])
+    rows = {r["id"]: r for r in frame.to_dict("records")}
+    batch = _rows(days["root"] / "d2-reuse")
+    first_id = days["first"].run_id
+    assert rows["item-0000"]["scores_from_run"] == rows["item-0000"]["caption_from_run"] == first_id
+    assert rows["item-0002"]["scores_from_run"] != first_id  # changed text: computed by the audit
+    for key, row in batch.items():
+        assert rows[key]["flagged"] == row["flagged"] and list(rows[key]["flag_reasons"]) == row["flag_reasons"], key
+        if row["scores_from_run"] == first_id:
+            assert rows[key]["itm_score"] == pytest.approx(row["itm_score"], abs=1e-6)
