@@ -8,6 +8,8 @@ here raises for a bad record.
 from __future__ import annotations
 
 import functools
+import os
+import time
 from datetime import datetime, timezone
 
 import numpy as np
@@ -28,6 +30,17 @@ def _resizer(reference: str) -> Resize:
     # Cached per worker process: decode tasks reuse Ray's long-lived workers.
     # An s3:// model is copied once per node (blip_ops.model_cache), then read from local disk.
     return resize_for(local_checkpoint(reference))
+
+
+# Where model stages append "stage<TAB>rows<TAB>seconds" per batch (benchmarks/nightly_reuse.py); unset: nothing.
+STAGE_TIMES_ENV = "BLIP_MODERATE_STAGE_TIMES"
+
+
+def _record_time(stage: str, rows: int, started: float) -> None:
+    directory = os.environ.get(STAGE_TIMES_ENV)
+    if directory:
+        with open(os.path.join(directory, f"{stage}-{os.getpid()}.tsv"), "a") as log:
+            log.write(f"{stage}\t{rows}\t{time.perf_counter() - started:.6f}\n")
 
 
 def _text_problem(text) -> str | None:
@@ -149,6 +162,7 @@ class ScoreStage:
         self.parts = HalvingBatches("scoring")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        started = time.perf_counter()
         mask = _scorable(batch)
         texts = batch.column(self.text_column).to_pylist()
         rows = np.flatnonzero(mask)
@@ -165,6 +179,7 @@ class ScoreStage:
         if len(unscored):
             counts = self.scorer.token_counts([texts[i] for i in unscored])
             truncated[unscored] = counts > self.scorer.max_text_tokens
+        _record_time("score", len(rows), started)
         return (
             batch.drop_columns([S.PIXELS_SCORE])
             .append_column("itc_score", _spread(itc, mask, pa.float32()))
@@ -227,6 +242,7 @@ class CaptionStage:
         self.parts = HalvingBatches("captioning")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        started = time.perf_counter()
         mask = batch.column(S.PIXELS_CAPTION).is_valid().to_numpy(zero_copy_only=False)
         if self.policy == "flagged":
             mask &= batch.column("flagged").to_numpy(zero_copy_only=False)
@@ -236,6 +252,7 @@ class CaptionStage:
         column = [None] * len(mask)
         for row, caption in zip(rows, captions):
             column[row] = caption
+        _record_time("caption", len(rows), started)
         return batch.drop_columns([S.PIXELS_CAPTION]).append_column("caption", pa.array(column, pa.string()))
 
 
