@@ -21,7 +21,12 @@ from . import model_cache
 from .checkpoints import CheckpointError, is_local_reference, local_checkpoint
 
 _CHUNK = 8 * 1024 * 1024
-CACHE_DIR = "identities"
+CACHE_ENV = "BLIP_MODERATE_IDENTITY_CACHE"
+
+
+def cache_root() -> Path:
+    """Beside the model cache, not in it: that directory holds model copies only."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "blip-moderate" / "identities").expanduser()
 
 
 def _files(directory: Path) -> list[Path]:
@@ -50,7 +55,7 @@ def directory_digest(directory: str | Path) -> str:
 
 def _cache_file(directory: Path) -> Path:
     name = hashlib.sha256(str(directory.resolve()).encode()).hexdigest()[:24]
-    return model_cache.cache_root() / CACHE_DIR / f"{name}.json"
+    return cache_root() / f"{name}.json"
 
 
 def cached_directory_digest(directory: str | Path) -> str:

@@ -9,7 +9,7 @@ from blip_ops import identity
 
 
 def test_a_copy_has_the_same_identity_and_retrained_weights_another(tiny_itm, tmp_path, monkeypatch):
-    monkeypatch.setenv("BLIP_MODERATE_MODEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("BLIP_MODERATE_IDENTITY_CACHE", str(tmp_path / "cache"))
     copy = tmp_path / "copy"
     shutil.copytree(tiny_itm, copy)
     assert identity.checkpoint_identity(str(copy)) == identity.checkpoint_identity(tiny_itm)
@@ -23,7 +23,7 @@ def test_a_copy_has_the_same_identity_and_retrained_weights_another(tiny_itm, tm
 
 
 def test_the_digest_is_cached_by_path_size_and_mtime(tiny_itm, tmp_path, monkeypatch):
-    monkeypatch.setenv("BLIP_MODERATE_MODEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("BLIP_MODERATE_IDENTITY_CACHE", str(tmp_path / "cache"))
     copy = tmp_path / "copy"
     shutil.copytree(tiny_itm, copy)
     first = identity.cached_directory_digest(copy)
