@@ -78,6 +78,49 @@ def _stage_seconds(directory: Path) -> dict:
     return {f"{stage}_rows": v[0] for stage, v in totals.items()} | {f"{stage}_s": round(v[1], 2) for stage, v in totals.items()}
 
 
+def plan_costs(rows: int, workdir: Path) -> dict:
+    """Seconds per million rows of the keyed plan's CPU work, in one process without Ray: hashing
+    image bytes (100 kB each) and texts, row keys, a bucket's plan against a source holding every
+    key, and its distribution, on ``rows`` synthetic rows (one bucket)."""
+    import hashlib
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+    from pipelines import keys as K
+    from pipelines.reuse import passes as P
+
+    fs = pafs.LocalFileSystem()
+    work = str(workdir / "plan-work")
+    blob = os.urandom(100_000)
+    started = time.perf_counter()
+    for i in range(2000):
+        hashlib.sha256(blob).hexdigest()
+    sha_per_image = (time.perf_counter() - started) / 2000
+    images = pa.array([hashlib.sha256(str(i // 2).encode()).hexdigest() for i in range(rows)])
+    texts = pa.array([hashlib.sha256(str(i).encode()).hexdigest() for i in range(rows)])
+    started = time.perf_counter()
+    score_keys = K.score_keys("d" * 32, images, texts)
+    keys_s = time.perf_counter() - started
+    pos = pa.array(np.arange(rows, dtype=np.int64) | (np.arange(rows, dtype=np.int64) // 10_000 << 32))
+    P._write(fs, f"{work}/sk/b00000/u.parquet", pa.Table.from_arrays([score_keys, pos], schema=P.KEY_POS_SCHEMA))
+    offered = pa.table({P.KEY: score_keys, **{f.name: pa.nulls(rows, f.type) for f in P.SCORE_VALUE_FIELDS},
+                        P.PRIO: pa.array(np.zeros(rows, dtype=np.int64))})
+    P._write(fs, f"{work}/sr/b00000/s.parquet", offered)
+    item = pa.Table.from_pylist([{"side": "score", "bucket": 0}])
+    started = time.perf_counter()
+    P.plan_bucket(item, work_fs=fs, work=work)
+    plan_s = time.perf_counter() - started
+    started = time.perf_counter()
+    P.distribute_bucket(item, work_fs=fs, work=work)
+    distribute_s = time.perf_counter() - started
+    per_million = 1e6 / rows
+    return {"rows": rows, "sha256_100kB_image_ms": round(sha_per_image * 1e3, 3),
+            "row_keys_s_per_M": round(keys_s * per_million, 2), "plan_bucket_s_per_M": round(plan_s * per_million, 2),
+            "distribute_bucket_s_per_M": round(distribute_s * per_million, 2), "load": _load()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=2000)
@@ -87,7 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--workdir")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--plan-rows", type=int, help="only time the keyed plan's passes on this many synthetic rows")
     args = parser.parse_args(argv)
+    if args.plan_rows:
+        print(json.dumps(plan_costs(args.plan_rows, Path(args.workdir or tempfile.mkdtemp(prefix="plan-costs-")))))
+        return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="nightly-reuse-"))
     times = workdir / "stage-times"
