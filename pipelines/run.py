@@ -108,18 +108,25 @@ def _score_missing(config: JobConfig, source: InputInfo, destination: Location, 
     digests = dedup.content_digests(config, resources)
     if not any(todo.values()):
         return None, digests, {}
-    if dedup.uses_keyed_plan(config):
-        counts = dedup.plan_and_compute(
-            config, source, attempt.run_id, resources, todo, attempt.staging, destination.filesystem, source.reuse, digests
-        )
-        dataset = dedup.assembled_dataset(config, source, attempt.run_id, todo, attempt.staging, destination.filesystem)
-    else:
-        counts = None
-        dataset = build_scored_dataset(
-            config, source, attempt.run_id, resources, todo, attempt.staging, destination.filesystem
-        )
-    for _ in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-        pass  # the work is done by the write stage; its one row per piece is not needed here
+    work = dedup.new_work_dir(attempt.staging) if dedup.uses_keyed_plan(config) else None
+    try:
+        if work:
+            counts = dedup.plan_and_compute(
+                config, source, attempt.run_id, resources, todo, work, destination.filesystem, source.reuse, digests
+            )
+            dataset = dedup.assembled_dataset(
+                config, source, attempt.run_id, todo, attempt.staging, work, destination.filesystem
+            )
+        else:
+            counts = None
+            dataset = build_scored_dataset(
+                config, source, attempt.run_id, resources, todo, attempt.staging, destination.filesystem
+            )
+        for _ in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+            pass  # the work is done by the write stage; its one row per piece is not needed here
+    finally:
+        if work:
+            dedup.discard_work(work, destination.filesystem)
     if counts is None:
         counts = _row_by_row_counts(destination, attempt)
     return asdict(resources), digests, counts

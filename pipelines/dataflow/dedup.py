@@ -9,6 +9,7 @@ driver, whose only results are one row of counts per task.
 
 from __future__ import annotations
 
+import uuid
 import warnings
 
 import pyarrow as pa
@@ -78,15 +79,24 @@ def _source_items(sources, digests: dict) -> tuple[list[dict], dict]:
     return items, matched
 
 
-def plan_and_compute(
-    config: JobConfig, source, run_id: str, resources: Resources, todo, staging: str, filesystem, sources, digests: dict,
-) -> dict:
-    """Passes 1-4: keys, plan, model calls on what the plan needs, values per unit. Returns counts."""
-    work = f"{staging}/{P.WORK}"
+def new_work_dir(staging: str) -> str:
+    """This attempt's plan files: never shared, so two identical runs at once (which converge on one
+    commit) cannot overwrite each other's; an interrupted attempt's go with its staging at commit."""
+    return f"{staging}/{P.WORK}-{uuid.uuid4().hex[:12]}"
+
+
+def discard_work(work: str, filesystem) -> None:
     try:
-        filesystem.delete_dir(work)  # an interrupted attempt's work is redone for the rows still to do
+        filesystem.delete_dir(work)
     except (FileNotFoundError, OSError):
         pass
+
+
+def plan_and_compute(
+    config: JobConfig, source, run_id: str, resources: Resources, todo, work: str, filesystem, sources, digests: dict,
+) -> dict:
+    """Passes 1-4 into ``work`` (``new_work_dir``): keys, plan, model calls on what the plan needs,
+    values per unit. Returns counts."""
     items = pieces.unit_items(source.units, todo)
     rows = sum(end - start for ranges in todo.values() for start, end in ranges)
     buckets = P.bucket_count(rows)
@@ -158,7 +168,7 @@ def _compute(config, source, run_id, resources, items, read, common, buckets, si
     return pa.concat_tables(tables) if tables else pa.table({})
 
 
-def assembled_dataset(config: JobConfig, source, run_id: str, todo, staging: str, filesystem) -> ray.data.Dataset:
+def assembled_dataset(config: JobConfig, source, run_id: str, todo, staging: str, work: str, filesystem) -> ray.data.Dataset:
     """Pass 5 and the write: rows in input order with their values (no image bytes read), flags,
     the output schema, pieces named by their row ranges; one row per piece written."""
     image_column = None if config.image_uri_column else config.image_column
@@ -170,7 +180,7 @@ def assembled_dataset(config: JobConfig, source, run_id: str, todo, staging: str
         fn_kwargs={
             "filesystem": source.location.filesystem, "schema": passthrough, "batch_rows": config.decode_batch_size,
             "text_column": config.text_column, "captioning": config.captioning,
-            "work_fs": filesystem, "work": f"{staging}/{P.WORK}",
+            "work_fs": filesystem, "work": work,
         },
         **task_retries(),
     )

@@ -205,6 +205,14 @@ def test_reuse_from_yaml_list_and_cli_string(tmp_path):
     assert build_config({"input": "i", "output": "o", "reuse": "none"}).reuse == ()
     with pytest.raises(ConfigError, match="flagged"):
         build_config({"input": "i", "output": "o", "reuse": "a", "captions": "flagged"})
+    with pytest.raises(ConfigError, match="dedup"):
+        build_config({"input": "i", "output": "o", "reuse": "a", "dedup": False})
+    from jobs.score import config_from_args, make_parser
+
+    args = make_parser().parse_args(["--input", "i", "--output", "o", "--no-dedup"])
+    assert config_from_args(args).dedup is False
+    args = make_parser().parse_args(["--input", "i", "--output", "o", "--reuse", "a,s3://b/c"])
+    assert config_from_args(args).reuse == ("a", "s3://b/c") and config_from_args(args).dedup
 
 
 def test_audit_takes_the_same_reuse_sources(days, tiny_itm, tiny_caption):
