@@ -274,8 +274,9 @@ def finalize_batch(
     ``keep`` names working columns carried after them (for the writer)."""
     n = batch.num_rows
     batch = batch.drop_columns([c for c in (S.PIXELS_CAPTION, S.PIXELS_SCORE) if c in batch.column_names])
-    if "caption" not in batch.column_names:
-        batch = batch.append_column("caption", pa.nulls(n, pa.string()))
+    for name in ("caption", K.IMAGE_SHA256, K.TEXT_SHA256):  # decode and the keyed plan set the hashes
+        if name not in batch.column_names:
+            batch = batch.append_column(name, pa.nulls(n, pa.string()))
     scored_at = datetime.now(timezone.utc)
     added = {
         "run_id": pa.array([run_id] * n, pa.string()),
