@@ -142,7 +142,8 @@ def test_scoring_actor_killed_mid_run_is_restarted_and_nothing_is_lost(ray_sessi
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             actors = _processes(lambda cmd, environ: "ray::MapWorker(MapBatches(ScoreStage))" in cmd)
-            if actors and _staged_pieces(output):
+            # Mid-run: the scorer has stored values (the keyed plan's compute pass) or pieces are staged.
+            if actors and (_staged_pieces(output) or list(output.glob("_staging-*/_work-*/sval/*/*.parquet"))):
                 _kill_all(actors)
                 killed.extend(actors)
                 return
