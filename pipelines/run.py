@@ -114,16 +114,14 @@ def _score_missing(config: JobConfig, source: InputInfo, destination: Location, 
             counts = dedup.plan_and_compute(
                 config, source, attempt.run_id, resources, todo, work, destination.filesystem, source.reuse, digests
             )
-            dataset = dedup.assembled_dataset(
-                config, source, attempt.run_id, todo, attempt.staging, work, destination.filesystem
-            )
+            dedup.assemble_and_write(config, source, attempt.run_id, todo, attempt.staging, work, destination.filesystem)
         else:
             counts = None
             dataset = build_scored_dataset(
                 config, source, attempt.run_id, resources, todo, attempt.staging, destination.filesystem
             )
-        for _ in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-            pass  # the work is done by the write stage; its one row per piece is not needed here
+            for _ in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+                pass  # the work is done by the write stage; its one row per piece is not needed here
     finally:
         if work:
             dedup.discard_work(work, destination.filesystem)

@@ -25,7 +25,7 @@ from ..reuse import passes as P
 from ..schema import output_schema, passthrough_schema
 from . import stages
 from .graph import (
-    _unfused, actor_retries, caption_stage_kwargs, decode_kwargs, finalize_kwargs, score_stage_kwargs, task_retries,
+    TASK_RETRIES, _unfused, actor_retries, caption_stage_kwargs, decode_kwargs, finalize_kwargs, score_stage_kwargs, task_retries,
 )
 from .resources import Resources
 
@@ -50,14 +50,28 @@ def uses_keyed_plan(config: JobConfig) -> bool:
     return (config.dedup or bool(config.reuse)) and config.captions != "flagged"
 
 
+# Plan tasks in flight at once: enough to fill the cluster's CPUs, few enough that the driver
+# holds only this many one-row results and references.
+TASKS_IN_FLIGHT = 64
+
+
+def _run_one(fn, item: dict, kwargs: dict) -> pa.Table:
+    return fn(pa.Table.from_pylist([item]), **kwargs)
+
+
 def _tasks(items: list[dict], fn, kwargs: dict) -> pa.Table:
-    """Run ``fn`` once per item as Ray tasks; their one-row count tables, concatenated."""
-    if not items:
-        return pa.table({})
-    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        fn, batch_format="pyarrow", batch_size=1, fn_kwargs=kwargs, **task_retries()
-    )
-    tables = [b for b in ds.iter_batches(batch_format="pyarrow", batch_size=None) if b.num_rows]
+    """Run ``fn`` once per item as plain Ray tasks (no Ray Data execution to start, a second or two
+    each on small machines); their one-row count tables, concatenated."""
+    remote = ray.remote(_run_one).options(max_retries=TASK_RETRIES, retry_exceptions=False)
+    shared = ray.put(kwargs)
+    pending, results = [], []
+    for item in items:
+        if len(pending) >= TASKS_IN_FLIGHT:
+            done, pending = ray.wait(pending, num_returns=1)
+            results += ray.get(done)
+        pending.append(remote.remote(fn, item, shared))
+    results += ray.get(pending)
+    tables = [t for t in results if t.num_rows]
     return pa.concat_tables(tables) if tables else pa.table({})
 
 
@@ -103,17 +117,25 @@ def plan_and_compute(
     common = {"work_fs": filesystem, "work": work}
     read = {"filesystem": source.location.filesystem, "schema": source.schema, "batch_rows": config.decode_batch_size}
     caption_digest = digests["caption"] if config.captioning else None
-    _tasks(items, P.hash_unit, dict(
+    hashed = _sum(_tasks(items, P.hash_unit, dict(
         read, **common, buckets=buckets, text_column=config.text_column,
         image_column=config.image_uri_column or config.image_column, from_uri=bool(config.image_uri_column),
         score_digest=digests["score"], caption_digest=caption_digest,
-    ))
+    )))
     source_items, matched = _source_items(sources, {"score": digests["score"], "caption": caption_digest})
     offered = _sum(_tasks(source_items, P.source_file, dict(common, buckets=buckets, digests=digests)))
     sides = ["score"] + (["caption"] if caption_digest else [])
     bucket_items = [{"side": side, "bucket": b} for side in sides for b in range(buckets)]
     planned = _sum(_tasks(bucket_items, P.plan_bucket, common))
-    computed = _sum(_compute(config, source, run_id, resources, items, read, common, buckets, sides))
+    # A model stage runs only if the plan left it something: a night with nothing new loads no model.
+    # Key-less rows (a missing image or a blank text) still go through the scorer for truncation.
+    stages_needed = {
+        "score": planned.get("todo_scores", 0) + hashed.get("keyless", 0) > 0,
+        "caption": planned.get("todo_captions", 0) > 0,
+    }
+    computed = {}
+    if any(stages_needed.values()):
+        computed = _sum(_compute(config, source, run_id, resources, items, read, common, buckets, sides, stages_needed))
     distributed = _sum(_tasks(bucket_items, P.distribute_bucket, common))
     return {
         "sources_matched": matched,
@@ -127,10 +149,11 @@ def plan_and_compute(
         "unique_images": planned.get("unique_captions", 0),
         "offered_by_sources": offered,
         "buckets": buckets,
+        "model_stages_run": [name for name, run in stages_needed.items() if run],
     }
 
 
-def _compute(config, source, run_id, resources, items, read, common, buckets, sides) -> pa.Table:
+def _compute(config, source, run_id, resources, items, read, common, buckets, sides, needed) -> pa.Table:
     """Pass 3: read only the rows to compute, decode, run the model stages, store values by key."""
     if not items:
         return pa.table({})
@@ -142,17 +165,19 @@ def _compute(config, source, run_id, resources, items, read, common, buckets, si
         warnings.filterwarnings("ignore", message=".*ray_remote_args_fn.*")
         ds = ds.map_batches(
             stages.decode_batch, batch_format="pyarrow", batch_size=config.decode_batch_size,
-            ray_remote_args_fn=_unfused, fn_kwargs=decode_kwargs(config), udf_modifying_row_count=False,
+            ray_remote_args_fn=_unfused, udf_modifying_row_count=False,
+            fn_kwargs=dict(decode_kwargs(config), **({} if needed["caption"] else {"caption_model": None})),
             **task_retries(),
         )
     ds = ds.map_batches(P.only_needed_pixels, batch_format="pyarrow", batch_size=None, udf_modifying_row_count=False)
-    ds = ds.map_batches(
-        stages.ScoreStage, batch_format="pyarrow", batch_size=resources.score_batch_size,
-        compute=ActorPoolStrategy(min_size=resources.score_actors[0], max_size=resources.score_actors[1]),
-        num_gpus=resources.score_gpus, num_cpus=resources.score_cpus, **actor_retries(),
-        fn_constructor_kwargs=score_stage_kwargs(config, resources), udf_modifying_row_count=False,
-    )
-    if config.captioning:
+    if needed["score"]:
+        ds = ds.map_batches(
+            stages.ScoreStage, batch_format="pyarrow", batch_size=resources.score_batch_size,
+            compute=ActorPoolStrategy(min_size=resources.score_actors[0], max_size=resources.score_actors[1]),
+            num_gpus=resources.score_gpus, num_cpus=resources.score_cpus, **actor_retries(),
+            fn_constructor_kwargs=score_stage_kwargs(config, resources), udf_modifying_row_count=False,
+        )
+    if needed["caption"]:
         ds = ds.map_batches(
             stages.CaptionStage, batch_format="pyarrow", batch_size=resources.caption_batch_size,
             compute=ActorPoolStrategy(min_size=resources.caption_actors[0], max_size=resources.caption_actors[1]),
@@ -168,34 +193,31 @@ def _compute(config, source, run_id, resources, items, read, common, buckets, si
     return pa.concat_tables(tables) if tables else pa.table({})
 
 
-def assembled_dataset(config: JobConfig, source, run_id: str, todo, staging: str, work: str, filesystem) -> ray.data.Dataset:
-    """Pass 5 and the write: rows in input order with their values (no image bytes read), flags,
-    the output schema, pieces named by their row ranges; one row per piece written."""
+def _assemble_and_write(items: pa.Table, *, assemble: dict, flags: dict, finalize: dict, write: dict) -> pa.Table:
+    """Pass 5 in one task per unit: its rows with their values, flags, the output schema, pieces."""
+    pieces_written = rows = 0
+    for batch in P.assemble_unit(items, **assemble):
+        out = stages.finalize_batch(stages.flag_batch(batch, **flags), **finalize)
+        written = pieces.write_pieces(out, **write)
+        pieces_written += written.num_rows
+        rows += int(pa.compute.sum(written.column("rows")).as_py() or 0)
+    return pa.table({"pieces": [pieces_written], "rows": [rows]})
+
+
+def assemble_and_write(config: JobConfig, source, run_id: str, todo, staging: str, work: str, filesystem) -> dict:
+    """Pass 5 and the write, as plain tasks (one per unit): rows in input order with their values (no
+    image bytes read), flags at this run's thresholds, the output schema, pieces named by their row
+    ranges. Returns the pieces and rows written."""
     image_column = None if config.image_uri_column else config.image_column
     passthrough = passthrough_schema(source.schema, image_column)
     items = pieces.unit_items(source.units, todo)
-    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    ds = ds.map_batches(
-        P.assemble_unit, batch_format="pyarrow", batch_size=1,
-        fn_kwargs={
+    kwargs = {
+        "assemble": {
             "filesystem": source.location.filesystem, "schema": passthrough, "batch_rows": config.decode_batch_size,
-            "text_column": config.text_column, "captioning": config.captioning,
-            "work_fs": filesystem, "work": work,
+            "text_column": config.text_column, "captioning": config.captioning, "work_fs": filesystem, "work": work,
         },
-        **task_retries(),
-    )
-    ds = ds.map_batches(
-        stages.flag_batch, batch_format="pyarrow", batch_size=None,
-        fn_kwargs={"itm_threshold": config.itm_threshold, "itc_threshold": config.itc_threshold},
-        udf_modifying_row_count=False,
-    )
-    ds = ds.map_batches(
-        stages.finalize_batch, batch_format="pyarrow", batch_size=None,
-        fn_kwargs=finalize_kwargs(config, run_id, passthrough.names, [pieces.UNIT, pieces.ROW]),
-        udf_modifying_row_count=False,
-    )
-    return ds.map_batches(
-        pieces.write_pieces, batch_format="pyarrow", batch_size=None,
-        fn_kwargs={"filesystem": filesystem, "staging": staging, "schema": output_schema(source.schema, image_column)},
-        **task_retries(),
-    )
+        "flags": {"itm_threshold": config.itm_threshold, "itc_threshold": config.itc_threshold},
+        "finalize": finalize_kwargs(config, run_id, passthrough.names, [pieces.UNIT, pieces.ROW]),
+        "write": {"filesystem": filesystem, "staging": staging, "schema": output_schema(source.schema, image_column)},
+    }
+    return _sum(_tasks(items, _assemble_and_write, kwargs))

@@ -126,7 +126,7 @@ def hash_unit(
     score_digest: str, caption_digest: str | None, work_fs, work: str, buckets: int,
 ) -> pa.Table:
     """Pass 1 for units: content hashes and keys of every wanted row, bucketed."""
-    counts = {"rows": 0}
+    counts = {"rows": 0, "keyless": 0}
     for table in read_units(items, filesystem=filesystem, schema=schema, batch_rows=batch_rows):
         unit, first = int(table.column(UNIT)[0].as_py()), int(table.column(ROW)[0].as_py())
         texts = table.column(text_column).to_pylist()
@@ -153,6 +153,7 @@ def hash_unit(
             keyed = pa.Table.from_arrays([column, pos], schema=KEY_POS_SCHEMA).filter(column.is_valid())
             _bucketed(work_fs, work, side_dir, name, keyed, buckets)
         counts["rows"] += table.num_rows
+        counts["keyless"] += score_key.null_count
     return pa.table({k: [v] for k, v in counts.items()})
 
 
@@ -203,7 +204,8 @@ def _first_per_key(table: pa.Table, order: list[tuple[str, str]]) -> pa.Table:
 
 def plan_bucket(items: pa.Table, *, work_fs, work: str) -> pa.Table:
     """Pass 2: per key, a reused value, or the one position whose row computes it."""
-    counts = {"unique_scores": 0, "unique_captions": 0, "reused_score_keys": 0, "reused_caption_keys": 0}
+    counts = {"unique_scores": 0, "unique_captions": 0, "reused_score_keys": 0, "reused_caption_keys": 0,
+              "todo_scores": 0, "todo_captions": 0}
     for item in items.to_pylist():
         side, bucket = item["side"], f"b{item['bucket']:05d}"
         keyed_dir, reuse_dir, plan_dir, value_dir, _ = SIDES[side]
@@ -223,6 +225,7 @@ def plan_bucket(items: pa.Table, *, work_fs, work: str) -> pa.Table:
         _write(work_fs, f"{work}/{plan_dir}/{bucket}.parquet", todo.sort_by(POS))
         counts["unique_scores" if side == "score" else "unique_captions"] += unique.num_rows
         counts["reused_score_keys" if side == "score" else "reused_caption_keys"] += reused.num_rows
+        counts["todo_scores" if side == "score" else "todo_captions"] += todo.num_rows
     return pa.table({k: [v] for k, v in counts.items()})
 
 
@@ -313,6 +316,10 @@ def store_results(batch: pa.Table, *, run_id: str, work_fs, work: str, buckets: 
     n = batch.num_rows
     now = datetime.now(timezone.utc)
     do_score = batch.column(DO_SCORE).to_numpy(zero_copy_only=False)
+    if "itc_score" not in batch.column_names:  # the plan needed no scores: the stage did not run
+        do_score &= False
+        batch = batch.append_column("itc_score", pa.nulls(n, pa.float32())).append_column(
+            "itm_score", pa.nulls(n, pa.float32())).append_column("text_truncated", pa.nulls(n, pa.bool_()))
     scored = batch.column("itc_score").is_valid().to_numpy(zero_copy_only=False)
     score_values = pa.table({
         KEY: batch.column(SKEY),
