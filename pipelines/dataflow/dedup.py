@@ -1,10 +1,13 @@
-"""The keyed plan on Ray: the passes of ``pipelines.reuse.passes`` as Ray Data tasks, and the model
+"""The keyed plan on Ray: the passes of ``pipelines.reuse.passes`` as Ray tasks, and the model
 stages run only on the rows a key needs (each unique pair scored once, each unique image
 captioned once, nothing computed that a ``--reuse`` source already holds).
 
-Each pass is one Ray Data execution of independent tasks (per unit or per bucket); what passes
-between them are small files in the run's staging (``_staging-<key>/_work/``), never rows on the
-driver, whose only results are one row of counts per task.
+The hash, plan, distribute and assemble-and-write passes are plain Ray tasks (one per unit or
+bucket, at most ``TASKS_IN_FLIGHT`` at once): a Ray Data execution costs seconds of start-up on a
+small machine, which four of them would add to every run. The model pass is the one Ray Data
+execution, for its autoscaling actor pools. What passes between them are small files in the
+attempt's work directory (``_staging-<key>/_work-<id>/``), never rows on the driver, whose only
+results are one row of counts per task.
 """
 
 from __future__ import annotations
