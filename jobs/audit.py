@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from pipelines.config import JobConfig, build_config
-from pipelines.preflight import check_columns, check_models, inspect_input
+from pipelines.preflight import check_columns, check_models, check_reuse, inspect_input
 from pipelines.review import views
 from pipelines.schema import passthrough_schema
 from pipelines.storage import read_bytes
@@ -78,7 +78,8 @@ def audit(
     is_frame = isinstance(source, pd.DataFrame)
     config = build_config(dict(options, input=_DATAFRAME_INPUT if is_frame else str(source), output=_NO_OUTPUT))
     check_models(config)  # a wrong model path fails in a second, before Ray starts
-    return _score(select_rows(source, config, sample=sample, where=where, seed=seed), config, warm_models)
+    reuse = check_reuse(config)  # so does a --reuse source that does not exist or is not committed
+    return _score(select_rows(source, config, sample=sample, where=where, seed=seed), config, warm_models, reuse)
 
 
 def select_rows(source, config: JobConfig, *, sample: int | None = None, where=None, seed: int = 0) -> pa.Table:
@@ -161,7 +162,37 @@ def _new_run_id() -> str:
     return "audit-" + datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
 
 
-def _score(table: pa.Table, config: JobConfig, warm_models: bool = True) -> pd.DataFrame:
+def _reused_rows(table: pa.Table, config: JobConfig, resources, run_id: str, passthrough: list[str], sources):
+    """Split off the rows a source holds everything for (scores, and the caption when captioning): they are
+    built from the reused values, with flags recomputed at this audit's thresholds, and never reach a model.
+    A row with only part of its values found is computed whole."""
+    from pipelines import schema as S
+    from pipelines.dataflow import dedup, stages
+    from pipelines.reuse.lookup import lookup
+
+    found = lookup(table, config, dedup.content_digests(config, resources), list(sources))
+    whole = found.column("__scores_found")
+    if config.captioning:
+        whole = pc.and_(whole, found.column("__caption_found"))
+    rest = table.filter(pc.invert(whole))
+    reused = table.filter(whole)
+    values = found.filter(whole).drop_columns(["__scores_found", "__caption_found"])
+    image = _image_column(config)
+    if image:
+        reused = reused.drop_columns([image])
+    for name in values.column_names:
+        reused = reused.append_column(name, values.column(name))
+    n = reused.num_rows
+    reused = reused.append_column(S.IMAGE_ERROR, pa.nulls(n, pa.string())).append_column(S.TEXT_ERROR, pa.nulls(n, pa.string()))
+    if not config.captioning:
+        reused = reused.drop_columns(["caption", "caption_from_run"])
+    flagged = stages.flag_batch(reused, itm_threshold=config.itm_threshold, itc_threshold=config.itc_threshold)
+    from pipelines.dataflow.graph import finalize_kwargs
+
+    return rest, (stages.finalize_batch(flagged, **finalize_kwargs(config, run_id, passthrough)) if n else None)
+
+
+def _score(table: pa.Table, config: JobConfig, warm_models: bool = True, reuse=()) -> pd.DataFrame:
     import ray
 
     from pipelines.dataflow import runtime, warm
@@ -175,6 +206,9 @@ def _score(table: pa.Table, config: JobConfig, warm_models: bool = True) -> pd.D
     runtime.connect(config.ray_address)
     resources = resolve_resources(config, runtime.cluster_gpus(), runtime.cluster_cpus())
     run_id = config.run_id or _new_run_id()
+    everything, reused = table, None
+    if reuse and table.num_rows:
+        table, reused = _reused_rows(table, config, resources, run_id, passthrough, reuse)
     if 0 < table.num_rows <= warm.WARM_MAX_ROWS and warm_models:
         scored = warm.warm_stages(config, resources).run(table, run_id, passthrough)
     elif table.num_rows:
@@ -184,7 +218,9 @@ def _score(table: pa.Table, config: JobConfig, warm_models: bool = True) -> pd.D
         scored = pa.concat_tables(ray.get(dataset.to_arrow_refs()))
     else:
         scored = None
-    result = _finish(table, scored, passthrough, image, images)
+    if reused is not None:
+        scored = reused if scored is None else pa.concat_tables([scored, reused.cast(scored.schema)])
+    result = _finish(everything, scored, passthrough, image, images)
     result.attrs[ATTRS_KEY] = {
         "run_id": run_id,
         "id_column": config.id_column,

@@ -18,16 +18,19 @@ import time
 import traceback
 import uuid
 from dataclasses import dataclass
-from datetime import date, datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from jobs.score import _OPTIONS, EXIT_FAILED, EXIT_OK, EXIT_USAGE, JPEG_DRAFT_FLAG, JPEG_DRAFT_HELP, _Parser
+from jobs.score import (
+    _OPTIONS, EXIT_FAILED, EXIT_OK, EXIT_USAGE, JPEG_DRAFT_FLAG, JPEG_DRAFT_HELP, NO_DEDUP_FLAG, NO_DEDUP_HELP, _Parser,
+)
 from pipelines.commit.output import read_committed
 from pipelines.config import ConfigError, JobConfig, build_config, load_yaml
 from pipelines.preflight import InputError, preflight
+from pipelines.review.artifacts import REUSE_COUNTS
 from pipelines.storage import locate
 
 PARTITION = re.compile(r"^dt=(\d{4}-\d{2}-\d{2})$")
@@ -48,6 +51,13 @@ class PartitionResult:
     elapsed_s: float = 0.0
     error: str | None = None
     evidence_rows: int = 0
+    # Reuse from earlier partitions (the run's manifest "reuse"): what the night did not have to compute.
+    reuse_sources: str | None = None
+    rows_scores_reused: int = 0
+    rows_captions_reused: int = 0
+    pairs_scored: int = 0
+    images_captioned: int = 0
+    duplicate_rows_collapsed: int = 0
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -61,6 +71,10 @@ def make_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, help=help_text)
     parser.add_argument("--overwrite", action="store_true", help="With --date: replace that partition's committed result.")
     parser.add_argument(JPEG_DRAFT_FLAG, action="store_true", help=JPEG_DRAFT_HELP)
+    parser.add_argument(NO_DEDUP_FLAG, dest="dedup", action="store_false", help=NO_DEDUP_HELP)
+    parser.add_argument("--reuse-days", type=int, help="Reuse every committed partition of the N days before each one "
+                        "(default: the most recent committed earlier partition).")
+    parser.add_argument("--no-reuse", action="store_true", help="Score every partition without reusing earlier ones.")
     parser.add_argument("--json", action="store_true", help="Print the run record as JSON.")
     return parser
 
@@ -84,13 +98,38 @@ def _join(root: str, name: str) -> str:
     return root.rstrip("/") + "/" + name
 
 
-def score_partition(day: str, base: dict, catalog: str, output_root: str, overwrite: bool) -> PartitionResult:
+def committed_partitions(output_root: str) -> list[str]:
+    """Dates whose output partition holds a committed result, in order."""
+    return [d for d in list_partitions(output_root) if read_committed(locate(_join(output_root, f"dt={d}"))) is not None]
+
+
+def reuse_sources(day: str, output_root: str, reuse_days: int | None) -> list[str]:
+    """Earlier committed partitions to reuse for ``day``, most recent first: the latest one, or with
+    ``reuse_days`` every one dated within that many days before it."""
+    earlier = [d for d in committed_partitions(output_root) if d < day]
+    if reuse_days is not None:
+        first = (date.fromisoformat(day) - timedelta(days=reuse_days)).isoformat()
+        earlier = [d for d in earlier if d >= first]
+    else:
+        earlier = earlier[-1:]
+    return [_join(output_root, f"dt={d}") for d in reversed(earlier)]
+
+
+def score_partition(
+    day: str, base: dict, catalog: str, output_root: str, overwrite: bool, reuse: str | int | None = "latest",
+) -> PartitionResult:
+    """``reuse``: ``"latest"`` (the default), a number of days, or None for no reuse of earlier partitions."""
     started = time.monotonic()
     target = _join(output_root, f"dt={day}")
     if not overwrite and read_committed(locate(target)) is not None:
         return PartitionResult(day, "skipped")
     try:
-        config = build_config(dict(base, input=_join(catalog, f"dt={day}"), output=target, overwrite=overwrite))
+        values = dict(base, input=_join(catalog, f"dt={day}"), output=target, overwrite=overwrite)
+        # The flagged cascade and --no-dedup run row by row, without the keyed plan reuse needs.
+        if reuse is not None and values.get("captions") != "flagged" and values.get("dedup", True) is not False:
+            earlier = reuse_sources(day, output_root, None if reuse == "latest" else int(reuse))
+            values["reuse"] = earlier + list(build_config(dict(base, input="-", output="-")).reuse)
+        config = build_config(values)
         checked = preflight(config)
         from pipelines.run import run_job  # imports Ray: only once there is work
 
@@ -112,6 +151,8 @@ def score_partition(day: str, base: dict, catalog: str, output_root: str, overwr
         resumed_rows=summary.resumed_rows,
         elapsed_s=time.monotonic() - started,
         evidence_rows=summary.evidence_rows,
+        reuse_sources=",".join(config.reuse) or None,
+        **{k: int(summary.reuse.get(k) or 0) for k in REUSE_COUNTS},
     )
 
 
@@ -139,6 +180,7 @@ def write_record(output_root: str, nightly_id: str, started_at: datetime, config
         ("elapsed_s", pa.float64()), ("error", pa.string()), ("itm_threshold", pa.float64()),
         ("itc_threshold", pa.float64()), ("itm_model", pa.string()), ("caption_model", pa.string()),
         ("evidence_rows", pa.int64()),
+        ("reuse_sources", pa.string()), *[(name, pa.int64()) for name in REUSE_COUNTS],
     ])
     path = location.join(f"run-{nightly_id}.parquet")
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), path, filesystem=location.filesystem)
@@ -149,12 +191,16 @@ def main(argv: list[str] | None = None) -> int:
     args = vars(make_parser().parse_args(argv))
     catalog, output_root = args.pop("catalog"), args.pop("output")
     day, overwrite, as_json = args.pop("date", None), args.pop("overwrite", False), args.pop("json", False)
+    reuse_days, no_reuse = args.pop("reuse_days", None), args.pop("no_reuse", False)
+    reuse = None if no_reuse else ("latest" if reuse_days is None else reuse_days)
     config_file = args.pop("config", None)
     try:
         base = dict(load_yaml(config_file) if config_file else {}, **args)
         for key in ("input", "output", "run_id", "overwrite"):
             base.pop(key, None)
         config = build_config(dict(base, input=catalog, output=output_root))  # every option checked before any work
+        if reuse_days is not None and reuse_days < 1:
+            raise ConfigError(f"--reuse-days must be at least 1, got {reuse_days}")
         if day is not None and not (re.fullmatch(r"\d{4}-\d{2}-\d{2}", day) and _is_date(day)):
             raise ConfigError(f"--date must be YYYY-MM-DD, got {day!r}")
         available = list_partitions(catalog)
@@ -170,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
 
     nightly_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
     started_at = datetime.now(timezone.utc)
-    results = [score_partition(d, base, catalog, output_root, overwrite) for d in ([day] if day else available)]
+    results = [score_partition(d, base, catalog, output_root, overwrite, reuse) for d in ([day] if day else available)]
     record = write_record(output_root, nightly_id, started_at, config, results)
 
     if as_json:

@@ -51,11 +51,16 @@ _OPTIONS = [
     ("--max-image-bytes", "Images larger than this are image_error, never read whole (default 52428800, 50 MiB)."),
     ("--run-id", "Run identifier (default: generated)."),
     ("--report-category-column", "Column the run report breaks the flag rate down by (default: none)."),
+    ("--reuse", "Committed outputs of earlier runs, PATH[,PATH...] (local or s3://): rows with the same content key take their scores and captions."),
 ]
 
 
 JPEG_DRAFT_FLAG = "--jpeg-draft"
 JPEG_DRAFT_HELP = "Decode large JPEGs at reduced scale: less decode CPU, slightly different pixels and scores (off by default)."
+
+
+NO_DEDUP_FLAG = "--no-dedup"
+NO_DEDUP_HELP = "Score and caption row by row, duplicates included (no keyed plan; for comparisons)."
 
 
 class _Parser(argparse.ArgumentParser):
@@ -72,6 +77,7 @@ def make_parser(prog: str = "python -m jobs.score") -> argparse.ArgumentParser:
         parser.add_argument(flag, help=help_text)
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing result in --output.")
     parser.add_argument(JPEG_DRAFT_FLAG, action="store_true", help=JPEG_DRAFT_HELP)
+    parser.add_argument(NO_DEDUP_FLAG, dest="dedup", action="store_false", help=NO_DEDUP_HELP)
     parser.add_argument("--json", action="store_true", help="Print the summary as JSON.")
     return parser
 

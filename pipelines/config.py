@@ -160,6 +160,14 @@ class JobConfig(BaseModel):
     report_category_column: str | None = Field(
         None, description="Output column whose values the run report breaks the flag rate down by (e.g. a category); None: no breakdown."
     )
+    reuse: tuple[str, ...] = Field(
+        (),
+        description="Committed outputs of earlier runs (paths or s3:// URIs) whose scores and captions are reused for "
+        "rows with the same content key (pipelines.keys); a comma-separated string or a list.",
+    )
+    dedup: bool = Field(
+        True, description="Score each unique (image, text) pair and caption each unique image once per run."
+    )
 
     _none_words = field_validator(
         "caption_model", "caption_prompt", "itm_threshold", "itc_threshold", "image_uri_column", "ray_address",
@@ -170,6 +178,18 @@ class JobConfig(BaseModel):
     # Resolved from where each stage's actors run (pipelines.dataflow.resources).
     _auto_batch_sizes = field_validator("score_batch_size", "caption_batch_size", mode="before")(_auto_word)
     _auto_layer = field_validator("evidence_layer", mode="before")(_auto_word)
+
+    @field_validator("reuse", mode="before")
+    @classmethod
+    def _reuse_list(cls, value):
+        if value is None or _none_word(value) is None:
+            return ()
+        if isinstance(value, str):
+            value = value.split(",")
+        if not isinstance(value, (list, tuple)):
+            raise ValueError("expected PATH[,PATH...] or a list of paths")
+        paths = tuple(str(v).strip() for v in value if str(v).strip())
+        return paths
 
     @field_validator("score_actors", "caption_actors", mode="before")
     @classmethod
@@ -211,6 +231,15 @@ class JobConfig(BaseModel):
             raise ValueError(f"captions={self.captions!r} needs a caption model (caption_model is none)")
         if self.agreement_threshold is not None and (self.captions == "none" or self.agreement_model is None):
             raise ValueError("agreement_threshold needs captions and an agreement model (agreement_model or captions is none)")
+        return self
+
+    @model_validator(mode="after")
+    def _reuse_needs_the_keyed_plan(self):
+        if self.reuse and self.captions == "flagged":
+            raise ValueError("reuse works with captions 'all' or 'none' (with 'flagged', which images need a caption "
+                             "depends on this run's flags)")
+        if self.reuse and not self.dedup:
+            raise ValueError("reuse needs dedup (both run through the keyed plan)")
         return self
 
     @property

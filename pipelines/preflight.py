@@ -17,6 +17,7 @@ from blip_ops.evidence import check_layer
 from .commit import output
 from .commit.units import Unit, UnitError, fingerprint, model_fingerprint, plan_units, work_key
 from .config import JobConfig
+from .reuse.sources import ReuseSourceError, open_sources
 from .schema import OUTPUT_COLUMNS
 from .storage import Location, locate
 
@@ -38,6 +39,7 @@ class InputInfo:
     base_dir: str
     units: list[Unit]
     fingerprint: list[list]
+    reuse: tuple = ()  # pipelines.reuse.sources.ReuseSource, checked
 
 
 def _is_string(type_: pa.DataType) -> bool:
@@ -75,8 +77,18 @@ def inspect_input(config: JobConfig) -> InputInfo:
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputError(f"input is not readable as Parquet ({config.input}): {exc}") from None
     check_columns(dataset.schema, config)
+    reuse = check_reuse(config)
+    files_fingerprint += [s.identity for s in reuse]  # the resume key includes what was reused
     base_dir = location.path if info.type == pa.fs.FileType.Directory else location.path.rsplit("/", 1)[0]
-    return InputInfo(location, files, dataset.schema, num_rows, base_dir, units, files_fingerprint)
+    return InputInfo(location, files, dataset.schema, num_rows, base_dir, units, files_fingerprint, reuse)
+
+
+def check_reuse(config: JobConfig) -> tuple:
+    """Every --reuse source exists, is committed and lists readable files (exit 2 otherwise)."""
+    try:
+        return tuple(open_sources(config.reuse))
+    except ReuseSourceError as exc:
+        raise InputError(str(exc)) from None
 
 
 def check_columns(schema: pa.Schema, config: JobConfig) -> None:

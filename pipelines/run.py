@@ -16,7 +16,9 @@ from .commit.units import durable_rows, missing_ranges, work_key
 from .config import JobConfig
 from .dataflow import runtime
 from .preflight import Checked, InputInfo, preflight
+from .reuse.sources import MANIFEST_KEYS as CONTENT_KEYS
 from .review import artifacts
+from .review.artifacts import REUSE_COUNTS
 from .schema import SCHEMA_VERSION, output_schema
 from .storage import Location
 
@@ -44,6 +46,8 @@ class RunSummary:
     # Rows of the result with a Grad-CAM evidence map, and the seconds this attempt spent on them.
     evidence_rows: int = 0
     evidence_s: float = 0.0
+    # Where the night went (pipelines.dataflow.dedup): reused rows, model calls, duplicates collapsed.
+    reuse: dict = field(default_factory=dict)
 
     @property
     def rows_per_s(self) -> float:
@@ -66,8 +70,19 @@ class RunSummary:
         return (
             f"run {self.run_id}: read {self.rows_read} rows{resumed}, scored {self.scored}, flagged {self.flagged}"
             f"{f' ({reasons})' if reasons else ''}{evidence}, "
-            f"errors: {errors}; {self.elapsed_s:.1f}s ({self.rows_per_s:.1f} rows/s); output: {self.output}"
+            f"errors: {errors}{_render_reuse(self.reuse)}; {self.elapsed_s:.1f}s ({self.rows_per_s:.1f} rows/s); "
+            f"output: {self.output}"
         )
+
+
+def _render_reuse(reuse: dict) -> str:
+    if not reuse:
+        return ""
+    return (
+        f"; scores reused for {reuse.get('rows_scores_reused', 0)} rows, captions for {reuse.get('rows_captions_reused', 0)}; "
+        f"{reuse.get('pairs_scored', 0)} pairs scored, {reuse.get('images_captioned', 0)} images captioned, "
+        f"{reuse.get('duplicate_rows_collapsed', 0)} duplicate rows collapsed"
+    )
 
 
 def new_run_id() -> str:
@@ -75,6 +90,7 @@ def new_run_id() -> str:
 
 
 def _summary(manifest: dict, destination: Location, started: float, outcome: str, resumed: int) -> RunSummary:
+    reuse = manifest.get("reuse") or {}
     by_status = manifest.get("rows_by_status", {})
     return RunSummary(
         run_id=manifest["run_id"],
@@ -90,27 +106,71 @@ def _summary(manifest: dict, destination: Location, started: float, outcome: str
         flagged_by_reason=manifest.get("flagged_by_reason", {}),
         evidence_rows=int((manifest.get("evidence") or {}).get("rows", 0)),
         evidence_s=float((manifest.get("evidence") or {}).get("seconds", 0.0)),
+        reuse={k: reuse[k] for k in REUSE_COUNTS if k in reuse},
     )
 
 
-def _score_missing(config: JobConfig, source: InputInfo, destination: Location, attempt: output.Attempt, todo) -> tuple[dict, float]:
-    """Run the pipeline over the rows still to do; returns the resources it resolved and the
-    seconds its score actors spent on evidence."""
-    from .dataflow.graph import build_scored_dataset  # imports Ray Data
+def _score_missing(config: JobConfig, source: InputInfo, destination: Location, attempt: output.Attempt, todo):
+    """Run the pipeline over the rows still to do; returns the resources it resolved, this run's
+    content-key digests, the counts of what was reused and computed, and the seconds its score
+    actors spent on evidence."""
+    from .dataflow import dedup  # imports Ray Data
+    from .dataflow.graph import build_scored_dataset
     from .dataflow.resources import check_fits, resolve_resources
 
     runtime.connect(config.ray_address)
     gpus, cpus = runtime.cluster_gpus(), runtime.cluster_cpus()
     resources = resolve_resources(config, gpus, cpus)
+    digests = dedup.content_digests(config, resources)
+    if not any(todo.values()):
+        return None, digests, {}, 0.0
     check_fits(config, resources, gpus, cpus)  # before any actor starts: a plan that cannot run exits 2
-    dataset = build_scored_dataset(
-        config, source, attempt.run_id, resources, todo, attempt.staging, destination.filesystem
-    )
+    work = dedup.new_work_dir(attempt.staging) if dedup.uses_keyed_plan(config) else None
     evidence_s = 0.0
-    for written in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-        # The work is done by the write stage; its rows (one per piece) carry the evidence time.
-        evidence_s += float(pa.compute.sum(written.column("evidence_s")).as_py() or 0.0)
-    return asdict(resources), evidence_s
+    try:
+        if work:
+            counts = dedup.plan_and_compute(
+                config, source, attempt.run_id, resources, todo, work, destination.filesystem, source.reuse, digests
+            )
+            evidence_s = float(counts.pop("evidence_s", 0.0))
+            dedup.assemble_and_write(config, source, attempt.run_id, todo, attempt.staging, work, destination.filesystem)
+        else:
+            counts = None
+            dataset = build_scored_dataset(
+                config, source, attempt.run_id, resources, todo, attempt.staging, destination.filesystem
+            )
+            for written in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+                # The work is done by the write stage; its rows (one per piece) carry the evidence time.
+                evidence_s += float(pa.compute.sum(written.column("evidence_s")).as_py() or 0.0)
+    finally:
+        if work:
+            dedup.discard_work(work, destination.filesystem)
+    if counts is None:
+        counts = _row_by_row_counts(destination, attempt)
+    return asdict(resources), digests, counts, evidence_s
+
+
+def _row_by_row_counts(destination: Location, attempt: output.Attempt) -> dict:
+    """Without the keyed plan every scored row was a model call: counted from the staged pieces."""
+    import pyarrow.parquet as pq
+
+    scored = captioned = 0
+    for path in output.staged_paths(destination, attempt):
+        table = pq.read_table(path, columns=["itc_score", "caption"], filesystem=destination.filesystem)
+        scored += table.num_rows - table.column("itc_score").null_count
+        captioned += table.num_rows - table.column("caption").null_count
+    return {"pairs_scored": scored, "images_captioned": captioned}
+
+
+def _reuse_record(config: JobConfig, source: InputInfo, counts: dict) -> dict:
+    record = {k: counts.get(k, 0) for k in REUSE_COUNTS if k != "duplicate_rows_collapsed"}
+    record["duplicate_rows_collapsed"] = counts.get("duplicate_pairs_collapsed", 0)
+    record["duplicate_images_collapsed"] = counts.get("duplicate_images_collapsed", 0)
+    record["sources"] = [s.uri for s in source.reuse]
+    record["sources_matched"] = counts.get("sources_matched", {})
+    record["keyed_plan"] = "buckets" in counts
+    record["buckets"] = counts.get("buckets")
+    return record
 
 
 def run_job(config: JobConfig, checked: Checked | None = None) -> RunSummary:
@@ -134,10 +194,10 @@ def run_job(config: JobConfig, checked: Checked | None = None) -> RunSummary:
     todo = {u.index: missing_ranges(u, covered.get(u.index, [])) for u in source.units}
     if attempt.resumed:
         log.warning("resuming run %s: %d of %d rows are already durable", attempt.run_id, resumed, source.num_rows)
-    resources, evidence_s = None, 0.0
     if any(todo.values()):
         runtime.expect_rows(source.num_rows - resumed)
-        resources, evidence_s = _score_missing(config, source, destination, attempt, todo)
+    # Digests are computed even when every row was durable: the manifest records them for later reuse.
+    resources, digests, counts, evidence_s = _score_missing(config, source, destination, attempt, todo)
 
     image_column = None if config.image_uri_column else config.image_column
     schema = output_schema(source.schema, image_column)
@@ -154,6 +214,8 @@ def run_job(config: JobConfig, checked: Checked | None = None) -> RunSummary:
         # The commit adds the result's evidence rows; seconds are this attempt's (resumed rows' are not known).
         # (The layer explained is in each row's evidence.)
         "evidence": {"policy": config.evidence, "seconds": round(evidence_s, 3)},
+        CONTENT_KEYS: digests,  # what a later --reuse of this output matches against (pipelines.keys)
+        "reuse": _reuse_record(config, source, counts),  # counts cover this attempt's rows (not resumed ones)
     }
     try:
         result = output.commit(destination, attempt, source.units, schema, manifest)

@@ -44,6 +44,11 @@ OUTPUT_FIELDS = [
     pa.field("itm_model", pa.string()),
     pa.field("caption_model", pa.string()),
     pa.field("evidence", EVIDENCE_TYPE),
+    # Content keys (pipelines.keys) and where the numbers come from (the run that computed them).
+    pa.field("image_sha256", pa.string()),
+    pa.field("text_sha256", pa.string()),
+    pa.field("scores_from_run", pa.string()),
+    pa.field("caption_from_run", pa.string()),
 ]
 OUTPUT_COLUMNS = [field.name for field in OUTPUT_FIELDS]
 

@@ -173,6 +173,11 @@ def _pieces(location: Location, attempt: Attempt) -> dict[str, str]:
     return found
 
 
+def staged_paths(location: Location, attempt: Attempt) -> list[str]:
+    """Where this attempt's pieces are now (in staging, or moved into place by an interrupted commit)."""
+    return sorted(_pieces(location, attempt).values())
+
+
 def durable(location: Location, attempt: Attempt) -> dict[int, list[tuple[int, int]]]:
     """Row ranges per unit that an earlier, interrupted attempt already wrote."""
     return covered_ranges(list(_pieces(location, attempt)))

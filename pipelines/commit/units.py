@@ -29,6 +29,9 @@ NOT_IN_KEY = {
     "output", "overwrite", "run_id", "ray_address", "score_actors", "caption_actors",
     "score_gpus", "caption_gpus", "score_cpus", "caption_cpus", "score_batch_size",
     "caption_batch_size", "decode_batch_size", "report_category_column",
+    # Reuse sources enter the key by the identity of their committed results (preflight), not their paths;
+    # dedup changes which rows run a model, never a number.
+    "reuse", "dedup",
 }
 
 

@@ -8,6 +8,8 @@ here raises for a bad record.
 from __future__ import annotations
 
 import functools
+import os
+import time
 from datetime import datetime, timezone
 
 import numpy as np
@@ -20,6 +22,7 @@ from blip_ops.oom import HalvingBatches
 from blip_ops.preprocess import Resize, resize_for
 from blip_ops.texts import text_problem
 
+from .. import keys as K
 from .. import schema as S
 from ..storage import TooLarge, read_bytes
 
@@ -29,6 +32,17 @@ def _resizer(reference: str) -> Resize:
     # Cached per worker process: decode tasks reuse Ray's long-lived workers.
     # An s3:// model is copied once per node (blip_ops.model_cache), then read from local disk.
     return resize_for(local_checkpoint(reference))
+
+
+# Where model stages append "stage<TAB>rows<TAB>seconds" per batch (benchmarks/nightly_reuse.py); unset: nothing.
+STAGE_TIMES_ENV = "BLIP_MODERATE_STAGE_TIMES"
+
+
+def _record_time(stage: str, rows: int, started: float) -> None:
+    directory = os.environ.get(STAGE_TIMES_ENV)
+    if directory:
+        with open(os.path.join(directory, f"{stage}-{os.getpid()}.tsv"), "a") as log:
+            log.write(f"{stage}\t{rows}\t{time.perf_counter() - started:.6f}\n")
 
 
 def _load_image_bytes(value, from_uri: bool, max_image_bytes: int | None = None):
@@ -67,11 +81,15 @@ def decode_batch(
     draft_size = max(max(r.height, r.width) for r in (score_prep, caption_prep) if r) if jpeg_draft else None
     texts = batch.column(text_column).to_pylist()
     sources = batch.column(image_column).to_pylist()
-    image_errors, text_errors, score_pixels, caption_pixels = [], [], [], []
+    image_errors, text_errors, score_pixels, caption_pixels, image_hashes = [], [], [], [], []
     for text, source in zip(texts, sources):
         text_errors.append(text_problem(text))
+        image_hashes.append(K.sha256_hex(source) if not from_uri else None)
         try:
-            rgb = decode_rgb(_load_image_bytes(source, from_uri, max_image_bytes), draft_size)
+            data = _load_image_bytes(source, from_uri, max_image_bytes)
+            if from_uri:
+                image_hashes[-1] = K.sha256_hex(data)  # the key is the bytes read, not the URI
+            rgb = decode_rgb(data, draft_size)
             score_pixels.append(score_prep.resize(rgb).tobytes())
             caption_pixels.append(caption_prep.resize(rgb).tobytes() if caption_prep else None)
             image_errors.append(None)
@@ -90,6 +108,10 @@ def decode_batch(
         from blip_ops.language import detect_languages  # loads the model once per worker process
 
         languages = detect_languages([t if e is None else None for t, e in zip(texts, text_errors)])
+    if K.IMAGE_SHA256 not in batch.column_names:  # the keyed plan computed them already
+        batch = batch.append_column(K.IMAGE_SHA256, pa.array(image_hashes, pa.string())).append_column(
+            K.TEXT_SHA256, pa.array([K.text_sha256(t) for t in texts], pa.string())
+        )
     return (
         batch.append_column(S.TEXT_LANGUAGE, pa.array(languages, pa.string()))
         .append_column(S.IMAGE_ERROR, pa.array(image_errors, pa.string()))
@@ -225,6 +247,7 @@ class ScoreStage:
     def __call__(self, batch: pa.Table, *, itm_threshold: float | None = None, itc_threshold: float | None = None) -> pa.Table:
         """The thresholds pick the rows ``flagged`` evidence explains (call arguments, so warm actors
         serve audits with other thresholds without reloading)."""
+        started = time.perf_counter()
         mask = _scorable(batch)
         texts = batch.column(self.text_column).to_pylist()
         rows = np.flatnonzero(mask)
@@ -249,6 +272,7 @@ class ScoreStage:
         if len(unscored):
             counts = self.scorer.token_counts([texts[i] for i in unscored])
             truncated[unscored] = counts > self.scorer.max_text_tokens
+        _record_time("score", len(rows), started)
         return (
             batch.drop_columns([S.PIXELS_SCORE])
             .append_column("itc_score", _spread(itc, mask, pa.float32()))
@@ -347,6 +371,7 @@ class CaptionStage:
         return torch.get_num_threads()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        started = time.perf_counter()
         mask = batch.column(S.PIXELS_CAPTION).is_valid().to_numpy(zero_copy_only=False)
         if self.policy == "flagged":
             mask &= batch.column("flagged").to_numpy(zero_copy_only=False)
@@ -356,6 +381,7 @@ class CaptionStage:
         column = [None] * len(mask)
         for row, caption in zip(rows, captions):
             column[row] = caption
+        _record_time("caption", len(rows), started)
         batch = batch.drop_columns([S.PIXELS_CAPTION]).append_column("caption", pa.array(column, pa.string()))
         if self.encoder is None:
             return batch
@@ -385,6 +411,11 @@ def add_agreement(batch: pa.Table, encoder, text_column: str, threshold: float |
     )
 
 
+def _where_valid(column, value: str) -> pa.Array:
+    valid = column.is_valid().to_numpy(zero_copy_only=False)
+    return pa.array([value if v else None for v in valid], pa.string())
+
+
 def finalize_batch(
     batch: pa.Table,
     *,
@@ -406,15 +437,22 @@ def finalize_batch(
         batch = batch.append_column(S.TEXT_LANGUAGE, pa.nulls(n, pa.string()))
     if "evidence" not in batch.column_names:
         batch = batch.append_column("evidence", pa.nulls(n, S.EVIDENCE_TYPE))
+    for name in (K.IMAGE_SHA256, K.TEXT_SHA256):  # decode and the keyed plan set the hashes
+        if name not in batch.column_names:
+            batch = batch.append_column(name, pa.nulls(n, pa.string()))
     scored_at = datetime.now(timezone.utc)
     added = {
         "run_id": pa.array([run_id] * n, pa.string()),
         "scored_at": pa.array([scored_at] * n, pa.timestamp("us", tz="UTC")),
         "itm_model": pa.array([itm_model] * n, pa.string()),
         "caption_model": pa.array([caption_model] * n, pa.string()),
+        # Computed now (this run) where there is a value; the keyed plan sets them for reused rows.
+        "scores_from_run": _where_valid(batch.column("itc_score"), run_id),
+        "caption_from_run": _where_valid(batch.column("caption"), run_id),
     }
     for name, values in added.items():
-        batch = batch.append_column(name, values)
+        if name not in batch.column_names:  # reused rows bring their own time and provenance
+            batch = batch.append_column(name, values)
     target = S.output_schema(batch.select(passthrough).schema, image_column=None)
     result = batch.select(target.names).cast(target)
     for name in keep:

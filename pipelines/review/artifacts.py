@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 REPORT = "_report.html"
 RUNS_DIR = "_runs"
 
+REUSE_COUNTS = ("rows_scores_reused", "rows_captions_reused", "pairs_scored", "images_captioned", "duplicate_rows_collapsed")
+
 _QUANTILE_FIELDS = [
     pa.field(f"{name}_p{int(q * 100):02d}", pa.float64()) for name in ("itm", "itc") for q in report.QUANTILES
 ]
@@ -68,6 +70,12 @@ RUN_SUMMARY_SCHEMA = pa.schema(
         pa.field("evidence", pa.string()),
         pa.field("evidence_rows", pa.int64()),
         pa.field("evidence_s", pa.float64()),
+        # What the run reused and what it computed (manifest "reuse"; counts cover this attempt's rows).
+        pa.field("rows_scores_reused", pa.int64()),
+        pa.field("rows_captions_reused", pa.int64()),
+        pa.field("pairs_scored", pa.int64()),
+        pa.field("images_captioned", pa.int64()),
+        pa.field("duplicate_rows_collapsed", pa.int64()),
     ],
     metadata={b"blip_moderate_run_summary_version": b"1"},
 )
@@ -110,6 +118,7 @@ def summary_row(config: JobConfig, manifest: dict, summary: dict, stats: report.
         "evidence": config.evidence,
         "evidence_rows": int((manifest.get("evidence") or {}).get("rows", 0)),
         "evidence_s": (manifest.get("evidence") or {}).get("seconds"),
+        **{name: (manifest.get("reuse") or {}).get(name) for name in REUSE_COUNTS},
     }
 
 

@@ -24,7 +24,7 @@ def catalog(tmp_path):
     records = sample_catalog(12, seed=3)
     root = tmp_path / "catalog"
     _partition(root, "2026-11-01", records[:6])
-    _partition(root, "2026-11-02", records[6:])
+    _partition(root, "2026-11-02", records[3:9])  # three rows carried over from the day before
     _partition(root, "2026-11-03", records[:4], drop_text=True)  # broken: no text column
     (root / "not-a-partition").mkdir()
     return root, records
@@ -56,6 +56,12 @@ def test_nightly_scores_uncommitted_partitions_and_names_failures(ray_session, t
     # The thresholds applied, defaults included, as numbers a dashboard can compare.
     assert {(r["itm_threshold"], r["itc_threshold"]) for r in first.values()} == {(0.5, 0.2)}
     assert "text" in first["2026-11-03"]["error"] and first["2026-11-01"]["rows"] == 6
+    # The second day reused the first day's scores for the rows it carried over, and scored only the rest.
+    carried = sum(1 for r in records[3:6] if r["expected"] in ("match", "mismatch"))
+    assert first["2026-11-02"]["rows_scores_reused"] == carried > 0
+    assert first["2026-11-02"]["pairs_scored"] == sum(1 for r in records[6:9] if r["expected"] in ("match", "mismatch"))
+    assert first["2026-11-02"]["reuse_sources"] == str(output / "dt=2026-11-01")
+    assert first["2026-11-01"]["rows_scores_reused"] == 0 and first["2026-11-01"]["reuse_sources"] is None
 
     # The broken partition is repaired: the next run scores only it.
     _partition(root, "2026-11-03", records[:4])
@@ -67,12 +73,26 @@ def test_nightly_scores_uncommitted_partitions_and_names_failures(ray_session, t
 
     # Rescoring one named partition replaces it, and only it.
     before = json.loads((output / "dt=2026-11-01" / "_SUCCESS").read_text())["run_id"]
-    assert _nightly(tiny_itm, root, output, "--date", "2026-11-02", "--overwrite", "--itm-threshold", "0.9") == 0
+    assert _nightly(tiny_itm, root, output, "--date", "2026-11-02", "--overwrite", "--itm-threshold", "0.9", "--no-reuse") == 0
     assert json.loads((output / "dt=2026-11-01" / "_SUCCESS").read_text())["run_id"] == before
     rescored = pq.read_table(output / "dt=2026-11-02").to_pylist()
     assert len(rescored) == 6 and len({r["run_id"] for r in rescored}) == 1
     latest = max(_records(output), key=lambda r: r["started_at"])
     assert latest["date"] == "2026-11-02" and latest["itm_threshold"] == 0.9
+    assert latest["rows_scores_reused"] == 0 and latest["reuse_sources"] is None  # --no-reuse
+
+
+def test_reuse_sources_are_the_latest_committed_earlier_partition_or_a_window(tmp_path):
+    from jobs.nightly import reuse_sources
+
+    for day in ("2026-11-01", "2026-11-03", "2026-11-04", "2026-11-06"):
+        (tmp_path / f"dt={day}").mkdir()
+        for name in ("_manifest.json", "_SUCCESS"):
+            (tmp_path / f"dt={day}" / name).write_text(json.dumps({"run_id": day, "files": []}))
+    (tmp_path / "dt=2026-11-05").mkdir()  # not committed: never a source
+    assert reuse_sources("2026-11-06", str(tmp_path), None) == [str(tmp_path / "dt=2026-11-04")]
+    assert reuse_sources("2026-11-06", str(tmp_path), 3) == [str(tmp_path / f"dt=2026-11-0{d}") for d in (4, 3)]
+    assert reuse_sources("2026-11-01", str(tmp_path), None) == []
 
 
 @pytest.mark.parametrize(
@@ -85,6 +105,7 @@ def test_nightly_scores_uncommitted_partitions_and_names_failures(ray_session, t
         (["--text-languages", "english"], "text_languages"),
         (["--agreement-threshold", "2"], "agreement_threshold"),
         (["--max-image-bytes", "0"], "max_image_bytes"),
+        (["--reuse-days", "0"], "--reuse-days"),
     ],
 )
 def test_nightly_usage_errors_exit_2(tiny_itm, catalog, tmp_path, capsys, extra, message):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-ROOMS = ("dataflow", "commit", "review")
+ROOMS = ("dataflow", "commit", "review", "reuse")
 
 
 def _imports(path: Path) -> set[str]:
@@ -73,7 +73,7 @@ def test_blip_ops_never_imports_ray():
     assert _offending("blip_ops", _is_ray) == {}
 
 
-@pytest.mark.parametrize("room", ["commit", "review"])
+@pytest.mark.parametrize("room", ["commit", "review", "reuse"])
 def test_commit_and_review_never_import_ray(room):
     assert _offending(f"pipelines/{room}", _is_ray) == {}
 
@@ -87,6 +87,7 @@ def test_no_room_imports_upward_into_the_orchestrator(room):
 def test_commit_and_review_do_not_reach_into_dataflow():
     assert _offending("pipelines/commit", lambda m: m.startswith("pipelines.dataflow")) == {}
     assert _offending("pipelines/review", lambda m: m.startswith("pipelines.dataflow")) == {}
+    assert _offending("pipelines/reuse", lambda m: m.startswith("pipelines.dataflow")) == {}
 
 
 def test_dataflow_reaches_commit_only_through_the_piece_writer():

@@ -96,12 +96,16 @@ def _staged_pieces(output: Path) -> list[Path]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds Ray's worker processes through /proc")
-def test_driver_killed_mid_run_resumes_without_rescoring_or_duplicates(tiny_itm, many_rows, tmp_path):
+def test_driver_killed_mid_run_with_reuse_resumes_without_rescoring_or_duplicates(ray_session, tiny_itm, many_rows, tmp_path):
     catalog, records = many_rows
+    # An earlier committed output holding the first file's rows: the run reuses those and computes the rest.
+    source = tmp_path / "earlier"
+    run_job(build_config({"input": str(catalog / "part-0.parquet"), "output": str(source), "itm_model": tiny_itm,
+                          "caption_model": "none", "device": "cpu"}))
     output = tmp_path / "out"
     command = [
         sys.executable, "-m", "jobs.score", "--input", str(catalog), "--output", str(output),
-        "--itm-model", tiny_itm, "--caption-model", "none",
+        "--itm-model", tiny_itm, "--caption-model", "none", "--reuse", str(source),
         "--decode-batch-size", "4", "--score-batch-size", "4", "--json",
     ]
     marker = uuid.uuid4().hex
@@ -118,26 +122,34 @@ def test_driver_killed_mid_run_resumes_without_rescoring_or_duplicates(tiny_itm,
         time.sleep(1)
         _kill_all(_processes(lambda cmd, environ: f"BLIP_TEST_RUN={marker}" in environ))
     assert not (output / "_SUCCESS").exists(), "the first run finished before it could be killed; test inconclusive"
-    durable_before = len(_staged_pieces(output))
-    assert durable_before > 0
+    durable = {p.name: p.stat().st_mtime_ns for p in _staged_pieces(output)}
+    assert durable
 
-    resumed_at = datetime.now(timezone.utc)
     second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stdout + second.stderr
     summary = json.loads(second.stdout.strip().splitlines()[-1])
     assert summary["outcome"] == "committed"
-    assert 0 < summary["resumed_rows"] < len(records)
+    assert summary["resumed_rows"] == sum(int(name.split("-n")[1][:6]) for name in durable) < len(records)
 
     ids = _ids(output)
     assert sorted(ids) == sorted(r["id"] for r in records)  # every row exactly once
-    table = pq.read_table(output, columns=["run_id", "scored_at"])
+    # Durable pieces were moved into place as they were, never written again.
+    for name, mtime in durable.items():
+        assert (output / f"part-{summary['run_id']}-{name}").stat().st_mtime_ns == mtime
+    table = pq.read_table(output, columns=["id", "run_id", "scores_from_run"])
     assert set(table.column("run_id").to_pylist()) == {summary["run_id"]}
-    scored_at = table.column("scored_at").to_pylist()
-    assert sum(t < resumed_at for t in scored_at) == summary["resumed_rows"]  # durable rows were not rescored
+    earlier = json.loads((source / "_SUCCESS").read_text())["run_id"]
+    from_run = dict(zip(table.column("id").to_pylist(), table.column("scores_from_run").to_pylist()))
+    assert all(from_run[r["id"]] in (earlier, None) for r in records[:32])  # the first file: all reused
+    assert all(from_run[r["id"]] in (summary["run_id"], None) for r in records[32:])
     assert not list(output.glob("_staging-*"))
 
     third = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert third.returncode == 0 and json.loads(third.stdout.strip().splitlines()[-1])["outcome"] == "already_committed"
+    # The reuse sources are part of the run's identity: without them it is another run.
+    fourth = subprocess.run([c for c in command if c not in ("--reuse", str(source))], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert fourth.returncode == 2 and "another input or configuration" in fourth.stderr
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds Ray's worker processes through /proc")

@@ -7,6 +7,7 @@ import threading
 import time
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -186,16 +187,20 @@ class _RssSampler:
 def test_driver_memory_does_not_grow_with_the_row_count(ray_session, tiny_itm, tmp_path):
     from pipelines.run import run_job
 
-    def run(rows: int) -> tuple[int, int]:
+    def run(rows: int, **options) -> tuple[int, int]:
         catalog, total_bytes = _noise_catalog(tmp_path / f"catalog-{rows}", rows=rows, side=200, files=max(2, rows // 100))
         with _RssSampler() as sampler:
-            summary = run_job(_job(tiny_itm, catalog, tmp_path / f"out-{rows}", score_batch_size=32, decode_batch_size=32))
+            summary = run_job(_job(tiny_itm, catalog, tmp_path / f"out-{rows}", score_batch_size=32, decode_batch_size=32, **options))
         assert summary.rows_written == rows
         return sampler.growth, total_bytes
 
     run(40)  # warm-up: imports, Ray Data's first plan, caches
     small_growth, small_bytes = run(200)
-    large_growth, large_bytes = run(800)
+    # The larger run reuses the smaller one's output: its keys are hashed, looked up and its values
+    # assembled for every row, and none of that may gather on the driver either.
+    large_growth, large_bytes = run(800, reuse=str(tmp_path / "out-200"))
+    earlier = __import__("json").loads((tmp_path / "out-200" / "_SUCCESS").read_text())["run_id"]
+    assert set(pq.read_table(tmp_path / "out-800", columns=["scores_from_run"]).column("scores_from_run").to_pylist()) == {earlier}
     extra_input = large_bytes - small_bytes  # about 70 MiB of image bytes that must stream past the driver
     print(f"driver peak RSS growth: {small_growth / 2**20:.1f} MiB (200 rows), {large_growth / 2**20:.1f} MiB (800 rows)")
     assert extra_input > 60 * 2**20

@@ -322,3 +322,20 @@ def test_decode_detects_languages_of_usable_texts_only(tiny_itm):
     kwargs = dict(text_column="text", image_column="image", from_uri=False, score_model=tiny_itm, caption_model=None)
     assert decode_batch(batch, detect_language=True, **kwargs).column(S.TEXT_LANGUAGE).to_pylist() == ["de", "en", None, None]
     assert decode_batch(batch, **kwargs).column(S.TEXT_LANGUAGE).null_count == 4
+
+
+def test_decode_records_the_content_hashes_of_bytes_and_of_bytes_read_from_uris(tiny_itm, tmp_path):
+    import hashlib
+
+    from blip_ops.samples import draw_shape
+
+    image = draw_shape("red", "circle")
+    (tmp_path / "a.jpg").write_bytes(image)
+    as_bytes = decode_batch(pa.table({"text": ["t", None], "image": pa.array([image, None], pa.binary())}),
+                            text_column="text", image_column="image", from_uri=False, score_model=tiny_itm, caption_model=None)
+    from_uri = decode_batch(pa.table({"text": ["t", "t"], "uri": [str(tmp_path / "a.jpg"), str(tmp_path / "gone.jpg")]}),
+                            text_column="text", image_column="uri", from_uri=True, score_model=tiny_itm, caption_model=None)
+    digest = hashlib.sha256(image).hexdigest()
+    assert as_bytes.column("image_sha256").to_pylist() == [digest, None]
+    assert as_bytes.column("text_sha256").to_pylist() == [hashlib.sha256(b"t").hexdigest(), None]
+    assert from_uri.column("image_sha256").to_pylist() == [digest, None]  # the bytes read; an unreadable URI has none

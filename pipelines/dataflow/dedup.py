@@ -1,0 +1,226 @@
+"""The keyed plan on Ray: the passes of ``pipelines.reuse.passes`` as Ray tasks, and the model
+stages run only on the rows a key needs (each unique pair scored once, each unique image
+captioned once, nothing computed that a ``--reuse`` source already holds).
+
+The hash, plan, distribute and assemble-and-write passes are plain Ray tasks (one per unit or
+bucket, at most ``TASKS_IN_FLIGHT`` at once): a Ray Data execution costs seconds of start-up on a
+small machine, which four of them would add to every run. The model pass is the one Ray Data
+execution, for its autoscaling actor pools. What passes between them are small files in the
+attempt's work directory (``_staging-<key>/_work-<id>/``), never rows on the driver, whose only
+results are one row of counts per task.
+"""
+
+from __future__ import annotations
+
+import uuid
+import warnings
+
+import pyarrow as pa
+import ray
+from ray.data import ActorPoolStrategy
+
+from blip_ops.identity import checkpoint_identity
+
+from .. import keys as K
+from ..commit import pieces
+from ..config import JobConfig
+from ..reuse import passes as P
+from ..schema import output_schema, passthrough_schema
+from . import stages
+from .graph import (
+    TASK_RETRIES, _unfused, actor_retries, caption_stage_kwargs, decode_kwargs, finalize_kwargs, score_stage_kwargs, task_retries,
+)
+from .resources import Resources
+
+
+@ray.remote(num_cpus=0, max_retries=3)
+def _identities(itm_model: str, caption_model: str | None) -> tuple[str, str | None]:
+    # On a worker, not the driver: an s3:// model is read from that node's model cache.
+    return checkpoint_identity(itm_model), checkpoint_identity(caption_model)
+
+
+def content_digests(config: JobConfig, resources: Resources) -> dict:
+    """This run's score and caption key digests (``pipelines.keys``); caption None without captions."""
+    itm, caption = ray.get(_identities.remote(config.itm_model, config.caption_model if config.captioning else None))
+    score = K.score_settings(config, itm, resources.score_device).digest
+    captions = K.caption_settings(config, caption, resources.caption_device).digest if caption else None
+    return {"score": score, "caption": captions}
+
+
+def uses_keyed_plan(config: JobConfig) -> bool:
+    """Dedup and reuse plan per key; the flagged-only caption cascade keeps the row-by-row graph
+    (which images need a caption depends on this run's flags, known only after scoring)."""
+    return (config.dedup or bool(config.reuse)) and config.captions != "flagged"
+
+
+# Plan tasks in flight at once: enough to fill the cluster's CPUs, few enough that the driver
+# holds only this many one-row results and references.
+TASKS_IN_FLIGHT = 64
+
+
+def _run_one(fn, item: dict, kwargs: dict) -> pa.Table:
+    return fn(pa.Table.from_pylist([item]), **kwargs)
+
+
+def _tasks(items: list[dict], fn, kwargs: dict) -> pa.Table:
+    """Run ``fn`` once per item as plain Ray tasks (no Ray Data execution to start, a second or two
+    each on small machines); their one-row count tables, concatenated."""
+    remote = ray.remote(_run_one).options(max_retries=TASK_RETRIES, retry_exceptions=False)
+    shared = ray.put(kwargs)
+    pending, results = [], []
+    for item in items:
+        if len(pending) >= TASKS_IN_FLIGHT:
+            done, pending = ray.wait(pending, num_returns=1)
+            results += ray.get(done)
+        pending.append(remote.remote(fn, item, shared))
+    results += ray.get(pending)
+    tables = [t for t in results if t.num_rows]
+    return pa.concat_tables(tables) if tables else pa.table({})
+
+
+def _sum(table: pa.Table) -> dict[str, int]:
+    return {name: int(pa.compute.sum(table.column(name)).as_py() or 0) for name in table.column_names}
+
+
+def _source_items(sources, digests: dict) -> tuple[list[dict], dict]:
+    items, matched = [], {"score": [], "caption": []}
+    for priority, src in enumerate(sources):
+        sides = [s for s in ("score", "caption") if digests.get(s) and src.digest(s) == digests[s]]
+        for side in sides:
+            matched[side].append(src.uri)
+        if sides:
+            items += [
+                {"uri": src.uri, "path": path, "priority": priority, "index": index, "sides": __import__("json").dumps(sides)}
+                for index, path in enumerate(src.files)
+            ]
+    return items, matched
+
+
+def new_work_dir(staging: str) -> str:
+    """This attempt's plan files: never shared, so two identical runs at once (which converge on one
+    commit) cannot overwrite each other's; an interrupted attempt's go with its staging at commit."""
+    return f"{staging}/{P.WORK}-{uuid.uuid4().hex[:12]}"
+
+
+def discard_work(work: str, filesystem) -> None:
+    try:
+        filesystem.delete_dir(work)
+    except (FileNotFoundError, OSError):
+        pass
+
+
+def plan_and_compute(
+    config: JobConfig, source, run_id: str, resources: Resources, todo, work: str, filesystem, sources, digests: dict,
+) -> dict:
+    """Passes 1-4 into ``work`` (``new_work_dir``): keys, plan, model calls on what the plan needs,
+    values per unit. Returns counts."""
+    items = pieces.unit_items(source.units, todo)
+    rows = sum(end - start for ranges in todo.values() for start, end in ranges)
+    buckets = P.bucket_count(rows)
+    common = {"work_fs": filesystem, "work": work}
+    read = {"filesystem": source.location.filesystem, "schema": source.schema, "batch_rows": config.decode_batch_size}
+    caption_digest = digests["caption"] if config.captioning else None
+    hashed = _sum(_tasks(items, P.hash_unit, dict(
+        read, **common, buckets=buckets, text_column=config.text_column,
+        image_column=config.image_uri_column or config.image_column, from_uri=bool(config.image_uri_column),
+        score_digest=digests["score"], caption_digest=caption_digest,
+    )))
+    source_items, matched = _source_items(sources, {"score": digests["score"], "caption": caption_digest})
+    offered = _sum(_tasks(source_items, P.source_file, dict(common, buckets=buckets, digests=digests)))
+    sides = ["score"] + (["caption"] if caption_digest else [])
+    bucket_items = [{"side": side, "bucket": b} for side in sides for b in range(buckets)]
+    planned = _sum(_tasks(bucket_items, P.plan_bucket, common))
+    # A model stage runs only if the plan left it something: a night with nothing new loads no model.
+    # Key-less rows (a missing image or a blank text) still go through the scorer for truncation.
+    stages_needed = {
+        "score": planned.get("todo_scores", 0) + hashed.get("keyless", 0) > 0,
+        "caption": planned.get("todo_captions", 0) > 0,
+    }
+    computed = {}
+    if any(stages_needed.values()):
+        computed = _sum(_compute(config, source, run_id, resources, items, read, common, buckets, sides, stages_needed))
+    distributed = _sum(_tasks(bucket_items, P.distribute_bucket, common))
+    return {
+        "sources_matched": matched,
+        "pairs_scored": computed.get("pairs_scored", 0),
+        "images_captioned": computed.get("images_captioned", 0),
+        "rows_scores_reused": distributed.get("rows_scores_reused", 0),
+        "rows_captions_reused": distributed.get("rows_captions_reused", 0),
+        "duplicate_pairs_collapsed": distributed.get("duplicate_pairs", 0),
+        "duplicate_images_collapsed": distributed.get("duplicate_images", 0),
+        "unique_pairs": planned.get("unique_scores", 0),
+        "unique_images": planned.get("unique_captions", 0),
+        "offered_by_sources": offered,
+        "buckets": buckets,
+        "model_stages_run": [name for name, run in stages_needed.items() if run],
+    }
+
+
+def _compute(config, source, run_id, resources, items, read, common, buckets, sides, needed) -> pa.Table:
+    """Pass 3: read only the rows to compute, decode, run the model stages, store values by key."""
+    if not items:
+        return pa.table({})
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        P.compute_rows, batch_format="pyarrow", batch_size=1,
+        fn_kwargs=dict(read, **common, buckets=buckets, sides=sides), **task_retries(),
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*ray_remote_args_fn.*")
+        ds = ds.map_batches(
+            stages.decode_batch, batch_format="pyarrow", batch_size=config.decode_batch_size,
+            ray_remote_args_fn=_unfused, udf_modifying_row_count=False,
+            fn_kwargs=dict(decode_kwargs(config), **({} if needed["caption"] else {"caption_model": None})),
+            **task_retries(),
+        )
+    ds = ds.map_batches(P.only_needed_pixels, batch_format="pyarrow", batch_size=None, udf_modifying_row_count=False)
+    if needed["score"]:
+        ds = ds.map_batches(
+            stages.ScoreStage, batch_format="pyarrow", batch_size=resources.score_batch_size,
+            compute=ActorPoolStrategy(min_size=resources.score_actors[0], max_size=resources.score_actors[1]),
+            num_gpus=resources.score_gpus, num_cpus=resources.score_cpus, **actor_retries(),
+            fn_constructor_kwargs=score_stage_kwargs(config, resources), udf_modifying_row_count=False,
+        )
+    if needed["caption"]:
+        ds = ds.map_batches(
+            stages.CaptionStage, batch_format="pyarrow", batch_size=resources.caption_batch_size,
+            compute=ActorPoolStrategy(min_size=resources.caption_actors[0], max_size=resources.caption_actors[1]),
+            num_gpus=resources.caption_gpus, num_cpus=resources.caption_cpus, **actor_retries(),
+            fn_constructor_kwargs=dict(caption_stage_kwargs(config, resources), policy="all"),
+            udf_modifying_row_count=False,
+        )
+    ds = ds.map_batches(
+        P.store_results, batch_format="pyarrow", batch_size=None,
+        fn_kwargs=dict(common, run_id=run_id, buckets=buckets), **task_retries(),
+    )
+    tables = [b for b in ds.iter_batches(batch_format="pyarrow", batch_size=None) if b.num_rows]
+    return pa.concat_tables(tables) if tables else pa.table({})
+
+
+def _assemble_and_write(items: pa.Table, *, assemble: dict, flags: dict, finalize: dict, write: dict) -> pa.Table:
+    """Pass 5 in one task per unit: its rows with their values, flags, the output schema, pieces."""
+    pieces_written = rows = 0
+    for batch in P.assemble_unit(items, **assemble):
+        out = stages.finalize_batch(stages.flag_batch(batch, **flags), **finalize)
+        written = pieces.write_pieces(out, **write)
+        pieces_written += written.num_rows
+        rows += int(pa.compute.sum(written.column("rows")).as_py() or 0)
+    return pa.table({"pieces": [pieces_written], "rows": [rows]})
+
+
+def assemble_and_write(config: JobConfig, source, run_id: str, todo, staging: str, work: str, filesystem) -> dict:
+    """Pass 5 and the write, as plain tasks (one per unit): rows in input order with their values (no
+    image bytes read), flags at this run's thresholds, the output schema, pieces named by their row
+    ranges. Returns the pieces and rows written."""
+    image_column = None if config.image_uri_column else config.image_column
+    passthrough = passthrough_schema(source.schema, image_column)
+    items = pieces.unit_items(source.units, todo)
+    kwargs = {
+        "assemble": {
+            "filesystem": source.location.filesystem, "schema": passthrough, "batch_rows": config.decode_batch_size,
+            "text_column": config.text_column, "captioning": config.captioning, "work_fs": filesystem, "work": work,
+        },
+        "flags": {"itm_threshold": config.itm_threshold, "itc_threshold": config.itc_threshold},
+        "finalize": finalize_kwargs(config, run_id, passthrough.names, [pieces.UNIT, pieces.ROW]),
+        "write": {"filesystem": filesystem, "staging": staging, "schema": output_schema(source.schema, image_column)},
+    }
+    return _sum(_tasks(items, _assemble_and_write, kwargs))

@@ -1,0 +1,131 @@
+"""Content keys: what a row's scores and caption are a pure function of, named once.
+
+A row's scores depend on the image bytes, the text, the ITM checkpoint's *content*, the
+text truncation, the arithmetic (precision on a device kind), JPEG draft decoding and the
+scorer's code; its caption on the image bytes, the caption checkpoint's content, the
+prompt, the generation length, the arithmetic, draft decoding and the captioner's code.
+Everything else (batch sizes, pool sizes, GPUs and CPUs per actor, paths of the models)
+changes where and how fast a run goes, never a number, so it is left out: the same weights
+copied to another path, or scored with other batch sizes, reuse; re-trained weights do not.
+
+The settings are folded into one digest per kind (``ScoreSettings.digest``); a row's key is
+that digest with the row's content hashes. A committed output records both digests in its
+manifest, so an earlier output's rows can be matched without storing a key per row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+import pyarrow as pa
+
+# Bumped whenever a code change moves the numbers (the SDPA vision attention in half
+# precision was such a change: version 2). Outputs of another version match nothing.
+SCORER_VERSION = 2
+CAPTIONER_VERSION = 1
+
+# Key columns every output row carries (pipelines.schema names their types).
+IMAGE_SHA256 = "image_sha256"
+TEXT_SHA256 = "text_sha256"
+
+
+def sha256_hex(data: bytes | None) -> str | None:
+    """Hex SHA-256 of exact bytes; None where there are none (missing never matches)."""
+    return None if data is None else hashlib.sha256(data).hexdigest()
+
+
+def text_sha256(text) -> str | None:
+    return None if text is None or not isinstance(text, str) else hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def effective_precision(precision: str, device: str) -> str:
+    """``auto`` is fp32 on the CPU (the same numbers as an explicit fp32) and a half type on CUDA,
+    whose choice the driver cannot see (bf16, or fp16 without bf16 support): keyed as such."""
+    if precision != "auto":
+        return precision
+    return "fp32" if device == "cpu" else "auto-half"
+
+
+def device_kind(device: str) -> str:
+    # fp32 on a GPU does not give the CPU's bits (other kernels, TF32): a kind of device is part of the arithmetic.
+    return "cpu" if device == "cpu" else "cuda"
+
+
+def _digest(body: dict) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    """Everything but the pair that ``itc_score``, ``itm_score`` and ``text_truncated`` depend on."""
+
+    itm_checkpoint: str  # content identity (blip_ops.identity), never a path
+    max_text_tokens: int
+    precision: str
+    device: str
+    jpeg_draft: bool
+    scorer_version: int = SCORER_VERSION
+
+    @property
+    def digest(self) -> str:
+        return _digest(dict(asdict(self), kind="score"))
+
+
+@dataclass(frozen=True)
+class CaptionSettings:
+    """Everything but the image that ``caption`` depends on."""
+
+    caption_checkpoint: str
+    prompt: str | None
+    max_new_tokens: int
+    precision: str
+    device: str
+    jpeg_draft: bool
+    captioner_version: int = CAPTIONER_VERSION
+
+    @property
+    def digest(self) -> str:
+        return _digest(dict(asdict(self), kind="caption"))
+
+
+def score_settings(config, itm_identity: str, device: str) -> ScoreSettings:
+    return ScoreSettings(
+        itm_checkpoint=itm_identity,
+        max_text_tokens=config.max_text_tokens,
+        precision=effective_precision(config.precision, device_kind(device)),
+        device=device_kind(device),
+        jpeg_draft=config.jpeg_draft,
+    )
+
+
+def caption_settings(config, caption_identity: str, device: str) -> CaptionSettings:
+    return CaptionSettings(
+        caption_checkpoint=caption_identity,
+        prompt=config.caption_prompt,
+        max_new_tokens=config.max_new_tokens,
+        precision=effective_precision(config.precision, device_kind(device)),
+        device=device_kind(device),
+        jpeg_draft=config.jpeg_draft,
+    )
+
+
+def _row_keys(digest: str, *columns: pa.Array) -> pa.Array:
+    """One key per row from the settings digest and content hashes; null where any hash is null."""
+    out = []
+    for values in zip(*(c.to_pylist() for c in columns)):
+        if any(v is None for v in values):
+            out.append(None)
+        else:
+            out.append(hashlib.sha256("|".join((digest, *values)).encode()).hexdigest()[:32])
+    return pa.array(out, pa.string())
+
+
+def score_keys(digest: str, image_sha: pa.Array, text_sha: pa.Array) -> pa.Array:
+    """Score keys of rows: null where the image or the text is missing (never matched, never merged)."""
+    return _row_keys(digest, image_sha, text_sha)
+
+
+def caption_keys(digest: str, image_sha: pa.Array) -> pa.Array:
+    return _row_keys(digest, image_sha)

@@ -1,0 +1,454 @@
+"""The keyed plan: each unique pair scored once, each unique image captioned once, earlier
+outputs reused, as passes over files in the run's staging (a hand-rolled Grace hash join).
+
+Why files and buckets rather than Ray Data's ``Dataset.join``: the join needs polars (not a
+dependency here) and its hash shuffle took 7.3 s for 2,000 rows on these 2 cores per shuffle,
+of which a plan needs several; here every pass is a set of independent tasks over small files,
+no task holds more than one bucket of keys (``KEYS_PER_BUCKET``) or one unit of image bytes,
+and image bytes never leave the unit that holds them. The passes, each a set of tasks:
+
+1. ``hash_unit`` (per unit): hash every row's image bytes and text; write the unit's keys
+   (``keys/``) and each (key, position) into its bucket (``sk/``, ``ck/``). No image survives it.
+   ``source_file`` (per file of a ``--reuse`` source whose digest matches): its rows' values
+   into the same buckets (``sr/``, ``cr/``).
+2. ``plan_bucket`` (per bucket and side): a key found in a source is reused (first source
+   listed wins); any other key is computed once, at its first position (``splan/``, ``cplan/``).
+3. ``compute_rows`` reads, per unit, only the rows to compute (the plans' positions for the unit,
+   plus rows with no key, whose image must still be decoded to say what is wrong); the model
+   stages run on them; ``store_results`` puts each value under its key (``sval/``, ``cval/``).
+4. ``distribute_bucket`` (per bucket and side): every position of a key gets its value, into a
+   file per unit (``sdist/``, ``cdist/``).
+5. ``assemble_unit`` (per unit): the unit's rows without their image column, with those values,
+   in row order, ready for flags and the writer.
+
+A position is ``unit << 32 | row``: unique in a run and ordered like the input.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import uuid
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from .. import keys as K
+from .. import schema as S
+from ..commit.pieces import ROW, UNIT, read_units
+from ..storage import read_bytes
+from .sources import CAPTION_VALUES, SCORE_VALUES
+
+# Keys a plan task holds at once; a run's buckets are its rows over this. About 100 MB per task.
+KEYS_PER_BUCKET = int(os.environ.get("BLIP_MODERATE_KEYS_PER_BUCKET", 2_000_000))
+
+KEY = "__key"
+POS = "__pos"
+PRIO = "__prio"
+REP = "__rep"  # the position whose model call computed a value; null for reused values
+SKEY = "__score_key"
+CKEY = "__caption_key"
+DO_SCORE = "__do_score"
+DO_CAPTION = "__do_caption"
+WORK = "_work"
+
+_TS = pa.timestamp("us", tz="UTC")
+SCORE_VALUE_FIELDS = [
+    pa.field("itc_score", pa.float32()), pa.field("itm_score", pa.float32()), pa.field("text_truncated", pa.bool_()),
+    pa.field("scored_at", _TS), pa.field("scores_from_run", pa.string()), pa.field(S.IMAGE_ERROR, pa.string()),
+]
+CAPTION_VALUE_FIELDS = [pa.field("caption", pa.string()), pa.field("caption_from_run", pa.string())]
+VALUE_FIELDS = {"score": SCORE_VALUE_FIELDS, "caption": CAPTION_VALUE_FIELDS}
+SIDES = {"score": ("sk", "sr", "splan", "sval", "sdist"), "caption": ("ck", "cr", "cplan", "cval", "cdist")}
+
+
+def bucket_count(rows: int) -> int:
+    return max(1, math.ceil(rows / KEYS_PER_BUCKET))
+
+
+def positions(units: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    return (units.astype(np.int64) << 32) | rows.astype(np.int64)
+
+
+def _bucket_of(keys: pa.Array, buckets: int) -> np.ndarray:
+    return np.array([int(k[:8], 16) % buckets for k in keys.to_pylist()], dtype=np.int64)
+
+
+def _write(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
+    directory = path.rsplit("/", 1)[0]
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs.create_dir(directory, recursive=True)
+        # A task retried after a crash must not leave half a file under a name the next pass reads.
+        temporary = f"{directory}/.{uuid.uuid4().hex}.tmp"
+        pq.write_table(table, temporary, filesystem=fs)
+        fs.move(temporary, path)
+    else:
+        pq.write_table(table, path, filesystem=fs)
+
+
+def _read_dir(fs: pafs.FileSystem, directory: str, schema: pa.Schema, filter=None) -> pa.Table:
+    infos = fs.get_file_info(pafs.FileSelector(directory, allow_not_found=True, recursive=False))
+    files = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".parquet"))
+    if not files:
+        return schema.empty_table()
+    table = pads.dataset(files, filesystem=fs, format="parquet", schema=schema).to_table(filter=filter)
+    return table
+
+
+def _bucketed(fs, work: str, side_dir: str, name: str, table: pa.Table, buckets: int) -> None:
+    """Write ``table``'s rows into their keys' buckets, one file per bucket holding any."""
+    if not table.num_rows:
+        return
+    which = _bucket_of(table.column(KEY), buckets)
+    for bucket in np.unique(which):
+        _write(fs, f"{work}/{side_dir}/b{bucket:05d}/{name}.parquet", table.filter(pa.array(which == bucket)))
+
+
+def _text_problem(text) -> bool:
+    return text is None or not isinstance(text, str) or not text.strip()
+
+
+KEYS_FILE_SCHEMA = pa.schema([
+    pa.field(ROW, pa.int64()), pa.field(K.IMAGE_SHA256, pa.string()), pa.field(K.TEXT_SHA256, pa.string()),
+    pa.field(SKEY, pa.string()), pa.field(CKEY, pa.string()),
+])
+KEY_POS_SCHEMA = pa.schema([pa.field(KEY, pa.string()), pa.field(POS, pa.int64())])
+
+
+def hash_unit(
+    items: pa.Table, *, filesystem, schema, batch_rows: int, text_column: str, image_column: str, from_uri: bool,
+    score_digest: str, caption_digest: str | None, work_fs, work: str, buckets: int,
+) -> pa.Table:
+    """Pass 1 for units: content hashes and keys of every wanted row, bucketed."""
+    counts = {"rows": 0, "keyless": 0}
+    for table in read_units(items, filesystem=filesystem, schema=schema, batch_rows=batch_rows):
+        unit, first = int(table.column(UNIT)[0].as_py()), int(table.column(ROW)[0].as_py())
+        texts = table.column(text_column).to_pylist()
+        images = []
+        for value in table.column(image_column).to_pylist():
+            if from_uri:
+                try:
+                    value = read_bytes(str(value)) if value is not None and str(value).strip() else None
+                except (OSError, ValueError):
+                    value = None  # unreadable: no key; the compute pass reads it again and says why
+            images.append(K.sha256_hex(value))
+        image_sha = pa.array(images, pa.string())
+        text_sha = pa.array([K.text_sha256(t) for t in texts], pa.string())
+        # A blank text is an error row: it never matches nor merges.
+        scorable_text = pa.array([None if _text_problem(t) else h for t, h in zip(texts, text_sha.to_pylist())], pa.string())
+        score_key = K.score_keys(score_digest, image_sha, scorable_text)
+        caption_key = K.caption_keys(caption_digest, image_sha) if caption_digest else pa.nulls(len(texts), pa.string())
+        rows = table.column(ROW)
+        _write(work_fs, f"{work}/keys/u{unit:06d}/r{first:010d}.parquet", pa.Table.from_arrays(
+            [rows, image_sha, text_sha, score_key, caption_key], schema=KEYS_FILE_SCHEMA))
+        pos = pa.array(positions(table.column(UNIT).to_numpy(), rows.to_numpy()))
+        name = f"u{unit:06d}-r{first:010d}"
+        for side_dir, column in (("sk", score_key), ("ck", caption_key)):
+            keyed = pa.Table.from_arrays([column, pos], schema=KEY_POS_SCHEMA).filter(column.is_valid())
+            _bucketed(work_fs, work, side_dir, name, keyed, buckets)
+        counts["rows"] += table.num_rows
+        counts["keyless"] += score_key.null_count
+    return pa.table({k: [v] for k, v in counts.items()})
+
+
+def source_file(items: pa.Table, *, digests: dict, work_fs, work: str, buckets: int) -> pa.Table:
+    """Pass 1 for ``--reuse`` sources: the values of one committed file's rows under this run's keys."""
+    from ..storage import locate
+
+    offered = {"score": 0, "caption": 0}
+    for item in items.to_pylist():
+        location = locate(item["uri"])
+        parquet = pq.ParquetFile(item["path"], filesystem=location.filesystem)
+        names = set(parquet.schema_arrow.names)
+        sides = [s for s in json.loads(item["sides"]) if digests.get(s)]
+        wanted = {K.IMAGE_SHA256, K.TEXT_SHA256, "status"} | set(SCORE_VALUES) | set(CAPTION_VALUES)
+        if not wanted <= names:
+            continue  # written before keys and provenance existed: matches nothing
+        table = parquet.read(columns=sorted(wanted))
+        for side in sides:
+            if side == "score":
+                ok = pc.and_(pc.equal(table.column("status"), S.STATUS_OK), table.column("itc_score").is_valid())
+                rows = table.filter(pc.fill_null(ok, False))
+                key = K.score_keys(digests["score"], rows.column(K.IMAGE_SHA256), rows.column(K.TEXT_SHA256))
+                values = [rows.column(f.name).cast(f.type) if f.name in rows.column_names else pa.nulls(rows.num_rows, f.type)
+                          for f in SCORE_VALUE_FIELDS]
+            else:
+                rows = table.filter(table.column("caption").is_valid())
+                key = K.caption_keys(digests["caption"], rows.column(K.IMAGE_SHA256))
+                values = [rows.column(f.name).cast(f.type) for f in CAPTION_VALUE_FIELDS]
+            out = pa.Table.from_arrays(
+                [key, *values, pa.array(np.full(rows.num_rows, item["priority"], dtype=np.int64))],
+                schema=pa.schema([pa.field(KEY, pa.string()), *VALUE_FIELDS[side], pa.field(PRIO, pa.int64())]),
+            ).filter(key.is_valid())
+            _bucketed(work_fs, work, SIDES[side][1], f"s{item['priority']:04d}-f{item['index']:06d}", out, buckets)
+            offered[side] += out.num_rows
+    return pa.table({"offered_scores": [offered["score"]], "offered_captions": [offered["caption"]]})
+
+
+def _first_per_key(table: pa.Table, order: list[tuple[str, str]]) -> pa.Table:
+    """One row per key: the first in ``order`` (after the key)."""
+    if not table.num_rows:
+        return table
+    table = table.sort_by([(KEY, "ascending"), *order])
+    keys = table.column(KEY).to_numpy(zero_copy_only=False)
+    first = np.ones(len(keys), dtype=bool)
+    first[1:] = keys[1:] != keys[:-1]
+    return table.filter(pa.array(first))
+
+
+def plan_bucket(items: pa.Table, *, work_fs, work: str) -> pa.Table:
+    """Pass 2: per key, a reused value, or the one position whose row computes it."""
+    counts = {"unique_scores": 0, "unique_captions": 0, "reused_score_keys": 0, "reused_caption_keys": 0,
+              "todo_scores": 0, "todo_captions": 0}
+    for item in items.to_pylist():
+        side, bucket = item["side"], f"b{item['bucket']:05d}"
+        keyed_dir, reuse_dir, plan_dir, value_dir, _ = SIDES[side]
+        keyed = _read_dir(work_fs, f"{work}/{keyed_dir}/{bucket}", KEY_POS_SCHEMA)
+        offered_schema = pa.schema([pa.field(KEY, pa.string()), *VALUE_FIELDS[side], pa.field(PRIO, pa.int64())])
+        offered = _read_dir(work_fs, f"{work}/{reuse_dir}/{bucket}", offered_schema)
+        grouped = keyed.group_by(KEY).aggregate([(POS, "min")])
+        unique = pa.table({KEY: grouped.column(KEY), POS: grouped.column(f"{POS}_min")})
+        if offered.num_rows and unique.num_rows:
+            offered = offered.filter(pc.is_in(offered.column(KEY), value_set=unique.column(KEY)))
+            reused = _first_per_key(offered, [(PRIO, "ascending")]).drop_columns([PRIO])
+        else:
+            reused = offered.drop_columns([PRIO]).slice(0, 0)
+        if reused.num_rows:
+            _write(work_fs, f"{work}/{value_dir}/{bucket}/reused.parquet", reused.append_column(REP, pa.nulls(reused.num_rows, pa.int64())))
+        todo = unique.filter(pc.invert(pc.is_in(unique.column(KEY), value_set=reused.column(KEY)))) if reused.num_rows else unique
+        _write(work_fs, f"{work}/{plan_dir}/{bucket}.parquet", todo.sort_by(POS))
+        counts["unique_scores" if side == "score" else "unique_captions"] += unique.num_rows
+        counts["reused_score_keys" if side == "score" else "reused_caption_keys"] += reused.num_rows
+        counts["todo_scores" if side == "score" else "todo_captions"] += todo.num_rows
+    return pa.table({k: [v] for k, v in counts.items()})
+
+
+def _unit_range(unit: int) -> tuple[int, int]:
+    return unit << 32, (unit + 1) << 32
+
+
+def _rows_to_compute(work_fs, work: str, unit: int, buckets: int, sides: list[str]) -> dict[str, np.ndarray]:
+    lo, hi = _unit_range(unit)
+    found = {}
+    in_unit = (pc.field(POS) >= lo) & (pc.field(POS) < hi)
+    for side in sides:
+        plan_dir = SIDES[side][2]
+        files = [f"{work}/{plan_dir}/b{b:05d}.parquet" for b in range(buckets)]
+        present = [i.path for i in work_fs.get_file_info(files) if i.type == pafs.FileType.File]
+        if present:
+            table = pads.dataset(present, filesystem=work_fs, format="parquet", schema=KEY_POS_SCHEMA).to_table(filter=in_unit)
+            found[side] = (table.column(POS).to_numpy() & 0xFFFFFFFF).astype(np.int64)
+        else:
+            found[side] = np.zeros(0, dtype=np.int64)
+    return found
+
+
+def _unit_keys(work_fs, work: str, unit: int) -> pa.Table:
+    return _read_dir(work_fs, f"{work}/keys/u{unit:06d}", KEYS_FILE_SCHEMA).sort_by(ROW)
+
+
+def _ranges(rows: np.ndarray) -> list[list[int]]:
+    if not len(rows):
+        return []
+    rows = np.unique(rows)
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    ends = np.concatenate([breaks, [len(rows)]])
+    return [[int(rows[s]), int(rows[e - 1]) + 1] for s, e in zip(starts, ends)]
+
+
+def compute_rows(
+    items: pa.Table, *, filesystem, schema, batch_rows: int, work_fs, work: str, buckets: int, sides: list[str],
+):
+    """Pass 3's read: per unit, only the rows whose model call some key needs, and the rows with no
+    score key (a missing image or a blank text), flagged with what each must compute."""
+    for item in items.to_pylist():
+        unit = item["unit"]
+        planned = _rows_to_compute(work_fs, work, unit, buckets, sides)
+        unit_keys = _unit_keys(work_fs, work, unit)
+        keyless = unit_keys.filter(unit_keys.column(SKEY).is_null()).column(ROW).to_numpy()
+        score_rows = planned.get("score", np.zeros(0, dtype=np.int64))
+        caption_rows = planned.get("caption", np.zeros(0, dtype=np.int64))
+        wanted = np.concatenate([score_rows, caption_rows, keyless])
+        if not len(wanted):
+            continue
+        reading = dict(item, ranges=json.dumps(_ranges(wanted)))
+        for table in read_units(pa.Table.from_pylist([reading]), filesystem=filesystem, schema=schema, batch_rows=batch_rows):
+            rows = table.column(ROW).to_numpy()
+            index = np.searchsorted(unit_keys.column(ROW).to_numpy(), rows)
+            picked = unit_keys.take(pa.array(index))
+            yield (
+                table.append_column(SKEY, picked.column(SKEY))
+                .append_column(CKEY, picked.column(CKEY))
+                .append_column(K.IMAGE_SHA256, picked.column(K.IMAGE_SHA256))
+                .append_column(K.TEXT_SHA256, picked.column(K.TEXT_SHA256))
+                .append_column(DO_SCORE, pa.array(np.isin(rows, score_rows)))
+                .append_column(DO_CAPTION, pa.array(np.isin(rows, caption_rows)))
+            )
+
+
+def only_needed_pixels(batch: pa.Table) -> pa.Table:
+    """After decoding: a row keeps the pixels of the models it is to be computed by, and no others."""
+    for column, flag in ((S.PIXELS_SCORE, DO_SCORE), (S.PIXELS_CAPTION, DO_CAPTION)):
+        if column in batch.column_names:
+            keep = batch.column(flag).to_numpy(zero_copy_only=False)
+            values = batch.column(column)
+            nulls = pa.nulls(len(values), values.type)
+            batch = batch.set_column(batch.column_names.index(column), column, pc.if_else(pa.array(keep), values, nulls))
+    return batch
+
+
+DIRECT_SCHEMA = pa.schema([pa.field(POS, pa.int64()), pa.field(S.IMAGE_ERROR, pa.string()), pa.field("text_truncated", pa.bool_())])
+
+
+def store_results(batch: pa.Table, *, run_id: str, work_fs, work: str, buckets: int) -> pa.Table:
+    """Pass 3's end: each computed value under its key; rows with no key by position."""
+    if not batch.num_rows:
+        return pa.table({"pairs_scored": [0], "images_captioned": [0]})
+    pos = positions(batch.column(UNIT).to_numpy(), batch.column(ROW).to_numpy())
+    name = f"u{int(pos[0] >> 32):06d}-r{int(pos[0] & 0xFFFFFFFF):010d}-{uuid.uuid4().hex[:8]}"
+    n = batch.num_rows
+    now = datetime.now(timezone.utc)
+    do_score = batch.column(DO_SCORE).to_numpy(zero_copy_only=False)
+    if "itc_score" not in batch.column_names:  # the plan needed no scores: the stage did not run
+        do_score &= False
+        batch = batch.append_column("itc_score", pa.nulls(n, pa.float32())).append_column(
+            "itm_score", pa.nulls(n, pa.float32())).append_column("text_truncated", pa.nulls(n, pa.bool_()))
+    scored = batch.column("itc_score").is_valid().to_numpy(zero_copy_only=False)
+    score_values = pa.table({
+        KEY: batch.column(SKEY),
+        "itc_score": batch.column("itc_score"), "itm_score": batch.column("itm_score"),
+        "text_truncated": batch.column("text_truncated"),
+        "scored_at": pa.array([now if s else None for s in scored], _TS),
+        "scores_from_run": pa.array([run_id if s else None for s in scored], pa.string()),
+        S.IMAGE_ERROR: batch.column(S.IMAGE_ERROR),
+        REP: pa.array(pos),
+    }).filter(pa.array(do_score))
+    _bucketed(work_fs, work, "sval", f"c-{name}", score_values, buckets)
+    captions = 0
+    if "caption" in batch.column_names:
+        do_caption = batch.column(DO_CAPTION).to_numpy(zero_copy_only=False)
+        captioned = batch.column("caption").is_valid().to_numpy(zero_copy_only=False)
+        caption_values = pa.table({
+            KEY: batch.column(CKEY), "caption": batch.column("caption"),
+            "caption_from_run": pa.array([run_id if c else None for c in captioned], pa.string()),
+            REP: pa.array(pos),
+        }).filter(pa.array(do_caption))
+        _bucketed(work_fs, work, "cval", f"c-{name}", caption_values, buckets)
+        captions = int((do_caption & captioned).sum())
+    keyless = batch.column(SKEY).is_null().to_numpy(zero_copy_only=False)
+    if keyless.any():
+        direct = pa.Table.from_arrays(
+            [pa.array(pos), batch.column(S.IMAGE_ERROR), batch.column("text_truncated")], schema=DIRECT_SCHEMA
+        )
+        units = pos >> 32  # a batch may hold rows of several units
+        for unit in np.unique(units[keyless]):
+            _write(work_fs, f"{work}/direct/u{unit:06d}/{name}.parquet", direct.filter(pa.array(keyless & (units == unit))))
+    return pa.table({"pairs_scored": [int((do_score & scored).sum())], "images_captioned": [captions]})
+
+
+def _value_schema(side: str) -> pa.Schema:
+    return pa.schema([pa.field(KEY, pa.string()), *VALUE_FIELDS[side], pa.field(REP, pa.int64())])
+
+
+def distribute_bucket(items: pa.Table, *, work_fs, work: str) -> pa.Table:
+    """Pass 4: every position of a key gets the key's value, written per unit."""
+    counts = {"rows_scores_reused": 0, "rows_captions_reused": 0, "duplicate_pairs": 0, "duplicate_images": 0}
+    for item in items.to_pylist():
+        side, bucket = item["side"], f"b{item['bucket']:05d}"
+        keyed_dir, _, _, value_dir, dist_dir = SIDES[side]
+        keyed = _read_dir(work_fs, f"{work}/{keyed_dir}/{bucket}", KEY_POS_SCHEMA)
+        values = _read_dir(work_fs, f"{work}/{value_dir}/{bucket}", _value_schema(side))
+        if not keyed.num_rows:
+            continue
+        joined = keyed.join(values, KEY, join_type="inner").drop_columns([KEY])
+        rep = joined.column(REP)
+        reused = rep.is_null().to_numpy(zero_copy_only=False)
+        duplicate = ~reused & (pc.fill_null(pc.not_equal(rep, joined.column(POS)), False).to_numpy(zero_copy_only=False))
+        prefix = "scores" if side == "score" else "captions"
+        counts[f"rows_{prefix}_reused"] += int(reused.sum())
+        counts["duplicate_pairs" if side == "score" else "duplicate_images"] += int(duplicate.sum())
+        joined = joined.drop_columns([REP])
+        units = joined.column(POS).to_numpy() >> 32
+        for unit in np.unique(units):
+            _write(work_fs, f"{work}/{dist_dir}/u{unit:06d}/{bucket}.parquet", joined.filter(pa.array(units == unit)))
+    return pa.table({k: [v] for k, v in counts.items()})
+
+
+def _dist_schema(side: str) -> pa.Schema:
+    return pa.schema([pa.field(POS, pa.int64()), *VALUE_FIELDS[side]])
+
+
+def _align(pos: np.ndarray, table: pa.Table, fields) -> list[pa.Array]:
+    """``table``'s columns (``fields``) at positions ``pos``; null where it has no row for one."""
+    table = table.sort_by(POS)
+    have = table.column(POS).to_numpy()
+    index = np.searchsorted(have, pos)
+    found = (index < len(have)) & (have[np.minimum(index, max(len(have) - 1, 0))] == pos) if len(have) else np.zeros(len(pos), bool)
+    take = pa.array(np.where(found, index, 0), mask=~found) if len(have) else None
+    out = []
+    for field in fields:
+        if take is None:
+            out.append(pa.nulls(len(pos), field.type))
+        else:
+            out.append(table.column(field.name).take(take).combine_chunks().cast(field.type))
+    return out
+
+
+def assemble_unit(
+    items: pa.Table, *, filesystem, schema, batch_rows: int, text_column: str, captioning: bool, work_fs, work: str,
+):
+    """Pass 5: the unit's rows without image bytes, with their values in row order, ready for flags."""
+    for item in items.to_pylist():
+        unit = item["unit"]
+        unit_keys = _unit_keys(work_fs, work, unit)
+        scores = _read_dir(work_fs, f"{work}/sdist/u{unit:06d}", _dist_schema("score"))
+        captions = _read_dir(work_fs, f"{work}/cdist/u{unit:06d}", _dist_schema("caption")) if captioning else None
+        direct = _read_dir(work_fs, f"{work}/direct/u{unit:06d}", DIRECT_SCHEMA)
+        for table in read_units(pa.Table.from_pylist([item]), filesystem=filesystem, schema=schema, batch_rows=batch_rows):
+            rows = table.column(ROW).to_numpy()
+            pos = positions(table.column(UNIT).to_numpy(), rows)
+            index = np.searchsorted(unit_keys.column(ROW).to_numpy(), rows)
+            picked = unit_keys.take(pa.array(index))
+            itc, itm, truncated, scored_at, from_run, image_error = _align(pos, scores, SCORE_VALUE_FIELDS)
+            direct_error, direct_truncated = _align(pos, direct, list(DIRECT_SCHEMA)[1:])
+            keyless = picked.column(SKEY).is_null()
+            direct_found = _align(pos, direct.append_column("__found", pa.array(np.ones(direct.num_rows, bool))),
+                                  [pa.field("__found", pa.bool_())])[0]
+            lost = pc.or_(
+                pc.and_(pc.invert(keyless), pc.and_(itc.is_null(), image_error.is_null())),
+                pc.and_(keyless, direct_found.is_null()),
+            )
+            if pc.any(lost).as_py():
+                # A key whose value no pass wrote: a lost file or a bug, never a row to commit without scores.
+                raise RuntimeError(f"unit {unit}: {pc.sum(lost).as_py()} keyed rows have no value in the plan's results")
+            image_error = pc.if_else(keyless, direct_error, image_error)
+            truncated = pc.if_else(keyless, direct_truncated, truncated)
+            texts = table.column(text_column).to_pylist()
+            text_error = pa.array(
+                [("missing text" if t is None else "empty or blank text") if _text_problem(t) else None for t in texts],
+                pa.string(),
+            )
+            now = datetime.now(timezone.utc)
+            scored_at = pc.fill_null(scored_at, pa.scalar(now, _TS))
+            out = (
+                table.append_column(K.IMAGE_SHA256, picked.column(K.IMAGE_SHA256))
+                .append_column(K.TEXT_SHA256, picked.column(K.TEXT_SHA256))
+                .append_column(S.IMAGE_ERROR, image_error)
+                .append_column(S.TEXT_ERROR, text_error)
+                .append_column("itc_score", itc)
+                .append_column("itm_score", itm)
+                .append_column("text_truncated", pc.fill_null(truncated, False))
+                .append_column("scored_at", scored_at)
+                .append_column("scores_from_run", from_run)
+            )
+            if captioning:
+                caption, caption_from = _align(pos, captions, CAPTION_VALUE_FIELDS)
+                out = out.append_column("caption", caption).append_column("caption_from_run", caption_from)
+            yield out

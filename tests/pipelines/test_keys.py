@@ -1,0 +1,97 @@
+"""The content keys: every setting that changes numbers is in them; where and how fast a run goes is not."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pyarrow as pa
+import pytest
+
+from pipelines import keys
+from pipelines.config import JobConfig, build_config
+
+BASE = {"input": "in", "output": "out"}
+
+# What each key holds, listed once more by hand: a field added to a key, or dropped from it,
+# fails here until this list (and the README's) says so.
+SCORE_KEY_FIELDS = {"itm_checkpoint", "max_text_tokens", "precision", "device", "jpeg_draft", "scorer_version"}
+CAPTION_KEY_FIELDS = {"caption_checkpoint", "prompt", "max_new_tokens", "precision", "device", "jpeg_draft", "captioner_version"}
+
+# Config options that change where or how fast a run goes (or which rows it writes, or how it
+# flags them), never a score or a caption.
+NOT_IN_KEYS = {
+    "input", "output", "overwrite", "run_id", "ray_address", "score_actors", "caption_actors",
+    "score_gpus", "caption_gpus", "score_cpus", "caption_cpus", "score_batch_size", "caption_batch_size",
+    "decode_batch_size", "report_category_column", "itm_threshold", "itc_threshold", "captions",
+    "id_column", "text_column", "image_column", "image_uri_column", "device", "reuse", "dedup",
+    # the checkpoints enter by content identity, not by reference
+    "itm_model", "caption_model",
+}
+
+
+def _digests(config: JobConfig, itm="sha256:a", caption="sha256:b", device="cpu"):
+    return keys.score_settings(config, itm, device).digest, keys.caption_settings(config, caption, device).digest
+
+
+def test_key_fields_are_the_listed_ones():
+    assert {f.name for f in dataclasses.fields(keys.ScoreSettings)} == SCORE_KEY_FIELDS
+    assert {f.name for f in dataclasses.fields(keys.CaptionSettings)} == CAPTION_KEY_FIELDS
+
+
+def test_every_config_option_is_either_in_a_key_or_listed_as_not():
+    in_keys = {"max_text_tokens", "precision", "jpeg_draft", "caption_prompt", "max_new_tokens"}
+    assert set(JobConfig.model_fields) == in_keys | NOT_IN_KEYS
+
+
+@pytest.mark.parametrize(
+    "change, score_moves, caption_moves",
+    [
+        ({"max_text_tokens": 20}, True, False),
+        ({"precision": "bf16"}, True, True),
+        ({"jpeg_draft": True}, True, True),
+        ({"caption_prompt": "a photo of"}, False, True),
+        ({"max_new_tokens": 7}, False, True),
+    ],
+)
+def test_settings_that_change_numbers_change_the_key(change, score_moves, caption_moves):
+    base = _digests(build_config(BASE))
+    moved = _digests(build_config(dict(BASE, **change)))
+    assert (base[0] != moved[0], base[1] != moved[1]) == (score_moves, caption_moves)
+
+
+def test_checkpoint_identity_device_and_versions_are_in_the_key():
+    config = build_config(BASE)
+    base = _digests(config)
+    assert _digests(config, itm="sha256:other")[0] != base[0] and _digests(config, itm="sha256:other")[1] == base[1]
+    assert _digests(config, caption="sha256:other")[1] != base[1]
+    assert _digests(config, device="cuda") != base
+    assert dataclasses.replace(keys.score_settings(config, "sha256:a", "cpu"), scorer_version=99).digest != base[0]
+    assert dataclasses.replace(keys.caption_settings(config, "sha256:b", "cpu"), captioner_version=99).digest != base[1]
+
+
+@pytest.mark.parametrize("option", [
+    {"score_batch_size": 3}, {"caption_batch_size": 3}, {"decode_batch_size": 3}, {"score_actors": "2,4"},
+    {"caption_actors": "1,8"}, {"score_gpus": 0.5}, {"caption_cpus": 2}, {"ray_address": "auto"},
+    {"itm_threshold": 0.9}, {"captions": "flagged"}, {"run_id": "x"}, {"output": "elsewhere"},
+    {"itm_model": "/another/path/same/weights"},
+])
+def test_batch_sizes_pools_resources_and_paths_are_not_in_the_key(option):
+    assert _digests(build_config(dict(BASE, **option))) == _digests(build_config(BASE))
+
+
+def test_auto_precision_on_the_cpu_is_fp32():
+    assert _digests(build_config(dict(BASE, precision="auto"))) == _digests(build_config(dict(BASE, precision="fp32")))
+    assert keys.effective_precision("auto", "cuda") != "fp32"
+
+
+def test_row_keys_are_null_where_content_is_missing():
+    image = pa.array([keys.sha256_hex(b"x"), None, keys.sha256_hex(b"x"), keys.sha256_hex(b"y")])
+    text = pa.array([keys.text_sha256("a"), keys.text_sha256("a"), None, keys.text_sha256("a")])
+    score = keys.score_keys("d", image, text).to_pylist()
+    assert score[1] is None and score[2] is None and score[0] != score[3]
+    assert keys.score_keys("d", image, text).to_pylist()[0] == score[0]
+    assert keys.score_keys("e", image, text).to_pylist()[0] != score[0]
+    caption = keys.caption_keys("d", image).to_pylist()
+    assert caption[0] == caption[2] and caption[1] is None
+    assert keys.text_sha256(None) is None and keys.sha256_hex(None) is None
+    assert keys.text_sha256("é") == __import__("hashlib").sha256("é".encode()).hexdigest()
