@@ -12,9 +12,11 @@ results are one row of counts per task.
 
 from __future__ import annotations
 
+import functools
 import uuid
 import warnings
 
+import numpy as np
 import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy
@@ -22,13 +24,23 @@ from ray.data import ActorPoolStrategy
 from blip_ops.identity import checkpoint_identity
 
 from .. import keys as K
+from .. import schema as S
 from ..commit import pieces
 from ..config import JobConfig
 from ..reuse import passes as P
 from ..schema import output_schema, passthrough_schema
 from . import stages
 from .graph import (
-    TASK_RETRIES, _unfused, actor_retries, caption_stage_kwargs, decode_kwargs, finalize_kwargs, score_stage_kwargs, task_retries,
+    TASK_RETRIES,
+    _unfused,
+    actor_retries,
+    caption_stage_kwargs,
+    decode_kwargs,
+    finalize_kwargs,
+    flag_kwargs,
+    score_call_kwargs,
+    score_stage_kwargs,
+    task_retries,
 )
 from .resources import Resources
 
@@ -78,8 +90,8 @@ def _tasks(items: list[dict], fn, kwargs: dict) -> pa.Table:
     return pa.concat_tables(tables) if tables else pa.table({})
 
 
-def _sum(table: pa.Table) -> dict[str, int]:
-    return {name: int(pa.compute.sum(table.column(name)).as_py() or 0) for name in table.column_names}
+def _sum(table: pa.Table) -> dict[str, int | float]:
+    return {name: pa.compute.sum(table.column(name)).as_py() or 0 for name in table.column_names}
 
 
 def _source_items(sources, digests: dict) -> tuple[list[dict], dict]:
@@ -123,7 +135,7 @@ def plan_and_compute(
     hashed = _sum(_tasks(items, P.hash_unit, dict(
         read, **common, buckets=buckets, text_column=config.text_column,
         image_column=config.image_uri_column or config.image_column, from_uri=bool(config.image_uri_column),
-        score_digest=digests["score"], caption_digest=caption_digest,
+        score_digest=digests["score"], caption_digest=caption_digest, max_image_bytes=config.max_image_bytes,
     )))
     source_items, matched = _source_items(sources, {"score": digests["score"], "caption": caption_digest})
     offered = _sum(_tasks(source_items, P.source_file, dict(common, buckets=buckets, digests=digests)))
@@ -153,6 +165,7 @@ def plan_and_compute(
         "offered_by_sources": offered,
         "buckets": buckets,
         "model_stages_run": [name for name, run in stages_needed.items() if run],
+        "evidence_s": float(computed.get("evidence_s", 0.0)),
     }
 
 
@@ -178,14 +191,17 @@ def _compute(config, source, run_id, resources, items, read, common, buckets, si
             stages.ScoreStage, batch_format="pyarrow", batch_size=resources.score_batch_size,
             compute=ActorPoolStrategy(min_size=resources.score_actors[0], max_size=resources.score_actors[1]),
             num_gpus=resources.score_gpus, num_cpus=resources.score_cpus, **actor_retries(),
-            fn_constructor_kwargs=score_stage_kwargs(config, resources), udf_modifying_row_count=False,
+            fn_constructor_kwargs=score_stage_kwargs(config, resources), fn_kwargs=score_call_kwargs(config),
+            udf_modifying_row_count=False,
         )
     if needed["caption"]:
         ds = ds.map_batches(
             stages.CaptionStage, batch_format="pyarrow", batch_size=resources.caption_batch_size,
             compute=ActorPoolStrategy(min_size=resources.caption_actors[0], max_size=resources.caption_actors[1]),
             num_gpus=resources.caption_gpus, num_cpus=resources.caption_cpus, **actor_retries(),
-            fn_constructor_kwargs=dict(caption_stage_kwargs(config, resources), policy="all"),
+            # Agreement compares a caption with a row's own text, so it runs per row in pass 5, not here
+            # (one caption serves every row of its image, whatever their texts).
+            fn_constructor_kwargs=dict(caption_stage_kwargs(config, resources), policy="all", agreement_model=None),
             udf_modifying_row_count=False,
         )
     ds = ds.map_batches(
@@ -196,11 +212,46 @@ def _compute(config, source, run_id, resources, items, read, common, buckets, si
     return pa.concat_tables(tables) if tables else pa.table({})
 
 
-def _assemble_and_write(items: pa.Table, *, assemble: dict, flags: dict, finalize: dict, write: dict) -> pa.Table:
-    """Pass 5 in one task per unit: its rows with their values, flags, the output schema, pieces."""
+@functools.lru_cache(maxsize=2)
+def _sentence_encoder(reference: str):
+    # Once per worker process (Ray reuses them across tasks), never on the driver.
+    from blip_ops.agreement import SentenceEncoder
+
+    return SentenceEncoder.from_pretrained(reference, device="cpu")
+
+
+def _evidence_as_policy(batch: pa.Table, policy: str, layer: int | None) -> pa.Table:
+    """A value keyed with the scores may come from a duplicate or a source: keep it only where this
+    run's policy asks for evidence (every scored row, or the rows its thresholds flag by score) and,
+    with ``--evidence-layer``, only a map of that layer."""
+    column = batch.column("evidence")
+    keep = np.ones(batch.num_rows, dtype=bool)
+    if policy == "none":
+        keep[:] = False
+    elif policy == "flagged":
+        reasons = batch.column("flag_reasons").to_pylist()
+        keep = np.array([S.REASON_ITM in r or S.REASON_ITC in r for r in reasons], dtype=bool)
+    if layer is not None:
+        layers = pa.compute.struct_field(column, "layer").to_numpy(zero_copy_only=False)
+        keep &= np.array([v == layer for v in layers], dtype=bool)
+    if keep.all():
+        return batch
+    index = batch.schema.get_field_index("evidence")
+    return batch.set_column(index, "evidence", pa.compute.if_else(pa.array(keep), column, pa.nulls(len(column), column.type)))
+
+
+def _assemble_and_write(
+    items: pa.Table, *, assemble: dict, flags: dict, finalize: dict, write: dict, evidence: dict, agreement: dict | None,
+) -> pa.Table:
+    """Pass 5 in one task per unit: its rows with their values, flags, agreement, the output schema, pieces."""
     pieces_written = rows = 0
     for batch in P.assemble_unit(items, **assemble):
-        out = stages.finalize_batch(stages.flag_batch(batch, **flags), **finalize)
+        batch = _evidence_as_policy(stages.flag_batch(batch, **flags), **evidence)
+        if agreement:
+            batch = stages.add_agreement(
+                batch, _sentence_encoder(agreement["model"]), assemble["text_column"], agreement["threshold"]
+            )
+        out = stages.finalize_batch(batch, **finalize)
         written = pieces.write_pieces(out, **write)
         pieces_written += written.num_rows
         rows += int(pa.compute.sum(written.column("rows")).as_py() or 0)
@@ -218,8 +269,11 @@ def assemble_and_write(config: JobConfig, source, run_id: str, todo, staging: st
         "assemble": {
             "filesystem": source.location.filesystem, "schema": passthrough, "batch_rows": config.decode_batch_size,
             "text_column": config.text_column, "captioning": config.captioning, "work_fs": filesystem, "work": work,
+            "detect_language": config.text_languages is not None,
         },
-        "flags": {"itm_threshold": config.itm_threshold, "itc_threshold": config.itc_threshold},
+        "flags": flag_kwargs(config),
+        "evidence": {"policy": config.evidence, "layer": config.evidence_layer},
+        "agreement": {"model": config.agreement_model, "threshold": config.agreement_threshold} if config.agreeing else None,
         "finalize": finalize_kwargs(config, run_id, passthrough.names, [pieces.UNIT, pieces.ROW]),
         "write": {"filesystem": filesystem, "staging": staging, "schema": output_schema(source.schema, image_column)},
     }

@@ -39,6 +39,8 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from blip_ops.texts import text_problem
+
 from .. import keys as K
 from .. import schema as S
 from ..commit.pieces import ROW, UNIT, read_units
@@ -62,6 +64,8 @@ _TS = pa.timestamp("us", tz="UTC")
 SCORE_VALUE_FIELDS = [
     pa.field("itc_score", pa.float32()), pa.field("itm_score", pa.float32()), pa.field("text_truncated", pa.bool_()),
     pa.field("scored_at", _TS), pa.field("scores_from_run", pa.string()), pa.field(S.IMAGE_ERROR, pa.string()),
+    # Grad-CAM travels with the scores it explains (the same pair, the same model and settings).
+    pa.field("evidence", S.EVIDENCE_TYPE),
 ]
 CAPTION_VALUE_FIELDS = [pa.field("caption", pa.string()), pa.field("caption_from_run", pa.string())]
 VALUE_FIELDS = {"score": SCORE_VALUE_FIELDS, "caption": CAPTION_VALUE_FIELDS}
@@ -111,7 +115,8 @@ def _bucketed(fs, work: str, side_dir: str, name: str, table: pa.Table, buckets:
 
 
 def _text_problem(text) -> bool:
-    return text is None or not isinstance(text, str) or not text.strip()
+    # The decode stage's own rule (blip_ops.texts): a text of invisible characters only is blank too.
+    return text_problem(text) is not None
 
 
 KEYS_FILE_SCHEMA = pa.schema([
@@ -123,27 +128,31 @@ KEY_POS_SCHEMA = pa.schema([pa.field(KEY, pa.string()), pa.field(POS, pa.int64()
 
 def hash_unit(
     items: pa.Table, *, filesystem, schema, batch_rows: int, text_column: str, image_column: str, from_uri: bool,
-    score_digest: str, caption_digest: str | None, work_fs, work: str, buckets: int,
+    score_digest: str, caption_digest: str | None, work_fs, work: str, buckets: int, max_image_bytes: int | None = None,
 ) -> pa.Table:
     """Pass 1 for units: content hashes and keys of every wanted row, bucketed."""
     counts = {"rows": 0, "keyless": 0}
     for table in read_units(items, filesystem=filesystem, schema=schema, batch_rows=batch_rows):
         unit, first = int(table.column(UNIT)[0].as_py()), int(table.column(ROW)[0].as_py())
         texts = table.column(text_column).to_pylist()
-        images = []
+        images, oversized = [], []
         for value in table.column(image_column).to_pylist():
             if from_uri:
                 try:
-                    value = read_bytes(str(value)) if value is not None and str(value).strip() else None
-                except (OSError, ValueError):
+                    value = read_bytes(str(value), max_image_bytes) if value is not None and str(value).strip() else None
+                except (OSError, ValueError):  # TooLarge too: an oversized object is never read whole
                     value = None  # unreadable: no key; the compute pass reads it again and says why
             images.append(K.sha256_hex(value))
+            # Over the byte limit (a bytes column; a URI is never read that far): no key, so the
+            # compute pass decodes it and says why, and no earlier run's value is taken for it.
+            oversized.append(value is not None and max_image_bytes is not None and len(value) > max_image_bytes)
         image_sha = pa.array(images, pa.string())
+        keyed_image = pa.array([None if big else h for h, big in zip(images, oversized)], pa.string())
         text_sha = pa.array([K.text_sha256(t) for t in texts], pa.string())
         # A blank text is an error row: it never matches nor merges.
         scorable_text = pa.array([None if _text_problem(t) else h for t, h in zip(texts, text_sha.to_pylist())], pa.string())
-        score_key = K.score_keys(score_digest, image_sha, scorable_text)
-        caption_key = K.caption_keys(caption_digest, image_sha) if caption_digest else pa.nulls(len(texts), pa.string())
+        score_key = K.score_keys(score_digest, keyed_image, scorable_text)
+        caption_key = K.caption_keys(caption_digest, keyed_image) if caption_digest else pa.nulls(len(texts), pa.string())
         rows = table.column(ROW)
         _write(work_fs, f"{work}/keys/u{unit:06d}/r{first:010d}.parquet", pa.Table.from_arrays(
             [rows, image_sha, text_sha, score_key, caption_key], schema=KEYS_FILE_SCHEMA))
@@ -170,7 +179,7 @@ def source_file(items: pa.Table, *, digests: dict, work_fs, work: str, buckets: 
         wanted = {K.IMAGE_SHA256, K.TEXT_SHA256, "status"} | set(SCORE_VALUES) | set(CAPTION_VALUES)
         if not wanted <= names:
             continue  # written before keys and provenance existed: matches nothing
-        table = parquet.read(columns=sorted(wanted))
+        table = parquet.read(columns=sorted(wanted | ({"evidence"} & names)))
         for side in sides:
             if side == "score":
                 ok = pc.and_(pc.equal(table.column("status"), S.STATUS_OK), table.column("itc_score").is_valid())
@@ -310,7 +319,7 @@ DIRECT_SCHEMA = pa.schema([pa.field(POS, pa.int64()), pa.field(S.IMAGE_ERROR, pa
 def store_results(batch: pa.Table, *, run_id: str, work_fs, work: str, buckets: int) -> pa.Table:
     """Pass 3's end: each computed value under its key; rows with no key by position."""
     if not batch.num_rows:
-        return pa.table({"pairs_scored": [0], "images_captioned": [0]})
+        return pa.table({"pairs_scored": [0], "images_captioned": [0], "evidence_s": [0.0]})
     pos = positions(batch.column(UNIT).to_numpy(), batch.column(ROW).to_numpy())
     name = f"u{int(pos[0] >> 32):06d}-r{int(pos[0] & 0xFFFFFFFF):010d}-{uuid.uuid4().hex[:8]}"
     n = batch.num_rows
@@ -328,8 +337,10 @@ def store_results(batch: pa.Table, *, run_id: str, work_fs, work: str, buckets: 
         "scored_at": pa.array([now if s else None for s in scored], _TS),
         "scores_from_run": pa.array([run_id if s else None for s in scored], pa.string()),
         S.IMAGE_ERROR: batch.column(S.IMAGE_ERROR),
+        "evidence": batch.column("evidence") if "evidence" in batch.column_names else pa.nulls(n, S.EVIDENCE_TYPE),
         REP: pa.array(pos),
     }).filter(pa.array(do_score))
+    evidence_s = float(pc.sum(batch.column(S.EVIDENCE_SECONDS)).as_py() or 0.0) if S.EVIDENCE_SECONDS in batch.column_names else 0.0
     _bucketed(work_fs, work, "sval", f"c-{name}", score_values, buckets)
     captions = 0
     if "caption" in batch.column_names:
@@ -350,7 +361,7 @@ def store_results(batch: pa.Table, *, run_id: str, work_fs, work: str, buckets: 
         units = pos >> 32  # a batch may hold rows of several units
         for unit in np.unique(units[keyless]):
             _write(work_fs, f"{work}/direct/u{unit:06d}/{name}.parquet", direct.filter(pa.array(keyless & (units == unit))))
-    return pa.table({"pairs_scored": [int((do_score & scored).sum())], "images_captioned": [captions]})
+    return pa.table({"pairs_scored": [int((do_score & scored).sum())], "images_captioned": [captions], "evidence_s": [evidence_s]})
 
 
 def _value_schema(side: str) -> pa.Schema:
@@ -403,6 +414,7 @@ def _align(pos: np.ndarray, table: pa.Table, fields) -> list[pa.Array]:
 
 def assemble_unit(
     items: pa.Table, *, filesystem, schema, batch_rows: int, text_column: str, captioning: bool, work_fs, work: str,
+    detect_language: bool = False,
 ):
     """Pass 5: the unit's rows without image bytes, with their values in row order, ready for flags."""
     for item in items.to_pylist():
@@ -416,7 +428,7 @@ def assemble_unit(
             pos = positions(table.column(UNIT).to_numpy(), rows)
             index = np.searchsorted(unit_keys.column(ROW).to_numpy(), rows)
             picked = unit_keys.take(pa.array(index))
-            itc, itm, truncated, scored_at, from_run, image_error = _align(pos, scores, SCORE_VALUE_FIELDS)
+            itc, itm, truncated, scored_at, from_run, image_error, evidence = _align(pos, scores, SCORE_VALUE_FIELDS)
             direct_error, direct_truncated = _align(pos, direct, list(DIRECT_SCHEMA)[1:])
             keyless = picked.column(SKEY).is_null()
             direct_found = _align(pos, direct.append_column("__found", pa.array(np.ones(direct.num_rows, bool))),
@@ -432,8 +444,7 @@ def assemble_unit(
             truncated = pc.if_else(keyless, direct_truncated, truncated)
             texts = table.column(text_column).to_pylist()
             text_error = pa.array(
-                [("missing text" if t is None else "empty or blank text") if _text_problem(t) else None for t in texts],
-                pa.string(),
+                [text_problem(t) for t in texts], pa.string()
             )
             now = datetime.now(timezone.utc)
             scored_at = pc.fill_null(scored_at, pa.scalar(now, _TS))
@@ -447,7 +458,13 @@ def assemble_unit(
                 .append_column("text_truncated", pc.fill_null(truncated, False))
                 .append_column("scored_at", scored_at)
                 .append_column("scores_from_run", from_run)
+                .append_column("evidence", evidence)
             )
+            if detect_language:  # per row, from its text: cheap, and never shared between rows
+                from blip_ops.language import detect_languages
+
+                usable = [t if e is None else None for t, e in zip(texts, text_error.to_pylist())]
+                out = out.append_column(S.TEXT_LANGUAGE, pa.array(detect_languages(usable), pa.string()))
             if captioning:
                 caption, caption_from = _align(pos, captions, CAPTION_VALUE_FIELDS)
                 out = out.append_column("caption", caption).append_column("caption_from_run", caption_from)

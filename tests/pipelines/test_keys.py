@@ -26,6 +26,10 @@ NOT_IN_KEYS = {
     "id_column", "text_column", "image_column", "image_uri_column", "device", "reuse", "dedup",
     # the checkpoints enter by content identity, not by reference
     "itm_model", "caption_model",
+    # computed per row in the keyed plan's last pass (language, agreement) or applied to a value
+    # carried with the scores (evidence, kept only where this run's policy and layer ask for it);
+    # an image over the byte limit gets no key at all, so it is decoded and becomes an error row
+    "evidence", "evidence_layer", "agreement_model", "agreement_threshold", "text_languages", "max_image_bytes",
 }
 
 
