@@ -186,8 +186,15 @@ def _reused_rows(table: pa.Table, config: JobConfig, resources, run_id: str, pas
     reused = reused.append_column(S.IMAGE_ERROR, pa.nulls(n, pa.string())).append_column(S.TEXT_ERROR, pa.nulls(n, pa.string()))
     if not config.captioning:
         reused = reused.drop_columns(["caption", "caption_from_run"])
-    flagged = stages.flag_batch(reused, itm_threshold=config.itm_threshold, itc_threshold=config.itc_threshold)
-    from pipelines.dataflow.graph import finalize_kwargs
+    if config.text_languages is not None and n:
+        from blip_ops.language import detect_languages
+
+        reused = reused.append_column(S.TEXT_LANGUAGE, pa.array(detect_languages(reused.column(config.text_column).to_pylist()), pa.string()))
+    from pipelines.dataflow.graph import finalize_kwargs, flag_kwargs
+
+    # Flags as a fresh audit gives them, language check included; evidence and caption agreement are
+    # not computed for reused rows (null): they need the models this path exists to skip.
+    flagged = stages.flag_batch(reused, **flag_kwargs(config))
 
     return rest, (stages.finalize_batch(flagged, **finalize_kwargs(config, run_id, passthrough)) if n else None)
 

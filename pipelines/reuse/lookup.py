@@ -16,7 +16,8 @@ from ..storage import read_bytes
 from .passes import CAPTION_VALUE_FIELDS, SCORE_VALUE_FIELDS, _text_problem
 from .sources import NEEDED_COLUMNS, ReuseSource
 
-_SCORE_FIELDS = [f for f in SCORE_VALUE_FIELDS if f.name != "__image_error"]
+# An audit's reused rows take the scores only; their evidence is not looked up (see jobs.audit).
+_SCORE_FIELDS = [f for f in SCORE_VALUE_FIELDS if f.name not in ("__image_error", "evidence")]
 
 
 def content_hashes(table: pa.Table, text_column: str, image_column: str, from_uri: bool) -> tuple[pa.Array, pa.Array]:

@@ -378,7 +378,13 @@ def distribute_bucket(items: pa.Table, *, work_fs, work: str) -> pa.Table:
         values = _read_dir(work_fs, f"{work}/{value_dir}/{bucket}", _value_schema(side))
         if not keyed.num_rows:
             continue
-        joined = keyed.join(values, KEY, join_type="inner").drop_columns([KEY])
+        # Acero joins no struct or list columns (the evidence): join on the key and a value index, then take.
+        index = pa.table({KEY: values.column(KEY), "__value": pa.array(np.arange(values.num_rows, dtype=np.int64))})
+        matched = keyed.join(index, KEY, join_type="inner")
+        taken = values.drop_columns([KEY]).take(matched.column("__value"))
+        joined = pa.Table.from_arrays(
+            [matched.column(POS), *taken.columns], names=[POS, *taken.column_names]
+        )
         rep = joined.column(REP)
         reused = rep.is_null().to_numpy(zero_copy_only=False)
         duplicate = ~reused & (pc.fill_null(pc.not_equal(rep, joined.column(POS)), False).to_numpy(zero_copy_only=False))

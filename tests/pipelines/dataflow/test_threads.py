@@ -28,7 +28,7 @@ def _pipeline_actor_threads(ray, config, resources) -> set[int]:
     arguments["udf_modifying_row_count"] = True
 
     class ThreadProbe(stages.ScoreStage):  # defined here: pickled by value for Ray's workers
-        def __call__(self, batch):
+        def __call__(self, batch, **call_kwargs):  # the pipeline's per-call arguments (thresholds)
             return pa.table({"threads": [self.torch_threads()]})
 
     ds = ray.data.range(4, override_num_blocks=2).map_batches(ThreadProbe, **arguments)
