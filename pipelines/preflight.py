@@ -13,6 +13,7 @@ import pyarrow.dataset as pads
 from blip_ops.checkpoints import CAPTION, ITM, CheckpointError, inspect_checkpoint
 
 from .commit import output
+from .commit.delta import committer_for
 from .commit.units import Unit, UnitError, fingerprint, model_fingerprint, plan_units, work_key
 from .config import JobConfig
 from .schema import OUTPUT_COLUMNS
@@ -111,7 +112,8 @@ def preflight(config: JobConfig) -> Checked:
     source = inspect_input(config)
     check_models(config)
     try:
-        destination = output.prepare_output(config.output, config.overwrite, work_key(config, source.fingerprint))
+        committer = committer_for(config)
+        destination = committer.prepare(config.output, config.overwrite, work_key(config, source.fingerprint))
     except (output.OutputError, OSError) as exc:
         raise InputError(str(exc)) from None
     return source, destination

@@ -29,6 +29,7 @@ NOT_IN_KEY = {
     "output", "overwrite", "run_id", "ray_address", "score_actors", "caption_actors",
     "score_gpus", "caption_gpus", "score_cpus", "caption_cpus", "score_batch_size",
     "caption_batch_size", "decode_batch_size", "report_category_column",
+    "output_format", "output_partition",
 }
 
 

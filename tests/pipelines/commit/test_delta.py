@@ -1,0 +1,195 @@
+"""The Delta committer without Ray: one commit per run, app transactions, twins, partitions, schema merge."""
+
+from __future__ import annotations
+
+import threading
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+
+deltalake = pytest.importorskip("deltalake")
+
+from pipelines.commit import delta, output  # noqa: E402
+from pipelines.commit.pieces import ROW, UNIT, write_pieces  # noqa: E402
+from pipelines.commit.units import Unit  # noqa: E402
+
+SCHEMA = pa.schema([("id", pa.int64()), ("status", pa.string()), ("flagged", pa.bool_())])
+FS = pafs.LocalFileSystem()
+UNITS = [Unit(0, "a", 0, 4), Unit(1, "a", 1, 2)]
+
+
+def _rows(unit: int, first: int, count: int, status: str = "ok", schema: pa.Schema = SCHEMA) -> pa.Table:
+    columns = {
+        "id": pa.array(range(unit * 1000 + first, unit * 1000 + first + count), pa.int64()),
+        "status": [status] * count,
+        "flagged": [status != "ok"] * count,
+    }
+    for field in schema:
+        if field.name not in columns:
+            columns[field.name] = pa.array([1.5] * count, field.type)
+    columns[UNIT] = pa.array([unit] * count, pa.int64())
+    columns[ROW] = pa.array(range(first, first + count), pa.int64())
+    return pa.table(columns)
+
+
+def _staged(root, key="k1", run_id="r1", partition=None, status="ok", schema=SCHEMA, overwrite=True):
+    committer = delta.DeltaCommitter(str(root), partition)
+    location = committer.prepare(str(root), overwrite, key)
+    attempt = output.open_attempt(location, key, run_id, committer.read_committed(location))
+    for table in (_rows(0, 0, 4, status, schema), _rows(1, 0, 2, status, schema)):
+        write_pieces(table, filesystem=FS, staging=attempt.staging, schema=schema)
+    return committer, location, attempt
+
+
+def _table(root, **kwargs):
+    return deltalake.DeltaTable(str(root), **kwargs)
+
+
+def test_one_commit_holds_every_row_the_manifest_and_an_app_transaction(tmp_path):
+    root = tmp_path / "table"
+    committer, location, attempt = _staged(root)
+    result = committer.commit(location, attempt, UNITS, SCHEMA, {"schema_version": 1, "config": {"itm_threshold": 0.5}})
+    table = _table(root)
+    assert table.version() == 0
+    assert sorted(table.to_pyarrow_table().column("id").to_pylist()) == [0, 1, 2, 3, 1000, 1001]
+    info = table.history(1)[0]
+    body = info[delta.METADATA_KEY]
+    assert body["run_id"] == "r1" and body["rows"] == 6 and body["rows_by_status"] == {"ok": 6}
+    assert body["config"] == {"itm_threshold": 0.5} and sorted(body["files"]) == sorted(result.files)
+    assert table.transaction_version(delta.app_id("k1")) == 0
+    assert committer.read_committed(location)["run_id"] == "r1"
+    assert output.read_committed(output.locate(str(root)))["run_id"] == "r1"  # readers dispatch on _delta_log
+    assert sorted(output.committed_files(str(root))) == sorted(str(root / f) for f in result.files)
+    assert not list(root.glob("_staging-*"))
+
+
+@pytest.mark.parametrize("partition", [None, "dt=2026-01-02"])
+def test_a_twin_that_committed_first_makes_the_other_report_already_committed(tmp_path, monkeypatch, partition):
+    """Two runs of one attempt: the second one's commit is attempted against the snapshot in which
+    the first had not committed yet (the race), and must not land as a second commit. Against a
+    table that exists: over an earlier result, or a new partition beside another."""
+    root = tmp_path / "table"
+    other = "dt=2026-01-01" if partition else None
+    committer, location, attempt = _staged(root, key="old", run_id="r-old", partition=other)
+    committer.commit(location, attempt, UNITS, SCHEMA, {})
+    committer, location, attempt = _staged(root, partition=partition)
+    real = delta._commit_once
+    calls = []
+
+    def twin_commits_first(*args, **kwargs):
+        if not calls:
+            calls.append(1)
+            monkeypatch.setattr(delta, "_commit_once", real)
+            committer.commit(location, attempt, UNITS, SCHEMA, {})  # the twin wins the race
+            monkeypatch.setattr(delta, "_commit_once", twin_commits_first)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(delta, "_commit_once", twin_commits_first)
+    with pytest.raises(output.AlreadyCommitted) as raised:
+        committer.commit(location, attempt, UNITS, SCHEMA, {})
+    assert raised.value.manifest["run_id"] == "r1"
+    table = _table(root)
+    assert table.version() == 1 and table.to_pyarrow_table().num_rows == (12 if partition else 6)
+
+
+def test_two_threads_committing_at_once_make_one_commit(tmp_path):
+    root = tmp_path / "table"
+    committer, location, attempt = _staged(root, key="old", run_id="r-old")
+    committer.commit(location, attempt, UNITS, SCHEMA, {})
+    committer, location, attempt = _staged(root)
+    start, outcomes = threading.Barrier(2), []
+
+    def run():
+        start.wait()
+        try:
+            committer.commit(location, attempt, UNITS, SCHEMA, {})
+            outcomes.append("committed")
+        except output.AlreadyCommitted:
+            outcomes.append("already_committed")
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert sorted(outcomes) == ["already_committed", "committed"]
+    assert _table(root).version() == 1 and _table(root).to_pyarrow_table().num_rows == 6
+
+
+def test_overwrite_is_one_commit_and_time_travel_keeps_the_old_result(tmp_path):
+    root = tmp_path / "table"
+    committer, location, attempt = _staged(root, key="old", run_id="r-old")
+    committer.commit(location, attempt, UNITS, SCHEMA, {})
+    with pytest.raises(output.OutputError, match="--overwrite"):
+        delta.DeltaCommitter(str(root)).prepare(str(root), False, "new")
+    committer, location, attempt = _staged(root, key="new", run_id="r-new", status="text_error")
+    assert set(_table(root).to_pyarrow_table().column("status").to_pylist()) == {"ok"}  # staged: not visible
+    committer.commit(location, attempt, UNITS, SCHEMA, {})
+    table = _table(root)
+    assert table.version() == 1
+    assert set(table.to_pyarrow_table().column("status").to_pylist()) == {"text_error"}
+    assert table.to_pyarrow_table().num_rows == 6
+    assert set(_table(root, version=0).to_pyarrow_table().column("status").to_pylist()) == {"ok"}
+
+
+def test_partitions_commit_apart_and_a_rescored_partition_replaces_only_itself(tmp_path):
+    root = tmp_path / "table"
+    for day in ("2026-01-01", "2026-01-02", "2026-01-03"):
+        committer, location, attempt = _staged(root, key=f"k{day}", run_id=f"r{day}", partition=f"dt={day}")
+        assert location.path == str(root / f"dt={day}")
+        committer.commit(location, attempt, UNITS, SCHEMA, {})
+    assert _table(root).version() == 2
+    committer, location, attempt = _staged(root, key="k-re", run_id="r-re", partition="dt=2026-01-02", status="text_error")
+    committer.commit(location, attempt, UNITS, SCHEMA, {})
+    table = _table(root)
+    assert table.version() == 3 and table.metadata().partition_columns == ["dt"]
+    rows = table.to_pyarrow_table().to_pylist()
+    assert len(rows) == 18
+    assert {(r["dt"], r["status"]) for r in rows} == {
+        ("2026-01-01", "ok"), ("2026-01-02", "text_error"), ("2026-01-03", "ok")
+    }
+    assert delta.read_committed(delta.Table(output.locate(str(root)), {"dt": "2026-01-01"}))["run_id"] == "r2026-01-01"
+    assert delta.read_committed(delta.Table(output.locate(str(root)), {"dt": "2026-01-02"}))["run_id"] == "r-re"
+    assert len(output.committed_files(str(root / "dt=2026-01-02"))) == 2  # a partition path reads that partition
+    assert len(output.committed_files(str(root))) == 6
+
+
+def test_a_new_output_column_merges_into_the_table_schema(tmp_path):
+    root = tmp_path / "table"
+    committer, location, attempt = _staged(root, key="k1", run_id="r1", partition="dt=2026-01-01")
+    committer.commit(location, attempt, UNITS, SCHEMA, {})
+    newer = SCHEMA.append(pa.field("agreement", pa.float32()))  # a later version of the job adds a column
+    committer, location, attempt = _staged(root, key="k2", run_id="r2", partition="dt=2026-01-02", schema=newer)
+    committer.commit(location, attempt, UNITS, newer, {})
+    table = _table(root)
+    assert table.version() == 1  # the schema change rides on the run's own commit
+    assert "agreement" in pa.schema(table.schema().to_arrow()).names
+    rows = table.to_pyarrow_table().to_pylist()
+    assert {r["agreement"] for r in rows if r["dt"] == "2026-01-01"} == {None}
+    assert {r["agreement"] for r in rows if r["dt"] == "2026-01-02"} == {1.5}
+
+
+def test_prepare_refuses_a_parquet_output_foreign_files_and_another_partitioning(tmp_path):
+    parquet_out = tmp_path / "parquet"
+    parquet_out.mkdir()
+    (parquet_out / "_manifest.json").write_text("{}")
+    with pytest.raises(output.OutputError, match="Parquet output"):
+        delta.DeltaCommitter(str(parquet_out)).prepare(str(parquet_out), True, "k")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "data.csv").write_text("x")
+    with pytest.raises(output.OutputError, match="did not write"):
+        delta.DeltaCommitter(str(foreign)).prepare(str(foreign), True, "k")
+    root = tmp_path / "table"
+    committer, location, attempt = _staged(root)
+    committer.commit(location, attempt, UNITS, SCHEMA, {})
+    with pytest.raises(output.OutputError, match="partitioned"):
+        delta.DeltaCommitter(str(root), "dt=2026-01-01").prepare(str(root), True, "k")
+    with pytest.raises(output.OutputError, match="Delta table"):
+        output.prepare_output(str(root), True, "k")  # the Parquet committer refuses a table
+    # Rows another writer put in the table are not ours: replacing them needs --overwrite.
+    deltalake.write_deltalake(str(root), pq.read_table(output.committed_files(str(root))[0]), mode="overwrite")
+    with pytest.raises(output.OutputError, match="did not commit"):
+        delta.DeltaCommitter(str(root)).prepare(str(root), False, "k1")
