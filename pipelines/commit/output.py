@@ -297,12 +297,22 @@ class Checked:
     flagged: int
 
 
+LIST_TRIES = 3
+
+
 def check_pieces(location: Location, attempt: Attempt, units: list[Unit]) -> Checked:
     """Every input row staged exactly once (else ``IncompleteError``), counted by status."""
-    pieces = _pieces(location, attempt)
-    _check_complete(pieces, units)
+    for tries in range(1, LIST_TRIES + 1):
+        pieces = _pieces(location, attempt)
+        _check_complete(pieces, units)
+        try:
+            rows, by_status, flagged = _count(location.filesystem, sorted(pieces.values()))
+            break
+        except FileNotFoundError:
+            # A concurrent commit of the same attempt moved a piece after it was listed: list again.
+            if tries == LIST_TRIES:
+                raise
     expected = sum(u.rows for u in units)
-    rows, by_status, flagged = _count(location.filesystem, sorted(pieces.values()))
     if rows != expected:
         raise IncompleteError(f"row count mismatch: {expected} input rows, {rows} staged; nothing committed")
     return Checked(pieces, rows, by_status, flagged)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -94,27 +93,42 @@ def test_a_twin_that_committed_first_makes_the_other_report_already_committed(tm
     assert table.version() == 1 and table.to_pyarrow_table().num_rows == (12 if partition else 6)
 
 
-def test_two_threads_committing_at_once_make_one_commit(tmp_path):
+def _commit_when_told(root: str, go: str, ready, outcomes) -> None:
+    """One of two processes committing the same attempt at once (processes, as two runs would be)."""
+    import os
+    import time
+
+    committer = delta.DeltaCommitter(root)
+    location = committer.table.data
+    attempt = output.open_attempt(location, "k1", "unused", committer.read_committed(location))
+    ready.put(attempt.run_id)
+    while not os.path.exists(go):
+        time.sleep(0.001)
+    try:
+        committer.commit(location, attempt, UNITS, SCHEMA, {})
+        outcomes.put("committed")
+    except output.AlreadyCommitted:
+        outcomes.put("already_committed")
+
+
+def test_two_processes_committing_at_once_make_one_commit(tmp_path):
+    import multiprocessing
+
     root = tmp_path / "table"
     committer, location, attempt = _staged(root, key="old", run_id="r-old")
     committer.commit(location, attempt, UNITS, SCHEMA, {})
-    committer, location, attempt = _staged(root)
-    start, outcomes = threading.Barrier(2), []
-
-    def run():
-        start.wait()
-        try:
-            committer.commit(location, attempt, UNITS, SCHEMA, {})
-            outcomes.append("committed")
-        except output.AlreadyCommitted:
-            outcomes.append("already_committed")
-
-    threads = [threading.Thread(target=run) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    assert sorted(outcomes) == ["already_committed", "committed"]
+    _staged(root)
+    context = multiprocessing.get_context("spawn")
+    ready, outcomes, go = context.Queue(), context.Queue(), str(tmp_path / "go")
+    workers = [context.Process(target=_commit_when_told, args=(str(root), go, ready, outcomes)) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    assert [ready.get(timeout=60) for _ in workers] == ["r1", "r1"]  # both resumed the staged attempt
+    (tmp_path / "go").write_text("")
+    results = sorted(outcomes.get(timeout=60) for _ in workers)
+    for worker in workers:
+        worker.join(timeout=30)
+    assert results == ["already_committed", "committed"]
     assert _table(root).version() == 1 and _table(root).to_pyarrow_table().num_rows == 6
 
 
