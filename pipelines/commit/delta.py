@@ -20,7 +20,9 @@ taken out). With it, delta-rs refuses the second commit (concurrent transaction 
 id); the run reloads the table, finds its run committed, and raises ``AlreadyCommitted``.
 
 On S3 a commit is one conditional PUT of the next log entry (``If-None-Match``; delta-rs's
-default since 1.0, no lock table): two writers cannot both create version N.
+default since 1.0, no lock table, nothing to configure beyond the endpoint): two writers cannot
+both create version N (moto answers the loser 412, as S3 does). Creating the table is made with
+no commit retries, so that a lost creation race is not rebased into a second commit.
 
 Files a commit replaces stay on storage until ``VACUUM`` (time travel needs them); the job
 never deletes them. ``VACUUM`` skips ``_``-prefixed paths, so staging, ``_report.html`` and
@@ -45,6 +47,9 @@ LOG = "_delta_log"
 METADATA_KEY = "blip_moderate"
 APP_PREFIX = "blip-moderate-"
 COMMIT_TRIES = 5
+# Committed-ness is read from commit infos in the log, so a table this job creates keeps its log
+# entries (delta-rs would otherwise delete those older than 30 days after a checkpoint).
+LOG_SETTINGS = {"delta.enableExpiredLogCleanup": "false"}
 
 
 @dataclass(frozen=True)
@@ -141,18 +146,27 @@ def _relative(table: Table, files: list[str]) -> list[str]:
     return sorted(prefix + name for name in files)
 
 
-def _history(handle):
-    """Commit infos, newest first: the last few, then (rarely needed) all of them."""
-    recent = handle.history(16)
-    yield from recent
-    if len(recent) == 16:
-        yield from handle.history()[16:]
+def _history(handle, table: Table):
+    """Commit infos, newest first, read from the log entries themselves (one small JSON each).
+    Not ``DeltaTable.history()``: in delta-rs 1.6.6 it holds the GIL while it waits on storage,
+    which deadlocks against an S3 server in the same process (the moto server of the tests)."""
+    fs = table.root.filesystem
+    for version in range(handle.version(), -1, -1):
+        try:
+            with fs.open_input_stream(table.root.join(LOG, f"{version:020d}.json")) as stream:
+                lines = stream.read().decode().splitlines()
+        except FileNotFoundError:
+            return  # older entries were cleaned up (the job's tables keep them: LOG_SETTINGS)
+        for line in lines:
+            if line.startswith('{"commitInfo"'):
+                yield dict(json.loads(line)["commitInfo"], version=version)
+                break
 
 
 def _committed(handle, table: Table) -> dict | None:
     current = _current_files(handle, table)
     partitioned_root = not table.partition and handle.metadata().partition_columns
-    for info in _history(handle):
+    for info in _history(handle, table):
         body = info.get(METADATA_KEY)
         if not isinstance(body, dict):
             continue
@@ -274,9 +288,13 @@ def _commit_once(table: Table, handle, adds: list, schema: pa.Schema, body: dict
     )
     partition_by = list(table.partition) or None
     if handle is None:
+        # Creating the table must be exclusive: on a lost race delta-rs would otherwise rebase the
+        # create onto the winner's table as version 1, app transaction or not (seen on S3: the
+        # loser's PUT of version 0 refused with 412, then its version 1 accepted).
+        properties.max_commit_retries = 0
         create_table_with_add_actions(
             table.root.uri, DeltaSchema.from_arrow(schema), adds, mode="error", partition_by=partition_by,
-            storage_options=storage_options(table.root), commit_properties=properties,
+            configuration=LOG_SETTINGS, storage_options=storage_options(table.root), commit_properties=properties,
         )
     else:
         filters = [(name, "=", value) for name, value in table.partition.items()] or None

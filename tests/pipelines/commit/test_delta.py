@@ -111,12 +111,14 @@ def _commit_when_told(root: str, go: str, ready, outcomes) -> None:
         outcomes.put("already_committed")
 
 
-def test_two_processes_committing_at_once_make_one_commit(tmp_path):
+@pytest.mark.parametrize("existing", [True, False], ids=["over-a-table", "creating-it"])
+def test_two_processes_committing_at_once_make_one_commit(tmp_path, existing):
     import multiprocessing
 
     root = tmp_path / "table"
-    committer, location, attempt = _staged(root, key="old", run_id="r-old")
-    committer.commit(location, attempt, UNITS, SCHEMA, {})
+    if existing:
+        committer, location, attempt = _staged(root, key="old", run_id="r-old")
+        committer.commit(location, attempt, UNITS, SCHEMA, {})
     _staged(root)
     context = multiprocessing.get_context("spawn")
     ready, outcomes, go = context.Queue(), context.Queue(), str(tmp_path / "go")
@@ -129,7 +131,7 @@ def test_two_processes_committing_at_once_make_one_commit(tmp_path):
     for worker in workers:
         worker.join(timeout=30)
     assert results == ["already_committed", "committed"]
-    assert _table(root).version() == 1 and _table(root).to_pyarrow_table().num_rows == 6
+    assert _table(root).version() == (1 if existing else 0) and _table(root).to_pyarrow_table().num_rows == 6
 
 
 def test_overwrite_is_one_commit_and_time_travel_keeps_the_old_result(tmp_path):
