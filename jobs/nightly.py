@@ -1,6 +1,8 @@
 """``python -m jobs.nightly``: score every catalog partition ``dt=YYYY-MM-DD/`` whose output is not committed yet.
 
-Output is partitioned the same way (``OUTPUT/dt=YYYY-MM-DD/``, each committed on its own).
+Output is partitioned the same way (``OUTPUT/dt=YYYY-MM-DD/``, each committed on its own); with
+``--output-format delta``, OUTPUT is one Delta table partitioned by ``dt``, one commit per partition
+(rescoring a day replaces that partition only).
 Safe to run again after a crash (interrupted partitions resume) and twice at once (a
 partition is committed once). Every run appends a run record to ``OUTPUT/_nightly/``.
 
@@ -83,13 +85,23 @@ def _join(root: str, name: str) -> str:
     return root.rstrip("/") + "/" + name
 
 
+def _partition_committed(output_root: str, day: str, delta: bool) -> bool:
+    if delta:  # from the table itself: its log's latest commit of dt=D, still in place
+        from pipelines.commit.delta import Table, read_committed as table_committed
+
+        return table_committed(Table(locate(output_root), {"dt": day})) is not None
+    return read_committed(locate(_join(output_root, f"dt={day}"))) is not None
+
+
 def score_partition(day: str, base: dict, catalog: str, output_root: str, overwrite: bool) -> PartitionResult:
     started = time.monotonic()
-    target = _join(output_root, f"dt={day}")
-    if not overwrite and read_committed(locate(target)) is not None:
+    delta = base.get("output_format") == "delta"
+    # Parquet: one output per partition under the root. Delta: one table at the root, partitioned by dt.
+    target = dict(output=output_root, output_partition=f"dt={day}") if delta else dict(output=_join(output_root, f"dt={day}"))
+    if not overwrite and _partition_committed(output_root, day, delta):
         return PartitionResult(day, "skipped")
     try:
-        config = build_config(dict(base, input=_join(catalog, f"dt={day}"), output=target, overwrite=overwrite))
+        config = build_config(dict(base, input=_join(catalog, f"dt={day}"), overwrite=overwrite, **target))
         checked = preflight(config)
         from pipelines.run import run_job  # imports Ray: only once there is work
 
@@ -149,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     config_file = args.pop("config", None)
     try:
         base = dict(load_yaml(config_file) if config_file else {}, **args)
-        for key in ("input", "output", "run_id", "overwrite"):
+        for key in ("input", "output", "run_id", "overwrite", "output_partition"):
             base.pop(key, None)
         config = build_config(dict(base, input=catalog, output=output_root))  # every option checked before any work
         if day is not None and not (re.fullmatch(r"\d{4}-\d{2}-\d{2}", day) and _is_date(day)):
