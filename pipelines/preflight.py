@@ -43,6 +43,18 @@ def _is_binary(type_: pa.DataType) -> bool:
     return pa.types.is_binary(type_) or pa.types.is_large_binary(type_) or pa.types.is_null(type_)
 
 
+def input_dataset(location: Location) -> pads.FileSystemDataset:
+    """The input's Parquet files; for a Delta table (a committed ``--output-format delta`` output),
+    the files of its current version only, never the replaced ones kept for time travel."""
+    from .commit.delta import committed_files, table_at
+
+    table = table_at(location)
+    if table is None:
+        return pads.dataset(location.path, filesystem=location.filesystem, format="parquet", partitioning="hive")
+    return pads.dataset(committed_files(table), filesystem=location.filesystem, format="parquet",
+                        partitioning="hive", partition_base_dir=table.root.path)
+
+
 def inspect_input(config: JobConfig) -> InputInfo:
     location = locate(config.input)
     try:
@@ -52,7 +64,7 @@ def inspect_input(config: JobConfig) -> InputInfo:
     if info.type == pa.fs.FileType.NotFound:
         raise InputError(f"input does not exist: {config.input}")
     try:
-        dataset = pads.dataset(location.path, filesystem=location.filesystem, format="parquet", partitioning="hive")
+        dataset = input_dataset(location)
         files = list(dataset.files)
         if not files:
             raise InputError(f"input holds no Parquet files: {config.input}")

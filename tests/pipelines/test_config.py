@@ -78,3 +78,16 @@ def test_yaml_loading(tmp_path):
         load_yaml(tmp_path / "bad.yaml")
     with pytest.raises(ConfigError, match="cannot read"):
         load_yaml(tmp_path / "missing.yaml")
+
+
+def test_output_partition_needs_delta_and_name_equals_value():
+    from pipelines.config import ConfigError, build_config
+
+    base = {"input": "in", "output": "out"}
+    assert build_config(dict(base, output_format="delta", output_partition="dt=2026-01-01")).output_partition == "dt=2026-01-01"
+    with pytest.raises(ConfigError, match="needs output_format delta"):
+        build_config(dict(base, output_partition="dt=2026-01-01"))
+    with pytest.raises(ConfigError, match="NAME=VALUE"):
+        build_config(dict(base, output_format="delta", output_partition="2026-01-01"))
+    with pytest.raises(ConfigError, match="output_format"):
+        build_config(dict(base, output_format="orc"))

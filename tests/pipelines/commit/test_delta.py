@@ -257,3 +257,17 @@ def test_calibration_reads_a_delta_output(tmp_path):
     table = calibration.read_scored(str(root), "id")
     assert sorted(table.column("id").to_pylist()) == [0, 1, 2, 3, 1000, 1001]
     assert calibration.read_scored(str(root / "dt=2026-01-01"), "id").num_rows == 6
+
+
+def test_a_delta_table_as_input_is_its_current_version(tmp_path):
+    from pipelines.config import build_config
+    from pipelines.preflight import inspect_input
+
+    root = tmp_path / "catalog"
+    first = pa.table({"id": ["a", "b", "c"], "text": ["x", "y", "z"], "image": pa.array([b"1", b"2", b"3"]), "dt": ["d1"] * 3})
+    deltalake.write_deltalake(str(root), first, partition_by=["dt"])
+    deltalake.write_deltalake(str(root), first.slice(0, 2), partition_by=["dt"], mode="overwrite")  # the old file stays on disk
+    assert len(list(root.rglob("*.parquet"))) == 2
+    source = inspect_input(build_config({"input": str(root), "output": str(tmp_path / "out"), "caption_model": "none"}))
+    assert source.num_rows == 2 and len(source.files) == 1
+    assert source.units[0].partition == {"dt": "d1"}
