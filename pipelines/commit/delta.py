@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from ..storage import Location, locate
 from . import output
@@ -264,8 +265,6 @@ def _add_action(table: Table, location: Location, name: str):
     from deltalake.transaction import AddAction
 
     info = location.filesystem.get_file_info(location.join(name))
-    from pyarrow import parquet as pq
-
     rows = pq.ParquetFile(location.join(name), filesystem=location.filesystem).metadata.num_rows
     path = f"{table.partition_name}/{name}" if table.partition else name
     mtime_ms = (info.mtime_ns or 0) // 1_000_000
@@ -359,6 +358,6 @@ class DeltaCommitter:
 
 def committer_for(config) -> "output.ParquetCommitter | DeltaCommitter":
     """The committer ``config.output_format`` names."""
-    if getattr(config, "output_format", "parquet") == "delta":
-        return DeltaCommitter(config.output, getattr(config, "output_partition", None))
+    if config.output_format == "delta":
+        return DeltaCommitter(config.output, config.output_partition)
     return output.ParquetCommitter()
