@@ -19,10 +19,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 
 from pipelines.config import JobConfig, build_config
-from pipelines.preflight import check_columns, check_models, check_reuse, inspect_input
+from pipelines.preflight import check_columns, check_models, check_reuse, input_dataset, inspect_input
 from pipelines.review import views
 from pipelines.schema import passthrough_schema
 from pipelines.storage import read_bytes
@@ -129,7 +128,7 @@ def _select_path(config: JobConfig, sample, where, seed) -> pa.Table:
     the second reads whole rows only from the row groups holding a sampled row."""
     _check_where(where)
     source = inspect_input(config)  # the CLI's input checks: exists, Parquet, columns and types
-    dataset = pads.dataset(source.location.path, filesystem=source.location.filesystem, format="parquet", partitioning="hive")
+    dataset = input_dataset(source.location)  # a Delta table: its current files only
     image = _image_column(config)
     meta = [name for name in dataset.schema.names if name != image]
     groups, kept = [], []

@@ -1,6 +1,8 @@
 """``python -m jobs.nightly``: score every catalog partition ``dt=YYYY-MM-DD/`` whose output is not committed yet.
 
-Output is partitioned the same way (``OUTPUT/dt=YYYY-MM-DD/``, each committed on its own).
+Output is partitioned the same way (``OUTPUT/dt=YYYY-MM-DD/``, each committed on its own); with
+``--output-format delta``, OUTPUT is one Delta table partitioned by ``dt``, one commit per partition
+(rescoring a day replaces that partition only).
 Safe to run again after a crash (interrupted partitions resume) and twice at once (a
 partition is committed once). Every run appends a run record to ``OUTPUT/_nightly/``.
 
@@ -25,7 +27,15 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from jobs.score import (
-    _OPTIONS, EXIT_FAILED, EXIT_OK, EXIT_USAGE, JPEG_DRAFT_FLAG, JPEG_DRAFT_HELP, NO_DEDUP_FLAG, NO_DEDUP_HELP, _Parser,
+    _OPTIONS,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    JPEG_DRAFT_FLAG,
+    JPEG_DRAFT_HELP,
+    NO_DEDUP_FLAG,
+    NO_DEDUP_HELP,
+    _Parser,
 )
 from pipelines.commit.output import read_committed
 from pipelines.config import ConfigError, JobConfig, build_config, load_yaml
@@ -115,18 +125,30 @@ def reuse_sources(day: str, output_root: str, reuse_days: int | None) -> list[st
     return [_join(output_root, f"dt={d}") for d in reversed(earlier)]
 
 
+def _partition_committed(output_root: str, day: str, delta: bool) -> bool:
+    if delta:  # from the table itself: its log's latest commit of dt=D, still in place
+        from pipelines.commit.delta import Table
+        from pipelines.commit.delta import read_committed as table_committed
+
+        return table_committed(Table(locate(output_root), {"dt": day})) is not None
+    return read_committed(locate(_join(output_root, f"dt={day}"))) is not None
+
+
 def score_partition(
     day: str, base: dict, catalog: str, output_root: str, overwrite: bool, reuse: str | int | None = "latest",
 ) -> PartitionResult:
     """``reuse``: ``"latest"`` (the default), a number of days, or None for no reuse of earlier partitions."""
     started = time.monotonic()
-    target = _join(output_root, f"dt={day}")
-    if not overwrite and read_committed(locate(target)) is not None:
+    delta = base.get("output_format") == "delta"
+    # Parquet: one output per partition under the root. Delta: one table at the root, partitioned by dt.
+    target = dict(output=output_root, output_partition=f"dt={day}") if delta else dict(output=_join(output_root, f"dt={day}"))
+    if not overwrite and _partition_committed(output_root, day, delta):
         return PartitionResult(day, "skipped")
     try:
-        values = dict(base, input=_join(catalog, f"dt={day}"), output=target, overwrite=overwrite)
-        # The flagged cascade and --no-dedup run row by row, without the keyed plan reuse needs.
-        if reuse is not None and values.get("captions") != "flagged" and values.get("dedup", True) is not False:
+        values = dict(base, input=_join(catalog, f"dt={day}"), overwrite=overwrite, **target)
+        # The flagged cascade and --no-dedup run row by row, without the keyed plan reuse needs; a
+        # Delta table's partitions are not --reuse sources yet (reuse reads Parquet outputs).
+        if reuse is not None and not delta and values.get("captions") != "flagged" and values.get("dedup", True) is not False:
             earlier = reuse_sources(day, output_root, None if reuse == "latest" else int(reuse))
             values["reuse"] = earlier + list(build_config(dict(base, input="-", output="-")).reuse)
         config = build_config(values)
@@ -196,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     config_file = args.pop("config", None)
     try:
         base = dict(load_yaml(config_file) if config_file else {}, **args)
-        for key in ("input", "output", "run_id", "overwrite"):
+        for key in ("input", "output", "run_id", "overwrite", "output_partition"):
             base.pop(key, None)
         config = build_config(dict(base, input=catalog, output=output_root))  # every option checked before any work
         if reuse_days is not None and reuse_days < 1:

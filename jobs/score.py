@@ -19,6 +19,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 _OPTIONS = [
     ("--input", "Parquet file, directory (hive partitions allowed) or s3:// URI."),
     ("--output", "Output directory or s3:// prefix."),
+    ("--output-format", "parquet (default: Parquet files, _manifest.json, _SUCCESS) | delta (a Delta Lake table, one commit per run)."),
     ("--itm-model", "BLIP image-text retrieval checkpoint: hub id or local directory."),
     ("--caption-model", "BLIP-2 checkpoint, or 'none' to skip captioning."),
     ("--captions", "Which rows to caption: all | flagged | none."),

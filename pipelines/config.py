@@ -51,6 +51,14 @@ class JobConfig(BaseModel):
     input: str = Field(description="Parquet file, directory of Parquet files (hive partitions allowed), or s3:// URI.")
     output: str = Field(description="Directory or s3:// prefix the scored dataset is written to.")
     overwrite: bool = Field(False, description="Replace an existing output instead of refusing to run.")
+    output_format: Literal["parquet", "delta"] = Field(
+        "parquet",
+        description="parquet: a directory of Parquet files with _manifest.json and _SUCCESS. delta: a Delta Lake table "
+        "(one commit per run, through delta-rs), readable by any engine that reads Delta.",
+    )
+    output_partition: str | None = Field(
+        None, description="With output_format delta: the partition this run replaces, as NAME=VALUE (jobs.nightly sets dt=D)."
+    )
 
     itm_model: str = Field(DEFAULT_ITM_MODEL, description="BLIP image-text retrieval checkpoint: hub id or local directory.")
     caption_model: str | None = Field(
@@ -240,6 +248,16 @@ class JobConfig(BaseModel):
                              "depends on this run's flags)")
         if self.reuse and not self.dedup:
             raise ValueError("reuse needs dedup (both run through the keyed plan)")
+        return self
+
+    @model_validator(mode="after")
+    def _partition_needs_delta(self):
+        if self.output_partition is not None:
+            if self.output_format != "delta":
+                raise ValueError("output_partition needs output_format delta")
+            name, sep, value = self.output_partition.partition("=")
+            if not sep or not name or not value or "/" in self.output_partition:
+                raise ValueError(f"output_partition must be NAME=VALUE, got {self.output_partition!r}")
         return self
 
     @property

@@ -15,12 +15,12 @@ from blip_ops.checkpoints import CAPTION, ITM, CheckpointError, inspect_checkpoi
 from blip_ops.evidence import check_layer
 
 from .commit import output
+from .commit.delta import committer_for
 from .commit.units import Unit, UnitError, fingerprint, model_fingerprint, plan_units, work_key
 from .config import JobConfig
 from .reuse.sources import ReuseSourceError, open_sources
 from .schema import OUTPUT_COLUMNS
 from .storage import Location, locate
-
 
 # BlipTextConfig's default depth, for a config.json that leaves it out.
 BLIP_TEXT_LAYERS = 12
@@ -50,6 +50,18 @@ def _is_binary(type_: pa.DataType) -> bool:
     return pa.types.is_binary(type_) or pa.types.is_large_binary(type_) or pa.types.is_null(type_)
 
 
+def input_dataset(location: Location) -> pads.FileSystemDataset:
+    """The input's Parquet files; for a Delta table (a committed ``--output-format delta`` output),
+    the files of its current version only, never the replaced ones kept for time travel."""
+    from .commit.delta import committed_files, table_at
+
+    table = table_at(location)
+    if table is None:
+        return pads.dataset(location.path, filesystem=location.filesystem, format="parquet", partitioning="hive")
+    return pads.dataset(committed_files(table), filesystem=location.filesystem, format="parquet",
+                        partitioning="hive", partition_base_dir=table.root.path)
+
+
 def inspect_input(config: JobConfig) -> InputInfo:
     location = locate(config.input)
     try:
@@ -59,7 +71,7 @@ def inspect_input(config: JobConfig) -> InputInfo:
     if info.type == pa.fs.FileType.NotFound:
         raise InputError(f"input does not exist: {config.input}")
     try:
-        dataset = pads.dataset(location.path, filesystem=location.filesystem, format="parquet", partitioning="hive")
+        dataset = input_dataset(location)
         files = list(dataset.files)
         if not files:
             raise InputError(f"input holds no Parquet files: {config.input}")
@@ -142,7 +154,8 @@ def preflight(config: JobConfig) -> Checked:
     source = inspect_input(config)
     check_models(config)
     try:
-        destination = output.prepare_output(config.output, config.overwrite, work_key(config, source.fingerprint))
+        committer = committer_for(config)
+        destination = committer.prepare(config.output, config.overwrite, work_key(config, source.fingerprint))
     except (output.OutputError, OSError) as exc:
         raise InputError(str(exc)) from None
     return source, destination

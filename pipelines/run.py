@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from .commit import output
+from .commit.delta import committer_for
 from .commit.units import durable_rows, missing_ranges, work_key
 from .config import JobConfig
 from .dataflow import runtime
@@ -183,9 +184,14 @@ def run_job(config: JobConfig, checked: Checked | None = None) -> RunSummary:
     started_at = datetime.now(timezone.utc).isoformat()
     source, destination = checked or preflight(config)
     key = work_key(config, source.fingerprint)
-    committed = output.read_committed(destination)
-    if committed and committed.get("key") == key and not config.overwrite:
-        output.tidy(destination, committed)
+    committer = committer_for(config)
+    committed = committer.read_committed(destination)
+    # With --overwrite too: a committed result that is this key's staged attempt is a rerun of a
+    # run stopped after its commit, before it tidied; that run's overwrite is done.
+    if committed and committed.get("key") == key and (
+        not config.overwrite or output.attempt_committed(destination, committed)
+    ):
+        committer.tidy(destination, committed)
         return _summary(committed, destination, started, ALREADY_COMMITTED, 0)
 
     attempt = output.open_attempt(destination, key, config.run_id or new_run_id(), committed)
@@ -218,10 +224,12 @@ def run_job(config: JobConfig, checked: Checked | None = None) -> RunSummary:
         "reuse": _reuse_record(config, source, counts),  # counts cover this attempt's rows (not resumed ones)
     }
     try:
-        result = output.commit(destination, attempt, source.units, schema, manifest)
+        result = committer.commit(destination, attempt, source.units, schema, manifest)
+    except output.AlreadyCommitted as exc:  # a concurrent run of the same attempt committed it first
+        return _summary(exc.manifest, destination, started, ALREADY_COMMITTED, resumed)
     except output.IncompleteError:
         # A concurrent run of the same command may have committed this very result first.
-        latest = output.read_committed(destination)
+        latest = committer.read_committed(destination)
         if latest and latest.get("key") == key:
             return _summary(latest, destination, started, ALREADY_COMMITTED, resumed)
         raise

@@ -8,8 +8,9 @@ Layout of OUTPUT (a directory or an s3:// prefix):
 - ``part-<run_id>-u......-r..........-n......parquet``: committed data.
 - ``_manifest.json``: the committed result (files, row counts by status, schema, config,
   models), replaced in one write.
-- ``_SUCCESS``: written after the manifest. **Readers treat an output without it as absent**
-  and read the files the manifest lists (``committed_files``).
+- ``_SUCCESS``: written after the manifest, naming its run. **Readers treat an output without it as absent**
+  and read the files the manifest it names lists (``committed_files``). While an overwrite is
+  between the two writes, ``_manifest-previous.json`` is the manifest ``_SUCCESS`` still names.
 
 A commit checks that the pieces cover every input row exactly once, moves them into place,
 writes the manifest, then ``_SUCCESS``, and only then deletes what the previous result had.
@@ -18,6 +19,7 @@ writes the manifest, then ``_SUCCESS``, and only then deletes what the previous 
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -31,9 +33,23 @@ from ..storage import Location, locate
 from .units import Unit, covered_ranges, missing_ranges, parse_piece
 
 MANIFEST = "_manifest.json"
+PREVIOUS_MANIFEST = "_manifest-previous.json"
 SUCCESS = "_SUCCESS"
 ATTEMPT = "_attempt.json"
 STAGING_PREFIX = "_staging-"
+
+# Crash injection for the exactly-once tests: with BLIP_MODERATE_CRASH_AT=<step> the process
+# ends at once (os._exit: no cleanup, no finally) when the commit reaches that step. Steps:
+# "staged" (pieces checked, none moved), "half_moved", then for Parquet "manifest_written"
+# (no _SUCCESS yet) and "success_written" (before tidy), for Delta "delta_committed" (the
+# commit is in the log, the run never learns it).
+CRASH_ENV = "BLIP_MODERATE_CRASH_AT"
+CRASH_EXIT = 86
+
+
+def crash_point(step: str) -> None:
+    if os.environ.get(CRASH_ENV) == step:
+        os._exit(CRASH_EXIT)
 
 
 class OutputError(ValueError):
@@ -42,6 +58,14 @@ class OutputError(ValueError):
 
 class IncompleteError(RuntimeError):
     """The staged pieces do not cover every input row exactly once; nothing was committed."""
+
+
+class AlreadyCommitted(RuntimeError):
+    """A concurrent run of the same attempt committed it first; ``manifest`` is what it committed."""
+
+    def __init__(self, manifest: dict):
+        super().__init__(f"run {manifest.get('run_id')} was committed by a concurrent run")
+        self.manifest = manifest
 
 
 @dataclass
@@ -99,18 +123,41 @@ def _write_json(location: Location, name: str, body: dict) -> None:
 
 
 def read_committed(location: Location) -> dict | None:
-    """The committed manifest, or None when the output has no complete result."""
+    """The committed manifest, or None when the output has no complete result. A Delta table
+    (or one partition of it, ``TABLE/dt=D``) answers from its log (``delta.read_committed``)."""
+    from . import delta  # delta imports this module
+
+    table = delta.table_at(location)
+    if table is not None:
+        return delta.read_committed(table)
+    return read_manifest(location)
+
+
+def read_manifest(location: Location) -> dict | None:
+    """The Parquet committer's answer: the manifest ``_SUCCESS`` names. Between a new
+    ``_manifest.json`` and its ``_SUCCESS`` that is still the replaced result's, kept as
+    ``_manifest-previous.json``: a reader of an output being overwritten sees the old result or
+    the new one, never none."""
     success = _read_json(location, SUCCESS)
-    manifest = _read_json(location, MANIFEST)
-    if not success or not manifest or success.get("run_id") != manifest.get("run_id"):
+    if not success:
         return None
-    return manifest
+    for name in (MANIFEST, PREVIOUS_MANIFEST):
+        manifest = _read_json(location, name)
+        if manifest and success.get("run_id") == manifest.get("run_id"):
+            return manifest
+    return None
 
 
 def committed_files(uri: str) -> list[str]:
-    """Paths of the committed result's files (for pyarrow with the same filesystem); [] if none."""
+    """Paths of the committed result's files (for pyarrow with the same filesystem); [] if none.
+    For a Delta table: the files of its current version (of one partition for ``TABLE/dt=D``)."""
+    from . import delta
+
     location = locate(uri)
-    manifest = read_committed(location)
+    table = delta.table_at(location)
+    if table is not None:
+        return delta.committed_files(table)
+    manifest = read_manifest(location)
     return [location.join(name) for name in manifest["files"]] if manifest else []
 
 
@@ -121,13 +168,15 @@ def prepare_output(uri: str, overwrite: bool, key: str) -> Location:
     if info.type == pafs.FileType.File:
         raise OutputError(f"output {uri} is a file; it must be a directory or prefix")
     entries = _names(location)
+    if any(e.base_name == "_delta_log" for e in entries):
+        raise OutputError(f"output {uri} is a Delta table; pass --output-format delta to write to it")
     foreign = sorted(e.base_name for e in entries if not _is_ours(e.base_name))
     if foreign:
         raise OutputError(
             f"output {uri} holds files this job did not write ({', '.join(foreign[:3])}); "
             "choose an empty or job-owned location"
         )
-    committed = read_committed(location)
+    committed = read_manifest(location)
     if committed and committed.get("key") != key and not overwrite:
         raise OutputError(
             f"output {uri} holds a result of another input or configuration (run {committed.get('run_id')}); "
@@ -156,6 +205,13 @@ def open_attempt(location: Location, key: str, run_id: str, committed: dict | No
     return Attempt(run_id, key, staging, resumed=False)
 
 
+def attempt_committed(location: Location, committed: dict) -> bool:
+    """Whether ``committed`` is the attempt still staged for its key: the run committed and was
+    stopped before it tidied (a rerun with --overwrite then has nothing left to do)."""
+    previous = _read_json(location, f"{STAGING_PREFIX}{committed.get('key')}/{ATTEMPT}")
+    return bool(previous) and previous.get("run_id") == committed.get("run_id")
+
+
 def _part_name(run_id: str, piece: str) -> str:
     return f"part-{run_id}-{piece}"
 
@@ -163,13 +219,15 @@ def _part_name(run_id: str, piece: str) -> str:
 def _pieces(location: Location, attempt: Attempt) -> dict[str, str]:
     """Piece name -> where it is now: in staging, or already moved into place by an interrupted commit."""
     found = {}
+    # Staging is listed first: a piece a concurrent commit moves between the two listings is
+    # then seen in one of them (listing the other way round, it could be in neither).
+    for info in _names(location, attempt.staging):
+        if parse_piece(info.base_name):
+            found[info.base_name] = info.path
     prefix = f"part-{attempt.run_id}-"
     for info in _names(location):
         if info.base_name.startswith(prefix) and parse_piece(info.base_name):
             found[info.base_name[len(prefix):]] = info.path
-    for info in _names(location, attempt.staging):
-        if parse_piece(info.base_name):
-            found.setdefault(info.base_name, info.path)
     return found
 
 
@@ -188,11 +246,12 @@ def _count(fs: pafs.FileSystem, paths: list[str], by_reason: Counter | None = No
     (of the evidence struct only its ``layer``, set wherever evidence was computed); with
     ``by_reason``, also flagged rows by reason (a row flagged for two counts under both), in the same reads."""
     rows, flagged, evidence, by_status = 0, 0, 0, Counter()
-    columns = ["status", "flagged"] + (["flag_reasons"] if by_reason is not None else [])
     for path in paths:
         with fs.open_input_file(path) as source:
             parquet = pq.ParquetFile(source)
-            table = parquet.read(columns=columns)
+            # Pieces without flag_reasons (written by older code, or by tests) count no reasons.
+            with_reasons = by_reason is not None and "flag_reasons" in parquet.schema_arrow.names
+            table = parquet.read(columns=["status", "flagged"] + (["flag_reasons"] if with_reasons else []))
             if "evidence" in parquet.schema_arrow.names:
                 evidence += table.num_rows - parquet.read(columns=["evidence.layer"]).column(0).null_count
         rows += table.num_rows
@@ -200,7 +259,7 @@ def _count(fs: pafs.FileSystem, paths: list[str], by_reason: Counter | None = No
         counts = pa.compute.value_counts(table.column("status").combine_chunks()) if table.num_rows else None
         if counts is not None:
             by_status.update(dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())))
-        reasons = pa.compute.list_flatten(table.column("flag_reasons").combine_chunks()) if by_reason is not None and table.num_rows else None
+        reasons = pa.compute.list_flatten(table.column("flag_reasons").combine_chunks()) if with_reasons and table.num_rows else None
         if reasons is not None and len(reasons):
             counts = pa.compute.value_counts(reasons)
             by_reason.update(dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())))
@@ -245,19 +304,49 @@ def _delete_file(fs: pafs.FileSystem, path: str) -> None:
         pass
 
 
-def commit(location: Location, attempt: Attempt, units: list[Unit], empty_schema: pa.Schema, manifest: dict) -> CommitResult:
-    """Check that every input row is staged exactly once, move the pieces in, write the manifest, then ``_SUCCESS``."""
-    fs = location.filesystem
-    pieces = _pieces(location, attempt)
-    _check_complete(pieces, units)
+@dataclass
+class Checked:
+    """Staged pieces that cover every input row exactly once, and what they hold."""
+
+    pieces: dict[str, str]
+    rows: int
+    by_status: dict[str, int]
+    flagged: int
+    flagged_by_reason: dict[str, int] = field(default_factory=dict)
+    evidence_rows: int = 0
+
+
+LIST_TRIES = 3
+
+
+def check_pieces(location: Location, attempt: Attempt, units: list[Unit]) -> Checked:
+    """Every input row staged exactly once (else ``IncompleteError``), counted by status."""
+    for tries in range(1, LIST_TRIES + 1):
+        pieces = _pieces(location, attempt)
+        _check_complete(pieces, units)
+        try:
+            by_reason = Counter()
+            rows, by_status, flagged, evidence_rows = _count(location.filesystem, sorted(pieces.values()), by_reason)
+            break
+        except FileNotFoundError:
+            # A concurrent commit of the same attempt moved a piece after it was listed: list again.
+            if tries == LIST_TRIES:
+                raise
     expected = sum(u.rows for u in units)
-    by_reason = Counter() if "flag_reasons" in empty_schema.names else None
-    rows, by_status, flagged, evidence_rows = _count(fs, sorted(pieces.values()), by_reason)
     if rows != expected:
         raise IncompleteError(f"row count mismatch: {expected} input rows, {rows} staged; nothing committed")
+    return Checked(pieces, rows, by_status, flagged, dict(sorted(by_reason.items())), evidence_rows)
 
+
+def move_pieces(location: Location, attempt: Attempt, checked: Checked, empty_schema: pa.Schema) -> list[str]:
+    """Move the pieces to their final names beside the staging directory (a piece already moved
+    by an interrupted commit stays); returns the names. Readers do not see them until the commit."""
+    fs = location.filesystem
     final = []
-    for piece, path in sorted(pieces.items()):
+    items = sorted(checked.pieces.items())
+    for index, (piece, path) in enumerate(items):
+        if index == len(items) // 2 and index:
+            crash_point("half_moved")
         name = _part_name(attempt.run_id, piece)
         _move(fs, path, location.join(name))
         final.append(name)
@@ -266,25 +355,61 @@ def commit(location: Location, attempt: Attempt, units: list[Unit], empty_schema
         name = f"part-{attempt.run_id}-empty.parquet"
         pq.write_table(empty_schema.empty_table(), location.join(name), filesystem=fs)
         final.append(name)
+    return final
 
-    committed_at = datetime.now(timezone.utc).isoformat()
-    body = dict(
-        manifest, run_id=attempt.run_id, key=attempt.key, files=final, rows=rows,
-        rows_by_status=by_status, flagged=flagged, committed_at=committed_at,
-        flagged_by_reason=dict(sorted((by_reason or {}).items())),
-        evidence=dict(manifest.get("evidence") or {}, rows=evidence_rows),
+
+def manifest_body(manifest: dict, attempt: Attempt, checked: Checked, files: list[str]) -> dict:
+    """What a commit records (``_manifest.json``, or the Delta commit's metadata)."""
+    return dict(
+        manifest, run_id=attempt.run_id, key=attempt.key, files=files, rows=checked.rows,
+        rows_by_status=checked.by_status, flagged=checked.flagged,
+        committed_at=datetime.now(timezone.utc).isoformat(),
+        flagged_by_reason=checked.flagged_by_reason,
+        evidence=dict(manifest.get("evidence") or {}, rows=checked.evidence_rows),
     )
+
+
+def commit(location: Location, attempt: Attempt, units: list[Unit], empty_schema: pa.Schema, manifest: dict) -> CommitResult:
+    """Check that every input row is staged exactly once, move the pieces in, write the manifest, then ``_SUCCESS``."""
+    checked = check_pieces(location, attempt, units)
+    crash_point("staged")
+    final = move_pieces(location, attempt, checked, empty_schema)
+    body = manifest_body(manifest, attempt, checked, final)
+    replaced = read_manifest(location)
+    if replaced and replaced.get("run_id") != attempt.run_id:
+        _write_json(location, PREVIOUS_MANIFEST, replaced)
     _write_json(location, MANIFEST, body)
-    _write_json(location, SUCCESS, {"run_id": attempt.run_id, "key": attempt.key, "committed_at": committed_at})
+    crash_point("manifest_written")
+    _write_json(location, SUCCESS, {"run_id": attempt.run_id, "key": attempt.key, "committed_at": body["committed_at"]})
+    crash_point("success_written")
     tidy(location, body)
-    return CommitResult(final, rows, by_status, flagged, body)
+    return CommitResult(final, checked.rows, checked.by_status, checked.flagged, body)
 
 
 def tidy(location: Location, committed: dict) -> None:
     """After a commit: remove the replaced result's files and the committed attempt's staging."""
     fs = location.filesystem
+    _delete_file(fs, location.join(PREVIOUS_MANIFEST))
     keep = set(committed["files"])
     for info in _names(location):
         if info.base_name.startswith("part-") and info.base_name not in keep:
             _delete_file(fs, info.path)
     _delete_dir(fs, staging_path(location, committed["key"]))
+
+
+class ParquetCommitter:
+    """The directory of Parquet files with ``_manifest.json`` and ``_SUCCESS`` (the default format)."""
+
+    name = "parquet"
+
+    def prepare(self, uri: str, overwrite: bool, key: str) -> Location:
+        return prepare_output(uri, overwrite, key)
+
+    def read_committed(self, location: Location) -> dict | None:
+        return read_manifest(location)
+
+    def commit(self, location: Location, attempt: Attempt, units: list[Unit], empty_schema: pa.Schema, manifest: dict) -> CommitResult:
+        return commit(location, attempt, units, empty_schema, manifest)
+
+    def tidy(self, location: Location, committed: dict) -> None:
+        tidy(location, committed)

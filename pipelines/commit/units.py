@@ -32,6 +32,7 @@ NOT_IN_KEY = {
     # Reuse sources enter the key by the identity of their committed results (preflight), not their paths;
     # dedup changes which rows run a model, never a number.
     "reuse", "dedup",
+    "output_format", "output_partition",
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -113,3 +114,46 @@ def test_nightly_usage_errors_exit_2(tiny_itm, catalog, tmp_path, capsys, extra,
     assert _nightly(tiny_itm, root, tmp_path / "scored", *extra) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "scored").exists()
+
+
+def test_nightly_into_one_delta_table_rescores_one_day_in_one_commit(ray_session, tiny_itm, tmp_path, capsys):
+    deltalake = pytest.importorskip("deltalake")
+    records = sample_catalog(9, seed=5)
+    root = tmp_path / "catalog"
+    days = ("2026-11-01", "2026-11-02", "2026-11-03")
+    for index, day in enumerate(days):
+        _partition(root, day, records[index * 3:(index + 1) * 3])
+    table_root = tmp_path / "table"
+    assert _nightly(tiny_itm, root, table_root, "--output-format", "delta") == 0
+    table = deltalake.DeltaTable(str(table_root))
+    assert table.version() == 2 and table.metadata().partition_columns == ["dt"]  # one commit per day
+    rows = table.to_pyarrow_table().to_pylist()
+    assert sorted((r["dt"], r["id"]) for r in rows) == sorted((days[i // 3], r["id"]) for i, r in enumerate(records))
+    files_before = {day: sorted(p.name for p in (table_root / f"dt={day}").glob("part-*")) for day in days}
+
+    # Committed partitions are recognised from the table: a rerun adds no commit.
+    capsys.readouterr()
+    assert _nightly(tiny_itm, root, table_root, "--output-format", "delta", "--json") == 0
+    latest = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {p["outcome"] for p in latest["partitions"]} == {"skipped"}
+    assert deltalake.DeltaTable(str(table_root)).version() == 2
+
+    # Rescoring a day: one commit that replaces dt=2026-11-02 only.
+    assert _nightly(tiny_itm, root, table_root, "--output-format", "delta", "--date", "2026-11-02",
+                    "--overwrite", "--itm-threshold", "0.9") == 0
+    table = deltalake.DeltaTable(str(table_root))
+    assert table.version() == 3
+    history = [json.loads(line)["commitInfo"] for line in (table_root / "_delta_log" / f"{3:020d}.json").read_text().splitlines()
+               if line.startswith('{"commitInfo"')]
+    assert history[0]["blip_moderate"]["partition"] == {"dt": "2026-11-02"}
+    rows = table.to_pyarrow_table().to_pylist()
+    assert len(rows) == 9
+    run_ids = {day: {r["run_id"] for r in rows if r["dt"] == day} for day in days}
+    before = deltalake.DeltaTable(str(table_root), version=2).to_pyarrow_table().to_pylist()
+    old_ids = {day: {r["run_id"] for r in before if r["dt"] == day} for day in days}
+    assert run_ids["2026-11-01"] == old_ids["2026-11-01"] and run_ids["2026-11-03"] == old_ids["2026-11-03"]
+    assert run_ids["2026-11-02"] != old_ids["2026-11-02"] and len(run_ids["2026-11-02"]) == 1
+    current = {Path(p).name for p in table.file_uris()}
+    for day in ("2026-11-01", "2026-11-03"):
+        assert set(files_before[day]) <= current  # untouched days keep their very files
+    assert (table_root / "dt=2026-11-02" / "_report.html").exists()

@@ -160,3 +160,16 @@ def test_new_options_in_yaml_reach_the_stages(tmp_path):
     kwargs = caption_stage_kwargs(config, resources)
     assert (kwargs["agreement_model"], kwargs["agreement_threshold"]) == ("sentence-transformers/all-MiniLM-L6-v2", 0.25)
     assert decode_kwargs(config)["detect_language"] is False and flag_kwargs(config)["text_languages"] is None
+
+
+def test_output_partition_needs_delta_and_name_equals_value():
+    from pipelines.config import ConfigError, build_config
+
+    base = {"input": "in", "output": "out"}
+    assert build_config(dict(base, output_format="delta", output_partition="dt=2026-01-01")).output_partition == "dt=2026-01-01"
+    with pytest.raises(ConfigError, match="needs output_format delta"):
+        build_config(dict(base, output_partition="dt=2026-01-01"))
+    with pytest.raises(ConfigError, match="NAME=VALUE"):
+        build_config(dict(base, output_format="delta", output_partition="2026-01-01"))
+    with pytest.raises(ConfigError, match="output_format"):
+        build_config(dict(base, output_format="orc"))

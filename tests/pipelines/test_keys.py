@@ -30,6 +30,8 @@ NOT_IN_KEYS = {
     # carried with the scores (evidence, kept only where this run's policy and layer ask for it);
     # an image over the byte limit gets no key at all, so it is decoded and becomes an error row
     "evidence", "evidence_layer", "agreement_model", "agreement_threshold", "text_languages", "max_image_bytes",
+    # where the result is written (a Parquet directory or a Delta table and its partition)
+    "output_format", "output_partition",
 }
 
 

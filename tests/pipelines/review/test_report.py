@@ -240,6 +240,24 @@ def test_readme_duckdb_queries(scored):
     assert version == [(str(SCHEMA_VERSION),)]
 
 
+
+def test_readme_duckdb_queries_on_a_delta_table(scored, tmp_path):
+    """The same queries on a Delta table, as the README says: ``read_parquet('scored/part-*.parquet')``
+    replaced by ``scored``, DuckDB's Arrow scan of ``DeltaTable(...).to_pyarrow_dataset()``."""
+    duckdb = pytest.importorskip("duckdb")
+    deltalake = pytest.importorskip("deltalake")
+    _, output, _ = scored
+    deltalake.write_deltalake(str(tmp_path / "table"), pq.read_table(output))
+    connection = duckdb.connect()
+    for name, sql in readme_queries().items():
+        if "read_parquet('scored/part-*.parquet')" not in sql:
+            continue
+        from_parquet = connection.sql(sql.replace("'scored/", f"'{output}/")).fetchall()
+        scored_table = deltalake.DeltaTable(str(tmp_path / "table")).to_pyarrow_dataset()  # noqa: F841  (DuckDB scans it by name)
+        on_delta = connection.sql(sql.replace("read_parquet('scored/part-*.parquet')", "scored_table")).fetchall()
+        assert on_delta == from_parquet and on_delta, name
+
+
 def test_report_renders_in_headless_chromium(scored, tmp_path):
     from tests import browser
 

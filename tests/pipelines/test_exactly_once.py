@@ -1,0 +1,173 @@
+"""Every crash point of the commit, for both committers, on local disk and on S3 (moto).
+
+An attempt is staged in full first (its pieces hold the input rows and output columns of fixed
+values: the scoring pipeline is not what is under test here, and without work left the job never
+starts Ray). Then the same ``jobs.score --overwrite`` command runs in a subprocess that
+``os._exit``s at one named step of the commit (``BLIP_MODERATE_CRASH_AT``), again and again,
+one step further each time. After each crash a reader must see the old result or the new one,
+each row exactly once, never a mix and never nothing; the last rerun finishes the job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from blip_ops.samples import sample_catalog
+from pipelines.commit import output
+from pipelines.commit.delta import committer_for
+from pipelines.commit.pieces import read_units, unit_items, write_pieces
+from pipelines.commit.units import missing_ranges, work_key
+from pipelines.config import build_config
+from pipelines.preflight import preflight
+from pipelines.run import run_job
+from pipelines.schema import output_schema
+from pipelines.storage import locate
+from tests.conftest import write_catalog
+
+deltalake = pytest.importorskip("deltalake")
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS = {
+    "parquet": ["staged", "half_moved", "manifest_written", "success_written"],
+    "delta": ["staged", "half_moved", "delta_committed"],
+}
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory):
+    records = sample_catalog(12, seed=3)
+    for index, record in enumerate(records):
+        record["id"] = f"row-{index:02d}"
+        record.pop("expected", None)
+    return write_catalog(tmp_path_factory.mktemp("catalog") / "in", records, files=3), sorted(r["id"] for r in records)
+
+
+def _options(catalog: Path, out: str, fmt: str, tiny_itm: str, threshold: float) -> dict:
+    return {
+        "input": str(catalog), "output": out, "output_format": fmt, "itm_model": tiny_itm,
+        "caption_model": "none", "itm_threshold": threshold,
+    }
+
+
+def stage_everything(config, run_id: str) -> None:
+    """Stage every row of ``config``'s input as a run would, with fixed scores."""
+    source, destination = preflight(config)
+    committer = committer_for(config)
+    attempt = output.open_attempt(destination, work_key(config, source.fingerprint), run_id, committer.read_committed(destination))
+    schema = output_schema(source.schema, config.image_column)
+    todo = {u.index: missing_ranges(u, []) for u in source.units}
+    items = pa.Table.from_pylist(unit_items(source.units, todo))
+    for batch in read_units(items, filesystem=source.location.filesystem, schema=source.schema, batch_rows=64):
+        n = batch.num_rows
+        columns = {
+            "itc_score": pa.array([0.25] * n, pa.float32()), "itm_score": pa.array([0.75] * n, pa.float32()),
+            "caption": pa.nulls(n, pa.string()), "flagged": pa.array([False] * n), "flag_reasons": pa.array([[]] * n, pa.list_(pa.string())),
+            "status": pa.array(["ok"] * n), "error": pa.nulls(n, pa.string()), "text_truncated": pa.array([False] * n),
+            "run_id": pa.array([attempt.run_id] * n), "scored_at": pa.array([datetime.now(timezone.utc)] * n, pa.timestamp("us", tz="UTC")),
+            "itm_model": pa.array([config.itm_model] * n), "caption_model": pa.nulls(n, pa.string()),
+        }
+        table = batch.drop_columns([config.image_column])
+        for name, values in columns.items():
+            table = table.append_column(name, values)
+        write_pieces(table, filesystem=destination.filesystem, staging=attempt.staging, schema=schema)
+
+
+def read_view(out: str, fmt: str) -> tuple[list, set]:
+    """What a reader sees: ids and run ids of the committed rows."""
+    if fmt == "delta":
+        from pipelines.commit.delta import storage_options
+
+        table = deltalake.DeltaTable(out, storage_options=storage_options(locate(out))).to_pyarrow_table(columns=["id", "run_id"])
+    else:
+        files = output.committed_files(out)
+        assert files, "a reader found no committed result"
+        location = locate(out)
+        table = pa.concat_tables(pq.read_table(f, columns=["id", "run_id"], filesystem=location.filesystem) for f in files)
+    return sorted(table.column("id").to_pylist()), set(table.column("run_id").to_pylist())
+
+
+def _command(options: dict) -> list[str]:
+    command = [sys.executable, "-m", "jobs.score", "--overwrite", "--json"]
+    for name, value in options.items():
+        command += [f"--{name.replace('_', '-')}", str(value)]
+    return command
+
+
+def _delta_version(out: str) -> int:
+    from pipelines.commit.delta import storage_options
+
+    return deltalake.DeltaTable(out, storage_options=storage_options(locate(out))).version()
+
+
+def crash_chain(catalog, ids, out: str, fmt: str, tiny_itm: str, listing) -> None:
+    old_options = _options(catalog, out, fmt, tiny_itm, 0.5)
+    stage_everything(build_config(old_options), "r-old")
+    assert run_job(build_config(old_options)).outcome == "committed"
+    assert read_view(out, fmt) == (ids, {"r-old"})
+    version = _delta_version(out) if fmt == "delta" else None
+
+    new_options = _options(catalog, out, fmt, tiny_itm, 0.4)
+    stage_everything(build_config(dict(new_options, overwrite=True)), "r-new")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    seen = []
+    for step in STEPS[fmt]:
+        crashed = subprocess.run(_command(new_options), cwd=ROOT, env=dict(env, BLIP_MODERATE_CRASH_AT=step),
+                                 capture_output=True, text=True, timeout=120)
+        assert crashed.returncode == output.CRASH_EXIT, (step, crashed.stdout + crashed.stderr)
+        view = read_view(out, fmt)
+        assert view in ((ids, {"r-old"}), (ids, {"r-new"})), (step, view)  # old or new, once each, never a mix
+        seen.append(view[1])
+    assert seen[0] == {"r-old"} and seen[-1] == {"r-new"}
+    final = subprocess.run(_command(new_options), cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert final.returncode == 0, final.stdout + final.stderr
+    summary = json.loads(final.stdout.strip().splitlines()[-1])
+    assert summary["outcome"] == "already_committed" and summary["run_id"] == "r-new"
+    assert read_view(out, fmt) == (ids, {"r-new"})
+    assert not [name for name in listing() if "_staging-" in name or "previous" in name]
+    if fmt == "delta":
+        assert _delta_version(out) == version + 1  # the whole chain made one commit
+        assert output.read_committed(locate(out))["run_id"] == "r-new"
+    else:
+        assert not [name for name in listing() if "part-r-old" in name]  # tidied once committed
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "delta"])
+def test_every_crash_point_locally(fmt, catalog, tiny_itm, tmp_path):
+    path, ids = catalog
+    out = tmp_path / "out"
+    crash_chain(path, ids, str(out), fmt, tiny_itm, lambda: [str(p.relative_to(out)) for p in out.rglob("*")])
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "delta"])
+def test_every_crash_point_on_s3(fmt, catalog, tiny_itm, s3_store):
+    s3_store.reset()
+    s3_store.create_bucket("test")
+    path, ids = catalog
+    crash_chain(path, ids, f"s3://test/out-{fmt}", fmt, tiny_itm, lambda: s3_store.keys("test"))
+
+
+def test_two_concurrent_delta_runs_on_s3_make_one_commit(catalog, tiny_itm, s3_store):
+    s3_store.reset()
+    s3_store.create_bucket("test")
+    path, ids = catalog
+    out = "s3://test/twins"
+    options = _options(path, out, "delta", tiny_itm, 0.5)
+    stage_everything(build_config(options), "r-twin")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    command = [c for c in _command(options) if c != "--overwrite"]
+    runs = [subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [run.communicate(timeout=120) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], results
+    outcomes = sorted(json.loads(stdout.strip().splitlines()[-1])["outcome"] for stdout, _ in results)
+    assert outcomes == ["already_committed", "committed"], results
+    assert _delta_version(out) == 0 and read_view(out, "delta") == (ids, {"r-twin"})
+    assert [k for k in s3_store.keys("test") if "_delta_log/" in k and k.endswith(".json")] == ["twins/_delta_log/00000000000000000000.json"]
