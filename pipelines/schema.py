@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+# 2: caption_agreement, text_language, evidence, image_sha256, text_sha256, scores_from_run, caption_from_run.
+SCHEMA_VERSION = 2
 
 STATUS_OK = "ok"
 STATUS_IMAGE_ERROR = "image_error"
