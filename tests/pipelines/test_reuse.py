@@ -25,7 +25,8 @@ from tests.conftest import write_catalog
 
 MAX_NEW_TOKENS = 4
 VALUES = ["itc_score", "itm_score", "caption", "flagged", "flag_reasons", "status", "error", "text_truncated",
-          "image_sha256", "text_sha256"]
+          "image_sha256", "text_sha256", "caption_agreement", "text_language", "evidence"]
+NUMBERS = ("itc_score", "itm_score", "caption_agreement")
 
 
 def _day1() -> list[dict]:
@@ -67,6 +68,14 @@ def days(ray_session, tiny_itm, tiny_caption, tmp_path_factory):
     first = run(cat1, "d1")
     shutil.copytree(root / "d1", root / "moved")  # the same committed result at another path
     fresh = run(cat2, "d2-fresh")
+    # Day 2 with titles long enough to tell their language (one German, twice: a duplicate pair),
+    # through the row-by-row graph and the keyed plan, every row explained.
+    photo = draw_shape("blue", "triangle", size=(70, 64))
+    titles = [("de-1", "Wasserdichte Wanderschuhe für Herren aus braunem Leder"), ("de-2", "Wasserdichte Wanderschuhe für Herren aus braunem Leder"),
+              ("en-1", "Red leather sofa for the living room")]
+    cat3 = write_catalog(root / "day2-titles", day2 + [{"id": i, "text": t, "image": photo} for i, t in titles], files=2)
+    run(cat3, "d2-rowwise", dedup=False, evidence="all")
+    run(cat3, "d2-keyed-all", evidence="all")
     saved = passes.KEYS_PER_BUCKET
     passes.KEYS_PER_BUCKET = 7  # several buckets: the plan must not depend on how keys are split
     try:
@@ -81,17 +90,43 @@ def _rows(output) -> dict[str, dict]:
     return {r["id"]: r for r in pq.read_table(output).to_pylist()}
 
 
-def test_a_run_with_reuse_equals_a_fresh_run_row_for_row(days):
-    fresh, reused = _rows(days["root"] / "d2-fresh"), _rows(days["root"] / "d2-reuse")
-    assert sorted(fresh) == sorted(reused) == sorted(r["id"] for r in days["day2"])
-    for key, row in fresh.items():
-        other = reused[key]
+def _assert_same_rows(expected: dict, got: dict):
+    assert sorted(expected) == sorted(got)
+    for key, row in expected.items():
+        other = got[key]
         for column in VALUES:
-            if column in ("itc_score", "itm_score") and row[column] is not None:
+            if column in NUMBERS and row[column] is not None:
                 # Reused values were computed in other batches: equal up to float summation order.
                 assert other[column] == pytest.approx(row[column], abs=1e-5), (key, column)
+            elif column == "evidence" and row[column] is not None:
+                assert other[column] is not None, key
+                assert (other[column]["rows"], other[column]["cols"], other[column]["layer"]) == (
+                    row[column]["rows"], row[column]["cols"], row[column]["layer"])
+                assert other[column]["heat"] == pytest.approx(row[column]["heat"], rel=1e-4, abs=1e-9), key
+                assert [w["word"] for w in other[column]["words"]] == [w["word"] for w in row[column]["words"]], key
             else:
                 assert other[column] == row[column], (key, column)
+
+
+def test_a_run_with_reuse_equals_a_fresh_run_row_for_row(days):
+    fresh, reused = _rows(days["root"] / "d2-fresh"), _rows(days["root"] / "d2-reuse")
+    assert sorted(fresh) == sorted(r["id"] for r in days["day2"])
+    _assert_same_rows(fresh, reused)
+
+
+def test_the_keyed_plan_equals_the_row_by_row_graph_in_every_column(days):
+    """Dedup collapses duplicates and computes language and agreement per row in its last pass: the
+    result must be the row-by-row graph's, evidence maps, caption agreement and languages included."""
+    rowwise, keyed = _rows(days["root"] / "d2-rowwise"), _rows(days["root"] / "d2-keyed-all")
+    assert any(r["evidence"] is not None for r in rowwise.values())
+    assert any(r["caption_agreement"] is not None for r in rowwise.values())
+    assert rowwise["de-1"]["text_language"] == "de" and "text_language_unsupported" in rowwise["de-1"]["flag_reasons"]
+    assert rowwise["en-1"]["text_language"] == "en"
+    _assert_same_rows(rowwise, keyed)
+    # With the default policy only rows flagged by score carry a map.
+    for row in _rows(days["root"] / "d2-fresh").values():
+        by_score = {"itm_below_threshold", "itc_below_threshold"} & set(row["flag_reasons"])
+        assert (row["evidence"] is not None) == bool(by_score and row["status"] == "ok"), row["id"]
 
 
 def test_only_what_changed_reaches_the_models(days):
