@@ -217,6 +217,7 @@ def _sentence_encoder(reference: str):
     # Once per worker process (Ray reuses them across tasks), never on the driver.
     from blip_ops.agreement import SentenceEncoder
 
+    stages.quiet_model_loading()
     return SentenceEncoder.from_pretrained(reference, device="cpu")
 
 

@@ -76,8 +76,9 @@ def stage_everything(config, run_id: str) -> None:
             "itm_model": pa.array([config.itm_model] * n), "caption_model": pa.nulls(n, pa.string()),
         }
         table = batch.drop_columns([config.image_column])
-        for name, values in columns.items():
-            table = table.append_column(name, values)
+        for field in schema:  # every output column, in the schema's order; null where not set above
+            if field.name not in table.column_names:
+                table = table.append_column(field.name, columns.get(field.name, pa.nulls(n, field.type)))
         write_pieces(table, filesystem=destination.filesystem, staging=attempt.staging, schema=schema)
 
 
