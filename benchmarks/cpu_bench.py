@@ -72,8 +72,10 @@ def machine() -> dict:
     }
 
 
-def write_catalog(directory: Path, rows: int, rows_per_group: int, seed: int = 0) -> Path:
-    """``rows`` records: a drawn shape as a 480x360 JPEG and a short title (a quarter mismatched)."""
+def write_catalog(directory: Path, rows: int, rows_per_group: int, seed: int = 0, distinct: bool = False) -> Path:
+    """``rows`` records: a drawn shape as a 480x360 JPEG and a short title (a quarter mismatched).
+    The 12 images and 4 title colours make at most 48 distinct pairs, which dedup scores once each;
+    ``distinct`` numbers every title, so every pair is new and the model sees every row."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -86,7 +88,7 @@ def write_catalog(directory: Path, rows: int, rows_per_group: int, seed: int = 0
         color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
         text_color = color if index % 4 else rng.choice([c for c in COLORS if c != color])
         ids.append(f"item-{index:06d}")
-        texts.append(f"a {text_color} {shape} on a white background")
+        texts.append(f"a {text_color} {shape} on a white background" + (f", listing {index}" if distinct else ""))
         blobs.append(images[(color, shape)])
     table = pa.table({"id": ids, "text": texts, "image": pa.array(blobs, pa.binary())})
     directory.mkdir(parents=True, exist_ok=True)
@@ -289,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         help="the headline: each side a fresh process, jobs.score at its CLI defaults, the mid-size checkpoint "
         "(width 384, depth 6 unless set); the tuned --ray-cpus/--score-* settings are not used",
     )
+    parser.add_argument("--distinct", action="store_true", help="number every title: no two rows share a pair (what dedup cannot collapse)")
     parser.add_argument("--naive-only", nargs=3, metavar=("CHECKPOINT", "CATALOG", "SCORES_JSON"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -306,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="blip-cpu-bench-"))
     before = machine()
     checkpoint = str(build_bench_itm(workdir / "itm", width=args.width, depth=args.depth, image_size=args.image_size))
-    catalog = write_catalog(workdir / "catalog", args.rows, rows_per_group=2 * args.batch_size)
+    catalog = write_catalog(workdir / "catalog", args.rows, rows_per_group=2 * args.batch_size, distinct=args.distinct)
 
     if args.defaults:
         result = defaults_run(checkpoint, catalog, workdir, args.rows)
