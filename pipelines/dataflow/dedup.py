@@ -19,7 +19,6 @@ import warnings
 import numpy as np
 import pyarrow as pa
 import ray
-from ray.data import ActorPoolStrategy
 
 from blip_ops.identity import checkpoint_identity
 
@@ -33,14 +32,12 @@ from . import stages
 from .graph import (
     TASK_RETRIES,
     _unfused,
-    actor_retries,
-    caption_stage_kwargs,
     decode_kwargs,
     finalize_kwargs,
     flag_kwargs,
-    score_call_kwargs,
-    score_stage_kwargs,
     task_retries,
+    with_caption_stage,
+    with_score_stage,
 )
 from .resources import Resources
 
@@ -187,23 +184,11 @@ def _compute(config, source, run_id, resources, items, read, common, buckets, si
         )
     ds = ds.map_batches(P.only_needed_pixels, batch_format="pyarrow", batch_size=None, udf_modifying_row_count=False)
     if needed["score"]:
-        ds = ds.map_batches(
-            stages.ScoreStage, batch_format="pyarrow", batch_size=resources.score_batch_size,
-            compute=ActorPoolStrategy(min_size=resources.score_actors[0], max_size=resources.score_actors[1]),
-            num_gpus=resources.score_gpus, num_cpus=resources.score_cpus, **actor_retries(),
-            fn_constructor_kwargs=score_stage_kwargs(config, resources), fn_kwargs=score_call_kwargs(config),
-            udf_modifying_row_count=False,
-        )
+        ds = with_score_stage(ds, config, resources)
     if needed["caption"]:
-        ds = ds.map_batches(
-            stages.CaptionStage, batch_format="pyarrow", batch_size=resources.caption_batch_size,
-            compute=ActorPoolStrategy(min_size=resources.caption_actors[0], max_size=resources.caption_actors[1]),
-            num_gpus=resources.caption_gpus, num_cpus=resources.caption_cpus, **actor_retries(),
-            # Agreement compares a caption with a row's own text, so it runs per row in pass 5, not here
-            # (one caption serves every row of its image, whatever their texts).
-            fn_constructor_kwargs=dict(caption_stage_kwargs(config, resources), policy="all", agreement_model=None),
-            udf_modifying_row_count=False,
-        )
+        # Agreement compares a caption with a row's own text, so it runs per row in pass 5, not here
+        # (one caption serves every row of its image, whatever their texts).
+        ds = with_caption_stage(ds, config, resources, policy="all", agreement_model=None)
     ds = ds.map_batches(
         P.store_results, batch_format="pyarrow", batch_size=None,
         fn_kwargs=dict(common, run_id=run_id, buckets=buckets), **task_retries(),

@@ -142,6 +142,37 @@ def finalize_kwargs(config: JobConfig, run_id: str, passthrough: list[str], keep
     }
 
 
+def with_score_stage(ds: ray.data.Dataset, config: JobConfig, resources: Resources) -> ray.data.Dataset:
+    """The scoring actor pool, as every graph that scores adds it."""
+    return ds.map_batches(
+        stages.ScoreStage,
+        batch_format="pyarrow",
+        batch_size=resources.score_batch_size,
+        compute=ActorPoolStrategy(min_size=resources.score_actors[0], max_size=resources.score_actors[1]),
+        num_gpus=resources.score_gpus,
+        num_cpus=resources.score_cpus,
+        **actor_retries(),
+        fn_constructor_kwargs=score_stage_kwargs(config, resources),
+        fn_kwargs=score_call_kwargs(config),
+        udf_modifying_row_count=False,
+    )
+
+
+def with_caption_stage(ds: ray.data.Dataset, config: JobConfig, resources: Resources, **overrides) -> ray.data.Dataset:
+    """The captioning actor pool; ``overrides`` replace constructor arguments (the keyed plan's)."""
+    return ds.map_batches(
+        stages.CaptionStage,
+        batch_format="pyarrow",
+        batch_size=resources.caption_batch_size,
+        compute=ActorPoolStrategy(min_size=resources.caption_actors[0], max_size=resources.caption_actors[1]),
+        num_gpus=resources.caption_gpus,
+        num_cpus=resources.caption_cpus,
+        **actor_retries(),
+        fn_constructor_kwargs=dict(caption_stage_kwargs(config, resources), **overrides),
+        udf_modifying_row_count=False,
+    )
+
+
 def score_rows(
     ds: ray.data.Dataset,
     config: JobConfig,
@@ -164,18 +195,7 @@ def score_rows(
             udf_modifying_row_count=False,
             **task_retries(),
         )
-    ds = ds.map_batches(
-        stages.ScoreStage,
-        batch_format="pyarrow",
-        batch_size=resources.score_batch_size,
-        compute=ActorPoolStrategy(min_size=resources.score_actors[0], max_size=resources.score_actors[1]),
-        num_gpus=resources.score_gpus,
-        num_cpus=resources.score_cpus,
-        **actor_retries(),
-        fn_constructor_kwargs=score_stage_kwargs(config, resources),
-        fn_kwargs=score_call_kwargs(config),
-        udf_modifying_row_count=False,
-    )
+    ds = with_score_stage(ds, config, resources)
     ds = ds.map_batches(
         stages.flag_batch,
         batch_format="pyarrow",
@@ -184,17 +204,7 @@ def score_rows(
         udf_modifying_row_count=False,
     )
     if config.captioning:
-        ds = ds.map_batches(
-            stages.CaptionStage,
-            batch_format="pyarrow",
-            batch_size=resources.caption_batch_size,
-            compute=ActorPoolStrategy(min_size=resources.caption_actors[0], max_size=resources.caption_actors[1]),
-            num_gpus=resources.caption_gpus,
-            num_cpus=resources.caption_cpus,
-            **actor_retries(),
-            fn_constructor_kwargs=caption_stage_kwargs(config, resources),
-            udf_modifying_row_count=False,
-        )
+        ds = with_caption_stage(ds, config, resources)
     return ds.map_batches(
         stages.finalize_batch,
         batch_format="pyarrow",
