@@ -42,7 +42,7 @@ _BPE_CORPUS = [
 ]
 
 
-def _redraw_at_unit_gain(model: torch.nn.Module, seed: int) -> None:
+def redraw_at_unit_gain(model: torch.nn.Module, seed: int) -> None:
     """Default init (std 0.02) makes outputs nearly constant across inputs; tests need rows to differ."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -112,7 +112,7 @@ def build_tiny_itm(directory: str | Path, seed: int = 0) -> Path:
     config.architectures = ["BlipForImageTextRetrieval"]
     torch.manual_seed(seed)
     model = BlipForImageTextRetrieval(config).eval()
-    _redraw_at_unit_gain(model, seed)
+    redraw_at_unit_gain(model, seed)
     model.save_pretrained(directory, safe_serialization=True)
     image_processor = BlipImageProcessorPil(
         size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}, image_mean=_CLIP_MEAN, image_std=_CLIP_STD
@@ -197,7 +197,7 @@ def build_tiny_blip2(directory: str | Path, seed: int = 0) -> Path:
     config.architectures = ["Blip2ForConditionalGeneration"]
     torch.manual_seed(seed)
     model = Blip2ForConditionalGeneration(config).eval()
-    _redraw_at_unit_gain(model, seed)
+    redraw_at_unit_gain(model, seed)
     model.save_pretrained(directory, safe_serialization=True)
     processor.save_pretrained(directory)
     return directory

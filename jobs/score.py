@@ -39,6 +39,7 @@ _OPTIONS = [
     ("--image-uri-column", "Column of image paths or s3:// URIs, used instead of image bytes."),
     ("--device", "auto | cpu | cuda (default auto)."),
     ("--precision", "auto | fp32 | bf16 | fp16 (default auto: bf16 autocast on CUDA, fp32 on CPU)."),
+    ("--vision-attention", "fused (default: PyTorch SDPA, scores within 5e-7 of eager in fp32) | eager (transformers' own, bit for bit)."),
     ("--ray-address", "Ray cluster to join ('auto' or an address); default starts a local Ray."),
     ("--score-actors", "Scoring actor pool MIN,MAX, or auto (default: 1 up to the GPUs the cluster has)."),
     ("--caption-actors", "Captioning actor pool MIN,MAX, or auto (default: 1 up to the GPUs the cluster has)."),

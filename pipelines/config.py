@@ -118,6 +118,13 @@ class JobConfig(BaseModel):
         "where scores equal the checkpoint's fp32 scores. Half precision moves scores slightly; in it, BLIP's vision "
         "attention also runs fused (PyTorch SDPA), the same arithmetic in another order.",
     )
+    vision_attention: Literal["fused", "eager"] = Field(
+        "fused",
+        description="BLIP's vision attention: fused (PyTorch SDPA: the same softmax(QK^T/sqrt(d))V in another order, "
+        "about 30% less vision CPU time; in fp32 on the CPU it moved ITM by at most 4.2e-7 and ITC by 9.3e-8 against "
+        "eager, BENCHMARKS.md) or eager (transformers' own BlipAttention, bit for bit BlipForImageTextRetrieval's "
+        "forward). Part of the score key.",
+    )
     ray_address: str | None = Field(None, description="None starts a local Ray; 'auto' or an address joins a cluster.")
 
     score_actors: tuple[int, int] | None = Field(

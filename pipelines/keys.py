@@ -66,6 +66,7 @@ class ScoreSettings:
     precision: str
     device: str
     jpeg_draft: bool
+    vision_attention: str = "fused"
     scorer_version: int = SCORER_VERSION
 
     @property
@@ -97,6 +98,7 @@ def score_settings(config, itm_identity: str, device: str) -> ScoreSettings:
         precision=effective_precision(config.precision, device_kind(device)),
         device=device_kind(device),
         jpeg_draft=config.jpeg_draft,
+        vision_attention=config.vision_attention,
     )
 
 

@@ -134,7 +134,9 @@ def _score_missing(config: JobConfig, source: InputInfo, destination: Location, 
                 config, source, attempt.run_id, resources, todo, work, destination.filesystem, source.reuse, digests
             )
             evidence_s = float(counts.pop("evidence_s", 0.0))
+            started = time.perf_counter()
             dedup.assemble_and_write(config, source, attempt.run_id, todo, attempt.staging, work, destination.filesystem)
+            counts["pass_seconds"]["assemble"] = round(time.perf_counter() - started, 3)
         else:
             counts = None
             dataset = build_scored_dataset(
@@ -171,6 +173,7 @@ def _reuse_record(config: JobConfig, source: InputInfo, counts: dict) -> dict:
     record["sources_matched"] = counts.get("sources_matched", {})
     record["keyed_plan"] = "buckets" in counts
     record["buckets"] = counts.get("buckets")
+    record["pass_seconds"] = counts.get("pass_seconds")
     return record
 
 

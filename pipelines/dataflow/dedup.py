@@ -13,6 +13,7 @@ results are one row of counts per task.
 from __future__ import annotations
 
 import functools
+import time
 import uuid
 import warnings
 
@@ -129,16 +130,20 @@ def plan_and_compute(
     common = {"work_fs": filesystem, "work": work}
     read = {"filesystem": source.location.filesystem, "schema": source.schema, "batch_rows": config.decode_batch_size}
     caption_digest = digests["caption"] if config.captioning else None
+    clock = _PassClock()
     hashed = _sum(_tasks(items, P.hash_unit, dict(
         read, **common, buckets=buckets, text_column=config.text_column,
         image_column=config.image_uri_column or config.image_column, from_uri=bool(config.image_uri_column),
         score_digest=digests["score"], caption_digest=caption_digest, max_image_bytes=config.max_image_bytes,
     )))
+    clock.lap("hash")
     source_items, matched = _source_items(sources, {"score": digests["score"], "caption": caption_digest})
     offered = _sum(_tasks(source_items, P.source_file, dict(common, buckets=buckets, digests=digests)))
+    clock.lap("sources")
     sides = ["score"] + (["caption"] if caption_digest else [])
     bucket_items = [{"side": side, "bucket": b} for side in sides for b in range(buckets)]
     planned = _sum(_tasks(bucket_items, P.plan_bucket, common))
+    clock.lap("plan")
     # A model stage runs only if the plan left it something: a night with nothing new loads no model.
     # Key-less rows (a missing image or a blank text) still go through the scorer for truncation.
     stages_needed = {
@@ -148,7 +153,9 @@ def plan_and_compute(
     computed = {}
     if any(stages_needed.values()):
         computed = _sum(_compute(config, source, run_id, resources, items, read, common, buckets, sides, stages_needed))
+    clock.lap("compute")
     distributed = _sum(_tasks(bucket_items, P.distribute_bucket, common))
+    clock.lap("distribute")
     return {
         "sources_matched": matched,
         "pairs_scored": computed.get("pairs_scored", 0),
@@ -163,7 +170,21 @@ def plan_and_compute(
         "buckets": buckets,
         "model_stages_run": [name for name, run in stages_needed.items() if run],
         "evidence_s": float(computed.get("evidence_s", 0.0)),
+        "pass_seconds": clock.seconds,
     }
+
+
+class _PassClock:
+    """Wall seconds per pass, for the manifest: where a keyed run's time went."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self._last, 3)
+        self._last = now
 
 
 def _compute(config, source, run_id, resources, items, read, common, buckets, sides, needed) -> pa.Table:

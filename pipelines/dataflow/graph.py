@@ -106,6 +106,7 @@ def score_stage_kwargs(config: JobConfig, resources: Resources) -> dict:
         "max_text_tokens": config.max_text_tokens,
         "text_column": config.text_column,
         "precision": config.precision,
+        "vision_attention": config.vision_attention,
         "threads": resources.score_threads,
         "evidence": config.evidence,
         "evidence_layer": config.evidence_layer,

@@ -203,6 +203,7 @@ class ScoreStage:
     def __init__(
         self, *, model: str, device: str, max_text_tokens: int, text_column: str, precision: str = "auto",
         threads: int | None = None, evidence: str = "none", evidence_layer: int | None = None,
+        vision_attention: str = "fused",
     ):
         # Imported here, not at the top: the decode, flag and write tasks import this module too,
         # and must not pay for torch and transformers.
@@ -213,7 +214,8 @@ class ScoreStage:
 
         # Resolved once here: an s3:// model comes from the node's model cache.
         self.scorer = BlipScorer.from_pretrained(
-            local_checkpoint(model), device=device, max_text_tokens=max_text_tokens, precision=precision
+            local_checkpoint(model), device=device, max_text_tokens=max_text_tokens, precision=precision,
+            vision_attention=vision_attention,
         )
         self.text_column = text_column
         self.parts = HalvingBatches("scoring")

@@ -1,4 +1,4 @@
-"""The fused (SDPA) vision attention is BLIP's attention, and is used only where the scorer says."""
+"""The fused (SDPA) vision attention is BLIP's attention up to rounding, and eager is there when asked."""
 
 import numpy as np
 import pytest
@@ -6,6 +6,7 @@ import torch
 
 from blip_ops import attention
 from blip_ops.attention import sdpa_vision_attention
+from blip_ops.checkpoints import load_processor
 from blip_ops.scorer import BlipScorer
 
 
@@ -55,10 +56,12 @@ def test_the_model_gets_its_own_attention_back_even_after_an_error(itm_model, mo
     assert not any("forward" in vars(m) for m in itm_model.modules())
 
 
-@pytest.mark.parametrize("precision, fused", [("fp32", False), ("bf16", True)])
-def test_scorer_fuses_only_in_half_precision(tiny_itm, monkeypatch, precision, fused):
-    """fp32 stays transformers' eager attention: those are the scores the fidelity tests pin."""
-    scorer = BlipScorer.from_pretrained(tiny_itm, device="cpu", precision=precision)
+@pytest.mark.parametrize(
+    "precision, vision_attention, fused",
+    [("fp32", "fused", True), ("fp32", "eager", False), ("bf16", "fused", True), ("bf16", "eager", False)],
+)
+def test_scorer_fuses_unless_told_eager(tiny_itm, monkeypatch, precision, vision_attention, fused):
+    scorer = BlipScorer.from_pretrained(tiny_itm, device="cpu", precision=precision, vision_attention=vision_attention)
     calls = _sdpa_calls(monkeypatch)
     size = scorer.images.height
     images = [np.full((3, size, size), 40 * k, dtype=np.uint8) for k in range(2)]
@@ -68,6 +71,31 @@ def test_scorer_fuses_only_in_half_precision(tiny_itm, monkeypatch, precision, f
     assert len(calls) == (layers if fused else 0)
     if fused:
         assert {shape[0] for shape in calls} == {2}  # one fused call per layer for the whole batch
+
+
+def test_eager_scores_are_the_models_own_and_fused_ones_are_within_rounding(tiny_itm):
+    """eager is BlipForImageTextRetrieval's forward bit for bit; fused moves fp32 scores by rounding only."""
+    from transformers import BlipForImageTextRetrieval
+
+    eager = BlipScorer.from_pretrained(tiny_itm, device="cpu", vision_attention="eager")
+    fused = BlipScorer.from_pretrained(tiny_itm, device="cpu")
+    size = eager.images.height
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (3, 3, size, size), dtype=np.uint8)
+    texts = ["a red shirt", "two dogs on grass", "a blue car at night"]
+    itc_e, itm_e, _ = eager.score(images, texts)
+    itc_f, itm_f, _ = fused.score(images, texts)
+    model = BlipForImageTextRetrieval.from_pretrained(tiny_itm).eval()
+    pixels = eager.images.to_device_pixel_values(images, "cpu", torch.float32)
+    tokens = eager.tokenize(texts)
+    with torch.inference_mode():
+        itm_hf = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, pixel_values=pixels,
+                       use_itm_head=True).itm_score.softmax(dim=-1)[:, 1].numpy()
+    np.testing.assert_array_equal(itm_e, itm_hf)
+    np.testing.assert_allclose(itm_f, itm_e, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(itc_f, itc_e, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="vision_attention"):
+        BlipScorer(eager.model, load_processor(tiny_itm), vision_attention="flash")
 
 
 def test_nested_and_overlapping_blocks_keep_the_fused_attention_until_the_last_exits(itm_model, monkeypatch):

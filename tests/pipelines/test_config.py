@@ -70,6 +70,7 @@ def test_actor_ranges(value, expected):
         ({"score_cpus": 0}, "score_cpus"),
         ({"caption_cpus": 0}, "caption_cpus"),
         ({"caption_cpus": -1}, "caption_cpus"),
+        ({"vision_attention": "flash"}, "vision_attention"),
         *[({name: blank}, name) for name in ("input", "output", "itm_model", "id_column", "image_column") for blank in ("", "  ")],
     ],
 )
@@ -140,6 +141,19 @@ def test_new_options_are_validated(override, message):
         return
     with pytest.raises(ConfigError, match=message):
         build_config(dict(BASE, **override))
+
+
+def test_vision_attention_defaults_to_fused_and_reaches_the_score_stage(tmp_path):
+    from types import SimpleNamespace
+
+    from pipelines.dataflow.graph import score_stage_kwargs
+
+    resources = SimpleNamespace(score_device="cpu", score_threads=2)
+    assert score_stage_kwargs(build_config(BASE), resources)["vision_attention"] == "fused"
+    path = tmp_path / "job.yaml"
+    path.write_text("vision-attention: eager\n")
+    config = build_config(dict(BASE, **load_yaml(path)))
+    assert score_stage_kwargs(config, resources)["vision_attention"] == "eager"
 
 
 def test_new_options_in_yaml_reach_the_stages(tmp_path):

@@ -14,7 +14,9 @@ BASE = {"input": "in", "output": "out"}
 
 # What each key holds, listed once more by hand: a field added to a key, or dropped from it,
 # fails here until this list (and the README's) says so.
-SCORE_KEY_FIELDS = {"itm_checkpoint", "max_text_tokens", "precision", "device", "jpeg_draft", "scorer_version"}
+SCORE_KEY_FIELDS = {
+    "itm_checkpoint", "max_text_tokens", "precision", "device", "jpeg_draft", "vision_attention", "scorer_version",
+}
 CAPTION_KEY_FIELDS = {"caption_checkpoint", "prompt", "max_new_tokens", "precision", "device", "jpeg_draft", "captioner_version"}
 
 # Config options that change where or how fast a run goes (or which rows it writes, or how it
@@ -45,7 +47,7 @@ def test_key_fields_are_the_listed_ones():
 
 
 def test_every_config_option_is_either_in_a_key_or_listed_as_not():
-    in_keys = {"max_text_tokens", "precision", "jpeg_draft", "caption_prompt", "max_new_tokens"}
+    in_keys = {"max_text_tokens", "precision", "jpeg_draft", "caption_prompt", "max_new_tokens", "vision_attention"}
     assert set(JobConfig.model_fields) == in_keys | NOT_IN_KEYS
 
 
@@ -57,6 +59,7 @@ def test_every_config_option_is_either_in_a_key_or_listed_as_not():
         ({"jpeg_draft": True}, True, True),
         ({"caption_prompt": "a photo of"}, False, True),
         ({"max_new_tokens": 7}, False, True),
+        ({"vision_attention": "eager"}, True, False),
     ],
 )
 def test_settings_that_change_numbers_change_the_key(change, score_moves, caption_moves):
