@@ -55,19 +55,19 @@ def scored_output(root: Path, n: int = 12, uri_images: bool = False, output_form
     wrong = np.array([e == "mismatch" for e in expected])
     itm = np.where(wrong, rng.uniform(0.02, 0.55, n), rng.uniform(0.4, 0.98, n)).astype(np.float32)
     itc = (rng.random(n) * 0.5).astype(np.float32)
-    status = ["ok"] * n
-    status[n - 1] = "image_error"  # a row that could not be checked is flagged, unscored
+    # The samples' broken records (an undecodable image, a blank title) could not be checked: flagged, unscored.
+    status = [e if e in ("image_error", "text_error") else "ok" for e in expected]
     rows = []
     for i, record in enumerate(records):
         ok = status[i] == "ok"
         flagged = (not ok) or bool(itm[i] < ITM_THRESHOLD)
-        reasons = ([] if ok else ["image_error"]) + (["itm_below_threshold"] if ok and itm[i] < ITM_THRESHOLD else [])
+        reasons = ([] if ok else [status[i]]) + (["itm_below_threshold"] if ok and itm[i] < ITM_THRESHOLD else [])
         grid = rng.random(16).astype(np.float32).tolist()
         row = {k: v for k, v in record.items() if k != "image"}
         row.update(
             itc_score=float(itc[i]) if ok else None, itm_score=float(itm[i]) if ok else None,
             caption=f"a drawing of a {((record['text'] or '').split() or ['shape'])[-1]}" if ok else None, caption_agreement=None, flagged=flagged,
-            flag_reasons=reasons, status=status[i], error=None if ok else "undecodable image",
+            flag_reasons=reasons, status=status[i], error=None if ok else {"image_error": "undecodable image", "text_error": "blank text"}[status[i]],
             text_truncated=False, text_language="en", run_id=RUN_ID, scored_at=None, itm_model="tiny-itm",
             caption_model=None,
             evidence=({"rows": 4, "cols": 4, "heat": grid, "words": [{"word": "product", "weight": 0.5}], "layer": 1}
