@@ -2,10 +2,10 @@
 
 ``label-studio`` pins packages this project cannot take (Django and friends), so it lives in its
 own virtual environment: ``$BLIP_MODERATE_LABEL_STUDIO_VENV``, else ``.venv-labelstudio`` at the
-repository root (``.ci/run`` creates it). Schema migrations of an empty database take 70-100 s on
+repository root (``.ci/run`` creates it). Schema migrations of an empty database take 70-155 s on
 2 cores, so they run once into a template database kept in that venv
 (``blip-moderate-template/label_studio.sqlite3``, also built by ``.ci/run``); each server starts
-from a fresh data directory holding a copy of it (about 6-13 s to a healthy server). The user and
+from a fresh data directory holding a copy of it (13-18 s to a healthy server here, at load 16-24). The user and
 its legacy API token are created by ``label-studio start --username --password --user-token``.
 """
 
@@ -151,7 +151,9 @@ _READY = """new Promise((resolve) => {
   const check = () => {
     const images = [...document.querySelectorAll('img')].filter(i => i.complete && i.naturalWidth > 1 && i.src.includes(%s));
     const choices = document.body.innerText.includes('mismatch') && document.body.innerText.includes('unsure');
-    if (images.length && choices) resolve({ok: true, text: document.body.innerText.slice(0, 4000), image: images[0].src});
+    // The labeling pane's own images (not only the data manager's thumbnails) must have arrived.
+    const settled = !document.body.innerText.includes('Downloading image') && [...document.querySelectorAll('img')].every(i => i.complete);
+    if (images.length && choices && settled) resolve({ok: true, text: document.body.innerText.slice(0, 4000), image: images[0].src});
     else if (Date.now() - started > %d) resolve({ok: false, text: document.body.innerText.slice(0, 4000)});
     else setTimeout(check, 200);
   };
@@ -212,7 +214,7 @@ def view_task(server: Server, path: str, image_marker: str, screenshot: Path | N
     with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
         process = subprocess.Popen(
             [chromium, "--headless=new", "--disable-gpu", "--no-sandbox", "--no-first-run", "--no-default-browser-check",
-             "--disable-dev-shm-usage", "--disable-extensions", "--remote-debugging-port=0", "--window-size=1280,860",
+             "--disable-dev-shm-usage", "--disable-extensions", "--remote-debugging-port=0", "--window-size=1280,1080",
              "--remote-allow-origins=*", f"--user-data-dir={profile}", "about:blank"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )

@@ -60,6 +60,20 @@ def project(server, tmp_path_factory):
     return dict(out, project=created["id"], tasks=tasks, exported=exported)
 
 
+@pytest.mark.skipif(find_chromium() is None, reason="no chromium binary (Debian's chromium; .ci/run installs it when apt is usable)")
+def test_a_task_shows_its_image_text_caption_and_verdicts_in_the_ui(server, project, tmp_path):
+    """Before any verdict (this test runs first): the job's prediction is what a reviewer starts from."""
+    task = project["tasks"][0]
+    shot = tmp_path / "label-studio-task.png"
+    seen = label_studio.view_task(server, f"/projects/{project['project']}/data?task={task['id']}", "/data/local-files/",
+                                  screenshot=shot)
+    assert seen.get("ok"), seen.get("text")
+    assert task["data"]["text"] in seen["text"] and task["data"]["caption"] in seen["text"]
+    assert "ITM" in seen["text"] and shot.stat().st_size > 10_000
+    if os.environ.get("BLIP_MODERATE_LABEL_STUDIO_SCREENSHOT"):  # how docs/label-studio-task.png is made
+        shutil.copy(shot, os.environ["BLIP_MODERATE_LABEL_STUDIO_SCREENSHOT"])
+
+
 def test_round_trip_through_label_studio_and_calibrate(server, project, tmp_path, capsys):
     tasks, expected = project["tasks"], project["expected"]
     assert sorted(t["data"]["row_id"] for t in tasks) == sorted(t["data"]["row_id"] for t in project["exported"])
@@ -104,16 +118,3 @@ def test_round_trip_through_label_studio_and_calibrate(server, project, tmp_path
     assert calibrated["labelled_scored_rows"] == len(decided)
     assert calibrated["mismatches"] == sum(expected[t["data"]["row_id"]] == "mismatch" for t in decided)
     assert code == 0 and "itm_threshold:" in (tmp_path / "calibrated.yaml").read_text()
-
-
-@pytest.mark.skipif(find_chromium() is None, reason="no chromium binary (Debian's chromium; .ci/run installs it when apt is usable)")
-def test_a_task_shows_its_image_text_caption_and_verdicts_in_the_ui(server, project, tmp_path):
-    task = project["tasks"][0]
-    shot = tmp_path / "label-studio-task.png"
-    seen = label_studio.view_task(server, f"/projects/{project['project']}/data?task={task['id']}", "/data/local-files/",
-                                  screenshot=shot)
-    assert seen.get("ok"), seen.get("text")
-    assert task["data"]["text"] in seen["text"] and task["data"]["caption"] in seen["text"]
-    assert "ITM" in seen["text"] and shot.stat().st_size > 10_000
-    if os.environ.get("BLIP_MODERATE_LABEL_STUDIO_SCREENSHOT"):  # how docs/label-studio-task.png is made
-        shutil.copy(shot, os.environ["BLIP_MODERATE_LABEL_STUDIO_SCREENSHOT"])
