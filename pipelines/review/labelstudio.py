@@ -105,8 +105,7 @@ class ExportOptions:
 @dataclass
 class ExportResult:
     tasks: int
-    rows: int
-    selected: int
+    rows: int  # rows of the output, before --where
     images: dict = field(default_factory=dict)  # how the tasks name their images: s3, local-files, inline, missing
     evidence: int = 0
     tasks_path: str = ""
@@ -383,7 +382,7 @@ def export_tasks(options: ExportOptions) -> ExportResult:
     counts: dict = {}
     for mode in images.modes:
         counts[mode] = counts.get(mode, 0) + 1
-    return ExportResult(tasks=len(tasks), rows=rows, selected=len(tasks), images=counts,
+    return ExportResult(tasks=len(tasks), rows=rows, images=counts,
                         evidence=sum(e is not None for e in evidence), tasks_path=str(tasks_path),
                         config_path=str(config_path))
 

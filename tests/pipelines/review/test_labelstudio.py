@@ -219,3 +219,11 @@ def test_usage_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as exit_info:
         review.main([])
     assert exit_info.value.code == 2
+
+
+def test_console_script_has_the_review_subcommand(tmp_path, capsys):
+    from jobs.cli import main
+
+    (tmp_path / "export.json").write_text("[]")
+    assert main(["review", "import", "--annotations", str(tmp_path / "export.json"), "--verdicts", str(tmp_path / "v")]) == 0
+    assert "0 verdicts from 0 tasks" in capsys.readouterr().out and (tmp_path / "v" / "verdicts.parquet").exists()
