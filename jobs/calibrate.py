@@ -3,7 +3,8 @@
     python -m jobs.calibrate --scored scored/ --labels labels.csv --target-precision 0.9
 
 ``--labels``: a CSV or Parquet file with the id column and a verdict column holding
-``mismatch`` or ``match`` (case-insensitive). The positive class is **mismatch**: a threshold
+``mismatch`` or ``match`` (case-insensitive), or the verdicts table of ``jobs.review import``
+(its directory or file). The positive class is **mismatch**: a threshold
 ``t`` predicts mismatch for ``score < t``, as the job flags. For each score the chosen
 threshold is the one with the highest recall whose precision on the labelled rows is at least
 the target. When the scored rows carry ``caption_agreement``, it is calibrated the same way, and
@@ -42,7 +43,7 @@ def make_parser(prog: str = "python -m jobs.calibrate") -> argparse.ArgumentPars
     parser = _Parser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--scored", required=True, nargs="+", metavar="PATH",
                         help="One or more committed jobs.score outputs (directories or s3:// prefixes), e.g. several days.")
-    parser.add_argument("--labels", required=True, help="CSV or Parquet: id column + verdict column (mismatch | match).")
+    parser.add_argument("--labels", required=True, help="CSV or Parquet: id column + verdict column (mismatch | match); or a jobs.review import verdicts table.")
     parser.add_argument("--target-precision", required=True, type=_precision, help="Precision each chosen threshold must reach, in (0, 1].")
     parser.add_argument("--id-column", default="id", help="Id column in both the scored output and the labels (default id).")
     parser.add_argument("--verdict-column", default="verdict", help="Verdict column in the labels (default verdict).")

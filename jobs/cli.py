@@ -7,7 +7,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"score": "jobs.score", "demo": "jobs.demo"}
+    commands = {"score": "jobs.score", "demo": "jobs.demo", "review": "jobs.review"}
     if not argv or argv[0] not in commands:
         print(f"usage: blip-moderate {{{','.join(commands)}}} [options]", file=sys.stderr)
         return 2

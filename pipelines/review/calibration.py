@@ -94,7 +94,12 @@ def read_scored(path: str, id_column: str) -> pa.Table:
 
 
 def read_labels(path: str, id_column: str, verdict_column: str) -> pa.Table:
-    """Labels as (id, is_mismatch); a Parquet file/directory or a ``.csv`` file."""
+    """Labels as (id, is_mismatch); a Parquet file/directory, a ``.csv`` file, or the verdicts table
+    ``jobs.review import`` writes (``read_verdict_labels``)."""
+    from . import labelstudio  # the verdicts table's contract lives there
+
+    if not path.lower().endswith(".csv") and labelstudio.is_verdicts_table(path):
+        return read_verdict_labels(path)
     location = locate(path)
     try:
         if path.lower().endswith(".csv"):
@@ -122,6 +127,21 @@ def read_labels(path: str, id_column: str, verdict_column: str) -> pa.Table:
     return pa.table({"id": pa.array(list(by_id), ids.type), "is_mismatch": pa.array(list(by_id.values()), pa.bool_())})
 
 
+def read_verdict_labels(path: str) -> pa.Table:
+    """Labels from a verdicts table: a row reviewed in more than one task (two projects, a duplicated
+    id) takes its latest verdict, and a row whose latest verdict is ``unsure`` takes no part. Ids are
+    strings there; ``join`` casts them to the scored output's id type."""
+    from . import labelstudio
+
+    table = labelstudio.read_verdicts(path)
+    order = pc.sort_indices(table, sort_keys=[("annotated_at", "ascending", "at_start"), ("task_id", "ascending", "at_start")])
+    latest: dict = {}
+    for key, verdict in zip(table.column("row_id").take(order).to_pylist(), table.column("verdict").take(order).to_pylist()):
+        latest[key] = verdict
+    decided = {key: verdict == MISMATCH for key, verdict in latest.items() if verdict in (MISMATCH, MATCH)}
+    return pa.table({"id": pa.array(list(decided), pa.string()), "is_mismatch": pa.array(list(decided.values()), pa.bool_())})
+
+
 @dataclass
 class Joined:
     table: pa.Table  # id, itm_score, itc_score, caption_agreement (null where none), is_mismatch (scored rows only)
@@ -132,6 +152,12 @@ class Joined:
 
 def join(scored: pa.Table, labels: pa.Table, id_column: str) -> Joined:
     scored = scored.rename_columns(["id" if c == id_column else c for c in scored.column_names])
+    id_type = scored.schema.field("id").type
+    if labels.schema.field("id").type != id_type:  # verdicts hold ids as strings
+        try:
+            labels = labels.set_column(0, "id", pc.cast(labels.column("id"), id_type))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise CalibrationError(f"label ids are not {id_type} like the scored ids: {exc}") from None
     try:
         joined = scored.join(labels, "id", join_type="inner")
     except pa.ArrowInvalid as exc:

@@ -247,3 +247,37 @@ def test_outputs_without_agreement_calibrate_as_before(tmp_path, capsys):
                            "--out-config", str(tmp_path / "c.yaml"), "--report", str(tmp_path / "c.html"), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["agreement_gain"] is None and "agreement" not in result["chosen"]
+
+
+def test_the_verdicts_table_of_jobs_review_import_is_taken_as_labels(tmp_path, capsys):
+    """jobs.review import's table as --labels: a row's latest verdict wins, a latest unsure leaves it out, ids cast."""
+    from jobs import review
+
+    scored, _, itm, _, truth = synthetic(tmp_path, n=120)
+    ids = pq.read_table(scored).column("id").to_pylist()
+    mismatch = {i: bool(m) for i, m in zip([i for k, i in enumerate(ids) if k not in (5, 6)], truth)}
+
+    def task(number, row_id, verdict, when):
+        return {"id": number, "project": 1, "data": {"row_id": row_id}, "annotations": [{
+            "id": number, "completed_by": 1, "updated_at": when, "result": [
+                {"from_name": "verdict", "to_name": "image", "type": "choices", "value": {"choices": [verdict]}}]}]}
+
+    tasks = [task(n, row_id, "mismatch" if m else "match", "2026-11-01T10:00:00Z") for n, (row_id, m) in enumerate(mismatch.items())]
+    first = next(iter(mismatch))
+    # The same row in a second task, reviewed later the other way round: that later verdict is the label.
+    tasks.append(task(1000, first, "match" if mismatch[first] else "mismatch", "2026-11-02T10:00:00Z"))
+    tasks.append(task(1001, ids[-1], "unsure", "2026-11-02T10:00:00Z"))
+    (tmp_path / "export.json").write_text(json.dumps(tasks))
+    assert review.main(["import", "--annotations", str(tmp_path / "export.json"), "--verdicts", str(tmp_path / "verdicts")]) == 0
+    labels = cal.read_labels(str(tmp_path / "verdicts"), "id", "verdict")
+    got = dict(zip(labels.column("id").to_pylist(), labels.column("is_mismatch").to_pylist()))
+    assert got[first] == (not mismatch[first]) and ids[-1] not in got and len(got) == len(mismatch) - 1
+    code = calibrate.main(["--scored", str(scored), "--labels", str(tmp_path / "verdicts"), "--target-precision", "0.8",
+                           "--out-config", str(tmp_path / "cal.yaml"), "--report", str(tmp_path / "cal.html"), "--json"])
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert code == 0 and result["labelled_scored_rows"] == len(mismatch) - 1
+    # Ids are strings in the verdicts table; an output with integer ids still joins.
+    joined = cal.join(pa.table({"id": [3, 4], "status": ["ok", "ok"], "itm_score": [0.1, 0.9], "itc_score": [0.1, 0.2],
+                                cal.AGREEMENT: pa.nulls(2, pa.float32())}),
+                      pa.table({"id": ["3"], "is_mismatch": [True]}), "id")
+    assert joined.table.column("id").to_pylist() == [3]
