@@ -114,6 +114,17 @@ def test_datajuicer_side_is_skipped_with_a_reason_or_refused_when_named_and_miss
     assert "--datajuicer" in capsys.readouterr().err and not (tmp_path / "w").exists()
 
 
+def test_datajuicer_lines_put_it_beside_the_pipeline():
+    from benchmarks.cpu_bench import datajuicer_lines
+
+    figures = {"s": 240.5, "pairs_per_s": 0.83, "num_proc": 2, "op_s": 224.5, "versions": {"py-data-juicer": "1.6.1"},
+               "pipeline_vs_datajuicer": 1.23, "max_itm_difference_vs_pipeline": 8.9e-08,
+               "steady": {"pairs_per_s": 0.96, "first_rows_after_s": 15}, "pipeline_vs_datajuicer_steady": 1.05}
+    lines = datajuicer_lines({"datajuicer": figures})
+    assert "0.83 pairs/s (240.5 s; py-data-juicer 1.6.1, num_proc 2" in lines
+    assert "1.23x" in lines and "8.90e-08" in lines and "1.05x" in lines
+
+
 def test_datajuicer_scores_agree_with_the_hugging_face_loop(tiny_itm, tmp_path):
     """The real thing: dj-process in its venv on a tiny catalog, against the naive HF loop's ITM."""
     import pytest
