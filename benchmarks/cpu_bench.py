@@ -427,12 +427,14 @@ def datajuicer_lines(result: dict) -> str:
     if "skipped" in dj:
         return f"Data-Juicer ITM filter               : {dj['skipped']}\n"
     steady = dj.get("steady") or {}
+    ratio = dj.get("pipeline_vs_datajuicer_steady")
+    versus = f" (pipeline's steady rate {ratio}x it)" if ratio else ""
     return (
         f"Data-Juicer ITM filter (fresh)       : {dj['pairs_per_s']:8.2f} pairs/s ({dj['s']} s; "
         f"py-data-juicer {dj['versions'].get('py-data-juicer')}, num_proc {dj['num_proc']}, op {dj['op_s']} s)\n"
         f"pipeline vs Data-Juicer end to end   : {dj['pipeline_vs_datajuicer']:.2f}x   (max |ITM difference| {dj['max_itm_difference_vs_pipeline']:.2e})\n"
-        f"Data-Juicer steady (after first rows): {steady.get('pairs_per_s')} pairs/s (pipeline's steady rate "
-        f"{dj.get('pipeline_vs_datajuicer_steady')}x it); first rows {steady.get('first_rows_after_s')} s into its bar\n"
+        f"Data-Juicer steady (after first rows): {steady.get('pairs_per_s')} pairs/s{versus}; "
+        f"first rows {steady.get('first_rows_after_s')} s into its bar\n"
     )
 
 

@@ -123,6 +123,8 @@ def test_datajuicer_lines_put_it_beside_the_pipeline():
     lines = datajuicer_lines({"datajuicer": figures})
     assert "0.83 pairs/s (240.5 s; py-data-juicer 1.6.1, num_proc 2" in lines
     assert "1.23x" in lines and "8.90e-08" in lines and "1.05x" in lines
+    figures["pipeline_vs_datajuicer_steady"] = None  # tuned mode: the pipeline's steady rate is not read
+    assert "None" not in datajuicer_lines({"datajuicer": figures})
 
 
 def test_datajuicer_scores_agree_with_the_hugging_face_loop(tiny_itm, tmp_path):
