@@ -1,6 +1,8 @@
-"""cpu_bench --defaults reads the job's steady rate from its progress lines."""
+"""cpu_bench: the job's steady rate from its progress lines, the catalog, and the Data-Juicer side."""
 
-from benchmarks.cpu_bench import steady_rate
+import pytest
+
+from benchmarks.cpu_bench import find_datajuicer, steady_rate
 
 STDERR = """\
 2026-12-01 10:00:00 progress: 0/1000 rows scored (0%), 0.0 rows/s
@@ -35,6 +37,8 @@ def test_the_catalog_repeats_pairs_unless_distinct(tmp_path):
 # Data-Juicer, the third side: its output and progress parsed without its venv, and one real
 # run on a tiny catalog where the venv exists (bash benchmarks/datajuicer/setup.sh).
 
+DJ_PYTHON, DJ_WHY = find_datajuicer(None)
+
 DJ_STDERR = (
     "2026-12-01 12:09:25.177 | INFO     | data_juicer.utils.process_utils:161 - Set the auto `num_proc` to 2 of Op[image_text_matching_filter]\n"
     "image_text_matching_filter_compute_stats (num_proc=2):   0%|          | 0/300 [00:00<?, ? examples/s]\n"
@@ -61,8 +65,6 @@ def test_datajuicer_progress_reads_processes_op_time_and_steady_rate():
 
 
 def test_datajuicer_scores_and_their_agreement_with_ours():
-    import pytest
-
     from benchmarks.cpu_bench import datajuicer_scores, itm_difference
 
     rows = [
@@ -127,15 +129,12 @@ def test_datajuicer_lines_put_it_beside_the_pipeline():
     assert "None" not in datajuicer_lines({"datajuicer": figures})
 
 
+@pytest.mark.skipif(DJ_PYTHON is None, reason=f"Data-Juicer side not tested: {DJ_WHY}")
 def test_datajuicer_scores_agree_with_the_hugging_face_loop(tiny_itm, tmp_path):
     """The real thing: dj-process in its venv on a tiny catalog, against the naive HF loop's ITM."""
-    import pytest
+    from benchmarks.cpu_bench import datajuicer_side, itm_difference, naive_baseline, write_catalog
 
-    from benchmarks.cpu_bench import datajuicer_side, find_datajuicer, itm_difference, naive_baseline, write_catalog
-
-    python, why = find_datajuicer(None)
-    if python is None:
-        pytest.skip(f"Data-Juicer side not tested: {why}")
+    python = DJ_PYTHON
     catalog = write_catalog(tmp_path / "catalog", 6, rows_per_group=32, distinct=True)
     ours, _ = naive_baseline(tiny_itm, catalog, batch_size=4)
     theirs, figures = datajuicer_side(python, tiny_itm, catalog, tmp_path)
