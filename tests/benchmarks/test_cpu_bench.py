@@ -83,7 +83,13 @@ def test_datajuicer_scores_and_their_agreement_with_ours():
 def test_datajuicer_input_is_the_same_rows_in_its_layout(tmp_path):
     import pyarrow.parquet as pq
 
-    from benchmarks.cpu_bench import DJ_EOC_TOKEN, DJ_IMAGE_TOKEN, datajuicer_config, write_catalog, write_datajuicer_input
+    from benchmarks.cpu_bench import (
+        DJ_EOC_TOKEN,
+        DJ_IMAGE_TOKEN,
+        datajuicer_config,
+        write_catalog,
+        write_datajuicer_input,
+    )
 
     catalog = write_catalog(tmp_path / "catalog", 5, rows_per_group=32, distinct=True)
     ours = pq.read_table(catalog).to_pylist()
@@ -98,7 +104,12 @@ def test_datajuicer_input_is_the_same_rows_in_its_layout(tmp_path):
 
 
 def test_datajuicer_side_is_skipped_with_a_reason_or_refused_when_named_and_missing(tmp_path, capsys):
-    from benchmarks.cpu_bench import add_datajuicer, datajuicer_lines, find_datajuicer, main
+    from benchmarks.cpu_bench import (
+        add_datajuicer,
+        datajuicer_lines,
+        find_datajuicer,
+        main,
+    )
 
     assert find_datajuicer("none") == (None, "skipped: --datajuicer none")
     python, why = find_datajuicer(str(tmp_path / "nope" / "python"))
@@ -132,7 +143,12 @@ def test_datajuicer_lines_put_it_beside_the_pipeline():
 @pytest.mark.skipif(DJ_PYTHON is None, reason=f"Data-Juicer side not tested: {DJ_WHY}")
 def test_datajuicer_scores_agree_with_the_hugging_face_loop(tiny_itm, tmp_path):
     """The real thing: dj-process in its venv on a tiny catalog, against the naive HF loop's ITM."""
-    from benchmarks.cpu_bench import datajuicer_side, itm_difference, naive_baseline, write_catalog
+    from benchmarks.cpu_bench import (
+        datajuicer_side,
+        itm_difference,
+        naive_baseline,
+        write_catalog,
+    )
 
     python = DJ_PYTHON
     catalog = write_catalog(tmp_path / "catalog", 6, rows_per_group=32, distinct=True)
