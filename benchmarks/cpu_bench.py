@@ -287,6 +287,8 @@ DJ_OP = "image_text_matching_filter"
 # tqdm's bar for the op's scoring pass: "image_text_matching_filter_compute_stats (num_proc=2):  45%|...| 9/20 [00:10<00:05, ...]"
 DJ_PROGRESS = re.compile(DJ_OP + r"_compute_stats(?: \(num_proc=(\d+)\))?:\s+\d+%\|[^|]*\|\s*(\d+)/(\d+) \[(?:(\d+):)?(\d+):(\d+)")
 DJ_OP_DONE = re.compile(r"OP \[" + DJ_OP + r"\] Done in ([0-9.]+)s")
+DJ_IMAGE_TOKEN = "<__dj__image>"  # Data-Juicer's defaults (data_juicer.utils.mm_utils.SpecialTokens)
+DJ_EOC_TOKEN = "<|__dj__eoc|>"
 
 
 def find_datajuicer(choice: str | None) -> tuple[str | None, str | None]:
@@ -321,9 +323,6 @@ def write_datajuicer_input(catalog: Path, path: Path) -> Path:
     )
     return path
 
-
-DJ_IMAGE_TOKEN = "<__dj__image>"  # Data-Juicer's defaults (data_juicer.utils.mm_utils.SpecialTokens)
-DJ_EOC_TOKEN = "<|__dj__eoc|>"
 
 
 def datajuicer_config(dataset: Path, export: Path, checkpoint: str) -> dict:
@@ -408,13 +407,19 @@ def datajuicer_side(python: str, checkpoint: str, catalog: Path, workdir: Path) 
 
 def add_datajuicer(result: dict, python: str | None, skipped: str | None, checkpoint: str, catalog: Path,
                    workdir: Path, rows: int, pipe_scores: dict, pipe_s: float) -> None:
-    """Runs the third side when there is a venv and puts it beside the others in ``result``."""
+    """Runs the third side when there is a venv and puts it beside the others in ``result``. A
+    failure of that side is recorded, not raised: the two sides before it took minutes."""
     if python is None:
         result["datajuicer"] = {"skipped": skipped}
         return
-    dj_scores, figures = datajuicer_side(python, checkpoint, catalog, workdir)
+    try:
+        dj_scores, figures = datajuicer_side(python, checkpoint, catalog, workdir)
+        figures["max_itm_difference_vs_pipeline"] = itm_difference(pipe_scores, dj_scores)
+    except (RuntimeError, OSError, subprocess.CalledProcessError, ValueError) as error:
+        detail = getattr(error, "stderr", None) or str(error)
+        result["datajuicer"] = {"failed": f"{type(error).__name__}: {detail[-2000:]}"}
+        return
     figures["pairs_per_s"] = round(rows / figures["s"], 2)
-    figures["max_itm_difference_vs_pipeline"] = itm_difference(pipe_scores, dj_scores)
     figures["pipeline_vs_datajuicer"] = round(figures["s"] / pipe_s, 2)  # > 1: the pipeline is ahead
     ours, theirs = (result.get("steady") or {}).get("pairs_per_s"), (figures["steady"] or {}).get("pairs_per_s")
     figures["pipeline_vs_datajuicer_steady"] = round(ours / theirs, 2) if ours and theirs else None
@@ -426,6 +431,8 @@ def datajuicer_lines(result: dict) -> str:
     dj = result.get("datajuicer") or {}
     if "skipped" in dj:
         return f"Data-Juicer ITM filter               : {dj['skipped']}\n"
+    if "failed" in dj:
+        return f"Data-Juicer ITM filter               : FAILED, {dj['failed'].strip().splitlines()[-1]}\n"
     steady = dj.get("steady") or {}
     ratio = dj.get("pipeline_vs_datajuicer_steady")
     versus = f" (pipeline's steady rate {ratio}x it)" if ratio else ""

@@ -140,6 +140,24 @@ def test_datajuicer_lines_put_it_beside_the_pipeline():
     assert "None" not in datajuicer_lines({"datajuicer": figures})
 
 
+def test_a_failing_datajuicer_side_is_recorded_not_raised(tmp_path):
+    # A "venv" whose dj-process exits 3: the run keeps its other two sides and says what failed.
+    from benchmarks.cpu_bench import add_datajuicer, datajuicer_lines, find_datajuicer, write_catalog
+
+    venv = tmp_path / "venv" / "bin"
+    venv.mkdir(parents=True)
+    for name, script in (("python", "echo 1.6.1 2.13.0+cpu 5.23.0"), ("dj-process", "echo 'config is broken' >&2; exit 3")):
+        (venv / name).write_text(f"#!/bin/sh\n{script}\n")
+        (venv / name).chmod(0o755)
+    python, why = find_datajuicer(str(venv.parent))
+    assert python == str(venv / "python") and why is None
+    catalog = write_catalog(tmp_path / "catalog", 3, rows_per_group=32)
+    result = {}
+    add_datajuicer(result, python, None, "ckpt", catalog, tmp_path, 3, {}, 1.0)
+    assert "exited 3" in result["datajuicer"]["failed"] and "config is broken" in result["datajuicer"]["failed"]
+    assert datajuicer_lines(result).startswith("Data-Juicer ITM filter               : FAILED")
+
+
 @pytest.mark.skipif(DJ_PYTHON is None, reason=f"Data-Juicer side not tested: {DJ_WHY}")
 def test_datajuicer_scores_agree_with_the_hugging_face_loop(tiny_itm, tmp_path):
     """The real thing: dj-process in its venv on a tiny catalog, against the naive HF loop's ITM."""
