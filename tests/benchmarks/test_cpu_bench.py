@@ -142,7 +142,12 @@ def test_datajuicer_lines_put_it_beside_the_pipeline():
 
 def test_a_failing_datajuicer_side_is_recorded_not_raised(tmp_path):
     # A "venv" whose dj-process exits 3: the run keeps its other two sides and says what failed.
-    from benchmarks.cpu_bench import add_datajuicer, datajuicer_lines, find_datajuicer, write_catalog
+    from benchmarks.cpu_bench import (
+        add_datajuicer,
+        datajuicer_lines,
+        find_datajuicer,
+        write_catalog,
+    )
 
     venv = tmp_path / "venv" / "bin"
     venv.mkdir(parents=True)
