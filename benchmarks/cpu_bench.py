@@ -25,6 +25,18 @@ and the model, nothing else), which starts its own local Ray; the checkpoint is 
 mid-size one (width 384, 6 layers, 384 px)::
 
     python -m benchmarks.cpu_bench --defaults --rows 1000
+
+**datajuicer**, the third side, when Data-Juicer's own venv exists
+(``bash benchmarks/datajuicer/setup.sh`` makes ``.venv-datajuicer``; ``--datajuicer PYTHON``
+names another, ``--datajuicer none`` skips it): its ``dj-process`` CLI, a fresh process timed
+to its exit like the others, running ``image_text_matching_filter`` at its defaults (one image
+per forward, ITM only, ``num_proc`` chosen by Data-Juicer: one process per core here, one torch
+thread each) on the same rows, read from a Parquet copy of the catalog in Data-Juicer's layout
+(``images`` keys, ``image_bytes``, text wrapped in its image and end-of-chunk tokens), and the
+same checkpoint: Data-Juicer loads ``hf_blip`` through ``transformers.AutoProcessor`` and the
+class in the checkpoint's ``config.architectures`` (``BlipForImageTextRetrieval``), so a local
+directory works as is. Only ``min_score`` is lowered to 0, so that every row, and its score,
+comes back; it changes no computation. Its ITM scores are checked against the pipeline's.
 """
 
 from __future__ import annotations
@@ -227,7 +239,7 @@ def steady_rate(stderr: str) -> dict | None:
             "pairs_per_s": round((n1 - n0) / (t1 - t0), 2) if t1 > t0 else None}
 
 
-def defaults_run(checkpoint: str, catalog: Path, workdir: Path, rows: int) -> dict:
+def defaults_run(checkpoint: str, catalog: Path, workdir: Path, rows: int, datajuicer: tuple = (None, "skipped")) -> dict:
     """Naive loop and ``python -m jobs.score`` at its defaults, each a fresh process, timed to its exit."""
     import pyarrow.parquet as pq
 
@@ -249,7 +261,7 @@ def defaults_run(checkpoint: str, catalog: Path, workdir: Path, rows: int) -> di
     pipe_scores = {r["id"]: (r["itc_score"], r["itm_score"]) for r in table}
     steady = steady_rate(result.stderr)
     naive_rate = rows / naive_s
-    return {
+    run = {
         "mode": "defaults",
         "rows": rows,
         "naive_s": round(naive_s, 1),
@@ -265,6 +277,172 @@ def defaults_run(checkpoint: str, catalog: Path, workdir: Path, rows: int) -> di
         "pipeline_command": " ".join(command[1:]),
         "load_average_between": load_between,
     }
+    run["load_average_after_pipeline"] = [round(x, 2) for x in os.getloadavg()]
+    add_datajuicer(run, *datajuicer, checkpoint, catalog, workdir, rows, pipe_scores, pipe_s)
+    return run
+
+
+DATAJUICER_VENV = Path(__file__).resolve().parents[1] / ".venv-datajuicer"
+DJ_OP = "image_text_matching_filter"
+# tqdm's bar for the op's scoring pass: "image_text_matching_filter_compute_stats (num_proc=2):  45%|...| 9/20 [00:10<00:05, ...]"
+DJ_PROGRESS = re.compile(DJ_OP + r"_compute_stats(?: \(num_proc=(\d+)\))?:\s+\d+%\|[^|]*\|\s*(\d+)/(\d+) \[(?:(\d+):)?(\d+):(\d+)")
+DJ_OP_DONE = re.compile(r"OP \[" + DJ_OP + r"\] Done in ([0-9.]+)s")
+DJ_IMAGE_TOKEN = "<__dj__image>"  # Data-Juicer's defaults (data_juicer.utils.mm_utils.SpecialTokens)
+DJ_EOC_TOKEN = "<|__dj__eoc|>"
+
+
+def find_datajuicer(choice: str | None) -> tuple[str | None, str | None]:
+    """The Data-Juicer venv's python, or None and why the side is skipped."""
+    if choice and choice.lower() == "none":
+        return None, "skipped: --datajuicer none"
+    python = Path(choice) if choice else DATAJUICER_VENV / "bin" / "python"
+    if python.is_dir():  # the venv itself
+        python = python / "bin" / "python"
+    if not python.exists():
+        how = f"{python} does not exist" if choice else f"no Data-Juicer venv at {DATAJUICER_VENV}"
+        return None, f"skipped: {how} (bash benchmarks/datajuicer/setup.sh makes one)"
+    if not (python.parent / "dj-process").exists():
+        return None, f"skipped: no dj-process beside {python} (not a Data-Juicer venv)"
+    return str(python), None
+
+
+def write_datajuicer_input(catalog: Path, path: Path) -> Path:
+    """The catalog's rows in Data-Juicer's multimodal layout: the text carries one image token and
+    ends its chunk, ``images`` names the image (the row id: there is no file) and ``image_bytes``
+    holds the same JPEG bytes the other sides decode, which Data-Juicer loads in preference."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(catalog / "catalog.parquet", columns=["id", "text", "image"])
+    ids = table.column("id").to_pylist()
+    texts = [f"{DJ_IMAGE_TOKEN} {t} {DJ_EOC_TOKEN}" for t in table.column("text").to_pylist()]
+    blobs = table.column("image").to_pylist()
+    pq.write_table(
+        pa.table({"id": ids, "text": texts, "images": [[i] for i in ids], "image_bytes": pa.array([[b] for b in blobs], pa.list_(pa.binary()))}),
+        path,
+    )
+    return path
+
+
+
+def datajuicer_config(dataset: Path, export: Path, checkpoint: str) -> dict:
+    """dj-process's config: the op at its defaults but ``min_score`` 0, and the stats kept in the output."""
+    return {
+        "project_name": "cpu-bench",
+        "dataset_path": str(dataset),
+        "export_path": str(export),
+        "keep_stats_in_res_ds": True,
+        "process": [{DJ_OP: {"hf_blip": checkpoint, "min_score": 0.0, "max_score": 1.0}}],
+    }
+
+
+def datajuicer_progress(stderr: str) -> dict:
+    """From dj-process's stderr: the op's processes, its own time, and the steady rate of its
+    scoring bar (from its first scored rows to its last update, so after the models loaded)."""
+    points, num_proc = [], None
+    for line in re.split(r"[\r\n]", stderr):
+        match = DJ_PROGRESS.search(line)
+        if match:
+            num_proc = int(match.group(1)) if match.group(1) else num_proc
+            hours, minutes, seconds = int(match.group(4) or 0), int(match.group(5)), int(match.group(6))
+            points.append((3600 * hours + 60 * minutes + seconds, int(match.group(2))))
+    done = DJ_OP_DONE.search(stderr)
+    result = {"num_proc": num_proc, "op_s": float(done.group(1)) if done else None, "steady": None}
+    moving = [(t, n) for t, n in points if n > 0]
+    if len(moving) >= 2:
+        (t0, n0), (t1, n1) = moving[0], moving[-1]
+        result["steady"] = {"first_rows_after_s": t0, "rows": n1 - n0, "seconds": t1 - t0,
+                            "pairs_per_s": round((n1 - n0) / (t1 - t0), 2) if t1 > t0 else None}
+    return result
+
+
+def datajuicer_scores(rows: list[dict]) -> dict:
+    """``{id: itm}`` from Data-Juicer's output rows; one score per row (one image, one chunk) or an error.
+    Its Parquet export stores the stats column as JSON text (an ``arrow.json`` column)."""
+    scores = {}
+    for row in rows:
+        stats = row.get("__dj__stats__") or {}
+        stats = json.loads(stats) if isinstance(stats, str) else stats
+        values = stats.get("image_text_matching_score") or []
+        if len(values) != 1:
+            raise RuntimeError(f"Data-Juicer gave row {row.get('id')!r} {len(values)} ITM scores, expected 1")
+        scores[row["id"]] = float(values[0])
+    return scores
+
+
+def itm_difference(ours: dict, theirs: dict) -> float:
+    """Largest |ITM difference| between this project's ``{id: (itc, itm)}`` and Data-Juicer's ``{id: itm}``."""
+    if ours.keys() != theirs.keys():
+        missing, extra = sorted(ours.keys() - theirs.keys()), sorted(theirs.keys() - ours.keys())
+        raise RuntimeError(f"Data-Juicer scored different rows: missing {missing[:5]}, extra {extra[:5]}")
+    return max(abs(ours[k][1] - theirs[k]) for k in ours)
+
+
+def datajuicer_side(python: str, checkpoint: str, catalog: Path, workdir: Path) -> tuple[dict, dict]:
+    """Data-Juicer's ``dj-process`` in its own venv, a fresh process timed to its exit. Returns its
+    ITM scores by id and its figures (seconds, num_proc, op time, steady rate, versions)."""
+    import pyarrow.parquet as pq
+
+    run = workdir / f"datajuicer-{int(time.time())}"  # a new dataset file: nothing comes from a datasets cache
+    run.mkdir(parents=True)
+    dataset = write_datajuicer_input(catalog, run / "input.parquet")
+    export = run / "out" / "scored.parquet"
+    config = run / "config.yaml"
+    config.write_text(json.dumps(datajuicer_config(dataset, export, checkpoint), indent=2))  # JSON is YAML
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=str(run / "hf-datasets-cache"))
+    versions = subprocess.run(
+        [python, "-c", "import importlib.metadata as m; print(*(m.version(p) for p in ('py-data-juicer', 'torch', 'transformers')))"],
+        capture_output=True, text=True, env=env, check=True,
+    ).stdout.split()
+    command = [str(Path(python).parent / "dj-process"), "--config", str(config)]
+    result, seconds = _fresh_process(command, env)
+    (run / "dj-process.stderr").write_text(result.stderr)
+    scores = datajuicer_scores(pq.read_table(export, columns=["id", "__dj__stats__"]).to_pylist())
+    figures = {"s": round(seconds, 1), **datajuicer_progress(result.stderr),
+               "versions": dict(zip(("py-data-juicer", "torch", "transformers"), versions)),
+               "command": " ".join(command), "config": datajuicer_config(dataset, export, checkpoint)["process"]}
+    return scores, figures
+
+
+def add_datajuicer(result: dict, python: str | None, skipped: str | None, checkpoint: str, catalog: Path,
+                   workdir: Path, rows: int, pipe_scores: dict, pipe_s: float) -> None:
+    """Runs the third side when there is a venv and puts it beside the others in ``result``. A
+    failure of that side is recorded, not raised: the two sides before it took minutes."""
+    if python is None:
+        result["datajuicer"] = {"skipped": skipped}
+        return
+    try:
+        dj_scores, figures = datajuicer_side(python, checkpoint, catalog, workdir)
+        figures["max_itm_difference_vs_pipeline"] = itm_difference(pipe_scores, dj_scores)
+    except (RuntimeError, OSError, subprocess.CalledProcessError, ValueError) as error:
+        detail = getattr(error, "stderr", None) or str(error)
+        result["datajuicer"] = {"failed": f"{type(error).__name__}: {detail[-2000:]}"}
+        return
+    figures["pairs_per_s"] = round(rows / figures["s"], 2)
+    figures["pipeline_vs_datajuicer"] = round(figures["s"] / pipe_s, 2)  # > 1: the pipeline is ahead
+    ours, theirs = (result.get("steady") or {}).get("pairs_per_s"), (figures["steady"] or {}).get("pairs_per_s")
+    figures["pipeline_vs_datajuicer_steady"] = round(ours / theirs, 2) if ours and theirs else None
+    figures["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    result["datajuicer"] = figures
+
+
+def datajuicer_lines(result: dict) -> str:
+    dj = result.get("datajuicer") or {}
+    if "skipped" in dj:
+        return f"Data-Juicer ITM filter               : {dj['skipped']}\n"
+    if "failed" in dj:
+        return f"Data-Juicer ITM filter               : FAILED, {dj['failed'].strip().splitlines()[-1]}\n"
+    steady = dj.get("steady") or {}
+    ratio = dj.get("pipeline_vs_datajuicer_steady")
+    versus = f" (pipeline's steady rate {ratio}x it)" if ratio else ""
+    return (
+        f"Data-Juicer ITM filter (fresh)       : {dj['pairs_per_s']:8.2f} pairs/s ({dj['s']} s; "
+        f"py-data-juicer {dj['versions'].get('py-data-juicer')}, num_proc {dj['num_proc']}, op {dj['op_s']} s)\n"
+        f"pipeline vs Data-Juicer end to end   : {dj['pipeline_vs_datajuicer']:.2f}x   (max |ITM difference| {dj['max_itm_difference_vs_pipeline']:.2e})\n"
+        f"Data-Juicer steady (after first rows): {steady.get('pairs_per_s')} pairs/s{versus}; "
+        f"first rows {steady.get('first_rows_after_s')} s into its bar\n"
+    )
 
 
 def max_difference(a: dict, b: dict) -> float:
@@ -292,6 +470,11 @@ def main(argv: list[str] | None = None) -> int:
         "(width 384, depth 6 unless set); the tuned --ray-cpus/--score-* settings are not used",
     )
     parser.add_argument("--distinct", action="store_true", help="number every title: no two rows share a pair (what dedup cannot collapse)")
+    parser.add_argument(
+        "--datajuicer", metavar="PYTHON",
+        help="the third side: the python of a Data-Juicer venv (default: .venv-datajuicer/bin/python if it exists, "
+        "else skipped; 'none' skips it)",
+    )
     parser.add_argument("--naive-only", nargs=3, metavar=("CHECKPOINT", "CATALOG", "SCORES_JSON"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -300,6 +483,11 @@ def main(argv: list[str] | None = None) -> int:
         scores, _ = naive_baseline(checkpoint, Path(catalog), args.batch_size)
         Path(scores_file).write_text(json.dumps(scores))
         return 0
+
+    datajuicer = find_datajuicer(args.datajuicer)
+    if args.datajuicer and args.datajuicer.lower() != "none" and datajuicer[0] is None:
+        print(f"--datajuicer: {datajuicer[1].removeprefix('skipped: ')}", file=sys.stderr)
+        return 2
 
     from blip_ops.tiny import build_bench_itm
 
@@ -312,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     catalog = write_catalog(workdir / "catalog", args.rows, rows_per_group=2 * args.batch_size, distinct=args.distinct)
 
     if args.defaults:
-        result = defaults_run(checkpoint, catalog, workdir, args.rows)
+        result = defaults_run(checkpoint, catalog, workdir, args.rows, datajuicer)
         result.update(
             checkpoint={"layout": "BLIP-base", "width": args.width, "depth": args.depth, "image_size": args.image_size},
             naive_batch_size=args.batch_size,
@@ -330,7 +518,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"ratio end to end                     : {result['ratio']:.2f}x   (max |score difference| {result['max_score_difference']:.2e})\n"
                 f"steady state (after the first rows)  : {steady.get('pairs_per_s')} pairs/s, {result['steady_ratio']}x; "
                 f"first rows {steady.get('first_rows_after_s')} s after the run's first progress line\n"
-                f"rows {args.rows}, checkpoint width {args.width} depth {args.depth} at {args.image_size} px; "
+                + datajuicer_lines(result)
+                + f"rows {args.rows}, checkpoint width {args.width} depth {args.depth} at {args.image_size} px; "
                 f"load average {before['load_average']} -> {result['load_average_between']} -> {result['load_average_after']}"
             )
         return 0
@@ -341,6 +530,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe_scores, pipe_s = pipeline(
         checkpoint, catalog, output, args.batch_size, args.ray_cpus, args.score_cpus, args.score_actors
     )
+    load_after_pipeline = [round(x, 2) for x in os.getloadavg()]
     model_stage = model_only(checkpoint, args.batch_size, args.model_batches) if args.model_batches else None
     result = {
         "model_only": model_stage,
@@ -356,9 +546,11 @@ def main(argv: list[str] | None = None) -> int:
         "pipeline_settings": {"ray_cpus": args.ray_cpus, "score_cpus": args.score_cpus, "score_actors": args.score_actors},
         "machine": before,
         "load_average_between": load_between,
-        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "load_average_after_pipeline": load_after_pipeline,
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
     }
+    add_datajuicer(result, *datajuicer, checkpoint, catalog, workdir, args.rows, pipe_scores, pipe_s)
+    result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     if args.json:
         print(json.dumps(result, sort_keys=True))
     else:
@@ -372,6 +564,7 @@ def main(argv: list[str] | None = None) -> int:
                 if model_stage
                 else ""
             )
+            + datajuicer_lines(result)
             + f"rows {args.rows}, batch {args.batch_size}, checkpoint BLIP-base layout width {args.width} depth "
             f"{args.depth} at {args.image_size} px; load average {before['load_average']} -> {result['load_average_after']}"
         )
