@@ -8,7 +8,7 @@ that capped ITC+ITM scoring at about 10% of the arithmetic peak (BENCHMARKS.md).
 materialising the scores. The sum is taken in another order, so the result is equal up to
 float rounding, not bit for bit. It is the scorer's default in every precision
 (``vision_attention="fused"``): on the CPU in fp32 it cuts the vision pass's CPU time by
-about 30% and moved ITM by at most 4.2e-7 and ITC by 9.3e-8 against eager (BENCHMARKS.md);
+about 30% and moved ITM by at most 4.5e-7 and ITC by 1.0e-7 against eager (BENCHMARKS.md);
 ``vision_attention="eager"`` keeps transformers' own attention, bit for bit.
 """
 

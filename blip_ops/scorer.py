@@ -55,7 +55,7 @@ class BlipScorer:
         if vision_attention not in ("fused", "eager"):
             raise ValueError(f"vision_attention must be fused or eager, not {vision_attention!r}")
         # Fused is the same attention arithmetic in another order: in fp32 on the CPU it moved ITM by
-        # at most 4.2e-7 (7 float32 steps at 0.5) and cut the vision pass's CPU time by about 30%, the
+        # at most 4.5e-7 (about 8 float32 steps at 0.5) and cut the vision pass's CPU time by about 30%, the
         # largest share of a CPU run. eager keeps transformers' BlipAttention, bit for bit.
         self.fused_attention = vision_attention == "fused"
 

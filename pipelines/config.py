@@ -121,7 +121,7 @@ class JobConfig(BaseModel):
     vision_attention: Literal["fused", "eager"] = Field(
         "fused",
         description="BLIP's vision attention: fused (PyTorch SDPA: the same softmax(QK^T/sqrt(d))V in another order, "
-        "about 30% less vision CPU time; in fp32 on the CPU it moved ITM by at most 4.2e-7 and ITC by 9.3e-8 against "
+        "about 30% less vision CPU time; in fp32 on the CPU it moved ITM by at most 4.5e-7 and ITC by 1.0e-7 against "
         "eager, BENCHMARKS.md) or eager (transformers' own BlipAttention, bit for bit BlipForImageTextRetrieval's "
         "forward). Part of the score key.",
     )
