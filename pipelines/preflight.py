@@ -133,6 +133,12 @@ def check_models(config: JobConfig) -> None:
             inspect_agreement_model(config.agreement_model)
     except CheckpointError as exc:
         raise InputError(str(exc)) from None
+    if config.decode_device == "gpu":
+        from blip_ops.jpeg_device import torchvision_problem
+
+        problem = torchvision_problem()
+        if problem:
+            raise InputError(problem)
     if config.evidence != "none":
         try:
             evidence_layer(itm, config)
