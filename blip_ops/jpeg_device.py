@@ -165,6 +165,8 @@ class DeviceJpegDecoder:
         self.device = device
         self.backend = backend
         self._decode = _DECODERS[backend]
+        # Rows decoded on the device, refused there but decoded by the CPU path, decoded by neither.
+        self.counts = {"on_device": 0, "fell_back": 0, "failed": 0}
 
     def _device_decode(self, tensors: list) -> list:
         """Decoded tensors, None where the decoder refused one: the batch in one call, and only
@@ -207,4 +209,7 @@ class DeviceJpegDecoder:
             except Exception as exc:  # as decode_batch: a decoder bug costs one row
                 errors[index] = f"image could not be decoded: {type(exc).__name__}: {exc}"
                 images.append(torch.zeros((3, height, width), dtype=torch.uint8, device=self.device))
+        self.counts["on_device"] += on_device
+        self.counts["fell_back"] += fell_back
+        self.counts["failed"] += sum(e is not None for e in errors)
         return Decoded(resize_on_device(images, height, width), errors, on_device, fell_back)
