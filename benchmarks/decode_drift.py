@@ -64,16 +64,29 @@ def pixel_drift(cpu: np.ndarray, device: np.ndarray) -> dict:
     }
 
 
-def score_drift(checkpoint: str, blobs: list[bytes], backend: str, device: str, texts: list[str]) -> dict:
+def score_drift(checkpoint: str, blobs: list[bytes], backend: str, device: str, texts: list[str],
+                score_device: str = "cpu", precision: str = "fp32") -> dict:
+    """Scores of the device path's pixels against the CPU path's, both at ``precision`` on
+    ``score_device``; with a half precision, also the CPU path in fp32 on the CPU against the device
+    path in ``precision`` (all a GPU run changes at once)."""
     from blip_ops.scorer import BlipScorer
 
-    scorer = BlipScorer.from_pretrained(checkpoint, device="cpu", precision="fp32")
+    scorer = BlipScorer.from_pretrained(checkpoint, device=score_device, precision=precision)
     cpu, dev = pixel_pairs(blobs, scorer.images.resizer, backend, device)
     itc_a, itm_a, _ = scorer.score(cpu, texts)
     itc_b, itm_b, _ = scorer.score(dev, texts)
     itc, itm = np.abs(itc_a - itc_b), np.abs(itm_a - itm_b)
     largest = float(max(itc.max(), itm.max()))
-    return {
+    extra = {}
+    if scorer.precision != "fp32" or score_device != "cpu":
+        reference = BlipScorer.from_pretrained(checkpoint, device="cpu", precision="fp32")
+        itc_r, itm_r, _ = reference.score(cpu, texts)
+        extra = {"vs_fp32_cpu_path_itc_max_abs": float(f"{np.abs(itc_b - itc_r).max():.3g}"),
+                 "vs_fp32_cpu_path_itm_max_abs": float(f"{np.abs(itm_b - itm_r).max():.3g}"),
+                 "same_precision_cpu_pixels_vs_fp32_itc_max_abs": float(f"{np.abs(itc_a - itc_r).max():.3g}"),
+                 "same_precision_cpu_pixels_vs_fp32_itm_max_abs": float(f"{np.abs(itm_a - itm_r).max():.3g}")}
+    return extra | {
+        "precision": scorer.precision, "score_device": score_device,
         "pixels": pixel_drift(cpu, dev),
         "itc_mean_abs": float(f"{itc.mean():.3g}"), "itc_max_abs": float(f"{itc.max():.3g}"),
         "itm_mean_abs": float(f"{itm.mean():.3g}"), "itm_max_abs": float(f"{itm.max():.3g}"),
@@ -102,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", default="pil", choices=("pil", "torchvision"))
     parser.add_argument("--device", default="cpu", help="where the device path decodes (cuda on a GPU machine)")
     parser.add_argument("--skip-mid", action="store_true", help="only the tiny checkpoint (the mid one takes a minute here)")
+    parser.add_argument("--score-device", default="cpu", help="where the scores are computed (cuda for bf16 on a GPU)")
+    parser.add_argument("--precision", default="fp32", help="fp32 | bf16 | fp16 | auto for the scores")
+    parser.add_argument("--mid-width", type=int, default=384, help="the BLIP-base-layout checkpoint's width (768: BLIP-base)")
+    parser.add_argument("--mid-depth", type=int, default=6, help="its depth (12: BLIP-base)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
@@ -119,10 +136,13 @@ def main(argv: list[str] | None = None) -> int:
         "pixels_224": pixel_drift(*pixel_pairs(blobs, Resize(224, 224, 3), args.backend, args.device)),
     }
     with tempfile.TemporaryDirectory() as tmp:
-        result["scores_tiny"] = score_drift(str(build_tiny_itm(Path(tmp) / "tiny")), blobs, args.backend, args.device, texts)
+        scoring = {"score_device": args.score_device, "precision": args.precision}
+        result["scores_tiny"] = score_drift(str(build_tiny_itm(Path(tmp) / "tiny")), blobs, args.backend, args.device, texts, **scoring)
         if not args.skip_mid:
-            mid = _unit_gain(build_bench_itm(Path(tmp) / "mid"))  # BLIP-base layout, width 384, 6 layers, 384 px
-            result["scores_mid"] = score_drift(str(mid), blobs, args.backend, args.device, texts)
+            # BLIP-base layout at 384 px (by default half its width and depth)
+            mid = _unit_gain(build_bench_itm(Path(tmp) / "mid", width=args.mid_width, depth=args.mid_depth))
+            result["scores_mid"] = score_drift(str(mid), blobs, args.backend, args.device, texts, **scoring)
+            result["mid"] = {"width": args.mid_width, "depth": args.mid_depth}
     result["bf16_noise"] = BF16_NOISE
     result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     result["seconds"] = round(time.perf_counter() - started, 1)
