@@ -150,3 +150,26 @@ def test_cpu_decoding_builds_no_device_decoder(tiny_itm):
     assert ScoreStage(model=tiny_itm, device="cpu", max_text_tokens=35, text_column="text").jpegs is None
     with pytest.raises(ValueError, match="JPEG backend"):
         stages._device_decoder("gpu", ScoreStage(model=tiny_itm, device="cpu", max_text_tokens=35, text_column="text").scorer, "nope")
+
+
+def test_decode_tasks_still_never_import_torch_with_gpu_decoding(tiny_itm, tiny_caption):
+    """The header sniff is Pillow only: a decode worker stays as light as with CPU decoding."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = f"""
+import sys
+import pyarrow as pa
+from benchmarks.jpeg_draft import photo
+from pipelines.dataflow.stages import decode_batch
+from pipelines import schema as S
+out = decode_batch(pa.table({{"text": ["a photo"], "image": [photo(64, 48, 0)]}}), text_column="text", image_column="image",
+                   from_uri=False, score_model={tiny_itm!r}, caption_model={tiny_caption!r}, decode_device="gpu")
+assert out.column(S.JPEG_SCORE).is_valid().to_pylist() == [True]
+print(sorted(m for m in ("torch", "transformers") if m in sys.modules))
+"""
+    root = Path(__file__).resolve().parents[3]
+    result = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
