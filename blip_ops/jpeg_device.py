@@ -161,6 +161,11 @@ class DeviceJpegDecoder:
     def __init__(self, resize: Resize, device: str, backend: str = "torchvision"):
         if backend not in _DECODERS:
             raise ValueError(f"JPEG backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        # Checked here, in the actor: a worker without torchvision would otherwise send every row down
+        # the per-row fallback, correct but at CPU speed and without a word.
+        problem = torchvision_problem() if backend == "torchvision" else None
+        if problem:
+            raise RuntimeError(problem)
         self.resize = resize
         self.device = device
         self.backend = backend

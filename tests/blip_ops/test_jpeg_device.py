@@ -119,6 +119,13 @@ def test_torchvision_problem_names_the_option_and_the_fix(monkeypatch):
     assert jpeg_device.torchvision_problem() is None
 
 
+def test_an_actor_without_torchvision_fails_at_once_instead_of_falling_back_on_every_row(monkeypatch):
+    monkeypatch.setattr(jpeg_device, "torchvision_problem", lambda: "--decode-device gpu needs torchvision (test)")
+    with pytest.raises(RuntimeError, match="needs torchvision"):
+        DeviceJpegDecoder(RESIZE, "cpu", backend="torchvision")
+    DeviceJpegDecoder(RESIZE, "cpu", backend="pil")  # the stand-in needs none
+
+
 def test_torchvision_backend_matches_the_pillow_stand_in():
     """Where torchvision imports (the GPU machine; not the 2-core CI, whose CPU torch it does not load
     beside): its CPU decoder is libjpeg-turbo too, so it gives the stand-in's pixels."""
