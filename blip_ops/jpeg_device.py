@@ -22,6 +22,7 @@ nvJPEG refuses), which is how the tests run where torchvision cannot be installe
 from __future__ import annotations
 
 import io
+import logging
 import warnings
 from dataclasses import dataclass
 
@@ -35,6 +36,7 @@ DECODE_DEVICES = ("cpu", "gpu")
 BACKENDS = ("torchvision", "pil")
 NO_ROTATION = 1  # EXIF orientation "top-left": the pixels as stored
 _EOI, _SOS = b"\xff\xd9", b"\xff\xda"
+log = logging.getLogger(__name__)
 
 
 def sniff_jpeg(data: bytes | None) -> int | None:
@@ -214,6 +216,9 @@ class DeviceJpegDecoder:
             except Exception as exc:  # as decode_batch: a decoder bug costs one row
                 errors[index] = f"image could not be decoded: {type(exc).__name__}: {exc}"
                 images.append(torch.zeros((3, height, width), dtype=torch.uint8, device=self.device))
+        if fell_back and not self.counts["fell_back"]:  # once per actor: a catalog whose JPEGs the device refuses
+            log.warning("%s JPEG decoder (%s) refused %d of %d JPEGs; decoded on the CPU instead (counted in .counts)",
+                        self.backend, self.device, fell_back, len(blobs))
         self.counts["on_device"] += on_device
         self.counts["fell_back"] += fell_back
         self.counts["failed"] += sum(e is not None for e in errors)
