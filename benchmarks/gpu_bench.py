@@ -497,6 +497,19 @@ def _report(unit: str, fast: dict, slow: dict | None, gflop_per_item: float, pea
     }
 
 
+def _bench_stages(args, device: str, workdir: Path) -> dict:
+    """The stage classes with each decode device (benchmarks.gpu_stages), on fresh models."""
+    import torch
+
+    from benchmarks import gpu_stages
+
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    itm = gpu_stages.build_itm(args, device)
+    blip2 = None if args.skip_captions or args.skip_scoring else gpu_stages.build_blip2(args, device)
+    return gpu_stages.bench_stages(args, device, workdir, itm, blip2)
+
+
 def _environment(device: str) -> dict:
     import torch
 
@@ -540,6 +553,17 @@ def parse_args(argv):
     parser.add_argument("--compile", action="store_true", help="scorer: torch.compile its forward (a trial)")
     parser.add_argument("--sweep-score-batch-sizes", type=_sizes, default=[], help="comma-separated: also time this side at these sizes")
     parser.add_argument("--sweep-caption-batch-sizes", type=_sizes, default=[], help="comma-separated, as above")
+    parser.add_argument("--stages", action="store_true", help="also the stage classes as the job runs them (benchmarks.gpu_stages)")
+    parser.add_argument("--stages-only", action="store_true", help="only --stages (no naive loops, no model-only figures)")
+    parser.add_argument("--decode-devices", type=lambda t: [p.strip() for p in t.split(",") if p.strip()], default=["cpu", "gpu"],
+                        help="with --stages: comma-separated decode devices to run the stages with")
+    parser.add_argument("--jpeg-backend", default="auto", choices=("auto", "torchvision", "pil"),
+                        help="device JPEG decoder for --stages (auto: torchvision where it imports, else the Pillow stand-in)")
+    parser.add_argument("--stage-pairs", type=int, default=8192, help="with --stages: pairs through the score stage per decode device")
+    parser.add_argument("--stage-captions", type=int, default=1024, help="with --stages: rows through the caption stage per decode device")
+    parser.add_argument("--distinct-images", type=int, default=256, help="with --stages: distinct photo-like JPEGs in the catalog")
+    parser.add_argument("--decode-batch", type=int, default=256, help="with --stages: images per device JPEG decode call")
+    parser.add_argument("--decode-repeats", type=int, default=10, help="with --stages: timed device JPEG decode calls")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -549,6 +573,7 @@ def parse_args(argv):
         args.sweep_caption_batch_sizes = [min(size, 8) for size in args.sweep_caption_batch_sizes]
         args.decode_threads = min(args.decode_threads, 2)
         args.decode_processes = min(args.decode_processes, 2)
+        args.stage_pairs, args.stage_captions, args.distinct_images, args.decode_batch, args.decode_repeats = 24, 8, 8, 8, 2
     return args
 
 
@@ -567,12 +592,16 @@ def main(argv: list[str] | None = None) -> int:
         result = {"environment": _environment(device), "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
         if args.decode_only:
             result["decoding"] = bench_decoding(args, blobs)
+        elif args.stages_only:
+            args.stages = True
         elif not args.skip_scoring:
             result["scoring"] = bench_scoring(args, device, blobs, texts)
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
-        if not args.skip_captions and not args.decode_only:
+        if not args.skip_captions and not args.decode_only and not args.stages_only:
             result["captioning"] = bench_captioning(args, device, blobs)
+        if args.stages:
+            result["stages"] = _bench_stages(args, device, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     result["smoke"] = args.smoke

@@ -166,7 +166,8 @@ class ImagePreparer:
         return self.resizer.resize(rgb)
 
     def to_device_pixel_values(self, images, device: str, dtype=None):
-        """The processor's rescale and normalise, computed by torch on ``device``: the uint8 batch
+        """The processor's rescale and normalise, computed by torch on ``device`` (``images``: uint8 arrays,
+        or one uint8 tensor, already on the device when it was decoded there): the uint8 batch
         crosses to the GPU (a quarter of the bytes) and is rescaled and normalised there, so the one
         CPU that feeds a GPU actor is not spent on float arithmetic. Same operations as the
         processor's, in float32 (it rescales in float64 first: the results differ by float32
@@ -174,7 +175,9 @@ class ImagePreparer:
         import torch
 
         processor = self.image_processor
-        if torch.device(device).type == "cuda" and self.pin_memory:
+        if isinstance(images, torch.Tensor):  # decoded on the device already (blip_ops.jpeg_device)
+            pixels = images.to(device).float()
+        elif torch.device(device).type == "cuda" and self.pin_memory:
             pixels = _pinned_copy(images, (len(images), 3, self.height, self.width)).to(device, non_blocking=True).float()
         else:
             batch = images if isinstance(images, np.ndarray) else np.stack(images)

@@ -39,7 +39,7 @@ from jobs.score import (
 )
 from pipelines.commit.output import read_committed
 from pipelines.config import ConfigError, JobConfig, build_config, load_yaml
-from pipelines.preflight import InputError, preflight
+from pipelines.preflight import InputError, check_decode_device, preflight
 from pipelines.review.artifacts import REUSE_COUNTS
 from pipelines.storage import locate
 
@@ -221,12 +221,13 @@ def main(argv: list[str] | None = None) -> int:
         for key in ("input", "output", "run_id", "overwrite", "output_partition"):
             base.pop(key, None)
         config = build_config(dict(base, input=catalog, output=output_root))  # every option checked before any work
+        check_decode_device(config)  # a missing decoder fails the night at once, not each partition
         if reuse_days is not None and reuse_days < 1:
             raise ConfigError(f"--reuse-days must be at least 1, got {reuse_days}")
         if day is not None and not (re.fullmatch(r"\d{4}-\d{2}-\d{2}", day) and _is_date(day)):
             raise ConfigError(f"--date must be YYYY-MM-DD, got {day!r}")
         available = list_partitions(catalog)
-    except (ConfigError, OSError) as exc:
+    except (ConfigError, InputError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if overwrite and day is None:

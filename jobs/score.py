@@ -50,6 +50,7 @@ _OPTIONS = [
     ("--score-batch-size", "Rows per scoring batch (default auto: 256 on a GPU, 64 on the CPU)."),
     ("--caption-batch-size", "Rows per captioning batch (default auto: 256 on a GPU, 16 on the CPU)."),
     ("--decode-batch-size", "Rows per decode batch (default 64)."),
+    ("--decode-device", "Where JPEGs are decoded: cpu (default: decode tasks, Pillow) | gpu (model actors, nvJPEG; needs torchvision)."),
     ("--max-image-bytes", "Images larger than this are image_error, never read whole (default 52428800, 50 MiB)."),
     ("--run-id", "Run identifier (default: generated)."),
     ("--report-category-column", "Column the run report breaks the flag rate down by (default: none)."),

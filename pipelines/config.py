@@ -163,6 +163,13 @@ class JobConfig(BaseModel):
         "model's input size: several times less decode CPU for large photos, but pixels, and so scores, move slightly "
         "from the checkpoint's own preprocessing (BENCHMARKS.md measures both). Off by default; part of the run key.",
     )
+    decode_device: Literal["cpu", "gpu"] = Field(
+        "cpu",
+        description="Where JPEGs are decoded and resized. cpu: in the decode tasks (Pillow). gpu: JPEG bytes travel to "
+        "the model actors, which decode them in batches on their device (torchvision's nvJPEG) and resize them there "
+        "(antialiased bicubic); other formats, and JPEGs the device decoder refuses, take the CPU path. Pixels move "
+        "slightly from Pillow's (BENCHMARKS.md), so it is opt-in and part of the run key; needs torchvision.",
+    )
     max_image_bytes: int = Field(
         DEFAULT_MAX_IMAGE_BYTES,
         ge=1,

@@ -1,7 +1,8 @@
 """Content keys: what a row's scores and caption are a pure function of, named once.
 
 A row's scores depend on the image bytes, the text, the ITM checkpoint's *content*, the
-text truncation, the arithmetic (precision on a device kind), JPEG draft decoding and the
+text truncation, the arithmetic (precision on a device kind), JPEG draft decoding, where JPEGs are
+decoded (``decode_device``: nvJPEG's pixels are not Pillow's) and the
 scorer's code; its caption on the image bytes, the caption checkpoint's content, the
 prompt, the generation length, the arithmetic, draft decoding and the captioner's code.
 Everything else (batch sizes, pool sizes, GPUs and CPUs per actor, paths of the models)
@@ -53,6 +54,18 @@ def device_kind(device: str) -> str:
     return "cpu" if device == "cpu" else "cuda"
 
 
+def _cpu_decode_unkeyed(body: dict) -> dict:
+    """Settings at what every output written before the option existed did are left out of the
+    digest, so those outputs keep matching: CPU decoding (before ``decode_device``), and eager vision
+    attention in fp32 or fused in half precision (before ``vision_attention``; the default fused in
+    fp32 is new arithmetic, so it enters the digest and earlier fp32 outputs match only ``eager``)."""
+    if body.get("decode_device") == "cpu":
+        body = {k: v for k, v in body.items() if k != "decode_device"}
+    if "vision_attention" in body and body["vision_attention"] == ("eager" if body["precision"] == "fp32" else "fused"):
+        body = {k: v for k, v in body.items() if k != "vision_attention"}
+    return body
+
+
 def _digest(body: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32]
 
@@ -68,10 +81,11 @@ class ScoreSettings:
     jpeg_draft: bool
     vision_attention: str = "fused"
     scorer_version: int = SCORER_VERSION
+    decode_device: str = "cpu"  # gpu: nvJPEG and torch's resize, pixels not Pillow's
 
     @property
     def digest(self) -> str:
-        return _digest(dict(asdict(self), kind="score"))
+        return _digest(dict(_cpu_decode_unkeyed(asdict(self)), kind="score"))
 
 
 @dataclass(frozen=True)
@@ -85,10 +99,11 @@ class CaptionSettings:
     device: str
     jpeg_draft: bool
     captioner_version: int = CAPTIONER_VERSION
+    decode_device: str = "cpu"
 
     @property
     def digest(self) -> str:
-        return _digest(dict(asdict(self), kind="caption"))
+        return _digest(dict(_cpu_decode_unkeyed(asdict(self)), kind="caption"))
 
 
 def score_settings(config, itm_identity: str, device: str) -> ScoreSettings:
@@ -99,6 +114,7 @@ def score_settings(config, itm_identity: str, device: str) -> ScoreSettings:
         device=device_kind(device),
         jpeg_draft=config.jpeg_draft,
         vision_attention=config.vision_attention,
+        decode_device=config.decode_device,
     )
 
 
@@ -110,6 +126,7 @@ def caption_settings(config, caption_identity: str, device: str) -> CaptionSetti
         precision=effective_precision(config.precision, device_kind(device)),
         device=device_kind(device),
         jpeg_draft=config.jpeg_draft,
+        decode_device=config.decode_device,
     )
 
 

@@ -133,11 +133,22 @@ def check_models(config: JobConfig) -> None:
             inspect_agreement_model(config.agreement_model)
     except CheckpointError as exc:
         raise InputError(str(exc)) from None
+    check_decode_device(config)
     if config.evidence != "none":
         try:
             evidence_layer(itm, config)
         except ValueError as exc:
             raise InputError(f"--evidence-layer: {exc}") from None
+
+
+def check_decode_device(config: JobConfig) -> None:
+    """--decode-device gpu needs torchvision's JPEG decoder where the job starts (the same image runs the actors)."""
+    if config.decode_device == "gpu":
+        from blip_ops.jpeg_device import torchvision_problem
+
+        problem = torchvision_problem()
+        if problem:
+            raise InputError(problem)
 
 
 def evidence_layer(itm_config: dict, config: JobConfig) -> int:

@@ -58,6 +58,10 @@ IMAGE_ERROR = "__image_error"
 TEXT_ERROR = "__text_error"
 PIXELS_SCORE = "__pixels_score"
 PIXELS_CAPTION = "__pixels_caption"
+# --decode-device gpu: a JPEG row's bytes for each model stage (decoded in its actor), and its EXIF orientation.
+JPEG_SCORE = "__jpeg_score"
+JPEG_CAPTION = "__jpeg_caption"
+JPEG_ORIENTATION = "__jpeg_orientation"
 # Seconds of evidence computation, spread over the rows it explained (summed for the manifest).
 EVIDENCE_SECONDS = "__evidence_s"
 

@@ -88,6 +88,7 @@ def decode_kwargs(config: JobConfig) -> dict:
         "jpeg_draft": config.jpeg_draft,
         "max_image_bytes": config.max_image_bytes,
         "detect_language": config.text_languages is not None,
+        "decode_device": config.decode_device,
     }
 
 
@@ -110,6 +111,7 @@ def score_stage_kwargs(config: JobConfig, resources: Resources) -> dict:
         "threads": resources.score_threads,
         "evidence": config.evidence,
         "evidence_layer": config.evidence_layer,
+        "decode_device": config.decode_device,
     }
 
 
@@ -130,6 +132,7 @@ def caption_stage_kwargs(config: JobConfig, resources: Resources) -> dict:
         "agreement_model": config.agreement_model if config.agreeing else None,
         "agreement_threshold": config.agreement_threshold,
         "threads": resources.caption_threads,
+        "decode_device": config.decode_device,
     }
 
 

@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 
 from blip_ops.checkpoints import local_checkpoint
 from blip_ops.images import ImageError, decode_rgb
+from blip_ops.jpeg_device import sniff_jpeg
 from blip_ops.oom import HalvingBatches
 from blip_ops.preprocess import Resize, resize_for
 from blip_ops.texts import text_problem
@@ -25,6 +26,7 @@ from blip_ops.texts import text_problem
 from .. import keys as K
 from .. import schema as S
 from ..storage import TooLarge, read_bytes
+from .device_decode import decode_jpeg_rows, drop_jpeg_columns
 
 
 @functools.lru_cache(maxsize=4)
@@ -71,10 +73,13 @@ def decode_batch(
     jpeg_draft: bool = False,
     max_image_bytes: int | None = None,
     detect_language: bool = False,
+    decode_device: str = "cpu",
 ) -> pa.Table:
     """Decode images and check texts; adds pixels at each model's resolution and per-row errors.
     An image larger than ``max_image_bytes`` is an error without being read (URIs) or decoded;
-    with ``detect_language``, usable texts get their ISO 639-1 ``text_language`` (or null)."""
+    with ``detect_language``, usable texts get their ISO 639-1 ``text_language`` (or null).
+    With ``decode_device="gpu"``, a JPEG the device decoder may take (``sniff_jpeg``) is not decoded
+    here: its bytes and EXIF orientation travel to the model actors (``S.JPEG_*``), its pixels stay null."""
     score_prep = _resizer(score_model)
     caption_prep = _resizer(caption_model) if caption_model else None
     # A draft decode must still cover the largest model input, so every resize stays a downscale.
@@ -82,13 +87,23 @@ def decode_batch(
     texts = batch.column(text_column).to_pylist()
     sources = batch.column(image_column).to_pylist()
     image_errors, text_errors, score_pixels, caption_pixels, image_hashes = [], [], [], [], []
+    jpegs, orientations = [], []
     for text, source in zip(texts, sources):
         text_errors.append(text_problem(text))
         image_hashes.append(K.sha256_hex(source) if not from_uri else None)
+        jpegs.append(None)
+        orientations.append(None)
         try:
             data = _load_image_bytes(source, from_uri, max_image_bytes)
             if from_uri:
                 image_hashes[-1] = K.sha256_hex(data)  # the key is the bytes read, not the URI
+            orientation = sniff_jpeg(data) if decode_device == "gpu" else None
+            if orientation is not None:  # decoded in the model actors
+                jpegs[-1], orientations[-1] = data, orientation
+                score_pixels.append(None)
+                caption_pixels.append(None)
+                image_errors.append(None)
+                continue
             rgb = decode_rgb(data, draft_size)
             score_pixels.append(score_prep.resize(rgb).tobytes())
             caption_pixels.append(caption_prep.resize(rgb).tobytes() if caption_prep else None)
@@ -112,12 +127,19 @@ def decode_batch(
         batch = batch.append_column(K.IMAGE_SHA256, pa.array(image_hashes, pa.string())).append_column(
             K.TEXT_SHA256, pa.array([K.text_sha256(t) for t in texts], pa.string())
         )
-    return (
+    batch = (
         batch.append_column(S.TEXT_LANGUAGE, pa.array(languages, pa.string()))
         .append_column(S.IMAGE_ERROR, pa.array(image_errors, pa.string()))
         .append_column(S.TEXT_ERROR, pa.array(text_errors, pa.string()))
         .append_column(S.PIXELS_SCORE, pa.array(score_pixels, pa.binary()))
         .append_column(S.PIXELS_CAPTION, pa.array(caption_pixels, pa.binary()))
+    )
+    if decode_device != "gpu":
+        return batch
+    return (
+        batch.append_column(S.JPEG_SCORE, pa.array(jpegs, pa.binary()))
+        .append_column(S.JPEG_CAPTION, pa.array(jpegs if caption_prep else [None] * len(jpegs), pa.binary()))
+        .append_column(S.JPEG_ORIENTATION, pa.array(orientations, pa.int8()))
     )
 
 
@@ -204,6 +226,7 @@ class ScoreStage:
         self, *, model: str, device: str, max_text_tokens: int, text_column: str, precision: str = "auto",
         threads: int | None = None, evidence: str = "none", evidence_layer: int | None = None,
         vision_attention: str = "fused",
+        decode_device: str = "cpu", jpeg_backend: str = "torchvision",
     ):
         # Imported here, not at the top: the decode, flag and write tasks import this module too,
         # and must not pay for torch and transformers.
@@ -225,6 +248,7 @@ class ScoreStage:
             from blip_ops.evidence import GradCam
 
             self.gradcam = GradCam(self.scorer.model, self.scorer.tokenizer, layer=evidence_layer)
+        self.jpegs = _device_decoder(decode_device, self.scorer, jpeg_backend)
 
     def torch_threads(self) -> int:
         """The intra-op threads torch really runs with in this actor (asked by tests and audits)."""
@@ -250,10 +274,18 @@ class ScoreStage:
         """The thresholds pick the rows ``flagged`` evidence explains (call arguments, so warm actors
         serve audits with other thresholds without reloading)."""
         started = time.perf_counter()
+        device_rows = None
+        if self.jpegs is not None:  # --decode-device gpu: this batch's JPEGs, decoded here
+            batch, device_rows = decode_jpeg_rows(batch, self.jpegs, S.JPEG_SCORE, others=(S.JPEG_CAPTION,))
         mask = _scorable(batch)
+        if device_rows is not None:
+            mask |= device_rows.decoded & batch.column(S.TEXT_ERROR).is_null().to_numpy(zero_copy_only=False)
         texts = batch.column(self.text_column).to_pylist()
         rows = np.flatnonzero(mask)
-        images = _pixel_batch(batch.column(S.PIXELS_SCORE), rows, self.scorer.images.resizer)
+        if device_rows is None:
+            images = _pixel_batch(batch.column(S.PIXELS_SCORE), rows, self.scorer.images.resizer)
+        else:
+            images = device_rows.gather(batch.column(S.PIXELS_SCORE), rows, self.scorer.images.resizer, _pixel_batch)
         scored_texts = [texts[i] for i in rows]
         wanted = self._wanted(itm_threshold, itc_threshold)
         parts = self.parts.run(lambda a, b: self._score(images[a:b], scored_texts[a:b], wanted), len(rows))
@@ -345,6 +377,8 @@ class CaptionStage:
         agreement_model: str | None = None,
         agreement_threshold: float | None = None,
         threads: int | None = None,
+        decode_device: str = "cpu",
+        jpeg_backend: str = "torchvision",
     ):
         from blip_ops.captioner import Blip2Captioner  # not at the top: see ScoreStage
 
@@ -365,6 +399,7 @@ class CaptionStage:
             self.encoder = SentenceEncoder.from_pretrained(agreement_model, device=str(self.captioner.device))
         self.text_column = text_column
         self.agreement_threshold = agreement_threshold
+        self.jpegs = _device_decoder(decode_device, self.captioner, jpeg_backend)
 
     def torch_threads(self) -> int:
         """The intra-op threads torch really runs with in this actor (asked by tests and audits)."""
@@ -374,11 +409,21 @@ class CaptionStage:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         started = time.perf_counter()
+        device_rows = None
+        if self.jpegs is not None:  # --decode-device gpu: decoded again here, on this actor's card
+            if self.policy == "flagged" and S.JPEG_CAPTION in batch.column_names:
+                batch = _only_flagged_jpegs(batch)  # unflagged rows get no caption: not worth decoding
+            batch, device_rows = decode_jpeg_rows(batch, self.jpegs, S.JPEG_CAPTION)
         mask = batch.column(S.PIXELS_CAPTION).is_valid().to_numpy(zero_copy_only=False)
+        if device_rows is not None:
+            mask |= device_rows.decoded
         if self.policy == "flagged":
             mask &= batch.column("flagged").to_numpy(zero_copy_only=False)
         rows = np.flatnonzero(mask)
-        images = _pixel_batch(batch.column(S.PIXELS_CAPTION), rows, self.captioner.images.resizer)
+        if device_rows is None:
+            images = _pixel_batch(batch.column(S.PIXELS_CAPTION), rows, self.captioner.images.resizer)
+        else:
+            images = device_rows.gather(batch.column(S.PIXELS_CAPTION), rows, self.captioner.images.resizer, _pixel_batch)
         captions = [c for part in self.parts.run(lambda a, b: self.captioner.caption(images[a:b]), len(rows)) for c in part]
         column = [None] * len(mask)
         for row, caption in zip(rows, captions):
@@ -388,6 +433,22 @@ class CaptionStage:
         if self.encoder is None:
             return batch
         return add_agreement(batch, self.encoder, self.text_column, self.agreement_threshold)
+
+
+def _device_decoder(decode_device: str, model, backend: str):
+    """The actor's JPEG decoder for ``--decode-device gpu`` (None for cpu), on the model's device at its input size."""
+    if decode_device != "gpu":
+        return None
+    from blip_ops.jpeg_device import DeviceJpegDecoder
+
+    return DeviceJpegDecoder(model.images.resizer, str(model.device), backend)
+
+
+def _only_flagged_jpegs(batch: pa.Table) -> pa.Table:
+    flagged = batch.column("flagged").to_numpy(zero_copy_only=False)
+    values = batch.column(S.JPEG_CAPTION)
+    kept = pc.if_else(pa.array(flagged), values, pa.nulls(len(values), values.type))
+    return batch.set_column(batch.schema.get_field_index(S.JPEG_CAPTION), S.JPEG_CAPTION, kept)
 
 
 def add_agreement(batch: pa.Table, encoder, text_column: str, threshold: float | None) -> pa.Table:
@@ -431,6 +492,7 @@ def finalize_batch(
     ``keep`` names working columns carried after them (for the writer)."""
     n = batch.num_rows
     batch = batch.drop_columns([c for c in (S.PIXELS_CAPTION, S.PIXELS_SCORE) if c in batch.column_names])
+    batch = drop_jpeg_columns(batch)
     if "caption" not in batch.column_names:
         batch = batch.append_column("caption", pa.nulls(n, pa.string()))
     if S.CAPTION_AGREEMENT not in batch.column_names:

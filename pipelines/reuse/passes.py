@@ -303,8 +303,9 @@ def compute_rows(
 
 
 def only_needed_pixels(batch: pa.Table) -> pa.Table:
-    """After decoding: a row keeps the pixels of the models it is to be computed by, and no others."""
-    for column, flag in ((S.PIXELS_SCORE, DO_SCORE), (S.PIXELS_CAPTION, DO_CAPTION)):
+    """After decoding: a row keeps the pixels (or, with --decode-device gpu, the JPEG bytes) of the
+    models it is to be computed by, and no others."""
+    for column, flag in ((S.PIXELS_SCORE, DO_SCORE), (S.PIXELS_CAPTION, DO_CAPTION), (S.JPEG_SCORE, DO_SCORE), (S.JPEG_CAPTION, DO_CAPTION)):
         if column in batch.column_names:
             keep = batch.column(flag).to_numpy(zero_copy_only=False)
             values = batch.column(column)

@@ -79,3 +79,30 @@ def test_decode_only_reports_thread_and_process_rates_without_models(capsys):
     decoding = result["decoding"]
     assert decoding["images_per_s_threads"] > 0
     assert set(decoding["images_per_s_processes"]) == {"1", "2"} and all(r > 0 for r in decoding["images_per_s_processes"].values())
+
+
+def test_stages_as_the_job_runs_them_with_both_decode_devices(capsys):
+    """--stages: Parquet bytes through decode_batch, ScoreStage, flag_batch and CaptionStage, once per
+    decode device, and the device JPEG decoder alone (the Pillow stand-in where torchvision is missing)."""
+    assert gpu_bench.main(["--smoke", "--device", "cpu", "--json", "--stages-only"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert "scoring" not in result and "captioning" not in result
+    stages = result["stages"]
+    assert stages["jpeg_backend"] in ("torchvision", "pil")
+    for mode in ("cpu", "gpu"):
+        section = stages[f"decode_{mode}"]
+        assert section["pairs_per_s"] > 0 and section["captions_per_s"] > 0
+        assert section["pairs_scored"] == section["pairs_measured"] == 16  # every photo row scored
+        assert section["captions_made"] == 4 and section["gpu_util_percent"] is None
+        assert section["decode_task_cpu_s_per_1000_rows"] > 0 and section["score_actor_host_cpu_s_per_1000_rows"] > 0
+        assert section["decode_cores_per_gpu_at_this_rate"] == pytest.approx(
+            section["decode_task_cpu_s_per_1000_rows"] / 1000 * section["pairs_per_s"], abs=0.01
+        )
+    cpu, gpu = stages["decode_cpu"], stages["decode_gpu"]
+    assert cpu["score_actor_jpeg_rows"] is None
+    # With device decoding the decode tasks only read headers, and the actors decode every JPEG themselves.
+    assert gpu["decode_task_cpu_s_per_1000_rows"] < cpu["decode_task_cpu_s_per_1000_rows"] / 3
+    assert gpu["score_actor_jpeg_rows"] == {"on_device": 24, "fell_back": 0, "failed": 0}
+    assert gpu["caption_actor_jpeg_rows"]["on_device"] == 8
+    decode = stages["device_jpeg_decode"]
+    assert decode["images_per_s"] > 0 and decode["on_device"] == decode["batch"] and decode["mean_abs_levels_vs_pillow"] < 1

@@ -16,8 +16,9 @@ BASE = {"input": "in", "output": "out"}
 # fails here until this list (and the README's) says so.
 SCORE_KEY_FIELDS = {
     "itm_checkpoint", "max_text_tokens", "precision", "device", "jpeg_draft", "vision_attention", "scorer_version",
+    "decode_device",
 }
-CAPTION_KEY_FIELDS = {"caption_checkpoint", "prompt", "max_new_tokens", "precision", "device", "jpeg_draft", "captioner_version"}
+CAPTION_KEY_FIELDS = {"caption_checkpoint", "prompt", "max_new_tokens", "precision", "device", "jpeg_draft", "captioner_version", "decode_device"}
 
 # Config options that change where or how fast a run goes (or which rows it writes, or how it
 # flags them), never a score or a caption.
@@ -47,7 +48,7 @@ def test_key_fields_are_the_listed_ones():
 
 
 def test_every_config_option_is_either_in_a_key_or_listed_as_not():
-    in_keys = {"max_text_tokens", "precision", "jpeg_draft", "caption_prompt", "max_new_tokens", "vision_attention"}
+    in_keys = {"max_text_tokens", "precision", "jpeg_draft", "caption_prompt", "max_new_tokens", "vision_attention", "decode_device"}
     assert set(JobConfig.model_fields) == in_keys | NOT_IN_KEYS
 
 
@@ -57,6 +58,7 @@ def test_every_config_option_is_either_in_a_key_or_listed_as_not():
         ({"max_text_tokens": 20}, True, False),
         ({"precision": "bf16"}, True, True),
         ({"jpeg_draft": True}, True, True),
+        ({"decode_device": "gpu"}, True, True),
         ({"caption_prompt": "a photo of"}, False, True),
         ({"max_new_tokens": 7}, False, True),
         ({"vision_attention": "eager"}, True, False),
@@ -66,6 +68,20 @@ def test_settings_that_change_numbers_change_the_key(change, score_moves, captio
     base = _digests(build_config(BASE))
     moved = _digests(build_config(dict(BASE, **change)))
     assert (base[0] != moved[0], base[1] != moved[1]) == (score_moves, caption_moves)
+
+
+def test_vision_attention_keys_only_where_it_differs_from_what_earlier_outputs_used():
+    """Before the option, fp32 ran eager and half precision fused: those digests stay as they were."""
+    fp32 = build_config(BASE)
+    before = dataclasses.asdict(keys.score_settings(fp32, "sha256:a", "cpu"))
+    del before["vision_attention"], before["decode_device"]
+    earlier_digest = keys._digest(dict(before, kind="score"))
+    assert _digests(build_config(dict(BASE, vision_attention="eager")))[0] == earlier_digest
+    assert _digests(fp32)[0] != earlier_digest  # fused fp32 is new arithmetic
+    bf16 = keys.score_settings(build_config(dict(BASE, precision="bf16")), "sha256:a", "cuda")
+    bf16_before = {k: v for k, v in dataclasses.asdict(bf16).items() if k not in ("vision_attention", "decode_device")}
+    assert bf16.digest == keys._digest(dict(bf16_before, kind="score"))
+    assert dataclasses.replace(bf16, vision_attention="eager").digest != bf16.digest
 
 
 def test_checkpoint_identity_device_and_versions_are_in_the_key():
@@ -104,3 +120,14 @@ def test_row_keys_are_null_where_content_is_missing():
     assert caption[0] == caption[2] and caption[1] is None
     assert keys.text_sha256(None) is None and keys.sha256_hex(None) is None
     assert keys.text_sha256("é") == __import__("hashlib").sha256("é".encode()).hexdigest()
+
+
+def test_cpu_decoding_keeps_the_digests_outputs_written_before_decode_device_have():
+    """Left out of the digest at its default, so earlier committed outputs still match."""
+    config = build_config(BASE)
+    settings = keys.score_settings(config, "sha256:a", "cpu")
+    body = {k: v for k, v in dataclasses.asdict(settings).items() if k != "decode_device"}
+    assert settings.digest == keys._digest(dict(body, kind="score"))
+    caption = keys.caption_settings(config, "sha256:b", "cpu")
+    body = {k: v for k, v in dataclasses.asdict(caption).items() if k != "decode_device"}
+    assert caption.digest == keys._digest(dict(body, kind="caption"))

@@ -171,7 +171,7 @@ def test_run_key_follows_settings_that_change_numbers_only():
     base = {"input": "in", "output": "out", "itm_model": "m", "caption_model": "none"}
     key = work_key(build_config(base), "fingerprint")
     changes = (
-        {"precision": "bf16"}, {"jpeg_draft": True}, {"itm_threshold": 0.4}, {"max_text_tokens": 20},
+        {"precision": "bf16"}, {"jpeg_draft": True}, {"itm_threshold": 0.4}, {"max_text_tokens": 20}, {"decode_device": "gpu"},
         {"caption_model": "c", "caption_prompt": "a photo of"},
     )
     for changed in changes:
