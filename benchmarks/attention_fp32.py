@@ -50,8 +50,8 @@ def measure(args) -> dict:
     import torch
 
     from blip_ops.attention import sdpa_vision_attention
-    from blip_ops.scorer import BlipScorer
     from blip_ops.preprocess import resize_for
+    from blip_ops.scorer import BlipScorer
     from blip_ops.tiny import build_bench_itm, build_tiny_itm, redraw_at_unit_gain
 
     torch.set_num_threads(args.threads)

@@ -22,14 +22,9 @@ import json
 import sys
 from pathlib import Path
 
+from jobs.cli import UsageParser
+
 EXIT_OK, EXIT_UNMET, EXIT_USAGE = 0, 1, 2
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.print_usage(sys.stderr)
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(EXIT_USAGE)
 
 
 def _precision(value: str) -> float:
@@ -40,7 +35,7 @@ def _precision(value: str) -> float:
 
 
 def make_parser(prog: str = "python -m jobs.calibrate") -> argparse.ArgumentParser:
-    parser = _Parser(prog=prog, description=__doc__.splitlines()[0])
+    parser = UsageParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--scored", required=True, nargs="+", metavar="PATH",
                         help="One or more committed jobs.score outputs (directories or s3:// prefixes), e.g. several days.")
     parser.add_argument("--labels", required=True, help="CSV or Parquet: id column + verdict column (mismatch | match); or a jobs.review import verdicts table.")

@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
+
+EXIT_USAGE = 2
+
+
+class UsageParser(argparse.ArgumentParser):
+    """Every job's parser: bad usage exits 2 (as argparse does) with one message format."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from jobs.cli import UsageParser
 from jobs.score import (
     _OPTIONS,
     EXIT_FAILED,
@@ -35,7 +36,6 @@ from jobs.score import (
     JPEG_DRAFT_HELP,
     NO_DEDUP_FLAG,
     NO_DEDUP_HELP,
-    _Parser,
 )
 from pipelines.commit.output import read_committed
 from pipelines.config import ConfigError, JobConfig, build_config, load_yaml
@@ -71,7 +71,7 @@ class PartitionResult:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m jobs.nightly", description=__doc__.splitlines()[0], argument_default=argparse.SUPPRESS)
+    parser = UsageParser(prog="python -m jobs.nightly", description=__doc__.splitlines()[0], argument_default=argparse.SUPPRESS)
     parser.add_argument("--catalog", required=True, help="Catalog root holding dt=YYYY-MM-DD/ partitions (path or s3://).")
     parser.add_argument("--output", required=True, help="Output root; partitions are written as dt=YYYY-MM-DD/ under it.")
     parser.add_argument("--date", help="Score only this partition (YYYY-MM-DD); with --overwrite, rescore it.")

@@ -18,14 +18,9 @@ import argparse
 import json
 import sys
 
+from jobs.cli import UsageParser
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.print_usage(sys.stderr)
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(EXIT_USAGE)
 
 
 def _positive(value: str) -> int:
@@ -39,8 +34,8 @@ def _positive(value: str) -> int:
 
 
 def make_parser(prog: str = "python -m jobs.review") -> argparse.ArgumentParser:
-    parser = _Parser(prog=prog, description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = UsageParser(prog=prog, description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=UsageParser)
     export = commands.add_parser("export", help="Label Studio tasks for the flagged rows of a committed output.")
     export.add_argument("--output", required=True, help="A committed jobs.score output: directory, s3:// prefix or Delta table (TABLE/dt=D for one day).")
     export.add_argument("--tasks", required=True, help="The tasks file to write (JSON); the labeling config goes beside it.")

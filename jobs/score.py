@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 
+from jobs.cli import UsageParser
 from pipelines.config import ConfigError, build_config, load_yaml
 from pipelines.preflight import InputError, preflight
 
@@ -66,15 +67,8 @@ NO_DEDUP_FLAG = "--no-dedup"
 NO_DEDUP_HELP = "Score and caption row by row, duplicates included (no keyed plan; for comparisons)."
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse exits 2 as well; keep one message format
-        self.print_usage(sys.stderr)
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(EXIT_USAGE)
-
-
 def make_parser(prog: str = "python -m jobs.score") -> argparse.ArgumentParser:
-    parser = _Parser(prog=prog, description=__doc__.splitlines()[0], argument_default=argparse.SUPPRESS)
+    parser = UsageParser(prog=prog, description=__doc__.splitlines()[0], argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", help="YAML file of options (same names, with underscores); flags override it.")
     for flag, help_text in _OPTIONS:
         parser.add_argument(flag, help=help_text)
@@ -99,7 +93,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m jobs.score") -> i
     try:
         config = config_from_args(args)
         checked = preflight(config)
-        from pipelines.run import run_job  # imports Ray and torch: only once everything checkable is good
+        from pipelines.run import (
+            run_job,  # imports Ray and torch: only once everything checkable is good
+        )
 
         summary = run_job(config, checked)
     except (ConfigError, InputError) as exc:

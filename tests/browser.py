@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import shutil
 import subprocess
@@ -127,21 +128,21 @@ async def _drive(port: int, url: str, expressions: dict[str, str], timeout: floa
     return result
 
 
-def open_page(path: Path, expressions: dict[str, str], timeout: float = 60, screenshot: Path | None = None,
-              screenshot_selector: str | None = None) -> PageResult:
+@contextlib.contextmanager
+def headless_chromium(timeout: float, window: str = "1280,900"):
+    """A headless Chromium on a fresh profile; yields its DevTools port, and stops it on exit."""
     binary = find_chromium()
     if binary is None:
         raise FileNotFoundError("no chromium binary")
     with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
         process = subprocess.Popen(
             [binary, "--headless=new", "--disable-gpu", "--no-sandbox", "--no-first-run", "--no-default-browser-check",
-             "--disable-dev-shm-usage", "--disable-extensions", "--remote-debugging-port=0", "--window-size=1280,900",
+             "--disable-dev-shm-usage", "--disable-extensions", "--remote-debugging-port=0", f"--window-size={window}",
              "--remote-allow-origins=*", f"--user-data-dir={profile}", "about:blank"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )
         try:
-            port = _wait_for_port(Path(profile), process, timeout)
-            return asyncio.run(_drive(port, Path(path).resolve().as_uri(), expressions, timeout, screenshot, screenshot_selector))
+            yield _wait_for_port(Path(profile), process, timeout)
         finally:
             process.terminate()
             try:
@@ -149,3 +150,9 @@ def open_page(path: Path, expressions: dict[str, str], timeout: float = 60, scre
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+def open_page(path: Path, expressions: dict[str, str], timeout: float = 60, screenshot: Path | None = None,
+              screenshot_selector: str | None = None) -> PageResult:
+    with headless_chromium(timeout) as port:
+        return asyncio.run(_drive(port, Path(path).resolve().as_uri(), expressions, timeout, screenshot, screenshot_selector))

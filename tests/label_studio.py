@@ -205,26 +205,8 @@ def view_task(server: Server, path: str, image_marker: str, screenshot: Path | N
     """Open ``path`` of the UI logged in; wait until an image whose URL contains ``image_marker`` has
     loaded and the verdict choices show; returns ``{"ok", "text", "image"}`` (and saves a PNG)."""
     sys.path.insert(0, str(REPO))
-    from tests.browser import _wait_for_port, find_chromium
+    from tests.browser import headless_chromium
 
-    chromium = find_chromium()
-    if chromium is None:
-        raise FileNotFoundError("no chromium binary")
     cookies = server.session_cookies()
-    with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
-        process = subprocess.Popen(
-            [chromium, "--headless=new", "--disable-gpu", "--no-sandbox", "--no-first-run", "--no-default-browser-check",
-             "--disable-dev-shm-usage", "--disable-extensions", "--remote-debugging-port=0", "--window-size=1280,1080",
-             "--remote-allow-origins=*", f"--user-data-dir={profile}", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        )
-        try:
-            port = _wait_for_port(Path(profile), process, timeout)
-            return asyncio.run(_shoot(port, server, path, cookies, image_marker, screenshot, timeout))
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    with headless_chromium(timeout, window="1280,1080") as port:
+        return asyncio.run(_shoot(port, server, path, cookies, image_marker, screenshot, timeout))
