@@ -83,7 +83,11 @@ def days(ray_session, tiny_itm, tiny_caption, tmp_path_factory):
     finally:
         passes.KEYS_PER_BUCKET = saved
     longer = run(cat2, "d2-tokens", reuse=[str(root / "d1")], max_new_tokens=MAX_NEW_TOKENS + 1)
-    return dict(root=root, day1=day1, day2=day2, first=first, fresh=fresh, reused=reused, longer=longer)
+    # A Delta table as the source: day 1 committed into a table, day 2 reusing it.
+    delta_first = run(cat1, "d1-delta", output_format="delta")
+    from_delta = run(cat2, "d2-from-delta", reuse=str(root / "d1-delta"))
+    return dict(root=root, day1=day1, day2=day2, first=first, fresh=fresh, reused=reused, longer=longer,
+                delta_first=delta_first, from_delta=from_delta)
 
 
 def _rows(output) -> dict[str, dict]:
@@ -145,6 +149,18 @@ def test_only_what_changed_reaches_the_models(days):
     summary_row = pq.read_table(days["root"] / "d2-reuse" / "_runs").to_pylist()[0]
     assert (summary_row["pairs_scored"], summary_row["rows_scores_reused"]) == (3, scored_day2 - 3)
     assert "3 pairs scored" in reused.render()
+
+
+def test_a_delta_output_is_a_reuse_source_like_a_parquet_one(days):
+    """Day 2 reusing day 1's Delta table sends the models only what changed, and equals day 2 fresh."""
+    from_delta = days["from_delta"]
+    assert (from_delta.reuse["pairs_scored"], from_delta.reuse["images_captioned"]) == (3, 2)
+    assert from_delta.reuse["rows_scores_reused"] == days["reused"].reuse["rows_scores_reused"] > 0
+    _assert_same_rows(_rows(days["root"] / "d2-fresh"), _rows(days["root"] / "d2-from-delta"))
+    rows = _rows(days["root"] / "d2-from-delta")
+    assert rows["item-0000"]["scores_from_run"] == days["delta_first"].run_id
+    manifest = json.loads((days["root"] / "d2-from-delta" / "_manifest.json").read_text())
+    assert manifest["reuse"]["sources"] == [str(days["root"] / "d1-delta")]
 
 
 def test_provenance_changed_text_changed_image_and_copied_source(days):
