@@ -270,12 +270,13 @@ def test_audit_takes_the_same_reuse_sources(days, tiny_itm, tiny_caption):
     from jobs.audit import audit
 
     frame = audit(str(days["root"] / "day2"), itm_model=tiny_itm, caption_model=tiny_caption, device="cpu",
-                  max_new_tokens=MAX_NEW_TOKENS, reuse=[str(days["root"] / "d1")])
+                  max_new_tokens=MAX_NEW_TOKENS, reuse=[str(days["root"] / "d1-delta"), str(days["root"] / "d1")])
     rows = {r["id"]: r for r in frame.to_dict("records")}
     batch = _rows(days["root"] / "d2-reuse")
-    first_id = days["first"].run_id
-    assert rows["item-0000"]["scores_from_run"] == rows["item-0000"]["caption_from_run"] == first_id
-    assert rows["item-0002"]["scores_from_run"] != first_id  # changed text: computed by the audit
+    first_id, delta_id = days["first"].run_id, days["delta_first"].run_id
+    # The Delta table is listed first, so it wins: its run computed the unchanged rows' values.
+    assert rows["item-0000"]["scores_from_run"] == rows["item-0000"]["caption_from_run"] == delta_id
+    assert rows["item-0002"]["scores_from_run"] not in (first_id, delta_id)  # changed text: computed by the audit
     for key, row in batch.items():
         assert rows[key]["flagged"] == row["flagged"] and list(rows[key]["flag_reasons"]) == row["flag_reasons"], key
         if row["scores_from_run"] == first_id:
