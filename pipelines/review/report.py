@@ -6,6 +6,22 @@ most confident mismatches. ``fetch_images`` reads only those few rows' images ba
 input by id; examples with ``evidence`` also get its heat map drawn over the image
 (``blip_ops.heatmap``). ``render_report`` turns it all into HTML with inline CSS and SVG and JPEG
 data URIs: nothing is loaded from anywhere, so the file reads offline, attached to a ticket or mail.
+The page opens with what an operator checks first: totals, the run history (``history.py``: flag
+rate, rows and errors by kind per run, or per day for a nightly partition) and the most frequent
+error messages with example ids (``OutputStats.add_errors``, in the same streaming pass).
+
+Why Python strings and ``views.esc``, not Jinja2 templates (considered in issue 16, when the
+history and errors sections were added; Jinja2 is installed anyway, as torch's dependency, so the
+cost of a dependency did not decide it). Most of the markup on these pages is computed: SVG
+coordinates, bar heights, stacked series, data URIs. In a template, each of those would arrive
+as a pre-rendered fragment marked ``|safe``, which is exactly the place autoescaping does not
+protect, while the short tables around them would move away from the numbers they show into a
+second file. The three pages (this report, the calibration page, the notebook views) are a few
+hundred lines of markup in small functions, each of which escapes every value it did not compute
+itself; what makes that hold is a test per section that feeds it hostile text (catalog markup in
+texts, categories and captions; a run id and an error message with markup in the history and
+errors sections) and checks, in Chromium too, that it shows as text and nothing runs. Revisit if the
+pages gain a shared layout or are edited by people who do not write Python.
 """
 
 from __future__ import annotations

@@ -71,6 +71,9 @@ def test_nightly_scores_uncommitted_partitions_and_names_failures(ray_session, t
     outcomes = {p["date"]: p["outcome"] for p in latest["partitions"]}
     assert outcomes == {"2026-11-01": "skipped", "2026-11-02": "skipped", "2026-11-03": "committed"}
     assert len(list((output / "_nightly").glob("run-*.parquet"))) == 2
+    # The newest day's report shows the history across partitions, one point per day.
+    page = (output / "dt=2026-11-03" / "_report.html").read_text()
+    assert page.count('<tr class="history-run">') == 3 and "3 days (each day's latest run)" in page
 
     # Rescoring one named partition replaces it, and only it.
     before = json.loads((output / "dt=2026-11-01" / "_SUCCESS").read_text())["run_id"]
@@ -168,3 +171,6 @@ def test_nightly_into_one_delta_table_rescores_one_day_in_one_commit(ray_session
     for day in ("2026-11-01", "2026-11-03"):
         assert set(files_before[day]) <= current  # untouched days keep their very files
     assert (table_root / "dt=2026-11-02" / "_report.html").exists()
+    # A Delta table's partitions keep their run-summary rows beside them: the report's history spans the days.
+    page = (table_root / "dt=2026-11-02" / "_report.html").read_text()
+    assert page.count('<tr class="history-run">') == 3 and "3 days (each day's latest run)" in page
