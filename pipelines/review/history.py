@@ -5,8 +5,10 @@ falling to zero, errors jumping) or a drifting flag rate shows at a glance.
 Where the history is: an output's own ``_runs/`` (one point per run, in commit order); for a
 partition of a nightly output (``OUTPUT/dt=D/``, a Parquet partition or a Delta table's), every
 sibling partition's ``_runs/`` too, one point per day: the day's latest run, in date order, so a
-rescored day replaces its point instead of adding one out of order. Reading costs one listing per
-partition and one small file per run, bounded by the last ``MAX_POINTS`` points.
+rescored day replaces its point instead of adding one out of order. Reading is bounded by what is
+drawn (the last ``MAX_POINTS``): one listing, then the newest ``2 * MAX_POINTS`` run files by write
+time; for a nightly output one listing per partition and its run files, for the last
+``MAX_POINTS`` days only.
 
 Older run-summary files lack later columns: the history is read with its own small schema, and
 missing values read as null. A history that cannot be read is a note on the page, never a failed
@@ -75,10 +77,15 @@ def _partition_name(path: str) -> tuple[str, str] | None:
     return (parent, name) if sep and key and value and parent else None
 
 
-def _run_files(fs: pafs.FileSystem, directory: str) -> list[str]:
+def _run_files(fs: pafs.FileSystem, directory: str, newest: int | None = None) -> list[str]:
+    """The run-summary files under ``directory/_runs``; with ``newest``, only that many of the most
+    recently written (by the listing's times, so a long history is not read whole)."""
     selector = pafs.FileSelector(f"{directory}/{RUNS_DIR}", allow_not_found=True, recursive=False)
-    return sorted(i.path for i in fs.get_file_info(selector)
-                  if i.type == pafs.FileType.File and i.base_name.startswith("run-") and i.base_name.endswith(".parquet"))
+    found = [i for i in fs.get_file_info(selector)
+             if i.type == pafs.FileType.File and i.base_name.startswith("run-") and i.base_name.endswith(".parquet")]
+    if newest is not None and len(found) > newest:
+        found = sorted(found, key=lambda i: (i.mtime_ns or 0, i.path))[-newest:]
+    return sorted(i.path for i in found)
 
 
 def _read(fs: pafs.FileSystem, files: list[str]) -> list[dict]:
@@ -103,6 +110,7 @@ def read_history(location: Location, max_points: int = MAX_POINTS) -> History:
             selector = pafs.FileSelector(parent, allow_not_found=True, recursive=False)
             days = sorted(i.base_name for i in fs.get_file_info(selector)
                           if i.type == pafs.FileType.Directory and _partition_name(i.path) is not None)
+            days = days[-max_points:]  # only the days that can be drawn are read
             points, runs = [], 0
             for name in days:
                 rows = _read(fs, _run_files(fs, f"{parent}/{name}"))
@@ -111,7 +119,9 @@ def read_history(location: Location, max_points: int = MAX_POINTS) -> History:
                     latest = max(rows, key=lambda r: (r["committed_at"] is not None, r["committed_at"] or 0))
                     points.append(_point(latest, name.partition("=")[2]))
             return History(points[-max_points:], nightly=True, runs_read=runs)
-        rows = _read(fs, _run_files(fs, location.path))
+        # Twice the points drawn, by write time, then ordered by commit time (a copied history's
+        # times can differ from its commit order a little).
+        rows = _read(fs, _run_files(fs, location.path, newest=2 * max_points))
         rows.sort(key=lambda r: (r["committed_at"] is None, r["committed_at"] or 0, r["run_id"] or ""))
         return History([_point(r, None) for r in rows][-max_points:], runs_read=len(rows))
     except (OSError, ValueError, pa.ArrowException) as exc:

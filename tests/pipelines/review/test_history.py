@@ -55,6 +55,8 @@ def test_a_nightly_partition_reads_every_day_latest_run_per_day(tmp_path):
     assert found.nightly and found.runs_read == 3
     assert [(p.label, p.run_id) for p in found.points] == [("2026-11-01", "d1-rescored"), ("2026-11-02", "d2")]
     assert "2 days (each day's latest run)" in history.render_history(found)
+    last = history.read_history(locate(str(tmp_path / "dt=2026-11-02")), max_points=1)
+    assert [p.run_id for p in last.points] == [] and last.runs_read == 0  # only the newest day (no run) is read
 
 
 def test_an_unreadable_history_is_a_note_not_a_failure(tmp_path):
@@ -70,6 +72,9 @@ def test_only_the_last_points_are_drawn(tmp_path):
         _run(tmp_path, f"r{day}", day, 10, day)
     found = history.read_history(locate(str(tmp_path)), max_points=3)
     assert [p.run_id for p in found.points] == ["r2", "r3", "r4"] and found.runs_read == 5
+    # A long history is not read whole: twice the points drawn, the newest files by write time.
+    found = history.read_history(locate(str(tmp_path)), max_points=2)
+    assert [p.run_id for p in found.points] == ["r3", "r4"] and found.runs_read == 4
 
 
 @pytest.mark.parametrize("rows", [0, 7])
