@@ -2,13 +2,16 @@
 
 A source is usable only as a whole committed result (``_SUCCESS`` and its manifest): its rows
 are read from the files its manifest lists, never from a directory listing, so a run being
-written beside it, or an interrupted one, is never read. A Delta output is read the same way
-from its log: the files of the table's current snapshot (of one partition for ``TABLE/dt=D``),
-never the files on disk, which keep replaced versions for time travel; its manifest is the
-job's commit metadata of that snapshot. A Delta table partitioned by ``dt`` (a nightly table)
-named whole is one source per committed partition, the most recent first. Whether its rows can match is decided
+written beside it, or an interrupted one, is never read. Whether its rows can match is decided
 per source from the content-key digests its manifest records: an output written before keys
 existed, or by other models or settings, has other (or no) digests and matches nothing.
+
+A Delta output is read the same way, from its log: the files of the table's current snapshot (of
+one partition for ``TABLE/dt=D``), never the files on disk, which keep replaced versions for time
+travel; its manifest is the job's commit metadata of that snapshot. The file list is taken once,
+before any model loads, so a commit landing meanwhile does not change what this run reads (the
+files it replaces stay until ``VACUUM``). A table partitioned by ``dt`` (a nightly table) named
+whole is one source per committed partition, the most recent first.
 """
 
 from __future__ import annotations
