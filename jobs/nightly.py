@@ -110,6 +110,11 @@ def _join(root: str, name: str) -> str:
 
 def committed_partitions(output_root: str) -> list[str]:
     """Dates whose output partition holds a committed result, in order."""
+    from pipelines.commit import delta
+
+    table = delta.table_at(locate(output_root))
+    if table is not None:  # a Delta table: its log says which days are committed, in one walk
+        return sorted(m.group(1) for m in map(PARTITION.match, delta.committed_partitions(table)) if m)
     return [d for d in list_partitions(output_root) if read_committed(locate(_join(output_root, f"dt={d}"))) is not None]
 
 
@@ -146,9 +151,9 @@ def score_partition(
         return PartitionResult(day, "skipped")
     try:
         values = dict(base, input=_join(catalog, f"dt={day}"), overwrite=overwrite, **target)
-        # The flagged cascade and --no-dedup run row by row, without the keyed plan reuse needs; a
-        # Delta table's partitions are not --reuse sources yet (reuse reads Parquet outputs).
-        if reuse is not None and not delta and values.get("captions") != "flagged" and values.get("dedup", True) is not False:
+        # The flagged cascade and --no-dedup run row by row, without the keyed plan reuse needs. A
+        # Delta table's earlier partitions (TABLE/dt=E) are sources like Parquet ones, read from its log.
+        if reuse is not None and values.get("captions") != "flagged" and values.get("dedup", True) is not False:
             earlier = reuse_sources(day, output_root, None if reuse == "latest" else int(reuse))
             values["reuse"] = earlier + list(build_config(dict(base, input="-", output="-")).reuse)
         config = build_config(values)

@@ -142,6 +142,36 @@ def _current_files(handle, table: Table) -> list[str]:
     return sorted(paths)
 
 
+def committed_partitions(table: Table) -> dict[str, dict]:
+    """For a table partitioned by this job (nightly): ``{"dt=D": manifest}`` of every partition whose
+    current files are this job's latest commit of it, as ``read_committed`` answers per partition,
+    from one walk of the log (newest first, stopping once every current partition is decided)."""
+    handle = _open(table)
+    if handle is None or not handle.metadata().partition_columns:
+        return {}
+    actions = pa.table(handle.get_add_actions(flatten=True))
+    columns = list(handle.metadata().partition_columns)
+    current: dict[str, list[str]] = {}
+    for path, *values in zip(actions.column("path").to_pylist(), *(actions.column(f"partition.{c}").to_pylist() for c in columns)):
+        current.setdefault(Table(table.root, dict(zip(columns, values))).partition_name, []).append(path)
+    found: dict[str, dict] = {}
+    decided: set[str] = set()
+    for info in _history(handle, table):
+        body = info.get(METADATA_KEY)
+        if not isinstance(body, dict) or not body.get("partition"):
+            continue
+        part = Table(table.root, body["partition"])
+        name = part.partition_name
+        if name in decided:
+            continue
+        decided.add(name)
+        if _relative(part, body["files"]) == sorted(current.get(name, [])):
+            found[name] = dict(body, table_version=info.get("version"))
+        if decided >= set(current):
+            break
+    return found
+
+
 def _relative(table: Table, files: list[str]) -> list[str]:
     prefix = f"{table.partition_name}/" if table.partition else ""
     return sorted(prefix + name for name in files)

@@ -28,12 +28,12 @@ import pyarrow.parquet as pq
 from ..config import JobConfig
 from ..schema import REASON_CAPTION, REASON_LANGUAGE, SCHEMA_VERSION, STATUS_IMAGE_ERROR, STATUS_OK, STATUS_TEXT_ERROR
 from ..storage import Location
-from . import report
+from . import history, report
 
 log = logging.getLogger(__name__)
 
 REPORT = "_report.html"
-RUNS_DIR = "_runs"
+RUNS_DIR = history.RUNS_DIR  # named once, in review/history.py, which reads the table back
 
 REUSE_COUNTS = ("rows_scores_reused", "rows_captions_reused", "pairs_scored", "images_captioned", "duplicate_rows_collapsed")
 
@@ -156,7 +156,7 @@ def write_run_artifacts(config: JobConfig, destination: Location, manifest: dict
     stats = report.collect_stats(destination, manifest.get("files", []), config)
     # The summary row first: dashboards depend on it, and it does not need the input's images.
     write_run_summary(destination, summary_row(config, manifest, summary, stats))
-    page = report.report_page(manifest, summary, config, stats)
+    page = report.report_page(manifest, summary, config, stats, destination)
     _write_bytes(destination, REPORT, page.encode("utf-8"))
 
 

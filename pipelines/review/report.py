@@ -6,6 +6,22 @@ most confident mismatches. ``fetch_images`` reads only those few rows' images ba
 input by id; examples with ``evidence`` also get its heat map drawn over the image
 (``blip_ops.heatmap``). ``render_report`` turns it all into HTML with inline CSS and SVG and JPEG
 data URIs: nothing is loaded from anywhere, so the file reads offline, attached to a ticket or mail.
+The page opens with what an operator checks first: totals, the run history (``history.py``: flag
+rate, rows and errors by kind per run, or per day for a nightly partition) and the most frequent
+error messages with example ids (``OutputStats.add_errors``, in the same streaming pass).
+
+Why Python strings and ``views.esc``, not Jinja2 templates (considered in issue 16, when the
+history and errors sections were added; Jinja2 is installed anyway, as torch's dependency, so the
+cost of a dependency did not decide it). Most of the markup on these pages is computed: SVG
+coordinates, bar heights, stacked series, data URIs. In a template, each of those would arrive
+as a pre-rendered fragment marked ``|safe``, which is exactly the place autoescaping does not
+protect, while the short tables around them would move away from the numbers they show into a
+second file. The three pages (this report, the calibration page, the notebook views) are a few
+hundred lines of markup in small functions, each of which escapes every value it did not compute
+itself; what makes that hold is a test per section that feeds it hostile text (catalog markup in
+texts, categories and captions; a run id and an error message with markup in the history and
+errors sections) and checks, in Chromium too, that it shows as text and nothing runs. Revisit if the
+pages gain a shared layout or are edited by people who do not write Python.
 """
 
 from __future__ import annotations
@@ -24,6 +40,8 @@ from ..config import JobConfig
 from ..schema import SCHEMA_VERSION
 from ..storage import Location, locate, read_bytes
 from . import views
+from .history import CSS as HISTORY_CSS
+from .history import History, read_history, render_history
 
 # Fine histograms: quantiles read from them are within half a bin (0.0005) of the exact value.
 ITM_RANGE, ITM_BINS = (0.0, 1.0), 1000
@@ -32,6 +50,12 @@ DISPLAY_BINS = 30
 EXAMPLES = 12
 MAX_CATEGORIES = 30
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+# The errors section: the most frequent messages, a few example ids each. Distinct messages are
+# tracked up to a bound (messages can carry numbers, e.g. an image's size); later new ones are
+# counted together, so memory stays bounded whatever the output size.
+ERROR_MESSAGES_SHOWN = 10
+ERROR_EXAMPLE_IDS = 3
+MAX_ERROR_MESSAGES = 1000
 
 
 @dataclass
@@ -101,6 +125,31 @@ class OutputStats:
     categories: dict = field(default_factory=dict)
     # The most confident mismatches: scored rows that were flagged, lowest score first.
     examples: list[dict] = field(default_factory=list)
+    # (status, error message) -> [rows, first example ids]; rows past MAX_ERROR_MESSAGES distinct messages
+    # are counted in errors_untracked.
+    errors: dict = field(default_factory=dict)
+    errors_untracked: int = 0
+
+    def add_errors(self, table: pa.Table, id_column: str) -> None:
+        failed = table.filter(pc.is_valid(table.column("error")))
+        if not failed.num_rows:
+            return
+        ids = failed.column(id_column).to_pylist() if id_column in failed.column_names else [None] * failed.num_rows
+        for status, message, key in zip(failed.column("status").to_pylist(), failed.column("error").to_pylist(), ids):
+            entry = self.errors.get((status, message))
+            if entry is None:
+                if len(self.errors) >= MAX_ERROR_MESSAGES:
+                    self.errors_untracked += 1
+                    continue
+                entry = self.errors[(status, message)] = [0, []]
+            entry[0] += 1
+            if len(entry[1]) < ERROR_EXAMPLE_IDS:
+                entry[1].append(key)
+
+    def top_errors(self, n: int = ERROR_MESSAGES_SHOWN) -> list[tuple[str, str, int, list]]:
+        """(status, message, rows, example ids), most frequent first (ties by message)."""
+        ordered = sorted(self.errors.items(), key=lambda item: (-item[1][0], str(item[0][1]), str(item[0][0])))
+        return [(status, message, rows, ids) for (status, message), (rows, ids) in ordered[:n]]
 
     @property
     def flag_rate(self) -> float:
@@ -131,7 +180,8 @@ def collect_stats(location: Location, files: list[str], config: JobConfig, examp
     rank = _ranking_column(config)
     example_columns = [c for c in (config.id_column, config.text_column, "caption", "itm_score", "itc_score",
                                    "flag_reasons", "status", "error", "evidence") if c in names]
-    columns = sorted(set(example_columns + ["status", "flagged", "flag_reasons"] + ([category] if category else [])))
+    error_columns = ["error"] + ([config.id_column] if config.id_column in names else []) if "error" in names else []
+    columns = sorted(set(example_columns + error_columns + ["status", "flagged", "flag_reasons"] + ([category] if category else [])))
     heap: list[tuple] = []  # (-score, sequence, row): keeps the `examples` lowest scores
     sequence = 0
     for batch in dataset.to_batches(columns=columns):
@@ -145,6 +195,8 @@ def collect_stats(location: Location, files: list[str], config: JobConfig, examp
             stats.by_reason.update(dict(zip(reason_counts.field("values").to_pylist(), reason_counts.field("counts").to_pylist())))
         counts = pc.value_counts(table.column("status"))
         stats.by_status.update(dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())))
+        if error_columns:
+            stats.add_errors(table, config.id_column)
         ok = pc.equal(table.column("status"), "ok")
         for name, histogram in (("itm_score", stats.itm), ("itc_score", stats.itc)):
             values = table.column(name).filter(ok).drop_null().to_numpy()
@@ -304,6 +356,26 @@ def _categories(stats: OutputStats) -> str:
     return f'<table class="totals">{head}{"".join(body)}</table>'
 
 
+def _errors(stats: OutputStats) -> str:
+    if not stats.errors:
+        return '<p class="meta" id="errors-note">No row has an error.</p>'
+    shown = stats.top_errors()
+    total = sum(rows for rows, _ in stats.errors.values()) + stats.errors_untracked
+    body = "".join(
+        f'<tr class="error-message"><td>{views.esc(status)}</td><td class="message">{views.esc(message)}</td>'
+        f'<td class="num">{rows}</td><td class="ids">{", ".join(f"<code>{views.esc(i)}</code>" for i in ids)}</td></tr>'
+        for status, message, rows, ids in shown
+    )
+    rest = len(stats.errors) - len(shown)
+    note = f"{total} row{'s' if total != 1 else ''} with an error, {len(stats.errors)} distinct message{'s' if len(stats.errors) != 1 else ''}"
+    if rest:
+        note += f"; the {len(shown)} most frequent shown"
+    if stats.errors_untracked:
+        note += f"; {stats.errors_untracked} rows have messages past the first {MAX_ERROR_MESSAGES} distinct ones, not listed"
+    head = "<tr><th>status</th><th>error</th><th>rows</th><th>example ids</th></tr>"
+    return f'<p class="meta" id="errors-note">{note}.</p><table class="totals" id="errors">{head}{body}</table>'
+
+
 def _evidence_note(examples: list[dict]) -> str:
     if not any(row.get("overlay") for row in examples):
         return ""
@@ -313,10 +385,12 @@ def _evidence_note(examples: list[dict]) -> str:
 
 
 def render_report(
-    manifest: dict, summary: dict, config: JobConfig, stats: OutputStats, thumbnails: dict, overlays: dict | None = None
+    manifest: dict, summary: dict, config: JobConfig, stats: OutputStats, thumbnails: dict, overlays: dict | None = None,
+    history: History | None = None,
 ) -> str:
     """The whole page. ``thumbnails``: id -> data URI for the examples; ``overlays``: id -> data URI of
-    the evidence heat map over the image, for examples with evidence."""
+    the evidence heat map over the image, for examples with evidence; ``history``: the run history
+    (``history.read_history``), or None where no output location is known."""
     run_id = manifest.get("run_id") or summary.get("run_id")
     overlays = overlays or {}
     examples = []
@@ -343,12 +417,15 @@ def render_report(
     ]
     meta_html = "<br>".join(f"{views.esc(k)}: <code>{views.esc(v)}</code>" for k, v in meta)
     rank = "ITC" if _ranking_column(config) == "itc_score" else "ITM"
+    history_css = HISTORY_CSS
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>blip-moderate run {views.esc(run_id)}</title>"
-        f"<style>{_CSS}{views.ROWS_CSS}</style></head><body>"
+        f"<style>{_CSS}{views.ROWS_CSS}{history_css}</style></head><body>"
         f"<h1>blip-moderate run report</h1><p class=\"meta\">{meta_html}</p>"
         f"<h2>Totals</h2>{_totals(stats)}"
+        f"<h2>History</h2>{render_history(history or History(problem='no output location given: history not read'))}"
+        f"<h2>Errors</h2>{_errors(stats)}"
         f"<h2>Score distributions</h2><div class=\"charts\">{charts}</div>"
         f"<h2>Flag rate by category</h2>{_categories(stats)}"
         f"<h2>Most confident mismatches</h2><p class=\"meta\">Scored rows that were flagged, lowest {rank} score first "
@@ -357,8 +434,9 @@ def render_report(
     )
 
 
-def report_page(manifest: dict, summary: dict, config: JobConfig, stats: OutputStats) -> str:
-    """The page for already collected ``stats``: fetches the examples' images and renders."""
+def report_page(manifest: dict, summary: dict, config: JobConfig, stats: OutputStats, location: Location | None = None) -> str:
+    """The page for already collected ``stats``: fetches the examples' images, reads the run history
+    beside ``location`` (the output, or its partition) and renders."""
     ids = [row.get(config.id_column) for row in stats.examples]
     images = fetch_images(config, ids)
     thumbnails = {key: views.thumbnail_uri(data) for key, data in images.items()}
@@ -367,9 +445,10 @@ def report_page(manifest: dict, summary: dict, config: JobConfig, stats: OutputS
         key = row.get(config.id_column)
         if row.get("evidence") and key not in overlays:
             overlays[key] = views.overlay_uri(images.get(key), row["evidence"])
-    return render_report(manifest, summary, config, stats, thumbnails, overlays)
+    history = read_history(location) if location is not None else None
+    return render_report(manifest, summary, config, stats, thumbnails, overlays, history)
 
 
 def build_report(location: Location, manifest: dict, summary: dict, config: JobConfig) -> str:
     """Read a committed output (and a few input images) and render its page."""
-    return report_page(manifest, summary, config, collect_stats(location, manifest.get("files", []), config))
+    return report_page(manifest, summary, config, collect_stats(location, manifest.get("files", []), config), location)

@@ -2,7 +2,8 @@
 
 Catalog values (ids, texts, captions, errors, category values) are untrusted: every one goes
 through ``esc``. Images are embedded as small JPEG data URIs so a page is one self-contained
-file that reads offline and loads nothing from the network.
+file that reads offline and loads nothing from the network. Why these pages are Python strings
+and ``esc`` rather than Jinja2 templates: ``report.py``'s docstring.
 """
 
 from __future__ import annotations

@@ -71,6 +71,9 @@ def test_nightly_scores_uncommitted_partitions_and_names_failures(ray_session, t
     outcomes = {p["date"]: p["outcome"] for p in latest["partitions"]}
     assert outcomes == {"2026-11-01": "skipped", "2026-11-02": "skipped", "2026-11-03": "committed"}
     assert len(list((output / "_nightly").glob("run-*.parquet"))) == 2
+    # The newest day's report shows the history across partitions, one point per day.
+    page = (output / "dt=2026-11-03" / "_report.html").read_text()
+    assert page.count('<tr class="history-run">') == 3 and "3 days (each day's latest run)" in page
 
     # Rescoring one named partition replaces it, and only it.
     before = json.loads((output / "dt=2026-11-01" / "_SUCCESS").read_text())["run_id"]
@@ -121,14 +124,25 @@ def test_nightly_into_one_delta_table_rescores_one_day_in_one_commit(ray_session
     records = sample_catalog(9, seed=5)
     root = tmp_path / "catalog"
     days = ("2026-11-01", "2026-11-02", "2026-11-03")
-    for index, day in enumerate(days):
-        _partition(root, day, records[index * 3:(index + 1) * 3])
+    parts = {day: records[index * 3:(index + 1) * 3] for index, day in enumerate(days)}
+    parts["2026-11-02"] = parts["2026-11-02"] + [dict(records[0], id="carried-over")]  # day 1's pair again
+    for day in days:
+        _partition(root, day, parts[day])
     table_root = tmp_path / "table"
     assert _nightly(tiny_itm, root, table_root, "--output-format", "delta") == 0
     table = deltalake.DeltaTable(str(table_root))
     assert table.version() == 2 and table.metadata().partition_columns == ["dt"]  # one commit per day
     rows = table.to_pyarrow_table().to_pylist()
-    assert sorted((r["dt"], r["id"]) for r in rows) == sorted((days[i // 3], r["id"]) for i, r in enumerate(records))
+    assert sorted((r["dt"], r["id"]) for r in rows) == sorted((day, r["id"]) for day in days for r in parts[day])
+    # Each day reused the table's latest committed earlier partition: day 2 scored only its new pairs.
+    record = {r["date"]: r for r in _records(table_root)}
+    assert record["2026-11-01"]["reuse_sources"] is None
+    assert record["2026-11-02"]["reuse_sources"] == f"{table_root}/dt=2026-11-01"
+    assert (record["2026-11-02"]["rows_scores_reused"], record["2026-11-02"]["pairs_scored"]) == (1, 3)
+    assert record["2026-11-03"]["reuse_sources"] == f"{table_root}/dt=2026-11-02"
+    by_id = {(r["dt"], r["id"]): r for r in rows}
+    carried, first = by_id[("2026-11-02", "carried-over")], by_id[("2026-11-01", "item-0000")]
+    assert carried["scores_from_run"] == first["run_id"] and carried["itm_score"] == first["itm_score"]
     files_before = {day: sorted(p.name for p in (table_root / f"dt={day}").glob("part-*")) for day in days}
 
     # Committed partitions are recognised from the table: a rerun adds no commit.
@@ -147,7 +161,7 @@ def test_nightly_into_one_delta_table_rescores_one_day_in_one_commit(ray_session
                if line.startswith('{"commitInfo"')]
     assert history[0]["blip_moderate"]["partition"] == {"dt": "2026-11-02"}
     rows = table.to_pyarrow_table().to_pylist()
-    assert len(rows) == 9
+    assert len(rows) == 10
     run_ids = {day: {r["run_id"] for r in rows if r["dt"] == day} for day in days}
     before = deltalake.DeltaTable(str(table_root), version=2).to_pyarrow_table().to_pylist()
     old_ids = {day: {r["run_id"] for r in before if r["dt"] == day} for day in days}
@@ -157,3 +171,6 @@ def test_nightly_into_one_delta_table_rescores_one_day_in_one_commit(ray_session
     for day in ("2026-11-01", "2026-11-03"):
         assert set(files_before[day]) <= current  # untouched days keep their very files
     assert (table_root / "dt=2026-11-02" / "_report.html").exists()
+    # A Delta table's partitions keep their run-summary rows beside them: the report's history spans the days.
+    page = (table_root / "dt=2026-11-02" / "_report.html").read_text()
+    assert page.count('<tr class="history-run">') == 3 and "3 days (each day's latest run)" in page

@@ -172,3 +172,13 @@ def test_two_concurrent_delta_runs_on_s3_make_one_commit(catalog, tiny_itm, s3_s
     assert outcomes == ["already_committed", "committed"], results
     assert _delta_version(out) == 0 and read_view(out, "delta") == (ids, {"r-twin"})
     assert [k for k in s3_store.keys("test") if "_delta_log/" in k and k.endswith(".json")] == ["twins/_delta_log/00000000000000000000.json"]
+    # The committed table is a --reuse source on S3 too: its snapshot's files and its commit's key digests.
+    from pipelines.commit.delta import storage_options as delta_storage_options
+    from pipelines.reuse.sources import open_source
+
+    source = open_source(out)
+    assert source.run_id == "r-twin" and source.score_digest
+    assert sorted(source.files) == sorted(uri.removeprefix("s3://") for uri in deltalake.DeltaTable(
+        out, storage_options=delta_storage_options(locate(out))).file_uris())
+    read = pa.concat_tables(pq.read_table(f, filesystem=source.location.filesystem, columns=["id"]) for f in source.files)
+    assert sorted(read.column("id").to_pylist()) == sorted(ids)

@@ -66,7 +66,10 @@ def days(ray_session, tiny_itm, tiny_caption, tmp_path_factory):
     cat2 = write_catalog(root / "day2", day2, files=2)
     run = lambda catalog, out, **kw: run_job(_config(tiny_itm, tiny_caption, catalog, root / out, **kw))  # noqa: E731
     first = run(cat1, "d1")
-    shutil.copytree(root / "d1", root / "moved")  # the same committed result at another path
+    # Day 1 again, committed as a Delta table, then copied: the source day 2 reuses is a Delta table
+    # at another path than it was written to (the Parquet source is d1, reused by d2-tokens and audits).
+    delta_first = run(cat1, "d1-delta", output_format="delta")
+    shutil.copytree(root / "d1-delta", root / "moved")
     fresh = run(cat2, "d2-fresh")
     # Day 2 with titles long enough to tell their language (one German, twice: a duplicate pair),
     # through the row-by-row graph and the keyed plan, every row explained.
@@ -83,7 +86,8 @@ def days(ray_session, tiny_itm, tiny_caption, tmp_path_factory):
     finally:
         passes.KEYS_PER_BUCKET = saved
     longer = run(cat2, "d2-tokens", reuse=[str(root / "d1")], max_new_tokens=MAX_NEW_TOKENS + 1)
-    return dict(root=root, day1=day1, day2=day2, first=first, fresh=fresh, reused=reused, longer=longer)
+    return dict(root=root, day1=day1, day2=day2, first=first, fresh=fresh, reused=reused, longer=longer,
+                delta_first=delta_first)
 
 
 def _rows(output) -> dict[str, dict]:
@@ -147,14 +151,24 @@ def test_only_what_changed_reaches_the_models(days):
     assert "3 pairs scored" in reused.render()
 
 
+def test_a_delta_output_is_a_reuse_source_like_a_parquet_one(days):
+    """Day 2's source (``moved``) is a Delta table: the run above sent the models only what changed
+    (test_only_what_changed_reaches_the_models) and equals day 2 fresh (test_a_run_with_reuse_...);
+    a Parquet source of the same day 1 reuses exactly as many rows."""
+    assert (days["root"] / "moved" / "_delta_log").is_dir() and not (days["root"] / "moved" / "_manifest.json").exists()
+    assert days["reused"].reuse["rows_scores_reused"] == days["longer"].reuse["rows_scores_reused"] > 0
+    rows = _rows(days["root"] / "d2-reuse")
+    assert rows["item-0000"]["scores_from_run"] == days["delta_first"].run_id != days["first"].run_id
+
+
 def test_provenance_changed_text_changed_image_and_copied_source(days):
-    first_id, reuse_id = days["first"].run_id, days["reused"].run_id
+    first_id, reuse_id = days["delta_first"].run_id, days["reused"].run_id  # the source is d1-delta, copied
     rows = _rows(days["root"] / "d2-reuse")
     changed_text, changed_image = rows["item-0002"], rows["item-0003"]
     assert changed_text["scores_from_run"] == reuse_id and changed_text["caption_from_run"] == first_id
     assert changed_image["scores_from_run"] == reuse_id and changed_image["caption_from_run"] == reuse_id
     assert rows["new-row"]["scores_from_run"] == reuse_id
-    day1 = _rows(days["root"] / "d1")
+    day1 = _rows(days["root"] / "d1-delta")  # one commit: its directory holds exactly the committed files
     unchanged = rows["item-0000"]
     # Copied to another path, the source still reused everything unchanged, scored_at included.
     assert unchanged["scores_from_run"] == unchanged["caption_from_run"] == first_id
@@ -254,13 +268,14 @@ def test_audit_takes_the_same_reuse_sources(days, tiny_itm, tiny_caption):
     from jobs.audit import audit
 
     frame = audit(str(days["root"] / "day2"), itm_model=tiny_itm, caption_model=tiny_caption, device="cpu",
-                  max_new_tokens=MAX_NEW_TOKENS, reuse=[str(days["root"] / "d1")])
+                  max_new_tokens=MAX_NEW_TOKENS, reuse=[str(days["root"] / "d1-delta"), str(days["root"] / "d1")])
     rows = {r["id"]: r for r in frame.to_dict("records")}
     batch = _rows(days["root"] / "d2-reuse")
-    first_id = days["first"].run_id
-    assert rows["item-0000"]["scores_from_run"] == rows["item-0000"]["caption_from_run"] == first_id
-    assert rows["item-0002"]["scores_from_run"] != first_id  # changed text: computed by the audit
+    first_id, delta_id = days["first"].run_id, days["delta_first"].run_id
+    # The Delta table is listed first, so it wins: its run computed the unchanged rows' values.
+    assert rows["item-0000"]["scores_from_run"] == rows["item-0000"]["caption_from_run"] == delta_id
+    assert rows["item-0002"]["scores_from_run"] not in (first_id, delta_id)  # changed text: computed by the audit
     for key, row in batch.items():
         assert rows[key]["flagged"] == row["flagged"] and list(rows[key]["flag_reasons"]) == row["flag_reasons"], key
-        if row["scores_from_run"] == first_id:
+        if row["scores_from_run"] == delta_id:
             assert rows[key]["itm_score"] == pytest.approx(row["itm_score"], abs=1e-6)

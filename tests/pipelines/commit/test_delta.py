@@ -4,6 +4,7 @@ from __future__ import annotations
 
 
 import time
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -271,3 +272,37 @@ def test_a_delta_table_as_input_is_its_current_version(tmp_path):
     source = inspect_input(build_config({"input": str(root), "output": str(tmp_path / "out"), "caption_model": "none"}))
     assert source.num_rows == 2 and len(source.files) == 1
     assert source.units[0].partition == {"dt": "d1"}
+
+
+def test_a_delta_output_as_reuse_source_is_its_committed_snapshot(tmp_path):
+    """``--reuse`` reads a table's current files (not the replaced ones still on disk) and its commit's
+    key digests; a nightly table named whole is one source per committed day, newest first."""
+    from pipelines.reuse.sources import MANIFEST_KEYS, ReuseSourceError, open_source, open_sources
+
+    digests = {MANIFEST_KEYS: {"score": "S", "caption": "C"}}
+    root = tmp_path / "plain"
+    for key, run_id in (("k1", "r1"), ("k2", "r2")):  # r2 replaces r1; r1's file stays for time travel
+        committer, location, attempt = _staged(root, key=key, run_id=run_id)
+        committer.commit(location, attempt, UNITS, SCHEMA, digests)
+    assert len(list(root.glob("part-*"))) == 4  # two pieces per run
+    source = open_source(str(root))
+    assert (source.run_id, source.key, source.score_digest, source.caption_digest) == ("r2", "k2", "S", "C")
+    assert sorted(source.files) == sorted(str(root / Path(p).name) for p in _table(root).file_uris())
+    assert [Path(p).name.startswith("part-r2-") for p in source.files] == [True, True]
+
+    nightly = tmp_path / "nightly"
+    for day, run_id in (("2026-01-01", "d1"), ("2026-01-02", "d2"), ("2026-01-01", "d1-again")):
+        committer, location, attempt = _staged(nightly, key=run_id, run_id=run_id, partition=f"dt={day}")
+        committer.commit(location, attempt, UNITS, SCHEMA, digests)
+    assert set(delta.committed_partitions(delta.Table(output.locate(str(nightly)), {}))) == {"dt=2026-01-01", "dt=2026-01-02"}
+    whole = open_sources([str(nightly)])
+    assert [(s.uri, s.run_id) for s in whole] == [(f"{nightly}/dt=2026-01-02", "d2"), (f"{nightly}/dt=2026-01-01", "d1-again")]
+    assert all(len(s.files) == 2 and all(f"/{s.uri.rpartition('/')[2]}/part-{s.run_id}-" in f for f in s.files) for s in whole)
+    day = open_source(str(nightly / "dt=2026-01-01"))
+    assert day.run_id == "d1-again" and day.files == whole[1].files
+    with pytest.raises(ReuseSourceError, match="name one partition"):
+        open_source(str(nightly))
+    foreign = tmp_path / "foreign"
+    deltalake.write_deltalake(str(foreign), pa.table({"id": [1]}))
+    with pytest.raises(ReuseSourceError, match="no committed result of this job"):
+        open_sources([str(foreign)])

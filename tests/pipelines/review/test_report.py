@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -139,8 +140,34 @@ def test_report_escapes_catalog_text_and_is_self_contained(scored):
     sources = re.findall(r'\ssrc="([^"]*)"', page)
     assert sources and all(src.startswith("data:image/jpeg;base64,") for src in sources)
     assert "<link" not in page and "<script" not in page and "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")
-    assert page.count("<svg") == 2 and page.count('class="threshold"') == 2
+    assert page.count("<svg") == 2 + 3 and page.count('class="threshold"') == 2  # histograms, then history's three
     assert page.count('<tr class="category">') == 3
+
+
+def test_errors_section_lists_the_most_frequent_messages_with_example_ids(scored, monkeypatch):
+    config, output, _ = scored
+    manifest = json.loads((output / "_manifest.json").read_text())
+    table = pq.ParquetDataset([str(output / name) for name in manifest["files"]]).read().to_pandas()
+    failed = table[table.error.notna()]
+    stats = report.collect_stats(locate(str(output)), manifest["files"], config)
+    expected = failed.groupby(["status", "error"]).id.apply(list).to_dict()
+    top = stats.top_errors()
+    assert sorted((s, m, n) for s, m, n, _ in top) == sorted((s, m, len(ids)) for (s, m), ids in expected.items())
+    for status, message, _, ids in top:
+        assert ids == expected[(status, message)][:report.ERROR_EXAMPLE_IDS]
+    assert [n for _, _, n, _ in top] == sorted((n for _, _, n, _ in top), reverse=True)
+    page = (output / "_report.html").read_text()
+    assert page.count('<tr class="error-message">') == len(expected) > 0
+    # Hostile messages (an image URI's error names the URI, which the catalog controls) are text.
+    hostile = pa.table({"id": [MARKUP, "b", "c", "d", "e"], "status": ["image_error"] * 5,
+                        "error": [f"cannot read image URI {MARKUP}"] * 4 + ["other"]})
+    monkeypatch.setattr(report, "MAX_ERROR_MESSAGES", len(stats.errors) + 1)
+    stats.add_errors(hostile, "id")
+    assert stats.errors[("image_error", f"cannot read image URI {MARKUP}")] == [4, [MARKUP, "b", "c"]]
+    assert stats.errors_untracked == 1  # "other" came past the bound: counted, not listed
+    page = report.render_report(manifest, {}, config, stats, {})
+    assert "<script>" not in page and html.escape(f"cannot read image URI {MARKUP}", quote=True) in page
+    assert "1 rows have messages past the first" in page
 
 
 def test_examples_are_the_most_confident_mismatches(scored):
@@ -263,8 +290,23 @@ def test_report_renders_in_headless_chromium(scored, tmp_path):
 
     if browser.find_chromium() is None:
         pytest.skip("no chromium binary (Debian: apt-get install chromium; .ci/run installs it)")
-    page = SNAPSHOT["dir"] / "_report.html"  # run-one's report and manifest, as committed
+    committed = (SNAPSHOT["dir"] / "_report.html").read_text()  # run-one's report and manifest, as committed
     manifest = json.loads((SNAPSHOT["dir"] / "_manifest.json").read_text())
+    # The same page, re-rendered as run_job does, with a hostile run id in its history and a hostile
+    # error message (one browser start covers both): they must show as text, run nothing.
+    config, output, summary = scored
+    stats = report.collect_stats(locate(str(output)), manifest["files"], config)
+    assert 'class="history-run"' in committed and 'id="errors"' in committed  # run_job's page has both sections
+    stats.add_errors(pa.table({"id": [MARKUP], "status": ["image_error"], "error": [f"cannot read image URI {MARKUP}"]}), "id")
+    runs = tmp_path / "history"
+    runs.mkdir()
+    (runs / "_runs").mkdir()
+    (runs / "_runs" / "run-run-one.parquet").write_bytes((output / "_runs" / "run-run-one.parquet").read_bytes())
+    earlier = dict(pq.read_table(output / "_runs" / "run-run-one.parquet").to_pylist()[0], run_id=MARKUP, rows=0, flagged=0)
+    earlier["committed_at"] = earlier["committed_at"].replace(year=2020)
+    pq.write_table(pa.Table.from_pylist([earlier], schema=artifacts.RUN_SUMMARY_SCHEMA), runs / "_runs" / "run-hostile.parquet")
+    page = tmp_path / "_report.html"
+    page.write_text(report.report_page(manifest, summary.as_dict(), config, stats, locate(str(runs))))
     result = browser.open_page(page, {
         "rows": "document.querySelector('[data-count=rows]').textContent",
         "flagged": "document.querySelector('[data-count=flagged]').textContent",
@@ -279,6 +321,11 @@ def test_report_renders_in_headless_chromium(scored, tmp_path):
         "charts": "document.querySelectorAll('svg line.threshold').length",
         "overlays": "[...document.querySelectorAll('#examples img.overlay')].map(i => [i.complete && i.naturalWidth > 0, i.naturalWidth >= 120])",  # 120: with its legend
         "words": "[...document.querySelectorAll('#examples tr.bm-row')].map(r => [...r.querySelectorAll('.word')].map(w => w.textContent))",
+        "history_points": "[...document.querySelectorAll('#history circle')].map(c => [c.getAttribute('class'), c.textContent])",
+        "history_runs": "[...document.querySelectorAll('tr.history-run code')].map(e => e.textContent)",
+        "history_charts": "[...document.querySelectorAll('#history svg')].map(s => s.getBoundingClientRect().width > 100)",
+        "errors": "[...document.querySelectorAll('tr.error-message')].map(r => [r.cells[1].textContent, Number(r.cells[2].textContent), r.cells[3].textContent])",
+        "hostile": "document.querySelectorAll('script, b, img:not([src^=\"data:image/jpeg\"])').length",
     }, screenshot=tmp_path / "report-examples.png", screenshot_selector="#examples")
     assert result.errors == [] and result.dialogs == []
     assert result.values["rows"] == str(manifest["rows"]) and result.values["flagged"] == str(manifest["flagged"])
@@ -292,6 +339,13 @@ def test_report_renders_in_headless_chromium(scored, tmp_path):
     # Every example (scored and flagged, so explained by default) shows its heat map and top words.
     assert len(result.values["overlays"]) == len(result.values["texts"]) and all(all(o) for o in result.values["overlays"])
     assert all(0 < len(words) <= 5 for words in result.values["words"])
+    # History: the hostile earlier run (zero rows: a hollow dot) then run-one, three charts drawn.
+    assert [c for c, _ in result.values["history_points"]] == ["dot empty", "dot"]
+    assert MARKUP in result.values["history_points"][0][1] and result.values["history_runs"] == ["run-one", MARKUP]
+    assert result.values["history_charts"] == [True, True, True] and result.values["hostile"] == 0
+    errors = {message: (rows, ids) for message, rows, ids in result.values["errors"]}
+    assert errors[f"cannot read image URI {MARKUP}"] == (1, MARKUP)
+    assert sum(rows for rows, _ in errors.values()) == manifest["rows"] - manifest["rows_by_status"]["ok"] + 1
     # The screenshot in the test's artefacts shows the overlays as a person sees them.
     from PIL import Image
 
