@@ -260,6 +260,19 @@ class JobConfig(BaseModel):
                 raise ValueError(f"output_partition must be NAME=VALUE, got {self.output_partition!r}")
         return self
 
+    @model_validator(mode="after")
+    def _cuda_needs_a_reserved_gpu(self):
+        # An actor that reserved no GPU would still be handed the "cuda" device and use a card
+        # another actor reserved (out of memory, or slow sharing nobody asked for).
+        zero = [name for name in ("score_gpus", "caption_gpus")
+                if getattr(self, name) == 0 and (name == "score_gpus" or self.captions != "none")]
+        if self.device == "cuda" and zero:
+            raise ValueError(
+                f"device cuda with {' and '.join(f'{n}=0' for n in zero)}: an actor that reserves no GPU cannot run "
+                "on one; reserve a GPU (a fraction shares a card) or use device auto, which runs such actors on the CPU"
+            )
+        return self
+
     @property
     def agreeing(self) -> bool:
         """Whether caption_agreement is computed (it needs captions)."""
