@@ -111,12 +111,30 @@ class JobConfig(BaseModel):
     )
 
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where models run; auto picks CUDA when a worker has a GPU.")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+    precision: Literal["auto", "fp32", "bf16", "fp16", "bf16-weights"] = Field(
         "auto",
         description="Model arithmetic: fp32, or bf16/fp16 autocast (weights stay fp32; matmuls and attention run in "
         "the half type, softmax and norms in fp32). auto: bf16 on CUDA (fp16 on GPUs without bf16), fp32 on CPU, "
         "where scores equal the checkpoint's fp32 scores. Half precision moves scores slightly; in it, BLIP's vision "
-        "attention also runs fused (PyTorch SDPA), the same arithmetic in another order.",
+        "attention also runs fused (PyTorch SDPA), the same arithmetic in another order. bf16-weights: the weights "
+        "themselves in bf16 and no autocast (half the weight memory, every operation in bf16; moves scores further "
+        "than bf16 autocast); never chosen by auto.",
+    )
+    overlap: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Two batches in flight per model actor, so one batch's host work (tokenising, staging pixels, "
+        "copying results back, Arrow) runs while the other computes; the model itself runs one batch at a time. "
+        "auto: on for actors with a GPU, off on the CPU (where both batches would share the same cores).",
+    )
+    shape_buckets: bool = Field(
+        False,
+        description="Pad each scoring batch to a power of two of rows and its texts to a multiple of 8 tokens (padding "
+        "dropped from the outputs), so a compiled model sees few shapes; scores are unchanged. Implied by torch_compile.",
+    )
+    torch_compile: bool = Field(
+        False,
+        description="torch.compile the scorer's vision and text encoders on CUDA (with shape_buckets); ignored on the "
+        "CPU. Opt-in, not yet measured; part of the run key (compiled kernels round differently).",
     )
     ray_address: str | None = Field(None, description="None starts a local Ray; 'auto' or an address joins a cluster.")
 

@@ -67,10 +67,16 @@ class ScoreSettings:
     device: str
     jpeg_draft: bool
     scorer_version: int = SCORER_VERSION
+    # torch.compile on CUDA fuses kernels, which rounds differently. Left out of the digest when off,
+    # so every key written before the option existed still matches.
+    compiled: bool = False
 
     @property
     def digest(self) -> str:
-        return _digest(dict(asdict(self), kind="score"))
+        body = asdict(self)
+        if not body["compiled"]:
+            del body["compiled"]
+        return _digest(dict(body, kind="score"))
 
 
 @dataclass(frozen=True)
@@ -97,6 +103,7 @@ def score_settings(config, itm_identity: str, device: str) -> ScoreSettings:
         precision=effective_precision(config.precision, device_kind(device)),
         device=device_kind(device),
         jpeg_draft=config.jpeg_draft,
+        compiled=config.torch_compile and device_kind(device) == "cuda",  # ignored on the CPU
     )
 
 

@@ -203,6 +203,7 @@ class ScoreStage:
     def __init__(
         self, *, model: str, device: str, max_text_tokens: int, text_column: str, precision: str = "auto",
         threads: int | None = None, evidence: str = "none", evidence_layer: int | None = None,
+        shape_buckets: bool = False, compile: bool = False,
     ):
         # Imported here, not at the top: the decode, flag and write tasks import this module too,
         # and must not pay for torch and transformers.
@@ -213,7 +214,8 @@ class ScoreStage:
 
         # Resolved once here: an s3:// model comes from the node's model cache.
         self.scorer = BlipScorer.from_pretrained(
-            local_checkpoint(model), device=device, max_text_tokens=max_text_tokens, precision=precision
+            local_checkpoint(model), device=device, max_text_tokens=max_text_tokens, precision=precision,
+            shape_buckets=shape_buckets, compile=compile,
         )
         self.text_column = text_column
         self.parts = HalvingBatches("scoring")
@@ -343,7 +345,10 @@ class CaptionStage:
         agreement_model: str | None = None,
         agreement_threshold: float | None = None,
         threads: int | None = None,
+        rows_from_memory: int | None = None,
     ):
+        """``rows_from_memory``: on CUDA, call the model with as many of a batch's rows (at most this
+        many) as the card's free memory holds (the caption batch size ``auto``)."""
         from blip_ops.captioner import Blip2Captioner  # not at the top: see ScoreStage
 
         set_torch_threads(threads)
@@ -363,6 +368,8 @@ class CaptionStage:
             self.encoder = SentenceEncoder.from_pretrained(agreement_model, device=str(self.captioner.device))
         self.text_column = text_column
         self.agreement_threshold = agreement_threshold
+        if rows_from_memory:  # asked last, once every model of this actor holds its memory
+            self.parts.rows_per_call = self.captioner.rows_for_memory(rows_from_memory)
 
     def torch_threads(self) -> int:
         """The intra-op threads torch really runs with in this actor (asked by tests and audits)."""

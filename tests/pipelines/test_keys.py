@@ -14,7 +14,7 @@ BASE = {"input": "in", "output": "out"}
 
 # What each key holds, listed once more by hand: a field added to a key, or dropped from it,
 # fails here until this list (and the README's) says so.
-SCORE_KEY_FIELDS = {"itm_checkpoint", "max_text_tokens", "precision", "device", "jpeg_draft", "scorer_version"}
+SCORE_KEY_FIELDS = {"itm_checkpoint", "max_text_tokens", "precision", "device", "jpeg_draft", "scorer_version", "compiled"}
 CAPTION_KEY_FIELDS = {"caption_checkpoint", "prompt", "max_new_tokens", "precision", "device", "jpeg_draft", "captioner_version"}
 
 # Config options that change where or how fast a run goes (or which rows it writes, or how it
@@ -32,6 +32,8 @@ NOT_IN_KEYS = {
     "evidence", "evidence_layer", "agreement_model", "agreement_threshold", "text_languages", "max_image_bytes",
     # where the result is written (a Parquet directory or a Delta table and its partition)
     "output_format", "output_partition",
+    # batches in flight per actor, and padding rows and tokens that are dropped again (tests: same scores)
+    "overlap", "shape_buckets",
 }
 
 
@@ -45,7 +47,7 @@ def test_key_fields_are_the_listed_ones():
 
 
 def test_every_config_option_is_either_in_a_key_or_listed_as_not():
-    in_keys = {"max_text_tokens", "precision", "jpeg_draft", "caption_prompt", "max_new_tokens"}
+    in_keys = {"max_text_tokens", "precision", "jpeg_draft", "caption_prompt", "max_new_tokens", "torch_compile"}
     assert set(JobConfig.model_fields) == in_keys | NOT_IN_KEYS
 
 
@@ -54,6 +56,7 @@ def test_every_config_option_is_either_in_a_key_or_listed_as_not():
     [
         ({"max_text_tokens": 20}, True, False),
         ({"precision": "bf16"}, True, True),
+        ({"precision": "bf16-weights"}, True, True),
         ({"jpeg_draft": True}, True, True),
         ({"caption_prompt": "a photo of"}, False, True),
         ({"max_new_tokens": 7}, False, True),
@@ -79,7 +82,8 @@ def test_checkpoint_identity_device_and_versions_are_in_the_key():
     {"score_batch_size": 3}, {"caption_batch_size": 3}, {"decode_batch_size": 3}, {"score_actors": "2,4"},
     {"caption_actors": "1,8"}, {"score_gpus": 0.5}, {"caption_cpus": 2}, {"ray_address": "auto"},
     {"itm_threshold": 0.9}, {"captions": "flagged"}, {"run_id": "x"}, {"output": "elsewhere"},
-    {"itm_model": "/another/path/same/weights"},
+    {"itm_model": "/another/path/same/weights"}, {"overlap": "on"}, {"overlap": "off"}, {"shape_buckets": True},
+    {"torch_compile": True},  # on the CPU compile is ignored, so the numbers are the eager ones
 ])
 def test_batch_sizes_pools_resources_and_paths_are_not_in_the_key(option):
     assert _digests(build_config(dict(BASE, **option))) == _digests(build_config(BASE))
@@ -101,3 +105,14 @@ def test_row_keys_are_null_where_content_is_missing():
     assert caption[0] == caption[2] and caption[1] is None
     assert keys.text_sha256(None) is None and keys.sha256_hex(None) is None
     assert keys.text_sha256("é") == __import__("hashlib").sha256("é".encode()).hexdigest()
+
+
+def test_bf16_weights_is_its_own_precision_and_compile_keys_only_on_cuda():
+    weights = _digests(build_config(dict(BASE, precision="bf16-weights")), device="cuda")
+    assert weights != _digests(build_config(dict(BASE, precision="bf16")), device="cuda")
+    eager = keys.score_settings(build_config(BASE), "sha256:a", "cuda")
+    compiled = keys.score_settings(build_config(dict(BASE, torch_compile=True)), "sha256:a", "cuda")
+    assert compiled.compiled and compiled.digest != eager.digest
+    # Off, the field is left out of the digest: keys written before it existed still match.
+    assert eager.digest == keys._digest(dict(
+        {k: v for k, v in dataclasses.asdict(eager).items() if k != "compiled"}, kind="score"))
