@@ -50,7 +50,7 @@ _OPTIONS = [
     ("--score-cpus", "CPUs reserved per scoring actor (default: 1 with a GPU, else a share of the cluster)."),
     ("--caption-cpus", "CPUs reserved per captioning actor."),
     ("--score-batch-size", "Rows per scoring batch (default auto: 256 on a GPU, 64 on the CPU)."),
-    ("--caption-batch-size", "Rows per captioning batch (default auto: 256 on a GPU, 16 on the CPU)."),
+    ("--caption-batch-size", "Rows per captioning batch (default auto: 512 on a GPU, called in as many rows as free GPU memory holds; 16 on the CPU)."),
     ("--decode-batch-size", "Rows per decode batch (default 64)."),
     ("--max-image-bytes", "Images larger than this are image_error, never read whole (default 52428800, 50 MiB)."),
     ("--run-id", "Run identifier (default: generated)."),

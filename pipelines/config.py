@@ -164,8 +164,9 @@ class JobConfig(BaseModel):
     caption_batch_size: int | None = Field(
         None,
         ge=1,
-        description="Rows per captioning batch. None (or 'auto'): 256 for an actor with a GPU (512 was 12% faster on "
-        "an H200 but needs more GPU memory, BENCHMARKS.md), 16 on the CPU.",
+        description="Rows per captioning batch. None (or 'auto'): 512 for an actor with a GPU, which calls the model "
+        "with as many of them as the card's free memory holds (512 was 12% faster than 256 on an H200, BENCHMARKS.md; "
+        "blip_ops.batch_memory), 16 on the CPU.",
     )
     decode_batch_size: int = Field(64, ge=1, description="Rows per decode task batch.")
     jpeg_draft: bool = Field(

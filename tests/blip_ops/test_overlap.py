@@ -131,3 +131,16 @@ def test_device_turn_counts_waits_and_to_host_on_the_cpu_is_the_values():
     assert turn.waits == 1
     (values,) = ToHost.start(torch.arange(3.0)).numpy()
     np.testing.assert_array_equal(values, [0.0, 1.0, 2.0])
+
+
+def test_the_agreement_encoder_guards_its_tokenizer_too():
+    from blip_ops.agreement import SentenceEncoder
+    from pipelines.config import DEFAULT_AGREEMENT_MODEL
+
+    encoder = SentenceEncoder.from_pretrained(DEFAULT_AGREEMENT_MODEL)
+    checked = _BorrowChecked(encoder.tokenizer)
+    encoder.tokenizer = checked
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda _: encoder.encode(TEXTS[:3]), range(6)))
+    assert checked.refused == 0
+    assert all(np.array_equal(r, results[0]) for r in results)
