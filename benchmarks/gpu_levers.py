@@ -102,11 +102,16 @@ def _captioner(args, device: str, precision: str = "auto"):
     return Blip2Captioner(model, processor, device, max_new_tokens=args.tokens, precision=precision)
 
 
+_CATALOG: dict = {}
+
+
 def _pairs(args, resizer, rows: int):
     from benchmarks.gpu_bench import catalog_images, decode_all
 
-    with tempfile.TemporaryDirectory() as tmp:
-        blobs, texts = catalog_images(Path(tmp), min(rows, 8 if args.smoke else 512))
+    if "blobs" not in _CATALOG:  # one catalog per process: every step reads the same images
+        with tempfile.TemporaryDirectory() as tmp:
+            _CATALOG["blobs"], _CATALOG["texts"] = catalog_images(Path(tmp), 8 if args.smoke else 512)
+    blobs, texts = _CATALOG["blobs"], _CATALOG["texts"]
     (pixels,), _ = decode_all(blobs, [resizer], 16)
     return [(pixels[i % len(pixels)], texts[i % len(texts)]) for i in range(rows)]
 
