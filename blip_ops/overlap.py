@@ -74,7 +74,8 @@ def to_device(tensor, device: str):
     if not tensor.is_pinned():
         tensor = tensor.pin_memory()  # a pageable copy would wait for the model work queued before it
     stream = _copy_stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))  # the pinned source was written on the host
+    # No wait on the current stream: the source was written on the host, and waiting would queue the
+    # copy behind the previous batch's model work, which is what the side stream is for.
     with torch.cuda.stream(stream):
         moved = tensor.to(device, non_blocking=True)
     torch.cuda.current_stream(device).wait_stream(stream)
