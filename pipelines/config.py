@@ -124,7 +124,8 @@ class JobConfig(BaseModel):
         "auto",
         description="Two batches in flight per model actor, so one batch's host work (tokenising, staging pixels, "
         "copying results back, Arrow) runs while the other computes; the model itself runs one batch at a time. "
-        "auto: on for actors with a GPU, off on the CPU (where both batches would share the same cores).",
+        "auto: on for actors with a GPU, off on the CPU (there both batches share the same cores; it gained 0-6% on "
+        "2 cores, BENCHMARKS.md).",
     )
     shape_buckets: bool = Field(
         False,

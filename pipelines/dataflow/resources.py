@@ -115,7 +115,8 @@ def concurrent_calls(config: JobConfig, gpus: float) -> int:
     """Batches in flight per model actor: two with ``overlap`` on (``auto``: for actors with a GPU).
 
     On the CPU the model's torch threads already take the actor's cores, so a second batch's host
-    work only competes with them (BENCHMARKS.md, "Overlapped batches")."""
+    work competes with them: two calls gained 0-6% on 2 cores (BENCHMARKS.md, "Overlapped batches"),
+    within the noise, and the default stays one."""
     if config.overlap == "on" or (config.overlap == "auto" and gpus > 0):
         return 2
     return 1
