@@ -124,3 +124,12 @@ def test_a_ray_score_actor_overlaps_two_batches_and_returns_their_own_rows(ray_s
     # Each batch's rows come back in their own order.
     numbers = [int(i.split("-")[-1]) for i in result.column("id").to_pylist()]
     assert all(np.all(np.diff(numbers[k:k + 4]) == 1) for k in range(0, 16, 4))
+
+
+def test_nightly_takes_the_same_flags():
+    from jobs import nightly
+
+    args = vars(nightly.make_parser().parse_args(["--catalog", "c", "--output", "o", "--overlap", "on",
+                                                  "--shape-buckets", "off", "--precision", "bf16-weights"]))
+    assert (args["overlap"], args["shape_buckets"], args["precision"]) == ("on", "off", "bf16-weights")
+    assert build_config(dict(BASE, overlap=args["overlap"], shape_buckets=args["shape_buckets"])).shape_buckets is False
