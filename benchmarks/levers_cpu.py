@@ -65,6 +65,33 @@ def overlap(checkpoint: str, batches, threads: int) -> dict:
     return result
 
 
+def pipeline_overlap(checkpoint: str, workdir: Path, rows: int, repeats: int = 2) -> dict:
+    """``python -m jobs.score`` at its CPU defaults (scoring only), ``--overlap off`` against ``on``,
+    each a fresh process, alternating; rows/s from the run summary and the steady rate of its progress lines."""
+    import os
+    import subprocess
+    import sys
+
+    from benchmarks.cpu_bench import steady_rate, write_catalog
+
+    catalog = write_catalog(workdir / "pipeline-catalog", rows, rows_per_group=64, distinct=True)
+    out: dict = {"rows": rows}
+    for index in range(repeats * 2):
+        mode = ("off", "on")[index % 2]
+        command = [sys.executable, "-m", "jobs.score", "--input", str(catalog), "--output", str(workdir / f"out-{index}"),
+                   "--itm-model", checkpoint, "--caption-model", "none", "--device", "cpu", "--overlap", mode, "--json"]
+        env = dict(os.environ, BLIP_MODERATE_PROGRESS_INTERVAL_S="5")
+        started = time.perf_counter()
+        result = subprocess.run(command, capture_output=True, text=True, env=env)
+        if result.returncode != 0:
+            raise RuntimeError(result.stderr[-2000:])
+        steady = steady_rate(result.stderr)
+        out.setdefault(mode, []).append({"wall_s": round(time.perf_counter() - started, 1),
+                                         "steady_pairs_per_s": steady and steady["pairs_per_s"],
+                                         "load": _load()})
+    return out
+
+
 def drift(checkpoint: str, batches) -> dict:
     from blip_ops.scorer import BlipScorer
     from pipelines.dataflow.stages import _pixel_batch, _scorable
@@ -104,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the stage (a default CPU actor: every core)")
     parser.add_argument("--skip-overlap", action="store_true")
     parser.add_argument("--skip-drift", action="store_true")
+    parser.add_argument("--pipeline", action="store_true", help="also jobs.score end to end, --overlap off against on")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -120,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
             result["drift_mid"] = drift(mid, batches)
             # The tiny checkpoint's weights are redrawn at unit gain: scores that vary from row to row.
             result["drift_tiny_unit_gain"] = drift(tiny, _decoded_batches(tiny, min(args.rows, 128), args.batch_size, workdir / "t"))
+        if args.pipeline:
+            result["pipeline"] = pipeline_overlap(mid, workdir, args.rows)
         result["load_after"] = _load()
     print(json.dumps(result, indent=None if args.json else 2))
     return 0
