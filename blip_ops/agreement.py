@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,6 +167,9 @@ class SentenceEncoder:
 
     def __init__(self, model, tokenizer, layout: SentenceLayout, device: str):
         self.model, self.tokenizer, self.layout, self.device = model, tokenizer, layout, device
+        # An overlapped caption actor encodes from two threads; the Rust tokenizer must not be entered twice
+        # at once (blip_ops.overlap).
+        self.tokenizer_lock = threading.Lock()
         limit = tokenizer.model_max_length if tokenizer.model_max_length < 1_000_000 else 512
         self.max_length = min(layout.max_seq_length or limit, limit)
 
@@ -193,10 +197,11 @@ class SentenceEncoder:
         out = np.zeros((len(texts), self.model.config.hidden_size), dtype=np.float32)
         for start in range(0, len(texts), batch_size):
             rows = order[start:start + batch_size]
-            inputs = self.tokenizer(
-                [texts[i] for i in rows], padding=True, truncation="longest_first",
-                max_length=self.max_length, return_tensors="pt",
-            ).to(self.device)
+            with self.tokenizer_lock:
+                inputs = self.tokenizer(
+                    [texts[i] for i in rows], padding=True, truncation="longest_first",
+                    max_length=self.max_length, return_tensors="pt",
+                ).to(self.device)
             with torch.inference_mode():
                 tokens = self.model(**inputs).last_hidden_state.float()
             out[rows] = _pool(tokens, inputs["attention_mask"], self.layout.pooling).cpu().numpy()

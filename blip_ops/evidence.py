@@ -77,6 +77,12 @@ class Evidence:
         }
 
 
+def torch_float32():
+    import torch
+
+    return torch.float32
+
+
 def _is_punctuation(word: str) -> bool:
     return all(ch in string.punctuation for ch in word)
 
@@ -105,10 +111,17 @@ class GradCam:
         self.layer = check_layer(layer, text_layers)
         vision = model.config.vision_config
         self.rows = self.cols = vision.image_size // vision.patch_size
-        self.model = model
         self.tokenizer = tokenizer
         self.skip = set(tokenizer.all_special_tokens)
-        self.block = model.text_encoder.encoder.layer[self.layer]
+        self.text_encoder, self.itm_head = model.text_encoder, model.itm_head
+        if next(model.text_encoder.parameters()).dtype != torch_float32():
+            # bf16 weights (precision bf16-weights): the backward pass keeps its fp32 promise on an
+            # fp32 copy of the text encoder and ITM head (BLIP-base: 0.5 GB), not on the scoring weights.
+            import copy
+
+            self.text_encoder = copy.deepcopy(model.text_encoder).float().requires_grad_(False)
+            self.itm_head = copy.deepcopy(model.itm_head).float().requires_grad_(False)
+        self.block = self.text_encoder.encoder.layer[self.layer]
         # Inference only: with frozen weights the one leaf is the hidden state entering the layer.
         model.requires_grad_(False)
         # The hooks sit on the shared model: two threads explaining at once would see each other's pass.
@@ -152,7 +165,6 @@ class GradCam:
         def keep_probs(module, args, output):
             captured["probs"] = output[1]
 
-        model = self.model
         with self._lock:
             hooks = [
                 self.block.register_forward_pre_hook(leaf),
@@ -162,13 +174,13 @@ class GradCam:
                 # fp32 whatever the scoring precision: no autocast, and the embeddings cast up.
                 with torch.enable_grad(), torch.autocast(image_embeds.device.type, enabled=False):
                     embeds = image_embeds.detach().float().clone()  # a normal tensor, also from inference mode
-                    fused = model.text_encoder(
+                    fused = self.text_encoder(
                         input_ids=input_ids,
                         attention_mask=attention_mask,
                         encoder_hidden_states=embeds,
                         encoder_attention_mask=torch.ones(embeds.shape[:-1], dtype=torch.long, device=embeds.device),
                     ).last_hidden_state
-                    logit = model.itm_head(fused[:, 0, :])[:, 1]
+                    logit = self.itm_head(fused[:, 0, :])[:, 1]
                     probs = captured["probs"]
                     (grads,) = torch.autograd.grad(logit.sum(), probs)
             finally:

@@ -178,7 +178,9 @@ class ImagePreparer:
         if isinstance(images, torch.Tensor):  # decoded on the device already (blip_ops.jpeg_device)
             pixels = images.to(device).float()
         elif torch.device(device).type == "cuda" and self.pin_memory:
-            pixels = _pinned_copy(images, (len(images), 3, self.height, self.width)).to(device, non_blocking=True).float()
+            from .overlap import to_device
+
+            pixels = to_device(_pinned_copy(images, (len(images), 3, self.height, self.width)), device).float()
         else:
             batch = images if isinstance(images, np.ndarray) else np.stack(images)
             with warnings.catch_warnings():

@@ -6,11 +6,19 @@ same order as that forward, once for the image and twice for the text (unimodal 
 cross-attending for ITM), so each score equals what the model returns for the pair.
 ``score_explained`` keeps that pass's image embeddings for Grad-CAM evidence (``blip_ops.evidence``),
 so explaining a row costs no second vision pass.
+
+Each call has a host half (tokenising, staging pixels) and a device half (the forward pass);
+the device half takes the scorer's ``DeviceTurn`` and the host half does not, so two threads
+scoring at once (Ray's two concurrent calls per actor) overlap one batch's host work with the
+other's model work (``blip_ops.overlap``). With ``shape_buckets`` the model sees only bucketed
+shapes (``blip_ops.buckets``); with ``compile`` on CUDA its encoders are compiled for them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import threading
 import time
 from dataclasses import dataclass
 
@@ -18,10 +26,14 @@ import numpy as np
 import torch
 from torch.nn.functional import normalize
 
+from . import buckets
 from .attention import sdpa_vision_attention
 from .checkpoints import ITM, inspect_checkpoint, load_model, load_processor, resolve_device
-from .precision import autocast, resolve_precision
+from .overlap import DeviceTurn, ToHost, to_device
+from .precision import autocast, resolve_precision, weight_dtype
 from .preprocess import ImagePreparer, check_resize_settings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,6 +56,7 @@ class BlipScorer:
     def __init__(
         self, model, processor, device: str = "cpu", max_text_tokens: int = 35, precision: str = "auto",
         vision_attention: str = "fused",
+        shape_buckets: bool = False, compile: bool = False,
     ):
         self.model = model
         self.tokenizer = processor.tokenizer
@@ -58,40 +71,60 @@ class BlipScorer:
         # at most 4.5e-7 (about 8 float32 steps at 0.5) and cut the vision pass's CPU time by about 30%, the
         # largest share of a CPU run. eager keeps transformers' BlipAttention, bit for bit.
         self.fused_attention = vision_attention == "fused"
+        self.device_turn = DeviceTurn()  # one forward pass at a time; host work runs beside it
+        self.tokenizer_lock = threading.Lock()  # one Rust tokenizer shared by the threads (blip_ops.overlap)
+        self.compiled = compile and torch.device(device).type == "cuda"
+        if compile and not self.compiled:
+            log.warning("compile applies on CUDA only; scoring on %s runs eagerly", device)
+        # A compiled model is specialised to its shapes: bucket them so ragged batches reuse graphs.
+        self.shape_buckets = shape_buckets or self.compiled
+        self.vision_model, self.text_encoder = model.vision_model, model.text_encoder
+        if self.compiled:
+            # The SDPA swap stays installed for this actor's model: compiled code must not see the
+            # forward methods change between calls.
+            if self.fused_attention:
+                self._fused_for_good = sdpa_vision_attention(model.vision_model)
+                self._fused_for_good.__enter__()
+                self.fused_attention = False  # already on
+            self.vision_model = torch.compile(model.vision_model, dynamic=False)
+            self.text_encoder = torch.compile(model.text_encoder, dynamic=False)
 
     @classmethod
     def from_pretrained(
         cls, reference: str, device: str = "auto", max_text_tokens: int = 35, precision: str = "auto",
         vision_attention: str = "fused",
+        shape_buckets: bool = False, compile: bool = False,
     ) -> "BlipScorer":
         from transformers import BlipForImageTextRetrieval
 
         inspect_checkpoint(reference, ITM)
         device = resolve_device(device)
         # BLIP v1 in transformers 5.23 has eager attention only (no _supports_sdpa); the
-        # scorer fuses the vision attention itself in half precision (blip_ops.attention).
-        model = load_model(reference, BlipForImageTextRetrieval, device)
+        # scorer fuses the vision attention itself unless told eager (blip_ops.attention).
+        model = load_model(reference, BlipForImageTextRetrieval, device, dtype=weight_dtype(precision))
         processor = load_processor(reference)
         check_resize_settings(reference, processor.image_processor)
-        return cls(model, processor, device, max_text_tokens, precision, vision_attention)
+        return cls(model, processor, device, max_text_tokens, precision, vision_attention, shape_buckets, compile)
 
     def token_counts(self, texts: list[str]) -> np.ndarray:
-        encoded = self.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
+        with self.tokenizer_lock:
+            encoded = self.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
         return np.array([len(ids) for ids in encoded], dtype=np.int64)
 
     def tokenize(self, texts: list[str]) -> TextBatch:
         # Pad to the longest text in the batch, not to max_length: padding is masked, so
         # it does not change a row's score, but it does cost compute.
-        encoded = self.tokenizer(
-            texts,
-            padding="longest",
-            truncation=True,
-            max_length=self.max_text_tokens,
-            return_tensors="pt",
-        )
+        with self.tokenizer_lock:
+            encoded = self.tokenizer(
+                texts,
+                padding="longest",
+                truncation=True,
+                max_length=self.max_text_tokens,
+                return_tensors="pt",
+            )
         return TextBatch(
-            input_ids=encoded["input_ids"].to(self.device),
-            attention_mask=encoded["attention_mask"].to(self.device),
+            input_ids=to_device(encoded["input_ids"], self.device),
+            attention_mask=to_device(encoded["attention_mask"], self.device),
             truncated=self.token_counts(texts) > self.max_text_tokens,
         )
 
@@ -104,7 +137,7 @@ class BlipScorer:
     def score_explained(self, images, texts: list[str], wanted, gradcam) -> ExplainedScores:
         """``score`` plus Grad-CAM evidence (``blip_ops.evidence.GradCam``) for the rows that
         ``wanted(itc, itm)`` (a bool mask) picks, from the same vision pass."""
-        itc, itm, text, image_embeds = self._score(images, texts)
+        itc, itm, text, image_embeds = self._score(images, texts, keep_embeds=True)
         rows = np.flatnonzero(wanted(itc, itm)) if len(texts) else np.zeros(0, dtype=np.int64)
         evidence: list = [None] * len(texts)
         if not len(rows):
@@ -114,31 +147,50 @@ class BlipScorer:
         # Only the chosen rows, cut to their own longest text (padding is masked either way).
         mask = text.attention_mask[index]
         width = int(mask.sum(dim=1).max())
-        explained = gradcam.explain(image_embeds[index], text.input_ids[index][:, :width], mask[:, :width])
+        with self.device_turn:
+            explained = gradcam.explain(image_embeds[index], text.input_ids[index][:, :width], mask[:, :width])
         for row, item in zip(rows, explained):
             evidence[row] = item
         return ExplainedScores(itc, itm, text.truncated, evidence, time.perf_counter() - started)
 
-    @torch.inference_mode()
-    def _score(self, images, texts: list[str]):
+    def _score(self, images, texts: list[str], keep_embeds: bool = False):
         if len(images) != len(texts):
             raise ValueError(f"{len(images)} images for {len(texts)} texts")
         if not texts:
             empty = np.zeros(0, dtype=np.float32)
             return empty, empty.copy(), TextBatch(None, None, np.zeros(0, dtype=bool)), None
-        pixel_values = self.images.to_device_pixel_values(images, self.device, next(self.model.parameters()).dtype)
+        # Host half: pixels staged and on their way to the device, texts tokenised.
+        with torch.inference_mode():
+            pixel_values = self.images.to_device_pixel_values(images, self.device, next(self.model.parameters()).dtype)
         text = self.tokenize(texts)
+        model_pixels, model_text = self._bucketed(pixel_values, text)
+        rows = len(texts)
         fused = sdpa_vision_attention(self.model.vision_model) if self.fused_attention else contextlib.nullcontext()
-        with autocast(self.precision, self.device), fused:
-            itc, itm, image_embeds = self._forward(pixel_values, text)
-        return itc.cpu().numpy().astype(np.float32), itm.cpu().numpy().astype(np.float32), text, image_embeds
+        with self.device_turn, torch.inference_mode(), autocast(self.precision, self.device), fused:
+            itc, itm, image_embeds = self._forward(model_pixels, model_text)
+            results = ToHost.start(itc[:rows].float(), itm[:rows].float())
+        itc, itm = results.numpy()  # outside the turn: the next batch's pass is already queued
+        embeds = image_embeds[:rows] if keep_embeds else None
+        return itc.astype(np.float32), itm.astype(np.float32), text, embeds
+
+    def _bucketed(self, pixel_values: torch.Tensor, text: TextBatch) -> tuple[torch.Tensor, TextBatch]:
+        """The model's inputs padded to bucketed shapes (``blip_ops.buckets``), or as they are."""
+        if not self.shape_buckets:
+            return pixel_values, text
+        rows = buckets.batch_bucket(len(pixel_values))
+        length = buckets.text_bucket(text.input_ids.shape[1], self.max_text_tokens)
+        pad_id = self.tokenizer.pad_token_id or 0
+        input_ids, attention_mask = buckets.pad_tokens(text.input_ids, text.attention_mask, length, pad_id)
+        return buckets.pad_rows(pixel_values, rows), TextBatch(
+            buckets.pad_rows(input_ids, rows), buckets.pad_rows(attention_mask, rows), text.truncated
+        )
 
     def _forward(self, pixel_values: torch.Tensor, text: TextBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         model = self.model
-        image_embeds = model.vision_model(pixel_values=pixel_values).last_hidden_state
+        image_embeds = self.vision_model(pixel_values=pixel_values).last_hidden_state
         image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
 
-        fused = model.text_encoder(
+        fused = self.text_encoder(
             input_ids=text.input_ids,
             attention_mask=text.attention_mask,
             encoder_hidden_states=image_embeds,
@@ -146,7 +198,7 @@ class BlipScorer:
         ).last_hidden_state
         itm = model.itm_head(fused[:, 0, :]).float().softmax(dim=-1)[:, 1]
 
-        unimodal = model.text_encoder(input_ids=text.input_ids, attention_mask=text.attention_mask).last_hidden_state
+        unimodal = self.text_encoder(input_ids=text.input_ids, attention_mask=text.attention_mask).last_hidden_state
         image_feat = normalize(model.vision_proj(image_embeds[:, 0, :]).float(), dim=-1)
         text_feat = normalize(model.text_proj(unimodal[:, 0, :]).float(), dim=-1)
         itc = (image_feat * text_feat).sum(dim=-1)

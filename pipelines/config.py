@@ -111,12 +111,31 @@ class JobConfig(BaseModel):
     )
 
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where models run; auto picks CUDA when a worker has a GPU.")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+    precision: Literal["auto", "fp32", "bf16", "fp16", "bf16-weights"] = Field(
         "auto",
         description="Model arithmetic: fp32, or bf16/fp16 autocast (weights stay fp32; matmuls and attention run in "
         "the half type, softmax and norms in fp32). auto: bf16 on CUDA (fp16 on GPUs without bf16), fp32 on CPU, "
         "where scores equal the checkpoint's fp32 scores. Half precision moves scores slightly; in it, BLIP's vision "
-        "attention also runs fused (PyTorch SDPA), the same arithmetic in another order.",
+        "attention also runs fused (PyTorch SDPA), the same arithmetic in another order. bf16-weights: the weights "
+        "themselves in bf16 and no autocast (half the weight memory, every operation in bf16; moves scores further "
+        "than bf16 autocast); never chosen by auto.",
+    )
+    overlap: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Two batches in flight per model actor, so one batch's host work (tokenising, staging pixels, "
+        "copying results back, Arrow) runs while the other computes; the model itself runs one batch at a time. "
+        "auto: on for actors with a GPU, off on the CPU (there both batches share the same cores; it gained 0-6% on "
+        "2 cores, BENCHMARKS.md).",
+    )
+    shape_buckets: bool = Field(
+        False,
+        description="Pad each scoring batch to a power of two of rows and its texts to a multiple of 8 tokens (padding "
+        "dropped from the outputs), so a compiled model sees few shapes; scores are unchanged. Implied by torch_compile.",
+    )
+    torch_compile: bool = Field(
+        False,
+        description="torch.compile the scorer's vision and text encoders on CUDA (with shape_buckets); ignored on the "
+        "CPU. Opt-in, not yet measured; part of the run key (compiled kernels round differently).",
     )
     vision_attention: Literal["fused", "eager"] = Field(
         "fused",
@@ -153,8 +172,9 @@ class JobConfig(BaseModel):
     caption_batch_size: int | None = Field(
         None,
         ge=1,
-        description="Rows per captioning batch. None (or 'auto'): 256 for an actor with a GPU (512 was 12% faster on "
-        "an H200 but needs more GPU memory, BENCHMARKS.md), 16 on the CPU.",
+        description="Rows per captioning batch. None (or 'auto'): 512 for an actor with a GPU, which calls the model "
+        "with as many of them as the card's free memory holds (512 was 12% faster than 256 on an H200, BENCHMARKS.md; "
+        "blip_ops.batch_memory), 16 on the CPU.",
     )
     decode_batch_size: int = Field(64, ge=1, description="Rows per decode task batch.")
     jpeg_draft: bool = Field(
@@ -272,6 +292,19 @@ class JobConfig(BaseModel):
             name, sep, value = self.output_partition.partition("=")
             if not sep or not name or not value or "/" in self.output_partition:
                 raise ValueError(f"output_partition must be NAME=VALUE, got {self.output_partition!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _cuda_needs_a_reserved_gpu(self):
+        # An actor that reserved no GPU would still be handed the "cuda" device and use a card
+        # another actor reserved (out of memory, or slow sharing nobody asked for).
+        zero = [name for name in ("score_gpus", "caption_gpus")
+                if getattr(self, name) == 0 and (name == "score_gpus" or self.captions != "none")]
+        if self.device == "cuda" and zero:
+            raise ValueError(
+                f"device cuda with {' and '.join(f'{n}=0' for n in zero)}: an actor that reserves no GPU cannot run "
+                "on one; reserve a GPU (a fraction shares a card) or use device auto, which runs such actors on the CPU"
+            )
         return self
 
     @property

@@ -54,15 +54,18 @@ def device_kind(device: str) -> str:
     return "cpu" if device == "cpu" else "cuda"
 
 
-def _cpu_decode_unkeyed(body: dict) -> dict:
+def _unkeyed_defaults(body: dict) -> dict:
     """Settings at what every output written before the option existed did are left out of the
-    digest, so those outputs keep matching: CPU decoding (before ``decode_device``), and eager vision
+    digest, so those outputs keep matching: CPU decoding (before ``decode_device``), no
+    ``torch_compile``, and eager vision
     attention in fp32 or fused in half precision (before ``vision_attention``; the default fused in
     fp32 is new arithmetic, so it enters the digest and earlier fp32 outputs match only ``eager``)."""
     if body.get("decode_device") == "cpu":
         body = {k: v for k, v in body.items() if k != "decode_device"}
     if "vision_attention" in body and body["vision_attention"] == ("eager" if body["precision"] == "fp32" else "fused"):
         body = {k: v for k, v in body.items() if k != "vision_attention"}
+    if body.get("compiled") is False:  # eager kernels, as before torch_compile
+        body = {k: v for k, v in body.items() if k != "compiled"}
     return body
 
 
@@ -82,10 +85,13 @@ class ScoreSettings:
     vision_attention: str = "fused"
     scorer_version: int = SCORER_VERSION
     decode_device: str = "cpu"  # gpu: nvJPEG and torch's resize, pixels not Pillow's
+    # torch.compile on CUDA fuses kernels, which rounds differently. Left out of the digest when off,
+    # so every key written before the option existed still matches.
+    compiled: bool = False
 
     @property
     def digest(self) -> str:
-        return _digest(dict(_cpu_decode_unkeyed(asdict(self)), kind="score"))
+        return _digest(dict(_unkeyed_defaults(asdict(self)), kind="score"))
 
 
 @dataclass(frozen=True)
@@ -103,7 +109,7 @@ class CaptionSettings:
 
     @property
     def digest(self) -> str:
-        return _digest(dict(_cpu_decode_unkeyed(asdict(self)), kind="caption"))
+        return _digest(dict(_unkeyed_defaults(asdict(self)), kind="caption"))
 
 
 def score_settings(config, itm_identity: str, device: str) -> ScoreSettings:
@@ -115,6 +121,7 @@ def score_settings(config, itm_identity: str, device: str) -> ScoreSettings:
         jpeg_draft=config.jpeg_draft,
         vision_attention=config.vision_attention,
         decode_device=config.decode_device,
+        compiled=config.torch_compile and device_kind(device) == "cuda",  # ignored on the CPU
     )
 
 

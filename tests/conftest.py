@@ -44,7 +44,9 @@ def ray_session(request):
     # session uses the S3 store, start it (it sets the AWS_* variables) before Ray.
     if any("s3_store" in item.fixturenames for item in request.session.items):
         request.getfixturevalue("s3_store")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    # num_gpus=0: on a GPU host the suite runs as on CI (device auto then places actors on the CPU,
+    # where the fidelity tests' fp32 references hold); GPU paths are measured by benchmarks/gpu_bench.py.
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
 

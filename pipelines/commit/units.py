@@ -33,6 +33,8 @@ NOT_IN_KEY = {
     # dedup changes which rows run a model, never a number.
     "reuse", "dedup",
     "output_format", "output_partition",
+    # how many batches an actor holds, and padding that is dropped again: never a number
+    "overlap", "shape_buckets",
 }
 
 

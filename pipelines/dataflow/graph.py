@@ -112,6 +112,8 @@ def score_stage_kwargs(config: JobConfig, resources: Resources) -> dict:
         "evidence": config.evidence,
         "evidence_layer": config.evidence_layer,
         "decode_device": config.decode_device,
+        "shape_buckets": config.shape_buckets,
+        "compile": config.torch_compile,
     }
 
 
@@ -133,6 +135,9 @@ def caption_stage_kwargs(config: JobConfig, resources: Resources) -> dict:
         "agreement_threshold": config.agreement_threshold,
         "threads": resources.caption_threads,
         "decode_device": config.decode_device,
+        # auto on a GPU: Ray's batch is the most per call, and the actor fits its calls to free memory
+        "rows_from_memory": resources.caption_batch_size
+        if config.caption_batch_size is None and resources.caption_gpus > 0 else None,
     }
 
 
@@ -146,13 +151,22 @@ def finalize_kwargs(config: JobConfig, run_id: str, passthrough: list[str], keep
     }
 
 
+def overlapped(calls: int) -> dict:
+    """ActorPoolStrategy arguments for ``calls`` concurrent calls per actor (Ray 2.60): the stage's own
+    ``DeviceTurn`` keeps the model to one batch at a time, so the UDF itself may run in two threads."""
+    if calls <= 1:
+        return {}
+    return {"max_concurrent_calls_per_actor": calls, "enable_true_multi_threading": True}
+
+
 def with_score_stage(ds: ray.data.Dataset, config: JobConfig, resources: Resources) -> ray.data.Dataset:
     """The scoring actor pool, as every graph that scores adds it."""
     return ds.map_batches(
         stages.ScoreStage,
         batch_format="pyarrow",
         batch_size=resources.score_batch_size,
-        compute=ActorPoolStrategy(min_size=resources.score_actors[0], max_size=resources.score_actors[1]),
+        compute=ActorPoolStrategy(min_size=resources.score_actors[0], max_size=resources.score_actors[1],
+                                  **overlapped(resources.score_calls)),
         num_gpus=resources.score_gpus,
         num_cpus=resources.score_cpus,
         **actor_retries(),
@@ -168,7 +182,8 @@ def with_caption_stage(ds: ray.data.Dataset, config: JobConfig, resources: Resou
         stages.CaptionStage,
         batch_format="pyarrow",
         batch_size=resources.caption_batch_size,
-        compute=ActorPoolStrategy(min_size=resources.caption_actors[0], max_size=resources.caption_actors[1]),
+        compute=ActorPoolStrategy(min_size=resources.caption_actors[0], max_size=resources.caption_actors[1],
+                                  **overlapped(resources.caption_calls)),
         num_gpus=resources.caption_gpus,
         num_cpus=resources.caption_cpus,
         **actor_retries(),

@@ -18,7 +18,7 @@ from ..config import ConfigError, JobConfig
 # batch's activations stay modest and the pool's progress stays visible.
 log = logging.getLogger(__name__)
 
-GPU_BATCH_SIZES = {"score": 256, "caption": 256}
+GPU_BATCH_SIZES = {"score": 256, "caption": 512}  # caption: the most per call; the actor fits it to free memory
 CPU_BATCH_SIZES = {"score": 64, "caption": 16}
 
 
@@ -40,6 +40,9 @@ class Resources:
     # torch intra-op threads per actor (torch.set_num_threads in the actor); see model_threads.
     score_threads: int = 1
     caption_threads: int = 1
+    # Concurrent calls per model actor (Ray's max_concurrent_calls_per_actor): 2 overlaps host work with the model's.
+    score_calls: int = 1
+    caption_calls: int = 1
 
 
 def _batch_size(configured: int | None, gpus: float, stage: str) -> int:
@@ -108,6 +111,17 @@ def model_threads(gpus: float, configured_cpus: float | None, cluster_cpus: floa
     return max(1, int(cluster_cpus) // max(1, model_actors))
 
 
+def concurrent_calls(config: JobConfig, gpus: float) -> int:
+    """Batches in flight per model actor: two with ``overlap`` on (``auto``: for actors with a GPU).
+
+    On the CPU the model's torch threads already take the actor's cores, so a second batch's host
+    work competes with them: two calls gained 0-6% on 2 cores (BENCHMARKS.md, "Overlapped batches"),
+    within the noise, and the default stays one."""
+    if config.overlap == "on" or (config.overlap == "auto" and gpus > 0):
+        return 2
+    return 1
+
+
 def resolve_resources(config: JobConfig, cluster_gpus: float, cluster_cpus: float) -> Resources:
     """From the Ray cluster's resources (``ray.cluster_resources()``), never from the driver's hardware."""
     default = _default_gpus(config, cluster_gpus)
@@ -133,6 +147,8 @@ def resolve_resources(config: JobConfig, cluster_gpus: float, cluster_cpus: floa
         caption_batch_size=_batch_size(config.caption_batch_size, caption, "caption"),
         score_threads=model_threads(score, config.score_cpus, cluster_cpus, cpu_actors),
         caption_threads=model_threads(caption, config.caption_cpus, cluster_cpus, cpu_actors),
+        score_calls=concurrent_calls(config, score),
+        caption_calls=concurrent_calls(config, caption),
     )
 
 

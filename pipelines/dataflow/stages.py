@@ -227,6 +227,7 @@ class ScoreStage:
         threads: int | None = None, evidence: str = "none", evidence_layer: int | None = None,
         vision_attention: str = "fused",
         decode_device: str = "cpu", jpeg_backend: str = "torchvision",
+        shape_buckets: bool = False, compile: bool = False,
     ):
         # Imported here, not at the top: the decode, flag and write tasks import this module too,
         # and must not pay for torch and transformers.
@@ -239,6 +240,7 @@ class ScoreStage:
         self.scorer = BlipScorer.from_pretrained(
             local_checkpoint(model), device=device, max_text_tokens=max_text_tokens, precision=precision,
             vision_attention=vision_attention,
+            shape_buckets=shape_buckets, compile=compile,
         )
         self.text_column = text_column
         self.parts = HalvingBatches("scoring")
@@ -379,7 +381,10 @@ class CaptionStage:
         threads: int | None = None,
         decode_device: str = "cpu",
         jpeg_backend: str = "torchvision",
+        rows_from_memory: int | None = None,
     ):
+        """``rows_from_memory``: on CUDA, call the model with as many of a batch's rows (at most this
+        many) as the card's free memory holds (the caption batch size ``auto``)."""
         from blip_ops.captioner import Blip2Captioner  # not at the top: see ScoreStage
 
         set_torch_threads(threads)
@@ -400,6 +405,8 @@ class CaptionStage:
         self.text_column = text_column
         self.agreement_threshold = agreement_threshold
         self.jpegs = _device_decoder(decode_device, self.captioner, jpeg_backend)
+        if rows_from_memory:  # asked last, once every model of this actor holds its memory
+            self.parts.rows_per_call = self.captioner.rows_for_memory(rows_from_memory)
 
     def torch_threads(self) -> int:
         """The intra-op threads torch really runs with in this actor (asked by tests and audits)."""

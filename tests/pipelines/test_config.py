@@ -167,7 +167,7 @@ def test_new_options_in_yaml_reach_the_stages(tmp_path):
     assert (config.max_image_bytes, config.agreement_model, config.text_languages) == (1000, None, ("en", "de"))
     assert decode_kwargs(config)["max_image_bytes"] == 1000 and decode_kwargs(config)["detect_language"] is True
     assert flag_kwargs(config)["text_languages"] == ("en", "de")
-    resources = SimpleNamespace(caption_device="cpu", caption_threads=1)  # all the caption stage's arguments read
+    resources = SimpleNamespace(caption_device="cpu", caption_threads=1, caption_gpus=0, caption_batch_size=16)  # all the caption stage's arguments read
     assert caption_stage_kwargs(config, resources)["agreement_model"] is None
     path.write_text("agreement_threshold: 0.25\ntext_languages: any\n")
     config = build_config(dict(BASE, **load_yaml(path)))

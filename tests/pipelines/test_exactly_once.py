@@ -54,7 +54,7 @@ def catalog(tmp_path_factory):
 def _options(catalog: Path, out: str, fmt: str, tiny_itm: str, threshold: float) -> dict:
     return {
         "input": str(catalog), "output": out, "output_format": fmt, "itm_model": tiny_itm,
-        "caption_model": "none", "itm_threshold": threshold,
+        "caption_model": "none", "itm_threshold": threshold, "device": "cpu",  # the same key on a GPU host
     }
 
 

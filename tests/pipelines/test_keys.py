@@ -16,7 +16,7 @@ BASE = {"input": "in", "output": "out"}
 # fails here until this list (and the README's) says so.
 SCORE_KEY_FIELDS = {
     "itm_checkpoint", "max_text_tokens", "precision", "device", "jpeg_draft", "vision_attention", "scorer_version",
-    "decode_device",
+    "decode_device", "compiled",
 }
 CAPTION_KEY_FIELDS = {"caption_checkpoint", "prompt", "max_new_tokens", "precision", "device", "jpeg_draft", "captioner_version", "decode_device"}
 
@@ -35,6 +35,8 @@ NOT_IN_KEYS = {
     "evidence", "evidence_layer", "agreement_model", "agreement_threshold", "text_languages", "max_image_bytes",
     # where the result is written (a Parquet directory or a Delta table and its partition)
     "output_format", "output_partition",
+    # batches in flight per actor, and padding rows and tokens that are dropped again (tests: same scores)
+    "overlap", "shape_buckets",
 }
 
 
@@ -48,7 +50,7 @@ def test_key_fields_are_the_listed_ones():
 
 
 def test_every_config_option_is_either_in_a_key_or_listed_as_not():
-    in_keys = {"max_text_tokens", "precision", "jpeg_draft", "caption_prompt", "max_new_tokens", "vision_attention", "decode_device"}
+    in_keys = {"max_text_tokens", "precision", "jpeg_draft", "caption_prompt", "max_new_tokens", "vision_attention", "decode_device", "torch_compile"}
     assert set(JobConfig.model_fields) == in_keys | NOT_IN_KEYS
 
 
@@ -57,6 +59,7 @@ def test_every_config_option_is_either_in_a_key_or_listed_as_not():
     [
         ({"max_text_tokens": 20}, True, False),
         ({"precision": "bf16"}, True, True),
+        ({"precision": "bf16-weights"}, True, True),
         ({"jpeg_draft": True}, True, True),
         ({"decode_device": "gpu"}, True, True),
         ({"caption_prompt": "a photo of"}, False, True),
@@ -74,12 +77,12 @@ def test_vision_attention_keys_only_where_it_differs_from_what_earlier_outputs_u
     """Before the option, fp32 ran eager and half precision fused: those digests stay as they were."""
     fp32 = build_config(BASE)
     before = dataclasses.asdict(keys.score_settings(fp32, "sha256:a", "cpu"))
-    del before["vision_attention"], before["decode_device"]
+    del before["vision_attention"], before["decode_device"], before["compiled"]
     earlier_digest = keys._digest(dict(before, kind="score"))
     assert _digests(build_config(dict(BASE, vision_attention="eager")))[0] == earlier_digest
     assert _digests(fp32)[0] != earlier_digest  # fused fp32 is new arithmetic
     bf16 = keys.score_settings(build_config(dict(BASE, precision="bf16")), "sha256:a", "cuda")
-    bf16_before = {k: v for k, v in dataclasses.asdict(bf16).items() if k not in ("vision_attention", "decode_device")}
+    bf16_before = {k: v for k, v in dataclasses.asdict(bf16).items() if k not in ("vision_attention", "decode_device", "compiled")}
     assert bf16.digest == keys._digest(dict(bf16_before, kind="score"))
     assert dataclasses.replace(bf16, vision_attention="eager").digest != bf16.digest
 
@@ -98,7 +101,8 @@ def test_checkpoint_identity_device_and_versions_are_in_the_key():
     {"score_batch_size": 3}, {"caption_batch_size": 3}, {"decode_batch_size": 3}, {"score_actors": "2,4"},
     {"caption_actors": "1,8"}, {"score_gpus": 0.5}, {"caption_cpus": 2}, {"ray_address": "auto"},
     {"itm_threshold": 0.9}, {"captions": "flagged"}, {"run_id": "x"}, {"output": "elsewhere"},
-    {"itm_model": "/another/path/same/weights"},
+    {"itm_model": "/another/path/same/weights"}, {"overlap": "on"}, {"overlap": "off"}, {"shape_buckets": True},
+    {"torch_compile": True},  # on the CPU compile is ignored, so the numbers are the eager ones
 ])
 def test_batch_sizes_pools_resources_and_paths_are_not_in_the_key(option):
     assert _digests(build_config(dict(BASE, **option))) == _digests(build_config(BASE))
@@ -126,8 +130,20 @@ def test_cpu_decoding_keeps_the_digests_outputs_written_before_decode_device_hav
     """Left out of the digest at its default, so earlier committed outputs still match."""
     config = build_config(BASE)
     settings = keys.score_settings(config, "sha256:a", "cpu")
-    body = {k: v for k, v in dataclasses.asdict(settings).items() if k != "decode_device"}
+    body = {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("decode_device", "compiled")}
     assert settings.digest == keys._digest(dict(body, kind="score"))
     caption = keys.caption_settings(config, "sha256:b", "cpu")
     body = {k: v for k, v in dataclasses.asdict(caption).items() if k != "decode_device"}
     assert caption.digest == keys._digest(dict(body, kind="caption"))
+
+
+def test_bf16_weights_is_its_own_precision_and_compile_keys_only_on_cuda():
+    weights = _digests(build_config(dict(BASE, precision="bf16-weights")), device="cuda")
+    assert weights != _digests(build_config(dict(BASE, precision="bf16")), device="cuda")
+    eager = keys.score_settings(build_config(BASE), "sha256:a", "cuda")
+    compiled = keys.score_settings(build_config(dict(BASE, torch_compile=True)), "sha256:a", "cuda")
+    assert compiled.compiled and compiled.digest != eager.digest
+    # Off, the field is left out of the digest: keys written before it existed still match.
+    assert eager.digest == keys._digest(dict(
+        {k: v for k, v in dataclasses.asdict(eager).items() if k not in ("compiled", "decode_device", "vision_attention")},
+        kind="score"))

@@ -106,7 +106,7 @@ def test_driver_killed_mid_run_with_reuse_resumes_without_rescoring_or_duplicate
     command = [
         sys.executable, "-m", "jobs.score", "--input", str(catalog), "--output", str(output),
         "--itm-model", tiny_itm, "--caption-model", "none", "--reuse", str(source),
-        "--decode-batch-size", "4", "--score-batch-size", "4", "--json",
+        "--decode-batch-size", "4", "--score-batch-size", "4", "--json", "--device", "cpu",
     ]
     marker = uuid.uuid4().hex
     env = dict(os.environ, HF_HUB_OFFLINE="1", BLIP_TEST_RUN=marker)

@@ -48,10 +48,11 @@ def test_explicit_cpus_win():
     [
         ({"device": "cpu"}, 4, (64, 16)),  # CPU actors: small batches, even on a GPU cluster
         ({}, 0, (64, 16)),
-        ({}, 2, (256, 256)),  # GPU actors: batches that keep the GPU busy
-        ({"device": "cuda"}, 0, (256, 256)),
-        ({"score_gpus": 0, "caption_gpus": 0.5}, 1, (64, 256)),  # each stage by its own placement
-        ({"score_batch_size": 32, "caption_batch_size": "auto"}, 2, (32, 256)),
+        # GPU actors: batches that keep the GPU busy (captions: the most per call, fitted to free memory in the actor)
+        ({}, 2, (256, 512)),
+        ({"device": "cuda"}, 0, (256, 512)),
+        ({"score_gpus": 0, "caption_gpus": 0.5}, 1, (64, 512)),  # each stage by its own placement
+        ({"score_batch_size": 32, "caption_batch_size": "auto"}, 2, (32, 512)),
         ({"score_batch_size": "auto", "caption_batch_size": 7}, 0, (64, 7)),
     ],
 )
@@ -71,7 +72,7 @@ class _RecordingDataset:
         return self
 
 
-@pytest.mark.parametrize("cluster_gpus, expected", [(0, (64, 16)), (1, (256, 256))])
+@pytest.mark.parametrize("cluster_gpus, expected", [(0, (64, 16)), (1, (256, 512))])
 def test_model_stages_run_at_the_resolved_batch_sizes(cluster_gpus, expected):
     from pipelines.dataflow.graph import score_rows
 

@@ -1,0 +1,146 @@
+"""Two threads scoring with one scorer: host work of one batch runs during the other's model call,
+the model runs one batch at a time, and every row's scores are the ones a lone call gives."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from blip_ops.captioner import Blip2Captioner
+from blip_ops.overlap import DeviceTurn, ToHost
+from blip_ops.scorer import BlipScorer
+
+TEXTS = ["a red shoe", "two dogs on a beach at sunset", "a bowl of soup", "a blue running shoe with white laces",
+         "a cat", "an old brick house with a green door", "a bicycle", "three apples on a table"]
+
+
+def _images(count: int) -> list[np.ndarray]:
+    rng = np.random.RandomState(0)
+    return [(rng.rand(20 + 9 * i, 30 + 5 * i, 3) * 255).astype(np.uint8) for i in range(count)]
+
+
+@pytest.fixture(scope="module")
+def scorer(tiny_itm):
+    return BlipScorer.from_pretrained(tiny_itm, device="cpu")
+
+
+def _batches(scorer, count=4, rows=2):
+    pixels = [scorer.images.resize(image) for image in _images(count * rows)]
+    return [(pixels[i * rows:(i + 1) * rows], TEXTS[i * rows:(i + 1) * rows]) for i in range(count)]
+
+
+class _Timeline:
+    def __init__(self):
+        self.events: list[tuple[str, float, float]] = []
+        self._lock = threading.Lock()
+
+    def wrap(self, name: str, function, seconds: float):
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            time.sleep(seconds)  # a slow model / slow host work: sleeping releases the GIL, as torch does
+            result = function(*args, **kwargs)
+            with self._lock:
+                self.events.append((name, started, time.perf_counter()))
+            return result
+
+        return timed
+
+    def spans(self, name):
+        return sorted((a, b) for n, a, b in self.events if n == name)
+
+
+def test_host_work_of_one_batch_runs_while_another_computes_and_scores_stay(scorer, monkeypatch):
+    batches = _batches(scorer)
+    alone = [scorer.score(images, texts) for images, texts in batches]
+
+    timeline = _Timeline()
+    monkeypatch.setattr(scorer, "_forward", timeline.wrap("model", scorer._forward, 0.3))
+    monkeypatch.setattr(scorer, "tokenize", timeline.wrap("host", scorer.tokenize, 0.15))
+    with ThreadPoolExecutor(2) as pool:  # Ray's two concurrent calls per actor
+        together = list(pool.map(lambda batch: scorer.score(*batch), batches))
+
+    model, host = timeline.spans("model"), timeline.spans("host")
+    assert len(model) == len(host) == len(batches)
+    # The model ran one batch at a time...
+    assert all(first[1] <= second[0] for first, second in zip(model, model[1:]))
+    # ...and some batch's host work ran inside another batch's model call.
+    assert any(m0 < h0 and h1 < m1 for h0, h1 in host for m0, m1 in model)
+    for (itc, itm, truncated), (itc2, itm2, truncated2) in zip(alone, together):
+        np.testing.assert_array_equal(itc, itc2)
+        np.testing.assert_array_equal(itm, itm2)
+        np.testing.assert_array_equal(truncated, truncated2)
+
+
+class _BorrowChecked:
+    """A tokenizer that refuses, as PyO3 does, to be entered by a second thread while in use."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.busy = threading.Lock()
+        self.refused = 0
+
+    def __call__(self, *args, **kwargs):
+        if not self.busy.acquire(blocking=False):
+            self.refused += 1
+            raise RuntimeError("Already borrowed")
+        try:
+            time.sleep(0.02)
+            return self.tokenizer(*args, **kwargs)
+        finally:
+            self.busy.release()
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def test_tokenizer_calls_from_two_threads_never_overlap(scorer, monkeypatch):
+    """transformers #47085: the guard is what keeps this test green (without it, calls are refused)."""
+    checked = _BorrowChecked(scorer.tokenizer)
+    monkeypatch.setattr(scorer, "tokenizer", checked)
+
+    def work(i):
+        return scorer.tokenize(TEXTS).input_ids if i % 2 else scorer.token_counts(TEXTS)
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(work, range(16)))
+    assert checked.refused == 0
+
+
+def test_captions_from_two_threads_equal_lone_calls(tiny_caption):
+    captioner = Blip2Captioner.from_pretrained(tiny_caption, device="cpu", max_new_tokens=4)
+    pixels = [captioner.images.resize(image) for image in _images(6)]
+    batches = [pixels[0:2], pixels[2:4], pixels[4:6]]
+    alone = [captioner.caption(batch) for batch in batches]
+    with ThreadPoolExecutor(2) as pool:
+        assert list(pool.map(captioner.caption, batches)) == alone
+
+
+def test_device_turn_counts_waits_and_to_host_on_the_cpu_is_the_values():
+    import torch
+
+    turn = DeviceTurn()
+    with turn:
+        waiter = threading.Thread(target=lambda: turn.__enter__() and turn.__exit__(None, None, None))
+        waiter.start()
+        time.sleep(0.05)
+    waiter.join()
+    assert turn.waits == 1
+    (values,) = ToHost.start(torch.arange(3.0)).numpy()
+    np.testing.assert_array_equal(values, [0.0, 1.0, 2.0])
+
+
+def test_the_agreement_encoder_guards_its_tokenizer_too():
+    from blip_ops.agreement import SentenceEncoder
+    from pipelines.config import DEFAULT_AGREEMENT_MODEL
+
+    encoder = SentenceEncoder.from_pretrained(DEFAULT_AGREEMENT_MODEL)
+    checked = _BorrowChecked(encoder.tokenizer)
+    encoder.tokenizer = checked
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda _: encoder.encode(TEXTS[:3]), range(6)))
+    assert checked.refused == 0
+    assert all(np.array_equal(r, results[0]) for r in results)
