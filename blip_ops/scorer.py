@@ -52,6 +52,10 @@ class TextBatch:
     truncated: np.ndarray
 
 
+# Rows per model call on the CPU (see BlipScorer.__init__).
+CPU_CHUNK_ROWS = 8
+
+
 class BlipScorer:
     def __init__(
         self, model, processor, device: str = "cpu", max_text_tokens: int = 35, precision: str = "auto",
@@ -79,6 +83,10 @@ class BlipScorer:
         # A compiled model is specialised to its shapes: bucket them so ragged batches reuse graphs.
         self.shape_buckets = shape_buckets or self.compiled
         self.vision_model, self.text_encoder = model.vision_model, model.text_encoder
+        # On the CPU the passes run 8 rows at a time: a 64-row batch's activations (577 tokens each at
+        # 384 px) overflow the caches, and the vision pass took 16% less wall time per image in chunks of
+        # 8 than whole, on 2 threads (BENCHMARKS.md). Rows do not interact (see _forward).
+        self.chunk_rows = CPU_CHUNK_ROWS if torch.device(device).type == "cpu" else None
         if self.compiled:
             # The SDPA swap stays installed for this actor's model: compiled code must not see the
             # forward methods change between calls.
@@ -147,8 +155,14 @@ class BlipScorer:
         # Only the chosen rows, cut to their own longest text (padding is masked either way).
         mask = text.attention_mask[index]
         width = int(mask.sum(dim=1).max())
+        step = self.chunk_rows or len(rows)  # in the scoring pass's chunks on the CPU, for the same reason
+        explained = []
         with self.device_turn:
-            explained = gradcam.explain(image_embeds[index], text.input_ids[index][:, :width], mask[:, :width])
+            for start in range(0, len(rows), step):
+                part = index[start : start + step]
+                explained += gradcam.explain(
+                    image_embeds[part], text.input_ids[part][:, :width], text.attention_mask[part][:, :width]
+                )
         for row, item in zip(rows, explained):
             evidence[row] = item
         return ExplainedScores(itc, itm, text.truncated, evidence, time.perf_counter() - started)
@@ -186,6 +200,23 @@ class BlipScorer:
         )
 
     def _forward(self, pixel_values: torch.Tensor, text: TextBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The batch's passes, in chunks of ``chunk_rows`` on the CPU, so a chunk's activations stay in
+        cache. Rows do not interact; only the matrix kernels' blocking, which already varies with a
+        batch's size, can round a row differently (at most 2e-7 on the tests' tiny checkpoint, 0 at the
+        CPU benchmark's layout)."""
+        chunk = self.chunk_rows
+        if not chunk or len(pixel_values) <= chunk:
+            return self._forward_rows(pixel_values, text)
+        parts = [
+            self._forward_rows(
+                pixel_values[start : start + chunk],
+                TextBatch(text.input_ids[start : start + chunk], text.attention_mask[start : start + chunk], None),
+            )
+            for start in range(0, len(pixel_values), chunk)
+        ]
+        return tuple(torch.cat(outputs) for outputs in zip(*parts))
+
+    def _forward_rows(self, pixel_values: torch.Tensor, text: TextBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         model = self.model
         image_embeds = self.vision_model(pixel_values=pixel_values).last_hidden_state
         image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)

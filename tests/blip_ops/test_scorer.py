@@ -143,3 +143,39 @@ def test_device_normalisation_equals_the_processors(scorer):
     got = scorer.images.to_device_pixel_values(images, "cpu", torch.float32)
     assert got.dtype == torch.float32 and got.shape == expected.shape
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
+def test_cpu_chunks_give_the_whole_batchs_scores_and_evidence(scorer):
+    """On the CPU a batch runs CPU_CHUNK_ROWS rows at a time (for the caches): rows do not interact,
+    so each row's scores and Grad-CAM map are the unchunked batch's up to the matrix kernels'
+    blocking, which varies with a batch's size anyway (here up to 2e-7; 0 at the benchmark layout),
+    and each image passes the vision encoder once."""
+    from blip_ops.evidence import GradCam
+    from blip_ops.scorer import CPU_CHUNK_ROWS
+
+    assert scorer.chunk_rows == CPU_CHUNK_ROWS
+    rows = 2 * CPU_CHUNK_ROWS + 3
+    base = [_resized(scorer, d) for d in _images()]
+    images = [np.roll(base[i % len(base)], i, axis=2) for i in range(rows)]
+    texts = [f"{TEXTS[i % len(TEXTS)]} {i}" for i in range(rows)]
+    gradcam = GradCam(scorer.model, scorer.tokenizer)
+    wanted = lambda itc, itm: np.arange(len(itc)) % 3 != 1  # noqa: E731  (rows across chunk borders)
+    seen = []
+    handle = scorer.model.vision_model.register_forward_hook(lambda module, args, out: seen.append(len(args[0]) if args else 0))
+    try:
+        chunked = scorer.score_explained(images, texts, wanted, gradcam)
+    finally:
+        handle.remove()
+    scorer.chunk_rows = None
+    try:
+        whole = scorer.score_explained(images, texts, wanted, gradcam)
+    finally:
+        scorer.chunk_rows = CPU_CHUNK_ROWS
+    assert len(seen) == 3
+    np.testing.assert_allclose(chunked.itc, whole.itc, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(chunked.itm, whole.itm, rtol=0, atol=1e-6)
+    assert [e is None for e in chunked.evidence] == [e is None for e in whole.evidence]
+    for a, b in zip(chunked.evidence, whole.evidence):
+        if a is not None:
+            np.testing.assert_allclose(a.heat, b.heat, rtol=1e-4, atol=1e-6 * float(np.abs(b.heat).max()))
+    assert np.ptp(whole.itm) > 0.01  # rows that differ, or equality would prove little
