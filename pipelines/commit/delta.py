@@ -243,12 +243,7 @@ def prepare(table: Table, overwrite: bool, key: str) -> Location:
         entries = output._names(table.root)
         if any(e.base_name == output.MANIFEST for e in entries):
             raise OutputError(f"output {table.root.uri} holds a Parquet output; choose another location for a Delta table")
-        foreign = sorted(e.base_name for e in entries if not _is_ours(e.base_name))
-        if foreign:
-            raise OutputError(
-                f"output {table.root.uri} holds files this job did not write ({', '.join(foreign[:3])}); "
-                "choose an empty or job-owned location"
-            )
+        output.refuse_foreign(entries, table.root.uri, _is_ours)
     else:
         columns = list(handle.metadata().partition_columns)
         if columns != list(table.partition):

@@ -95,6 +95,16 @@ def _is_ours(name: str) -> bool:
     return name.startswith("_") or name.startswith("part-")
 
 
+def refuse_foreign(entries, uri: str, ours) -> None:
+    """An output location holding files this job did not write (``ours(name)`` false) is refused."""
+    foreign = sorted(e.base_name for e in entries if not ours(e.base_name))
+    if foreign:
+        raise OutputError(
+            f"output {uri} holds files this job did not write ({', '.join(foreign[:3])}); "
+            "choose an empty or job-owned location"
+        )
+
+
 def _read_json(location: Location, name: str) -> dict | None:
     try:
         with location.filesystem.open_input_stream(location.join(name)) as stream:
@@ -170,12 +180,7 @@ def prepare_output(uri: str, overwrite: bool, key: str) -> Location:
     entries = _names(location)
     if any(e.base_name == "_delta_log" for e in entries):
         raise OutputError(f"output {uri} is a Delta table; pass --output-format delta to write to it")
-    foreign = sorted(e.base_name for e in entries if not _is_ours(e.base_name))
-    if foreign:
-        raise OutputError(
-            f"output {uri} holds files this job did not write ({', '.join(foreign[:3])}); "
-            "choose an empty or job-owned location"
-        )
+    refuse_foreign(entries, uri, _is_ours)
     committed = read_manifest(location)
     if committed and committed.get("key") != key and not overwrite:
         raise OutputError(

@@ -159,17 +159,23 @@ def overlapped(calls: int) -> dict:
     return {"max_concurrent_calls_per_actor": calls, "enable_true_multi_threading": True}
 
 
+def _actor_pool(actors: tuple[int, int], calls: int, gpus: float, cpus: float) -> dict:
+    """A model stage's ``map_batches`` placement: its autoscaling pool, reservations and restarts."""
+    return {
+        "compute": ActorPoolStrategy(min_size=actors[0], max_size=actors[1], **overlapped(calls)),
+        "num_gpus": gpus,
+        "num_cpus": cpus,
+        **actor_retries(),
+    }
+
+
 def with_score_stage(ds: ray.data.Dataset, config: JobConfig, resources: Resources) -> ray.data.Dataset:
     """The scoring actor pool, as every graph that scores adds it."""
     return ds.map_batches(
         stages.ScoreStage,
         batch_format="pyarrow",
         batch_size=resources.score_batch_size,
-        compute=ActorPoolStrategy(min_size=resources.score_actors[0], max_size=resources.score_actors[1],
-                                  **overlapped(resources.score_calls)),
-        num_gpus=resources.score_gpus,
-        num_cpus=resources.score_cpus,
-        **actor_retries(),
+        **_actor_pool(resources.score_actors, resources.score_calls, resources.score_gpus, resources.score_cpus),
         fn_constructor_kwargs=score_stage_kwargs(config, resources),
         fn_kwargs=score_call_kwargs(config),
         udf_modifying_row_count=False,
@@ -182,11 +188,7 @@ def with_caption_stage(ds: ray.data.Dataset, config: JobConfig, resources: Resou
         stages.CaptionStage,
         batch_format="pyarrow",
         batch_size=resources.caption_batch_size,
-        compute=ActorPoolStrategy(min_size=resources.caption_actors[0], max_size=resources.caption_actors[1],
-                                  **overlapped(resources.caption_calls)),
-        num_gpus=resources.caption_gpus,
-        num_cpus=resources.caption_cpus,
-        **actor_retries(),
+        **_actor_pool(resources.caption_actors, resources.caption_calls, resources.caption_gpus, resources.caption_cpus),
         fn_constructor_kwargs=dict(caption_stage_kwargs(config, resources), **overrides),
         udf_modifying_row_count=False,
     )
