@@ -20,6 +20,7 @@ import contextlib
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,7 +61,7 @@ class BlipScorer:
     def __init__(
         self, model, processor, device: str = "cpu", max_text_tokens: int = 35, precision: str = "auto",
         vision_attention: str = "fused",
-        shape_buckets: bool = False, compile: bool = False,
+        shape_buckets: bool = False, compile: bool = False, chunk_workers: int = 1,
     ):
         self.model = model
         self.tokenizer = processor.tokenizer
@@ -87,6 +88,13 @@ class BlipScorer:
         # 384 px) overflow the caches, and the vision pass took 16% less wall time per image in chunks of
         # 8 than whole, on 2 threads (BENCHMARKS.md). Rows do not interact (see _forward).
         self.chunk_rows = CPU_CHUNK_ROWS if torch.device(device).type == "cpu" else None
+        # Those chunks run side by side on chunk_workers threads, each torch op on one core, rather
+        # than one chunk at a time with every op split across the cores: on 2 cores a 64-row batch's
+        # passes took 8-10% less wall and CPU time (BENCHMARKS.md, "Chunks side by side").
+        self.chunk_workers = max(1, chunk_workers) if self.chunk_rows else 1
+        self._chunk_pool = (
+            ThreadPoolExecutor(self.chunk_workers, thread_name_prefix="blip-chunk") if self.chunk_workers > 1 else None
+        )
         if self.compiled:
             # The SDPA swap stays installed for this actor's model: compiled code must not see the
             # forward methods change between calls.
@@ -101,7 +109,7 @@ class BlipScorer:
     def from_pretrained(
         cls, reference: str, device: str = "auto", max_text_tokens: int = 35, precision: str = "auto",
         vision_attention: str = "fused",
-        shape_buckets: bool = False, compile: bool = False,
+        shape_buckets: bool = False, compile: bool = False, chunk_workers: int = 1,
     ) -> "BlipScorer":
         from transformers import BlipForImageTextRetrieval
 
@@ -112,7 +120,8 @@ class BlipScorer:
         model = load_model(reference, BlipForImageTextRetrieval, device, dtype=weight_dtype(precision))
         processor = load_processor(reference)
         check_resize_settings(reference, processor.image_processor)
-        return cls(model, processor, device, max_text_tokens, precision, vision_attention, shape_buckets, compile)
+        return cls(model, processor, device, max_text_tokens, precision, vision_attention, shape_buckets, compile,
+                   chunk_workers)
 
     def token_counts(self, texts: list[str]) -> np.ndarray:
         with self.tokenizer_lock:
@@ -202,19 +211,40 @@ class BlipScorer:
     def _forward(self, pixel_values: torch.Tensor, text: TextBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The batch's passes, in chunks of ``chunk_rows`` on the CPU, so a chunk's activations stay in
         cache. Rows do not interact; only the matrix kernels' blocking, which already varies with a
-        batch's size, can round a row differently (at most 2e-7 on the tests' tiny checkpoint, 0 at the
-        CPU benchmark's layout)."""
+        batch's size and thread count, can round a row differently (at most 2e-7 on the tests' tiny
+        checkpoint, 0 at the CPU benchmark's layout)."""
         chunk = self.chunk_rows
         if not chunk or len(pixel_values) <= chunk:
             return self._forward_rows(pixel_values, text)
-        parts = [
-            self._forward_rows(
-                pixel_values[start : start + chunk],
-                TextBatch(text.input_ids[start : start + chunk], text.attention_mask[start : start + chunk], None),
+
+        def rows(start: int):
+            end = start + chunk
+            return self._forward_rows(
+                pixel_values[start:end], TextBatch(text.input_ids[start:end], text.attention_mask[start:end], None)
             )
-            for start in range(0, len(pixel_values), chunk)
-        ]
+
+        parts = self._map_chunks(rows, range(0, len(pixel_values), chunk))
         return tuple(torch.cat(outputs) for outputs in zip(*parts))
+
+    def _map_chunks(self, fn, starts) -> list:
+        """``fn`` over the chunks, in order: on the chunk workers when there are several, with torch's
+        intra-op threads at one for the while (a process-wide setting, restored after: the device
+        turn keeps any other pass of this scorer out meanwhile)."""
+        if self._chunk_pool is None or len(starts) < 2:
+            return [fn(start) for start in starts]
+        # Grad, inference and autocast modes are per thread: each worker takes the caller's.
+        inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
+        def in_callers_modes(start: int):
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad), autocast(self.precision, self.device):
+                return fn(start)
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return list(self._chunk_pool.map(in_callers_modes, starts))
+        finally:
+            torch.set_num_threads(threads)
 
     def _forward_rows(self, pixel_values: torch.Tensor, text: TextBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         model = self.model

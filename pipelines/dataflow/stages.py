@@ -176,18 +176,18 @@ def _pixel_batch(column: pa.ChunkedArray, rows: np.ndarray, size: Resize) -> np.
     return np.frombuffer(values.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]].reshape(shape)
 
 
-def set_torch_threads(threads: int | None) -> None:
+def set_torch_threads(threads: int | None) -> int:
     """torch's intra-op threads for this actor (``Resources.score_threads``), at most the cores this
     process may run on: Ray set ``OMP_NUM_THREADS`` from the actor's CPU reservation, which for a
-    fractional reservation is one thread."""
-    if not threads:
-        return
-    import os
-
+    fractional reservation is one thread. Returns the threads torch runs with."""
     import torch
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, min(threads, cores)))
+    if threads:
+        import os
+
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(max(1, min(threads, cores)))
+    return torch.get_num_threads()
 
 
 def quiet_model_loading() -> None:
@@ -233,14 +233,15 @@ class ScoreStage:
         # and must not pay for torch and transformers.
         from blip_ops.scorer import BlipScorer
 
-        set_torch_threads(threads)
+        cores = set_torch_threads(threads)
         quiet_model_loading()
 
-        # Resolved once here: an s3:// model comes from the node's model cache.
+        # Resolved once here: an s3:// model comes from the node's model cache. On the CPU the
+        # actor's cores each run a chunk of the batch (BlipScorer's chunk_workers).
         self.scorer = BlipScorer.from_pretrained(
             local_checkpoint(model), device=device, max_text_tokens=max_text_tokens, precision=precision,
             vision_attention=vision_attention,
-            shape_buckets=shape_buckets, compile=compile,
+            shape_buckets=shape_buckets, compile=compile, chunk_workers=cores if device == "cpu" else 1,
         )
         self.text_column = text_column
         self.parts = HalvingBatches("scoring")
@@ -257,6 +258,10 @@ class ScoreStage:
         import torch
 
         return torch.get_num_threads()
+
+    def chunk_workers(self) -> int:
+        """Threads the scorer runs its CPU chunks on, side by side (1: one chunk at a time)."""
+        return self.scorer.chunk_workers
 
     def _wanted(self, itm_threshold: float | None, itc_threshold: float | None):
         if self.evidence == "all":

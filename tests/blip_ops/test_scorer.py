@@ -179,3 +179,46 @@ def test_cpu_chunks_give_the_whole_batchs_scores_and_evidence(scorer):
         if a is not None:
             np.testing.assert_allclose(a.heat, b.heat, rtol=1e-4, atol=1e-6 * float(np.abs(b.heat).max()))
     assert np.ptp(whole.itm) > 0.01  # rows that differ, or equality would prove little
+
+
+def test_chunk_workers_run_the_chunks_side_by_side_with_one_thread_per_op_and_the_same_rows(scorer, tiny_itm):
+    """chunk_workers=2: the chunks' passes run on two worker threads at once, each torch op on one
+    thread for the while (restored after), in the caller's inference mode, with the serial scorer's rows."""
+    import threading
+
+    from blip_ops.evidence import GradCam
+    from blip_ops.scorer import CPU_CHUNK_ROWS
+
+    side_by_side = BlipScorer.from_pretrained(tiny_itm, device="cpu", max_text_tokens=35, chunk_workers=2)
+    rows = 3 * CPU_CHUNK_ROWS + 1
+    base = [_resized(scorer, d) for d in _images()]
+    images = [np.roll(base[i % len(base)], i, axis=2) for i in range(rows)]
+    texts = [f"{TEXTS[i % len(TEXTS)]} {i}" for i in range(rows)]
+    wanted = lambda itc, itm: np.arange(len(itc)) % 2 == 0  # noqa: E731
+    seen, lock = [], threading.Lock()
+    all_in = threading.Barrier(2, timeout=30)  # two chunks in the vision pass at the same moment, or this fails
+
+    def record(module, args):
+        with lock:
+            seen.append((threading.get_ident(), torch.get_num_threads(), torch.is_inference_mode_enabled()))
+            first_two = len(seen) <= 2
+        if first_two:
+            all_in.wait()
+
+    handle = side_by_side.model.vision_model.register_forward_pre_hook(record)
+    before = torch.get_num_threads()
+    try:
+        got = side_by_side.score_explained(images, texts, wanted, GradCam(side_by_side.model, side_by_side.tokenizer))
+    finally:
+        handle.remove()
+    assert len(seen) == 4 and len({ident for ident, _, _ in seen}) == 2
+    assert threading.get_ident() not in {ident for ident, _, _ in seen}
+    assert {threads for _, threads, _ in seen} == {1} and all(mode for _, _, mode in seen)
+    assert torch.get_num_threads() == before
+    serial = scorer.score_explained(images, texts, wanted, GradCam(scorer.model, scorer.tokenizer))
+    np.testing.assert_allclose(got.itc, serial.itc, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got.itm, serial.itm, rtol=0, atol=1e-6)
+    assert [e is None for e in got.evidence] == [e is None for e in serial.evidence]
+    for a, b in zip(got.evidence, serial.evidence):
+        if a is not None:
+            np.testing.assert_allclose(a.heat, b.heat, rtol=1e-4, atol=1e-6 * float(np.abs(b.heat).max()))

@@ -17,8 +17,9 @@ def cpu_config(tiny_itm):
     return build_config({"input": "in", "output": "out", "itm_model": tiny_itm, "caption_model": "none", "device": "cpu"})
 
 
-def _pipeline_actor_threads(ray, config, resources) -> set[int]:
-    """Threads reported by ScoreStage actors built with exactly the pipeline's map_batches arguments."""
+def _pipeline_actor_threads(ray, config, resources) -> set[tuple[int, int]]:
+    """(torch threads, chunk workers) reported by ScoreStage actors built with exactly the pipeline's
+    map_batches arguments."""
     import ray.data
 
     from pipelines.dataflow import stages
@@ -29,18 +30,19 @@ def _pipeline_actor_threads(ray, config, resources) -> set[int]:
 
     class ThreadProbe(stages.ScoreStage):  # defined here: pickled by value for Ray's workers
         def __call__(self, batch, **call_kwargs):  # the pipeline's per-call arguments (thresholds)
-            return pa.table({"threads": [self.torch_threads()]})
+            return pa.table({"threads": [self.torch_threads()], "workers": [self.chunk_workers()]})
 
     ds = ray.data.range(4, override_num_blocks=2).map_batches(ThreadProbe, **arguments)
-    return {row["threads"] for row in ds.take_all()}
+    return {(row["threads"], row["workers"]) for row in ds.take_all()}
 
 
 def test_a_default_cpu_scoring_actor_runs_on_every_core_of_a_2_cpu_ray(ray_session, cpu_config):
     resources = resolve_resources(cpu_config, 0, 2)  # ray_session is a 2-CPU local Ray
     assert (resources.score_cpus, resources.score_actors, resources.score_threads) == (1.0, (1, 1), 2)
     # Ray's reservation rule alone would leave it one thread (the old default; checked by hand
-    # by dropping the setting: this test then fails with {1}).
-    assert _pipeline_actor_threads(ray_session, cpu_config, resources) == {2}
+    # by dropping the setting: this test then fails with {(1, 1)}). Each core runs a chunk of the
+    # batch at a time (BlipScorer.chunk_workers), with torch at one thread per op for the while.
+    assert _pipeline_actor_threads(ray_session, cpu_config, resources) == {(2, 2)}
 
 
 def test_a_warm_audit_actor_gets_the_same_threads(ray_session, cpu_config):
@@ -50,5 +52,6 @@ def test_a_warm_audit_actor_gets_the_same_threads(ray_session, cpu_config):
     try:
         scorer = warm.warm_stages(cpu_config, resources).scorer
         assert ray_session.get(scorer.torch_threads.remote()) == resources.score_threads == 2
+        assert ray_session.get(scorer.chunk_workers.remote()) == 2
     finally:
         warm.release()
