@@ -7,8 +7,10 @@ default size (64), as a default CPU actor on 2 cores runs it: torch on both core
 flagged rows (on this random-weight checkpoint every row is flagged) and for none. **before**: the
 8-row chunks one at a time, each op on both threads; **after**: the chunks on two worker threads,
 each op on one (the default since 2026-12-01). Rounds interleaved, so a drifting load hits both
-sides alike; wall and process CPU seconds per round. Same checkpoint and catalog as
-``benchmarks.cpu_bench`` (``blip_ops.tiny.build_bench_itm``, 480x360 JPEGs, distinct titles).
+sides alike; wall and process CPU seconds per round. The process starts as Ray starts a 1-CPU
+actor, with ``OMP_NUM_THREADS=1`` in its environment (``--no-ray-env`` leaves it unset). Same
+checkpoint and catalog as ``benchmarks.cpu_bench`` (``blip_ops.tiny.build_bench_itm``, 480x360
+JPEGs, distinct titles).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,6 +39,13 @@ def _stage(checkpoint: str, evidence: str, side_by_side: bool):
     return stage
 
 
+def _threads(name: str) -> None:
+    # One process holds both sides, and torch's threads are process-wide: each side gets its own.
+    import torch
+
+    torch.set_num_threads(2 if name == "before" else 1)
+
+
 def measure(checkpoint: str, batches, rounds: int) -> dict:
     rows = sum(b.num_rows for b in batches)
     result = {}
@@ -43,9 +53,11 @@ def measure(checkpoint: str, batches, rounds: int) -> dict:
         stages = {"before": _stage(checkpoint, evidence, False), "after": _stage(checkpoint, evidence, True)}
         scores = {}
         for name, stage in stages.items():
+            _threads(name)
             stage(batches[0])  # warm-up
         for _ in range(rounds):
             for name, stage in stages.items():
+                _threads(name)
                 cpu, started = os.times(), time.perf_counter()
                 outputs = [stage(b) for b in batches]
                 wall, cpu_after = time.perf_counter() - started, os.times()
@@ -68,8 +80,11 @@ def main(argv=None) -> None:
     parser.add_argument("--width", type=int, default=384)
     parser.add_argument("--depth", type=int, default=6)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--no-ray-env", action="store_true", help="leave OMP_NUM_THREADS unset (Ray sets it to 1)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not args.no_ray_env and "torch" not in sys.modules:
+        os.environ["OMP_NUM_THREADS"] = "1"
     from benchmarks.levers_cpu import _decoded_batches
     from blip_ops.tiny import build_bench_itm
 
@@ -78,7 +93,7 @@ def main(argv=None) -> None:
         workdir = Path(tmp)
         checkpoint = str(build_bench_itm(workdir / "itm", width=args.width, depth=args.depth))
         batches = _decoded_batches(checkpoint, args.rows, 64, workdir)
-        result = {"rows": args.rows, "batch": 64, "width": args.width, "depth": args.depth, "rounds": args.rounds,
+        result = {"rows": args.rows, "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"), "batch": 64, "width": args.width, "depth": args.depth, "rounds": args.rounds,
                   **measure(checkpoint, batches, args.rounds)}
     result["load_before"], result["load_after"] = load_before, _load()
     result["date_utc"] = time.strftime("%Y-%m-%d %H:%M", time.gmtime())

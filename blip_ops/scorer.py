@@ -165,13 +165,13 @@ class BlipScorer:
         mask = text.attention_mask[index]
         width = int(mask.sum(dim=1).max())
         step = self.chunk_rows or len(rows)  # in the scoring pass's chunks on the CPU, for the same reason
-        explained = []
+
+        def explain(start: int) -> list:
+            part = index[start : start + step]
+            return gradcam.explain(image_embeds[part], text.input_ids[part][:, :width], text.attention_mask[part][:, :width])
+
         with self.device_turn:
-            for start in range(0, len(rows), step):
-                part = index[start : start + step]
-                explained += gradcam.explain(
-                    image_embeds[part], text.input_ids[part][:, :width], text.attention_mask[part][:, :width]
-                )
+            explained = [item for part in self._map_chunks(explain, range(0, len(rows), step)) for item in part]
         for row, item in zip(rows, explained):
             evidence[row] = item
         return ExplainedScores(itc, itm, text.truncated, evidence, time.perf_counter() - started)

@@ -234,14 +234,22 @@ class ScoreStage:
         from blip_ops.scorer import BlipScorer
 
         cores = set_torch_threads(threads)
+        workers = 1
+        if device == "cpu" and cores > 1:
+            # The actor's cores each run a chunk of the batch, every torch op on one thread, rather
+            # than every op split across the cores: no OpenMP barrier to wait at while a decode task
+            # holds a core (BlipScorer's chunk_workers; BENCHMARKS.md, "Chunks side by side").
+            import torch
+
+            torch.set_num_threads(1)
+            workers = cores
         quiet_model_loading()
 
-        # Resolved once here: an s3:// model comes from the node's model cache. On the CPU the
-        # actor's cores each run a chunk of the batch (BlipScorer's chunk_workers).
+        # Resolved once here: an s3:// model comes from the node's model cache.
         self.scorer = BlipScorer.from_pretrained(
             local_checkpoint(model), device=device, max_text_tokens=max_text_tokens, precision=precision,
             vision_attention=vision_attention,
-            shape_buckets=shape_buckets, compile=compile, chunk_workers=cores if device == "cpu" else 1,
+            shape_buckets=shape_buckets, compile=compile, chunk_workers=workers,
         )
         self.text_column = text_column
         self.parts = HalvingBatches("scoring")

@@ -41,8 +41,8 @@ def test_a_default_cpu_scoring_actor_runs_on_every_core_of_a_2_cpu_ray(ray_sessi
     assert (resources.score_cpus, resources.score_actors, resources.score_threads) == (1.0, (1, 1), 2)
     # Ray's reservation rule alone would leave it one thread (the old default; checked by hand
     # by dropping the setting: this test then fails with {(1, 1)}). Each core runs a chunk of the
-    # batch at a time (BlipScorer.chunk_workers), with torch at one thread per op for the while.
-    assert _pipeline_actor_threads(ray_session, cpu_config, resources) == {(2, 2)}
+    # batch (BlipScorer.chunk_workers), every torch op on one thread.
+    assert _pipeline_actor_threads(ray_session, cpu_config, resources) == {(1, 2)}
 
 
 def test_a_warm_audit_actor_gets_the_same_threads(ray_session, cpu_config):
@@ -51,7 +51,7 @@ def test_a_warm_audit_actor_gets_the_same_threads(ray_session, cpu_config):
     resources = resolve_resources(cpu_config, 0, 2)
     try:
         scorer = warm.warm_stages(cpu_config, resources).scorer
-        assert ray_session.get(scorer.torch_threads.remote()) == resources.score_threads == 2
-        assert ray_session.get(scorer.chunk_workers.remote()) == 2
+        assert ray_session.get(scorer.chunk_workers.remote()) == resources.score_threads == 2
+        assert ray_session.get(scorer.torch_threads.remote()) == 1
     finally:
         warm.release()
