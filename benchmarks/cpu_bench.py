@@ -239,13 +239,18 @@ def steady_rate(stderr: str) -> dict | None:
             "pairs_per_s": round((n1 - n0) / (t1 - t0), 2) if t1 > t0 else None}
 
 
-def defaults_run(checkpoint: str, catalog: Path, workdir: Path, rows: int, datajuicer: tuple = (None, "skipped")) -> dict:
-    """Naive loop and ``python -m jobs.score`` at its defaults, each a fresh process, timed to its exit."""
+def defaults_run(
+    checkpoint: str, catalog: Path, workdir: Path, rows: int, datajuicer: tuple = (None, "skipped"), naive: bool = True
+) -> dict:
+    """Naive loop and ``python -m jobs.score`` at its defaults, each a fresh process, timed to its exit.
+    ``naive=False`` (``--no-naive``) runs only the pipeline and Data-Juicer: the ratio fields are None."""
     import pyarrow.parquet as pq
 
-    scores_file = workdir / "naive-scores.json"
-    _, naive_s = _fresh_process([sys.executable, "-m", "benchmarks.cpu_bench", "--naive-only", checkpoint, str(catalog), str(scores_file)])
-    naive_scores = {k: tuple(v) for k, v in json.loads(scores_file.read_text()).items()}
+    naive_s, naive_scores = None, None
+    if naive:
+        scores_file = workdir / "naive-scores.json"
+        _, naive_s = _fresh_process([sys.executable, "-m", "benchmarks.cpu_bench", "--naive-only", checkpoint, str(catalog), str(scores_file)])
+        naive_scores = {k: tuple(v) for k, v in json.loads(scores_file.read_text()).items()}
     load_between = [round(x, 2) for x in os.getloadavg()]
     output = workdir / f"scored-defaults-{int(time.time())}"
     command = [
@@ -260,19 +265,19 @@ def defaults_run(checkpoint: str, catalog: Path, workdir: Path, rows: int, dataj
     table = pq.read_table(output, columns=["id", "itc_score", "itm_score"]).to_pylist()
     pipe_scores = {r["id"]: (r["itc_score"], r["itm_score"]) for r in table}
     steady = steady_rate(result.stderr)
-    naive_rate = rows / naive_s
+    naive_rate = rows / naive_s if naive else None
     run = {
         "mode": "defaults",
         "rows": rows,
-        "naive_s": round(naive_s, 1),
+        "naive_s": round(naive_s, 1) if naive else None,
         "pipeline_s": round(pipe_s, 1),
         "pipeline_run_job_s": summary.get("elapsed_s") and round(summary["elapsed_s"], 1),
-        "naive_pairs_per_s": round(naive_rate, 2),
+        "naive_pairs_per_s": round(naive_rate, 2) if naive else None,
         "pipeline_pairs_per_s": round(rows / pipe_s, 2),
-        "ratio": round(naive_s / pipe_s, 2),
+        "ratio": round(naive_s / pipe_s, 2) if naive else None,
         "steady": steady,
-        "steady_ratio": round(steady["pairs_per_s"] / naive_rate, 2) if steady and steady["pairs_per_s"] else None,
-        "max_score_difference": max_difference(naive_scores, pipe_scores),
+        "steady_ratio": round(steady["pairs_per_s"] / naive_rate, 2) if naive and steady and steady["pairs_per_s"] else None,
+        "max_score_difference": max_difference(naive_scores, pipe_scores) if naive else None,
         "pipeline_resources": manifest.get("resources"),
         "pipeline_command": " ".join(command[1:]),
         "load_average_between": load_between,
@@ -475,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
         help="the third side: the python of a Data-Juicer venv (default: .venv-datajuicer/bin/python if it exists, "
         "else skipped; 'none' skips it)",
     )
+    parser.add_argument("--no-naive", action="store_true", help="with --defaults: skip the naive loop (pipeline and Data-Juicer only; prints JSON)")
     parser.add_argument("--naive-only", nargs=3, metavar=("CHECKPOINT", "CATALOG", "SCORES_JSON"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -500,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     catalog = write_catalog(workdir / "catalog", args.rows, rows_per_group=2 * args.batch_size, distinct=args.distinct)
 
     if args.defaults:
-        result = defaults_run(checkpoint, catalog, workdir, args.rows, datajuicer)
+        result = defaults_run(checkpoint, catalog, workdir, args.rows, datajuicer, naive=not args.no_naive)
         result.update(
             checkpoint={"layout": "BLIP-base", "width": args.width, "depth": args.depth, "image_size": args.image_size},
             naive_batch_size=args.batch_size,
@@ -508,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
             load_average_after=[round(x, 2) for x in os.getloadavg()],
             date_utc=time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         )
-        if args.json:
+        if args.json or args.no_naive:
             print(json.dumps(result, sort_keys=True))
         else:
             steady = result["steady"] or {}

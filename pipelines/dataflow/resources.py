@@ -37,7 +37,8 @@ class Resources:
     caption_actors: tuple[int, int] = (1, 1)
     score_batch_size: int = CPU_BATCH_SIZES["score"]
     caption_batch_size: int = CPU_BATCH_SIZES["caption"]
-    # torch intra-op threads per actor (torch.set_num_threads in the actor); see model_threads.
+    # Cores per actor (see model_threads): a CPU scoring actor runs that many chunks side by side, each
+    # op on one thread (BlipScorer.chunk_workers); other actors give them to torch.set_num_threads.
     score_threads: int = 1
     caption_threads: int = 1
     # Concurrent calls per model actor (Ray's max_concurrent_calls_per_actor): 2 overlaps host work with the model's.
