@@ -20,6 +20,7 @@ is computed, so preflight can check a layer (``check_layer``) without it.
 
 from __future__ import annotations
 
+import contextlib
 import string
 import threading
 from dataclasses import dataclass, field
@@ -128,11 +129,41 @@ class GradCam:
         self._lock = threading.Lock()
 
     def explain(self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[Evidence]:
-        import torch
-
         if not len(input_ids):
             return []
         probs, grads = self._attention_and_gradient(image_embeds, input_ids, attention_mask)
+        return self._maps(probs, grads, input_ids, attention_mask)
+
+    @contextlib.contextmanager
+    def capturing(self):
+        """Within it, every cross-attending pass through the explained layer is kept (a ``LayerInput``
+        appended to the list it yields): references only, nothing is copied. The caller holds the
+        scorer's device turn, so no other thread's pass goes through the hook."""
+        kept: list[LayerInput] = []
+
+        def keep(module, args, kwargs):
+            if len(args) == 2 and args[1] is not None:  # BlipTextEncoder's call; the unimodal pass has no image
+                kept.append(LayerInput(args[0], args[1], dict(kwargs)))
+
+        with self._lock:
+            hook = self.block.register_forward_pre_hook(keep, with_kwargs=True)
+            try:
+                yield kept
+            finally:
+                hook.remove()
+
+    def explain_from(self, entered: LayerInput, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[Evidence]:
+        """``explain`` for rows whose scoring pass already ran the layers below the explained one:
+        ``entered`` is what entered it (``LayerInput.take``: these rows, cut to ``input_ids``'s width).
+        Only the layers from the explained one up and the ITM head run, in the scoring pass's fp32."""
+        if not len(input_ids):
+            return []
+        probs, grads = self._gradient_from(entered)
+        return self._maps(probs, grads, input_ids, attention_mask)
+
+    def _maps(self, probs, grads, input_ids, attention_mask) -> list[Evidence]:
+        import torch
+
         patches = probs.shape[-1] - 1
         if patches != self.rows * self.cols:
             raise ValueError(f"{patches} image patches, expected a {self.rows}x{self.cols} grid")
@@ -187,3 +218,84 @@ class GradCam:
                 for hook in hooks:
                     hook.remove()
         return probs.detach(), grads
+
+    def _gradient_from(self, entered: LayerInput) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
+        captured = {}
+
+        def keep_probs(module, args, output):
+            captured["probs"] = output[1]
+
+        with self._lock:
+            hook = self.block.crossattention.self.register_forward_hook(keep_probs)
+            try:
+                with torch.enable_grad():
+                    hidden = entered.hidden.requires_grad_(True)  # the leaf, as in _attention_and_gradient
+                    # The remaining layers called as BlipTextEncoder.forward calls them.
+                    for layer in self.text_encoder.encoder.layer[self.layer :]:
+                        hidden = layer(hidden, entered.encoder_hidden, **entered.kwargs)
+                    logit = self.itm_head(hidden[:, 0, :])[:, 1]
+                    probs = captured["probs"]
+                    (grads,) = torch.autograd.grad(logit.sum(), probs)
+            finally:
+                hook.remove()
+        return probs.detach(), grads
+
+
+# Masks BlipTextModel builds for the encoder, and the dimensions of theirs that run over the text.
+_TEXT_DIMS = {"attention_mask": (-2, -1), "encoder_attention_mask": (-2,)}
+
+
+@dataclass
+class LayerInput:
+    """What entered the explained layer in a scoring pass, as ``BlipTextEncoder.forward`` passed it:
+    the hidden state, the image embeddings, and the keyword arguments (the attention masks exactly as
+    transformers built them: 4D float, or None)."""
+
+    hidden: torch.Tensor  # (rows, tokens, width)
+    encoder_hidden: torch.Tensor
+    kwargs: dict
+
+    @staticmethod
+    def join(parts: list[LayerInput], encoder_hidden: torch.Tensor) -> LayerInput:
+        """One ``LayerInput`` for a batch scored in chunks (rows in chunk order); ``encoder_hidden``
+        is the batch's image embeddings, the chunks' own joined already."""
+        import torch
+
+        if len(parts) == 1:
+            return parts[0]
+
+        def rows(value, count):  # a mask broadcast over rows (first dimension 1) made explicit
+            return value.expand(count, *value.shape[1:])
+
+        kwargs = {}
+        for name, value in parts[0].kwargs.items():
+            if torch.is_tensor(value):
+                value = torch.cat([rows(p.kwargs[name], len(p.hidden)) for p in parts])
+            kwargs[name] = value
+        return LayerInput(torch.cat([p.hidden for p in parts]), encoder_hidden, kwargs)
+
+    def take(self, index: torch.Tensor, width: int) -> LayerInput:
+        """These rows, their text cut to ``width`` tokens (what follows is padding, masked out), as
+        normal tensors: the scoring pass's are inference tensors, which autograd cannot use."""
+        import torch
+
+        count = len(self.hidden)
+
+        def cut(value, dims):
+            if value.shape[0] == count:
+                value = value[index]
+            for dim in dims:
+                if value.shape[dim] > width:
+                    value = value.narrow(dim, 0, width)
+            return value.clone()
+
+        kwargs = {}
+        for name, value in self.kwargs.items():
+            if torch.is_tensor(value):
+                if name not in _TEXT_DIMS:
+                    raise ValueError(f"the explained layer was called with a tensor {name!r}, which evidence cannot cut to rows")
+                value = cut(value, _TEXT_DIMS[name])
+            kwargs[name] = value
+        return LayerInput(cut(self.hidden, (1,)), cut(self.encoder_hidden, ()), kwargs)

@@ -139,13 +139,15 @@ class BlipScorer:
     def score(self, images, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``images``: resized uint8 ``(3, h, w)`` arrays, or one ``(n, 3, h, w)`` array.
         Returns float32 ``itc``, ``itm`` and bool ``truncated``."""
-        itc, itm, text, _ = self._score(images, texts)
+        itc, itm, text, _, _ = self._score(images, texts)
         return itc, itm, text.truncated
 
     def score_explained(self, images, texts: list[str], wanted, gradcam) -> ExplainedScores:
         """``score`` plus Grad-CAM evidence (``blip_ops.evidence.GradCam``) for the rows that
-        ``wanted(itc, itm)`` (a bool mask) picks, from the same vision pass."""
-        itc, itm, text, image_embeds = self._score(images, texts, keep_embeds=True)
+        ``wanted(itc, itm)`` (a bool mask) picks, from the same vision pass. In fp32 the ITM pass also
+        keeps what entered the explained layer, so evidence runs only the layers from there up."""
+        reuse = self.reuses_layers(gradcam)
+        itc, itm, text, image_embeds, entered = self._score(images, texts, keep_embeds=True, capture=gradcam if reuse else None)
         rows = np.flatnonzero(wanted(itc, itm)) if len(texts) else np.zeros(0, dtype=np.int64)
         evidence: list = [None] * len(texts)
         if not len(rows):
@@ -160,19 +162,27 @@ class BlipScorer:
         with self.device_turn:
             for start in range(0, len(rows), step):
                 part = index[start : start + step]
-                explained += gradcam.explain(
-                    image_embeds[part], text.input_ids[part][:, :width], text.attention_mask[part][:, :width]
-                )
+                ids, atts = text.input_ids[part][:, :width], text.attention_mask[part][:, :width]
+                if entered is not None:
+                    explained += gradcam.explain_from(entered.take(part, width), ids, atts)
+                else:
+                    explained += gradcam.explain(image_embeds[part], ids, atts)
         for row, item in zip(rows, explained):
             evidence[row] = item
         return ExplainedScores(itc, itm, text.truncated, evidence, time.perf_counter() - started)
 
-    def _score(self, images, texts: list[str], keep_embeds: bool = False):
+    def reuses_layers(self, gradcam) -> bool:
+        """Whether evidence can start from the scoring pass's hidden state at the explained layer: only
+        when that pass is the fp32 one evidence runs anyway (not autocast, not bf16 weights, whose
+        evidence runs on an fp32 copy), and eager (a compiled encoder is not hooked)."""
+        return self.precision == "fp32" and gradcam.text_encoder is self.model.text_encoder and not self.compiled
+
+    def _score(self, images, texts: list[str], keep_embeds: bool = False, capture=None):
         if len(images) != len(texts):
             raise ValueError(f"{len(images)} images for {len(texts)} texts")
         if not texts:
             empty = np.zeros(0, dtype=np.float32)
-            return empty, empty.copy(), TextBatch(None, None, np.zeros(0, dtype=bool)), None
+            return empty, empty.copy(), TextBatch(None, None, np.zeros(0, dtype=bool)), None, None
         # Host half: pixels staged and on their way to the device, texts tokenised.
         with torch.inference_mode():
             pixel_values = self.images.to_device_pixel_values(images, self.device, next(self.model.parameters()).dtype)
@@ -180,12 +190,17 @@ class BlipScorer:
         model_pixels, model_text = self._bucketed(pixel_values, text)
         rows = len(texts)
         fused = sdpa_vision_attention(self.model.vision_model) if self.fused_attention else contextlib.nullcontext()
-        with self.device_turn, torch.inference_mode(), autocast(self.precision, self.device), fused:
+        kept = capture.capturing() if capture is not None else contextlib.nullcontext()
+        with self.device_turn, torch.inference_mode(), autocast(self.precision, self.device), fused, kept as entered:
             itc, itm, image_embeds = self._forward(model_pixels, model_text)
             results = ToHost.start(itc[:rows].float(), itm[:rows].float())
         itc, itm = results.numpy()  # outside the turn: the next batch's pass is already queued
         embeds = image_embeds[:rows] if keep_embeds else None
-        return itc.astype(np.float32), itm.astype(np.float32), text, embeds
+        if entered is not None:
+            from .evidence import LayerInput
+
+            entered = LayerInput.join(entered, image_embeds)
+        return itc.astype(np.float32), itm.astype(np.float32), text, embeds, entered
 
     def _bucketed(self, pixel_values: torch.Tensor, text: TextBatch) -> tuple[torch.Tensor, TextBatch]:
         """The model's inputs padded to bucketed shapes (``blip_ops.buckets``), or as they are."""
