@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import string
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -126,7 +127,8 @@ class GradCam:
         # Inference only: with frozen weights the one leaf is the hidden state entering the layer.
         model.requires_grad_(False)
         # The hooks sit on the shared model: two threads explaining at once would see each other's pass.
-        self._lock = threading.Lock()
+        # Re-entrant: the scoring pass holds it while capturing and takes it again to record.
+        self._lock = threading.RLock()
 
     def explain(self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[Evidence]:
         if not len(input_ids):
@@ -160,6 +162,41 @@ class GradCam:
             return []
         probs, grads = self._gradient_from(entered)
         return self._maps(probs, grads, input_ids, attention_mask)
+
+    @contextlib.contextmanager
+    def recording(self):
+        """Within it (grad enabled), a cross-attending pass through the text encoder records its graph
+        from the explained layer up, the hidden state entering that layer the leaf; yields the dict
+        ``explain_recorded`` reads the attention probabilities from."""
+        seen: dict = {}
+
+        def leaf(module, args):
+            if len(args) == 2 and args[1] is not None:
+                return (args[0].detach().requires_grad_(True),) + tuple(args[1:])
+            return None
+
+        def keep_probs(module, args, output):
+            seen["probs"] = output[1]
+
+        with self._lock:
+            hooks = [
+                self.block.register_forward_pre_hook(leaf),
+                self.block.crossattention.self.register_forward_hook(keep_probs),
+            ]
+            try:
+                yield seen
+            finally:
+                for hook in hooks:
+                    hook.remove()
+
+    def explain_recorded(self, logit: torch.Tensor, seen: dict, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[Evidence]:
+        """``explain`` for every row of a pass recorded under ``recording``: only the backward runs.
+        ``logit`` is that pass's positive ITM logit."""
+        import torch
+
+        with torch.enable_grad():
+            (grads,) = torch.autograd.grad(logit.sum(), seen["probs"])
+        return self._maps(seen["probs"].detach(), grads, input_ids, attention_mask)
 
     def _maps(self, probs, grads, input_ids, attention_mask) -> list[Evidence]:
         import torch
@@ -241,6 +278,20 @@ class GradCam:
             finally:
                 hook.remove()
         return probs.detach(), grads
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """Which rows of a batch get evidence: ``rule(itc, itm)``, a bool mask over the batch.
+    ``from_itc(itc)``, where given, marks the rows wanted whatever their ITM, row by row (ITC
+    flags, or every row): the scorer knows them before the ITM pass and may record that pass's
+    graph for them. It only chooses how a map is computed; the rows explained are ``rule``'s."""
+
+    rule: Callable[[np.ndarray, np.ndarray], np.ndarray]
+    from_itc: Callable[[np.ndarray], np.ndarray] | None = None
+
+    def __call__(self, itc: np.ndarray, itm: np.ndarray) -> np.ndarray:
+        return self.rule(itc, itm)
 
 
 # Masks BlipTextModel builds for the encoder, and the dimensions of theirs that run over the text.

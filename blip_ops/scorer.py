@@ -144,14 +144,28 @@ class BlipScorer:
 
     def score_explained(self, images, texts: list[str], wanted, gradcam) -> ExplainedScores:
         """``score`` plus Grad-CAM evidence (``blip_ops.evidence.GradCam``) for the rows that
-        ``wanted(itc, itm)`` (a bool mask) picks, from the same vision pass. In fp32 the ITM pass also
-        keeps what entered the explained layer, so evidence runs only the layers from there up."""
+        ``wanted(itc, itm)`` (a bool mask) picks, from the same vision pass.
+
+        In fp32 the scoring pass does part of the evidence's work. The ITM pass keeps what entered the
+        explained layer, so a map costs only the layers from there up and a backward. And where
+        ``wanted`` says from ITC alone (``blip_ops.evidence.Wanted.from_itc``) that at least half a
+        chunk's rows are wanted, that chunk's ITM pass records its graph (same values: run outside
+        inference mode, the same kernels), so its maps cost only the backward."""
         reuse = self.reuses_layers(gradcam)
-        itc, itm, text, image_embeds, entered = self._score(images, texts, keep_embeds=True, capture=gradcam if reuse else None)
+        from_itc = getattr(wanted, "from_itc", None)
+        recorder = _Recorder(gradcam, from_itc) if reuse and from_itc is not None else None
+        itc, itm, text, image_embeds, entered = self._score(
+            images, texts, keep_embeds=True, capture=gradcam if reuse else None, recorder=recorder
+        )
         rows = np.flatnonzero(wanted(itc, itm)) if len(texts) else np.zeros(0, dtype=np.int64)
         evidence: list = [None] * len(texts)
+        recorded = recorder.evidence if recorder is not None else {}
+        for row in rows:
+            evidence[row] = recorded.get(row)
+        rows = np.array([row for row in rows if row not in recorded], dtype=np.int64)
+        seconds = recorder.seconds if recorder is not None and len(recorded) else 0.0
         if not len(rows):
-            return ExplainedScores(itc, itm, text.truncated, evidence, 0.0)
+            return ExplainedScores(itc, itm, text.truncated, evidence, seconds)
         started = time.perf_counter()
         index = torch.as_tensor(rows, device=self.device)
         # Only the chosen rows, cut to their own longest text (padding is masked either way).
@@ -169,7 +183,7 @@ class BlipScorer:
                     explained += gradcam.explain(image_embeds[part], ids, atts)
         for row, item in zip(rows, explained):
             evidence[row] = item
-        return ExplainedScores(itc, itm, text.truncated, evidence, time.perf_counter() - started)
+        return ExplainedScores(itc, itm, text.truncated, evidence, seconds + time.perf_counter() - started)
 
     def reuses_layers(self, gradcam) -> bool:
         """Whether evidence can start from the scoring pass's hidden state at the explained layer: only
@@ -177,7 +191,7 @@ class BlipScorer:
         evidence runs on an fp32 copy), and eager (a compiled encoder is not hooked)."""
         return self.precision == "fp32" and gradcam.text_encoder is self.model.text_encoder and not self.compiled
 
-    def _score(self, images, texts: list[str], keep_embeds: bool = False, capture=None):
+    def _score(self, images, texts: list[str], keep_embeds: bool = False, capture=None, recorder=None):
         if len(images) != len(texts):
             raise ValueError(f"{len(images)} images for {len(texts)} texts")
         if not texts:
@@ -192,7 +206,7 @@ class BlipScorer:
         fused = sdpa_vision_attention(self.model.vision_model) if self.fused_attention else contextlib.nullcontext()
         kept = capture.capturing() if capture is not None else contextlib.nullcontext()
         with self.device_turn, torch.inference_mode(), autocast(self.precision, self.device), fused, kept as entered:
-            itc, itm, image_embeds = self._forward(model_pixels, model_text)
+            itc, itm, image_embeds = self._forward(model_pixels, model_text, recorder)
             results = ToHost.start(itc[:rows].float(), itm[:rows].float())
         itc, itm = results.numpy()  # outside the turn: the next batch's pass is already queued
         embeds = image_embeds[:rows] if keep_embeds else None
@@ -214,38 +228,81 @@ class BlipScorer:
             buckets.pad_rows(input_ids, rows), buckets.pad_rows(attention_mask, rows), text.truncated
         )
 
-    def _forward(self, pixel_values: torch.Tensor, text: TextBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _forward(self, pixel_values: torch.Tensor, text: TextBatch, recorder=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The batch's passes, in chunks of ``chunk_rows`` on the CPU, so a chunk's activations stay in
         cache. Rows do not interact; only the matrix kernels' blocking, which already varies with a
         batch's size, can round a row differently (at most 2e-7 on the tests' tiny checkpoint, 0 at the
         CPU benchmark's layout)."""
         chunk = self.chunk_rows
         if not chunk or len(pixel_values) <= chunk:
-            return self._forward_rows(pixel_values, text)
+            return self._forward_rows(pixel_values, text, recorder, 0)
         parts = [
             self._forward_rows(
                 pixel_values[start : start + chunk],
                 TextBatch(text.input_ids[start : start + chunk], text.attention_mask[start : start + chunk], None),
+                recorder,
+                start,
             )
             for start in range(0, len(pixel_values), chunk)
         ]
         return tuple(torch.cat(outputs) for outputs in zip(*parts))
 
-    def _forward_rows(self, pixel_values: torch.Tensor, text: TextBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _forward_rows(self, pixel_values: torch.Tensor, text: TextBatch, recorder=None, start: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         model = self.model
         image_embeds = self.vision_model(pixel_values=pixel_values).last_hidden_state
         image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
 
+        # ITC before ITM (independent passes, so the order changes no value): the rows ITC flags are
+        # known before the ITM pass, which may then record its graph for their evidence.
+        unimodal = self.text_encoder(input_ids=text.input_ids, attention_mask=text.attention_mask).last_hidden_state
+        image_feat = normalize(model.vision_proj(image_embeds[:, 0, :]).float(), dim=-1)
+        text_feat = normalize(model.text_proj(unimodal[:, 0, :]).float(), dim=-1)
+        itc = (image_feat * text_feat).sum(dim=-1)
+
+        if recorder is not None and recorder.records(itc):
+            logits = recorder.itm_logits_explained(self._itm_logits, text, image_embeds, image_atts, start)
+        else:
+            logits = self._itm_logits(text, image_embeds, image_atts)
+        itm = logits.float().softmax(dim=-1)[:, 1]
+        return itc, itm, image_embeds
+
+    def _itm_logits(self, text: TextBatch, image_embeds: torch.Tensor, image_atts: torch.Tensor) -> torch.Tensor:
         fused = self.text_encoder(
             input_ids=text.input_ids,
             attention_mask=text.attention_mask,
             encoder_hidden_states=image_embeds,
             encoder_attention_mask=image_atts,
         ).last_hidden_state
-        itm = model.itm_head(fused[:, 0, :]).float().softmax(dim=-1)[:, 1]
+        return self.model.itm_head(fused[:, 0, :])
 
-        unimodal = self.text_encoder(input_ids=text.input_ids, attention_mask=text.attention_mask).last_hidden_state
-        image_feat = normalize(model.vision_proj(image_embeds[:, 0, :]).float(), dim=-1)
-        text_feat = normalize(model.text_proj(unimodal[:, 0, :]).float(), dim=-1)
-        itc = (image_feat * text_feat).sum(dim=-1)
-        return itc, itm, image_embeds
+
+# A chunk's ITM pass records its graph when at least this share of its rows is wanted from ITC alone:
+# the backward is about a quarter of the forward the other path runs per row (BENCHMARKS.md).
+RECORD_SHARE = 0.5
+
+
+class _Recorder:
+    """Evidence from a chunk's own ITM pass (``BlipScorer.score_explained``): ``evidence`` maps a batch
+    row to its ``Evidence``, for every row of the chunks recorded; ``seconds`` is their backward's."""
+
+    def __init__(self, gradcam, from_itc):
+        self.gradcam, self.from_itc = gradcam, from_itc
+        self.evidence: dict = {}
+        self.seconds = 0.0
+
+    def records(self, itc: torch.Tensor) -> bool:
+        known = np.asarray(self.from_itc(itc.float().cpu().numpy().astype(np.float32)), dtype=bool)
+        return bool(known.any()) and known.mean() >= RECORD_SHARE
+
+    def itm_logits_explained(self, itm_logits, text: TextBatch, image_embeds, image_atts, start: int) -> torch.Tensor:
+        # Out of inference mode, grad on: only the layers from the explained one up record anything
+        # (their input is the leaf, the weights are frozen). The image embeddings stay inference
+        # tensors: autograd saves only tensors computed from them here.
+        with torch.inference_mode(False), torch.enable_grad(), self.gradcam.recording() as seen:
+            logits = itm_logits(text, image_embeds, image_atts)
+            started = time.perf_counter()
+            explained = self.gradcam.explain_recorded(logits[:, 1], seen, text.input_ids, text.attention_mask)
+            self.seconds += time.perf_counter() - started
+        for row, item in enumerate(explained):
+            self.evidence[start + row] = item
+        return logits.detach()
