@@ -7,15 +7,22 @@ layer of the ITM text encoder, the attention probabilities (image [CLS] key drop
 multiplied by their gradient with respect to the positive ITM logit, clamped at 0; the product
 is averaged over heads, then over the text's word tokens (not [CLS], [SEP] or padding).
 
-The non-obvious decision: the backward pass starts at the explained layer. The text encoder's
-hidden state entering layer ``L`` is made the graph's only leaf (weights frozen), so the forward
-below ``L`` records nothing and the backward stops at ``L``'s attention. The scoring pass's image
-embeddings are reused, so evidence costs one text-encoder forward and a partial backward per
-row and no vision pass: on BLIP-base's layout at width 256, depth 4, explaining every row added
-19% to the score stage's CPU time and a 10% flag rate 3%, while the vision pass a separate
-evidence stage would have to repeat is 56% of it (BENCHMARKS.md, "Grad-CAM evidence cost").
-The pass runs in fp32 whatever the scoring precision, so half precision cannot underflow the gradients. torch is imported where the map
-is computed, so preflight can check a layer (``check_layer``) without it.
+The non-obvious decision: the map comes out of the scoring pass, not a pass of its own. The text
+encoder's hidden state entering layer ``L`` is made the graph's only leaf (weights frozen), so the
+backward stops at ``L``'s attention. In fp32 the scoring ITM pass keeps what entered ``L`` (the
+hidden state and the masks as transformers built them: ``capturing``), so a map costs the layers
+from ``L`` up and a backward (``explain_from``); and where most of a chunk's rows are wanted before
+the ITM pass is run (flagged by ITC, or ``--evidence all``: ``Wanted.from_itc``), that chunk's ITM
+pass itself records the graph from ``L`` up (``recording``: the same kernels, scores bit for bit
+unchanged), so its maps cost the backward alone. The image embeddings are the scoring pass's in
+every case, so no vision pass is repeated. On BLIP-base's layout at width 384, depth 6, 384 px, a
+64-row CPU batch at 1 thread: explaining every row added 3.5% to the score call (it was 22.5% with
+a full text-encoder forward per row), every row flagged by ITM only 15.6%, and a 10% ITM flag rate
+under 1% (BENCHMARKS.md, "Grad-CAM evidence cost"). Half precision and bf16 weights score in
+another dtype, so there evidence runs its own fp32 text-encoder pass (``explain``), as before:
+gradients are fp32 whatever the scoring precision, so half precision cannot underflow them.
+torch is imported where the map is computed, so preflight can check a layer (``check_layer``)
+without it.
 """
 
 from __future__ import annotations

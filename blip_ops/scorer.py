@@ -5,7 +5,9 @@ for ITC and then ITM costs two ViT passes. ``BlipScorer`` calls the same submodu
 same order as that forward, once for the image and twice for the text (unimodal for ITC,
 cross-attending for ITM), so each score equals what the model returns for the pair.
 ``score_explained`` keeps that pass's image embeddings for Grad-CAM evidence (``blip_ops.evidence``),
-so explaining a row costs no second vision pass.
+so explaining a row costs no second vision pass; in fp32 it also keeps what entered the explained
+layer, and records the ITM pass's graph for chunks mostly flagged by ITC, so the text encoder's
+forward is not repeated either.
 
 Each call has a host half (tokenising, staging pixels) and a device half (the forward pass);
 the device half takes the scorer's ``DeviceTurn`` and the host half does not, so two threads
@@ -213,7 +215,8 @@ class BlipScorer:
         if entered is not None:
             from .evidence import LayerInput
 
-            entered = LayerInput.join(entered, image_embeds)
+            # None (evidence then runs its own full pass) if the hook saw no cross-attending pass.
+            entered = LayerInput.join(entered, image_embeds) if entered else None
         return itc.astype(np.float32), itm.astype(np.float32), text, embeds, entered
 
     def _bucketed(self, pixel_values: torch.Tensor, text: TextBatch) -> tuple[torch.Tensor, TextBatch]:
@@ -276,8 +279,10 @@ class BlipScorer:
         return self.model.itm_head(fused[:, 0, :])
 
 
-# A chunk's ITM pass records its graph when at least this share of its rows is wanted from ITC alone:
-# the backward is about a quarter of the forward the other path runs per row (BENCHMARKS.md).
+# A chunk's ITM pass records its graph when at least this share of its rows is wanted from ITC alone.
+# Recording costs the backward for all the chunk's rows: at the CPU benchmark's layout (1 thread)
+# 0.065 s per 8-row chunk, what the kept-input path spends on 2 rows (0.032 s a row), so half a
+# chunk is on the safe side of break-even; recording itself added no measurable forward time.
 RECORD_SHARE = 0.5
 
 
