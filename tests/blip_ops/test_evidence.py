@@ -1,5 +1,7 @@
 """Grad-CAM evidence equals LAVIS's algorithm ported onto the transformers model (tests/reference.py)."""
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch
@@ -236,3 +238,20 @@ def test_wanted_from_itc_alone_records_nothing_below_the_share(scorer, gradcam, 
     result = scorer.score_explained(images, PATH_TEXTS, Wanted(lambda a, b: flagged(a), flagged), gradcam)
     assert paths.calls == {"recorded": [], "from": [1], "full": []}
     assert [i for i, e in enumerate(result.evidence) if e is not None] == [2]
+
+
+def test_two_threads_explaining_at_once_each_get_their_own_rows_maps(scorer, gradcam):
+    # --overlap on: two batches in one actor. The hooks that keep and record a pass sit on the shared
+    # model, so a thread must never see the other's pass: one records, the other keeps layer inputs.
+    images = _pixels(scorer)
+    every = lambda values, *_: np.ones(len(values), dtype=bool)  # noqa: E731
+    calls = [
+        (images, TEXTS, Wanted(every, every)),
+        (images[::-1], TEXTS[::-1], every),
+    ]
+    alone = [scorer.score_explained(*call, gradcam).evidence for call in calls]
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(lambda call: scorer.score_explained(*call, gradcam).evidence, calls * 3))
+    for i, evidence in enumerate(together):
+        for got, want in zip(evidence, alone[i % 2]):
+            _close(got.heat, want.heat)
