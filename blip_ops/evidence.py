@@ -15,10 +15,10 @@ from ``L`` up and a backward (``explain_from``); and where most of a chunk's row
 the ITM pass is run (flagged by ITC, or ``--evidence all``: ``Wanted.from_itc``), that chunk's ITM
 pass itself records the graph from ``L`` up (``recording``: the same kernels, scores bit for bit
 unchanged), so its maps cost the backward alone. The image embeddings are the scoring pass's in
-every case, so no vision pass is repeated. On BLIP-base's layout at width 384, depth 6, 384 px, a
-64-row CPU batch at 1 thread: explaining every row added 3.5% to the score call (it was 22.5% with
-a full text-encoder forward per row), every row flagged by ITM only 15.6%, and a 10% ITM flag rate
-under 1% (BENCHMARKS.md, "Grad-CAM evidence cost"). Half precision and bf16 weights score in
+every case, so no vision pass is repeated. On BLIP-base's layout at width 384, depth 6, 384 px,
+64-row CPU batches at 1 and 2 threads: explaining every row adds 4-5% to the score call (it was
+19-21% with a full text-encoder forward per row), every row flagged by ITM only 15-17%, and a 10%
+ITM flag rate 1-3% (BENCHMARKS.md, "Grad-CAM evidence cost"). Half precision and bf16 weights score in
 another dtype, so there evidence runs its own fp32 text-encoder pass (``explain``), as before:
 gradients are fp32 whatever the scoring precision, so half precision cannot underflow them.
 torch is imported where the map is computed, so preflight can check a layer (``check_layer``)
