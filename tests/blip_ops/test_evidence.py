@@ -251,7 +251,7 @@ def test_two_threads_explaining_at_once_each_get_their_own_rows_maps(scorer, gra
     ]
     alone = [scorer.score_explained(*call, gradcam).evidence for call in calls]
     with ThreadPoolExecutor(2) as pool:
-        together = list(pool.map(lambda call: scorer.score_explained(*call, gradcam).evidence, calls * 3))
+        together = list(pool.map(lambda call: scorer.score_explained(*call, gradcam).evidence, calls * 5))
     for i, evidence in enumerate(together):
         for got, want in zip(evidence, alone[i % 2]):
             _close(got.heat, want.heat)
