@@ -5,8 +5,14 @@
 
 The score stage's model calls alone, in this process, on the same batches: ``none`` is
 ``BlipScorer.score`` (one vision pass, the ITM and ITC text passes); ``flagged`` is
-``score_explained`` explaining the lowest-ITM tenth of each batch (a 10% flag rate); ``all``
-explains every row. ``vision_pass`` times the vision encoder alone: what a separate evidence
+``score_explained`` explaining the lowest-ITM tenth of each batch (a 10% flag rate, known only
+after the ITM pass); ``flagged_itc`` the rows below the batch's 10% ITC quantile, a row-wise
+threshold as ``ScoreStage`` passes it (known before ITM, but spread over the chunks); ``all``
+explains every row as ``--evidence all`` asks (``Wanted.from_itc``: every chunk's ITM pass records
+its graph in fp32); ``all_after_itm`` every row, known only after ITM (a 100% ITM flag rate);
+``flagged_full_pass`` and ``all_full_pass`` are flagged and all the way they ran before
+2026-12-01, a full text-encoder pass per explained row, timed in the same rounds.
+``vision_pass`` times the vision encoder alone: what a separate evidence
 stage, which cannot be shipped the image embeddings, would have to run again. Random-weight checkpoints in BLIP-base's layout: the cost depends on
 shapes, not on weights. Decoding and Ray are left out: evidence does not change them.
 """
@@ -42,6 +48,12 @@ def measure(args) -> dict:
 
     from benchmarks.cpu_bench import machine
     from blip_ops.evidence import GradCam
+
+    try:
+        from blip_ops.evidence import Wanted
+    except ImportError:  # a tree from before Wanted (2026-12-01), for before/after figures: it ignores from_itc
+        def Wanted(rule, from_itc=None):  # noqa: N802
+            return rule
     from blip_ops.scorer import BlipScorer
     from blip_ops.tiny import build_bench_itm
 
@@ -70,12 +82,50 @@ def measure(args) -> dict:
             pixels = scorer.images.to_device_pixel_values(images, args.device)
             scorer.model.vision_model(pixel_values=pixels)
 
+    # A threshold at the tenth-lowest ITC (random weights give near-equal ITC per title, so ties
+    # can take the share above a tenth: the JSON says how many rows it picked).
+    batch_itc = scorer.score(images, texts)[0]
+    itc_tenth = float(np.sort(batch_itc)[max(1, round(0.1 * len(batch_itc))) - 1])
+
+    def below_itc_tenth(itc, itm=None):
+        return itc <= itc_tenth
+
+    def every(itc, itm=None):
+        return np.ones(len(itc), dtype=bool)
+
+    evidence_s = {}
+
+    def explained(name, wanted):
+        def step():
+            evidence_s.setdefault(name, []).append(scorer.score_explained(images, texts, wanted, gradcam).evidence_s)
+        return step
+
     steps = {
         "vision_pass": vision_only,
         "none": lambda: scorer.score(images, texts),
-        "flagged": lambda: scorer.score_explained(images, texts, lowest_tenth, gradcam),
-        "all": lambda: scorer.score_explained(images, texts, lambda itc, itm: np.ones(len(itc), dtype=bool), gradcam),
+        "flagged": explained("flagged", lowest_tenth),
+        "flagged_itc": explained("flagged_itc", Wanted(below_itc_tenth, below_itc_tenth)),
+        "all": explained("all", Wanted(every, every)),
+        "all_after_itm": explained("all_after_itm", every),
     }
+    if hasattr(scorer, "reuses_layers"):
+        # The path before 2026-12-01 in the same rounds, so before/after share the load: evidence
+        # runs its own full text-encoder pass (what half precision still does).
+        def full_pass(name, wanted):
+            step = explained(name, wanted)
+
+            def run():
+                scorer.reuses_layers = lambda gradcam: False
+                try:
+                    step()
+                finally:
+                    del scorer.reuses_layers
+            return run
+
+        steps["flagged_full_pass"] = full_pass("flagged_full_pass", lowest_tenth)
+        steps["all_full_pass"] = full_pass("all_full_pass", Wanted(every, every))
+    if args.steps:
+        steps = {name: steps[name] for name in ["none"] + [n for n in args.steps.split(",") if n != "none"]}
     load_before = [round(x, 2) for x in os.getloadavg()]
     result = {"pairs_per_s": {}, "s_per_batch": {}}
     for step in steps.values():
@@ -103,7 +153,10 @@ def measure(args) -> dict:
     none, cpu_none = result["s_per_batch"]["none"], result["cpu_s_per_batch"]["none"]
     result["cost_vs_none"] = {name: round(s / none, 3) for name, s in result["s_per_batch"].items()}
     result["cpu_cost_vs_none"] = {name: round(s / cpu_none, 3) for name, s in result["cpu_s_per_batch"].items()}
-    result["pairs_per_s"].pop("vision_pass")
+    result["pairs_per_s"].pop("vision_pass", None)
+    # Seconds score_explained counted as evidence (the timed rounds; a recorded chunk's backward only).
+    result["flagged_itc_rows"] = int(below_itc_tenth(batch_itc).sum())
+    result["evidence_s_per_batch"] = {name: round(float(np.median(s[1:])), 4) for name, s in evidence_s.items()}
     result.update(
         layout={"width": width, "depth": depth, "image_size": image_size, "explained_layer": gradcam.layer},
         device=args.device, precision=scorer.precision, batch_size=args.batch_size, batches=args.batches,
@@ -124,15 +177,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--depth", type=int, default=6, help="layers in each tower (BLIP-base: 12)")
     parser.add_argument("--full", action="store_true", help="BLIP-base itself: width 768, depth 12, 384 px")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, for the test")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--steps", default=None, help="comma-separated subset of the steps (none is always timed)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     result = measure(args)
     if args.json:
         print(json.dumps(result, sort_keys=True))
     else:
-        for name in ("none", "flagged", "all"):
-            print(f"{name:8s} {result['pairs_per_s'][name]:9.1f} pairs/s  ({result['cost_vs_none'][name]:.2f}x the time of none)")
-        print(f"the vision pass alone: {result['cost_vs_none']['vision_pass']:.2f}x the time of none")
+        for name in result["pairs_per_s"]:
+            print(f"{name:13s} {result['pairs_per_s'][name]:9.1f} pairs/s  ({result['cost_vs_none'][name]:.2f}x the time of none)")
+        if "vision_pass" in result["cost_vs_none"]:
+            print(f"the vision pass alone: {result['cost_vs_none']['vision_pass']:.2f}x the time of none")
         print("CPU time vs none: " + ", ".join(f"{k} {v:.2f}x" for k, v in result["cpu_cost_vs_none"].items()))
         print(f"layout {result['layout']}, {result['device']} {result['precision']}, batch {args.batch_size}, "
               f"{result['threads']} threads, load {result['load_average_before']} -> {result['load_average_after']}")

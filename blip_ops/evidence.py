@@ -7,21 +7,30 @@ layer of the ITM text encoder, the attention probabilities (image [CLS] key drop
 multiplied by their gradient with respect to the positive ITM logit, clamped at 0; the product
 is averaged over heads, then over the text's word tokens (not [CLS], [SEP] or padding).
 
-The non-obvious decision: the backward pass starts at the explained layer. The text encoder's
-hidden state entering layer ``L`` is made the graph's only leaf (weights frozen), so the forward
-below ``L`` records nothing and the backward stops at ``L``'s attention. The scoring pass's image
-embeddings are reused, so evidence costs one text-encoder forward and a partial backward per
-row and no vision pass: on BLIP-base's layout at width 256, depth 4, explaining every row added
-19% to the score stage's CPU time and a 10% flag rate 3%, while the vision pass a separate
-evidence stage would have to repeat is 56% of it (BENCHMARKS.md, "Grad-CAM evidence cost").
-The pass runs in fp32 whatever the scoring precision, so half precision cannot underflow the gradients. torch is imported where the map
-is computed, so preflight can check a layer (``check_layer``) without it.
+The non-obvious decision: the map comes out of the scoring pass, not a pass of its own. The text
+encoder's hidden state entering layer ``L`` is made the graph's only leaf (weights frozen), so the
+backward stops at ``L``'s attention. In fp32 the scoring ITM pass keeps what entered ``L`` (the
+hidden state and the masks as transformers built them: ``capturing``), so a map costs the layers
+from ``L`` up and a backward (``explain_from``); and where most of a chunk's rows are wanted before
+the ITM pass is run (flagged by ITC, or ``--evidence all``: ``Wanted.from_itc``), that chunk's ITM
+pass itself records the graph from ``L`` up (``recording``: the same kernels, scores bit for bit
+unchanged), so its maps cost the backward alone. The image embeddings are the scoring pass's in
+every case, so no vision pass is repeated. On BLIP-base's layout at width 384, depth 6, 384 px,
+64-row CPU batches at 1 and 2 threads: explaining every row adds 4-5% to the score call (it was
+19-21% with a full text-encoder forward per row), every row flagged by ITM only 15-17%, and a 10%
+ITM flag rate 1-3% (BENCHMARKS.md, "Grad-CAM evidence cost"). Half precision and bf16 weights score in
+another dtype, so there evidence runs its own fp32 text-encoder pass (``explain``), as before:
+gradients are fp32 whatever the scoring precision, so half precision cannot underflow them.
+torch is imported where the map is computed, so preflight can check a layer (``check_layer``)
+without it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import string
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -124,15 +133,89 @@ class GradCam:
         self.block = self.text_encoder.encoder.layer[self.layer]
         # Inference only: with frozen weights the one leaf is the hidden state entering the layer.
         model.requires_grad_(False)
-        # The hooks sit on the shared model: two threads explaining at once would see each other's pass.
-        self._lock = threading.Lock()
+        # The hooks stay on the shared model and act only on a pass this object started in the calling
+        # thread: the scorer runs chunks on several threads at once (BlipScorer.chunk_workers), and a
+        # hook put on or taken off while another thread's pass iterates the hooks would break it.
+        self._local = threading.local()
+        self.block.register_forward_pre_hook(self._entering, with_kwargs=True)
+        self.block.crossattention.self.register_forward_hook(self._attended)
+
+    @contextlib.contextmanager
+    def _pass(self, keep: bool = False, leaf: bool = False):
+        """This thread's passes through the explained layer, within the block: ``keep`` what enters it
+        (``_Pass.kept``), make the entering hidden state the graph's ``leaf``; the attention
+        probabilities are kept either way (``_Pass.probs``)."""
+        outer = getattr(self._local, "current", None)
+        current = _Pass([] if keep else None, leaf)
+        self._local.current = current
+        try:
+            yield current
+        finally:
+            self._local.current = outer
+
+    def _entering(self, module, args, kwargs):
+        current = getattr(self._local, "current", None)
+        if current is None or not (len(args) == 2 and args[1] is not None):  # the unimodal pass has no image
+            return None
+        if current.kept is not None:
+            current.kept.append(LayerInput(args[0], args[1], dict(kwargs)))
+        if current.leaf:
+            return (args[0].detach().requires_grad_(True), args[1]), kwargs
+        return None
+
+    def _attended(self, module, args, output):
+        current = getattr(self._local, "current", None)
+        if current is not None:
+            current.probs = output[1]
 
     def explain(self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[Evidence]:
-        import torch
-
         if not len(input_ids):
             return []
         probs, grads = self._attention_and_gradient(image_embeds, input_ids, attention_mask)
+        return self._maps(probs, grads, input_ids, attention_mask)
+
+    @contextlib.contextmanager
+    def capturing(self):
+        """Within it, every cross-attending pass this thread makes through the explained layer is kept
+        (a ``LayerInput`` appended to the list it yields): references only, nothing is copied."""
+        with self._pass(keep=True) as current:
+            yield current.kept
+
+    def explain_from(self, entered: LayerInput, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[Evidence]:
+        """``explain`` for rows whose scoring pass already ran the layers below the explained one:
+        ``entered`` is what entered it (``LayerInput.take``: these rows, cut to ``input_ids``'s width).
+        Only the layers from the explained one up and the ITM head run, in the scoring pass's fp32."""
+        if not len(input_ids):
+            return []
+        probs, grads = self._gradient_from(entered)
+        return self._maps(probs, grads, input_ids, attention_mask)
+
+    @contextlib.contextmanager
+    def recording(self):
+        """Within it (grad enabled), a cross-attending pass this thread makes through the text encoder
+        records its graph from the explained layer up, the hidden state entering that layer the leaf;
+        yields what ``explain_recorded`` reads the attention probabilities from. What enters the layer
+        is still kept for an enclosing ``capturing``."""
+        outer = getattr(self._local, "current", None)
+        with self._pass(keep=outer is not None and outer.kept is not None, leaf=True) as current:
+            try:
+                yield current
+            finally:
+                if current.kept:
+                    outer.kept.extend(current.kept)
+
+    def explain_recorded(self, logit: torch.Tensor, seen: dict, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[Evidence]:
+        """``explain`` for every row of a pass recorded under ``recording``: only the backward runs.
+        ``logit`` is that pass's positive ITM logit."""
+        import torch
+
+        with torch.enable_grad():
+            (grads,) = torch.autograd.grad(logit.sum(), seen.probs)
+        return self._maps(seen.probs.detach(), grads, input_ids, attention_mask)
+
+    def _maps(self, probs, grads, input_ids, attention_mask) -> list[Evidence]:
+        import torch
+
         patches = probs.shape[-1] - 1
         if patches != self.rows * self.cols:
             raise ValueError(f"{patches} image patches, expected a {self.rows}x{self.cols} grid")
@@ -156,34 +239,108 @@ class GradCam:
     def _attention_and_gradient(self, image_embeds, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
         import torch
 
-        captured = {}
+        # fp32 whatever the scoring precision: no autocast, and the embeddings cast up.
+        with self._pass(leaf=True) as current, torch.enable_grad(), torch.autocast(image_embeds.device.type, enabled=False):
+            embeds = image_embeds.detach().float().clone()  # a normal tensor, also from inference mode
+            fused = self.text_encoder(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                encoder_hidden_states=embeds,
+                encoder_attention_mask=torch.ones(embeds.shape[:-1], dtype=torch.long, device=embeds.device),
+            ).last_hidden_state
+            logit = self.itm_head(fused[:, 0, :])[:, 1]
+            (grads,) = torch.autograd.grad(logit.sum(), current.probs)
+        return current.probs.detach(), grads
 
-        def leaf(module, args):
-            # The hidden state entering the explained layer becomes the graph's leaf.
-            return (args[0].detach().requires_grad_(True),) + tuple(args[1:])
+    def _gradient_from(self, entered: LayerInput) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
 
-        def keep_probs(module, args, output):
-            captured["probs"] = output[1]
+        with self._pass() as current, torch.enable_grad():
+            hidden = entered.hidden.requires_grad_(True)  # the leaf, as in _attention_and_gradient
+            # The remaining layers called as BlipTextEncoder.forward calls them.
+            for layer in self.text_encoder.encoder.layer[self.layer :]:
+                hidden = layer(hidden, entered.encoder_hidden, **entered.kwargs)
+            logit = self.itm_head(hidden[:, 0, :])[:, 1]
+            (grads,) = torch.autograd.grad(logit.sum(), current.probs)
+        return current.probs.detach(), grads
 
-        with self._lock:
-            hooks = [
-                self.block.register_forward_pre_hook(leaf),
-                self.block.crossattention.self.register_forward_hook(keep_probs),
-            ]
-            try:
-                # fp32 whatever the scoring precision: no autocast, and the embeddings cast up.
-                with torch.enable_grad(), torch.autocast(image_embeds.device.type, enabled=False):
-                    embeds = image_embeds.detach().float().clone()  # a normal tensor, also from inference mode
-                    fused = self.text_encoder(
-                        input_ids=input_ids,
-                        attention_mask=attention_mask,
-                        encoder_hidden_states=embeds,
-                        encoder_attention_mask=torch.ones(embeds.shape[:-1], dtype=torch.long, device=embeds.device),
-                    ).last_hidden_state
-                    logit = self.itm_head(fused[:, 0, :])[:, 1]
-                    probs = captured["probs"]
-                    (grads,) = torch.autograd.grad(logit.sum(), probs)
-            finally:
-                for hook in hooks:
-                    hook.remove()
-        return probs.detach(), grads
+
+@dataclass
+class _Pass:
+    """One thread's pass through the explained layer (``GradCam._pass``)."""
+
+    kept: list | None
+    leaf: bool
+    probs: object = None
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """Which rows of a batch get evidence: ``rule(itc, itm)``, a bool mask over the batch.
+    ``from_itc(itc)``, where given, marks the rows wanted whatever their ITM, row by row (ITC
+    flags, or every row): the scorer knows them before the ITM pass and may record that pass's
+    graph for them. It only chooses how a map is computed; the rows explained are ``rule``'s."""
+
+    rule: Callable[[np.ndarray, np.ndarray], np.ndarray]
+    from_itc: Callable[[np.ndarray], np.ndarray] | None = None
+
+    def __call__(self, itc: np.ndarray, itm: np.ndarray) -> np.ndarray:
+        return self.rule(itc, itm)
+
+
+# Masks BlipTextModel builds for the encoder, and the dimensions of theirs that run over the text.
+_TEXT_DIMS = {"attention_mask": (-2, -1), "encoder_attention_mask": (-2,)}
+
+
+@dataclass
+class LayerInput:
+    """What entered the explained layer in a scoring pass, as ``BlipTextEncoder.forward`` passed it:
+    the hidden state, the image embeddings, and the keyword arguments (the attention masks exactly as
+    transformers built them: 4D float, or None)."""
+
+    hidden: torch.Tensor  # (rows, tokens, width)
+    encoder_hidden: torch.Tensor
+    kwargs: dict
+
+    @staticmethod
+    def join(parts: list[LayerInput], encoder_hidden: torch.Tensor) -> LayerInput:
+        """One ``LayerInput`` for a batch scored in chunks (rows in chunk order); ``encoder_hidden``
+        is the batch's image embeddings, the chunks' own joined already."""
+        import torch
+
+        if len(parts) == 1:
+            return parts[0]
+
+        def rows(value, count):  # a mask broadcast over rows (first dimension 1) made explicit
+            return value.expand(count, *value.shape[1:])
+
+        kwargs = {}
+        for name, value in parts[0].kwargs.items():
+            if torch.is_tensor(value):
+                value = torch.cat([rows(p.kwargs[name], len(p.hidden)) for p in parts])
+            kwargs[name] = value
+        return LayerInput(torch.cat([p.hidden for p in parts]), encoder_hidden, kwargs)
+
+    def take(self, index: torch.Tensor, width: int) -> LayerInput:
+        """These rows, their text cut to ``width`` tokens (what follows is padding, masked out), as
+        normal tensors: the scoring pass's are inference tensors, which autograd cannot use."""
+        import torch
+
+        count = len(self.hidden)
+
+        def cut(value, dims):
+            if value.shape[0] == count:
+                value = value[index]
+            for dim in dims:
+                if value.shape[dim] > width:
+                    value = value.narrow(dim, 0, width)
+            return value.clone()
+
+        kwargs = {}
+        for name, value in self.kwargs.items():
+            if torch.is_tensor(value):
+                if name not in _TEXT_DIMS:
+                    raise ValueError(f"the explained layer was called with a tensor {name!r}, which evidence cannot cut to rows")
+                value = cut(value, _TEXT_DIMS[name])
+            kwargs[name] = value
+        return LayerInput(cut(self.hidden, (1,)), cut(self.encoder_hidden, ()), kwargs)

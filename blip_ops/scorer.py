@@ -5,7 +5,9 @@ for ITC and then ITM costs two ViT passes. ``BlipScorer`` calls the same submodu
 same order as that forward, once for the image and twice for the text (unimodal for ITC,
 cross-attending for ITM), so each score equals what the model returns for the pair.
 ``score_explained`` keeps that pass's image embeddings for Grad-CAM evidence (``blip_ops.evidence``),
-so explaining a row costs no second vision pass.
+so explaining a row costs no second vision pass; in fp32 it also keeps what entered the explained
+layer, and records the ITM pass's graph for chunks mostly flagged by ITC, so the text encoder's
+forward is not repeated either.
 
 Each call has a host half (tokenising, staging pixels) and a device half (the forward pass);
 the device half takes the scorer's ``DeviceTurn`` and the host half does not, so two threads
@@ -148,17 +150,33 @@ class BlipScorer:
     def score(self, images, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``images``: resized uint8 ``(3, h, w)`` arrays, or one ``(n, 3, h, w)`` array.
         Returns float32 ``itc``, ``itm`` and bool ``truncated``."""
-        itc, itm, text, _ = self._score(images, texts)
+        itc, itm, text, _, _ = self._score(images, texts)
         return itc, itm, text.truncated
 
     def score_explained(self, images, texts: list[str], wanted, gradcam) -> ExplainedScores:
         """``score`` plus Grad-CAM evidence (``blip_ops.evidence.GradCam``) for the rows that
-        ``wanted(itc, itm)`` (a bool mask) picks, from the same vision pass."""
-        itc, itm, text, image_embeds = self._score(images, texts, keep_embeds=True)
+        ``wanted(itc, itm)`` (a bool mask) picks, from the same vision pass.
+
+        In fp32 the scoring pass does part of the evidence's work. The ITM pass keeps what entered the
+        explained layer, so a map costs only the layers from there up and a backward. And where
+        ``wanted`` says from ITC alone (``blip_ops.evidence.Wanted.from_itc``) that at least half a
+        chunk's rows are wanted, that chunk's ITM pass records its graph (same values: run outside
+        inference mode, the same kernels), so its maps cost only the backward."""
+        reuse = self.reuses_layers(gradcam)
+        from_itc = getattr(wanted, "from_itc", None)
+        recorder = _Recorder(gradcam, from_itc) if reuse and from_itc is not None else None
+        itc, itm, text, image_embeds, entered = self._score(
+            images, texts, keep_embeds=True, capture=gradcam if reuse else None, recorder=recorder
+        )
         rows = np.flatnonzero(wanted(itc, itm)) if len(texts) else np.zeros(0, dtype=np.int64)
         evidence: list = [None] * len(texts)
+        recorded = recorder.evidence if recorder is not None else {}
+        for row in rows:
+            evidence[row] = recorded.get(row)
+        rows = np.array([row for row in rows if row not in recorded], dtype=np.int64)
+        seconds = recorder.seconds if recorder is not None and len(recorded) else 0.0
         if not len(rows):
-            return ExplainedScores(itc, itm, text.truncated, evidence, 0.0)
+            return ExplainedScores(itc, itm, text.truncated, evidence, seconds)
         started = time.perf_counter()
         index = torch.as_tensor(rows, device=self.device)
         # Only the chosen rows, cut to their own longest text (padding is masked either way).
@@ -168,20 +186,29 @@ class BlipScorer:
 
         def explain(start: int) -> list:
             part = index[start : start + step]
-            return gradcam.explain(image_embeds[part], text.input_ids[part][:, :width], text.attention_mask[part][:, :width])
+            ids, atts = text.input_ids[part][:, :width], text.attention_mask[part][:, :width]
+            if entered is not None:
+                return gradcam.explain_from(entered.take(part, width), ids, atts)
+            return gradcam.explain(image_embeds[part], ids, atts)
 
         with self.device_turn:
             explained = [item for part in self._map_chunks(explain, range(0, len(rows), step)) for item in part]
         for row, item in zip(rows, explained):
             evidence[row] = item
-        return ExplainedScores(itc, itm, text.truncated, evidence, time.perf_counter() - started)
+        return ExplainedScores(itc, itm, text.truncated, evidence, seconds + time.perf_counter() - started)
 
-    def _score(self, images, texts: list[str], keep_embeds: bool = False):
+    def reuses_layers(self, gradcam) -> bool:
+        """Whether evidence can start from the scoring pass's hidden state at the explained layer: only
+        when that pass is the fp32 one evidence runs anyway (not autocast, not bf16 weights, whose
+        evidence runs on an fp32 copy), and eager (a compiled encoder is not hooked)."""
+        return self.precision == "fp32" and gradcam.text_encoder is self.model.text_encoder and not self.compiled
+
+    def _score(self, images, texts: list[str], keep_embeds: bool = False, capture=None, recorder=None):
         if len(images) != len(texts):
             raise ValueError(f"{len(images)} images for {len(texts)} texts")
         if not texts:
             empty = np.zeros(0, dtype=np.float32)
-            return empty, empty.copy(), TextBatch(None, None, np.zeros(0, dtype=bool)), None
+            return empty, empty.copy(), TextBatch(None, None, np.zeros(0, dtype=bool)), None, None
         # Host half: pixels staged and on their way to the device, texts tokenised.
         with torch.inference_mode():
             pixel_values = self.images.to_device_pixel_values(images, self.device, next(self.model.parameters()).dtype)
@@ -190,11 +217,11 @@ class BlipScorer:
         rows = len(texts)
         fused = sdpa_vision_attention(self.model.vision_model) if self.fused_attention else contextlib.nullcontext()
         with self.device_turn, torch.inference_mode(), autocast(self.precision, self.device), fused:
-            itc, itm, image_embeds = self._forward(model_pixels, model_text)
+            itc, itm, image_embeds, entered = self._forward(model_pixels, model_text, capture, recorder)
             results = ToHost.start(itc[:rows].float(), itm[:rows].float())
         itc, itm = results.numpy()  # outside the turn: the next batch's pass is already queued
         embeds = image_embeds[:rows] if keep_embeds else None
-        return itc.astype(np.float32), itm.astype(np.float32), text, embeds
+        return itc.astype(np.float32), itm.astype(np.float32), text, embeds, entered
 
     def _bucketed(self, pixel_values: torch.Tensor, text: TextBatch) -> tuple[torch.Tensor, TextBatch]:
         """The model's inputs padded to bucketed shapes (``blip_ops.buckets``), or as they are."""
@@ -208,23 +235,30 @@ class BlipScorer:
             buckets.pad_rows(input_ids, rows), buckets.pad_rows(attention_mask, rows), text.truncated
         )
 
-    def _forward(self, pixel_values: torch.Tensor, text: TextBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _forward(self, pixel_values: torch.Tensor, text: TextBatch, capture=None, recorder=None):
         """The batch's passes, in chunks of ``chunk_rows`` on the CPU, so a chunk's activations stay in
-        cache. Rows do not interact; only the matrix kernels' blocking, which already varies with a
-        batch's size and thread count, can round a row differently (at most 2e-7 on the tests' tiny
-        checkpoint, 0 at the CPU benchmark's layout)."""
+        cache: ITC, ITM, the image embeddings and, with ``capture`` (a ``GradCam``), what entered its
+        explained layer (a ``LayerInput``; None without). Rows do not interact; only the matrix kernels'
+        blocking, which already varies with a batch's size and thread count, can round a row differently
+        (at most 2e-7 on the tests' tiny checkpoint, 0 at the CPU benchmark's layout)."""
         chunk = self.chunk_rows
         if not chunk or len(pixel_values) <= chunk:
-            return self._forward_rows(pixel_values, text)
+            parts = [self._forward_rows(pixel_values, text, capture, recorder, 0)]
+        else:
 
-        def rows(start: int):
-            end = start + chunk
-            return self._forward_rows(
-                pixel_values[start:end], TextBatch(text.input_ids[start:end], text.attention_mask[start:end], None)
-            )
+            def rows(start: int):
+                end = start + chunk
+                chunk_text = TextBatch(text.input_ids[start:end], text.attention_mask[start:end], None)
+                return self._forward_rows(pixel_values[start:end], chunk_text, capture, recorder, start)
 
-        parts = self._map_chunks(rows, range(0, len(pixel_values), chunk))
-        return tuple(torch.cat(outputs) for outputs in zip(*parts))
+            parts = self._map_chunks(rows, range(0, len(pixel_values), chunk))
+        itc, itm, image_embeds = (torch.cat(outputs) if len(parts) > 1 else outputs[0] for outputs in zip(*(p[:3] for p in parts)))
+        entered = None
+        if capture is not None and all(p[3] for p in parts):  # else evidence runs its own full pass
+            from .evidence import LayerInput
+
+            entered = LayerInput.join([p[3][0] for p in parts], image_embeds)
+        return itc, itm, image_embeds, entered
 
     def _map_chunks(self, fn, starts) -> list:
         """``fn`` over the chunks, in order: on the chunk workers when there are several, with torch's
@@ -246,21 +280,68 @@ class BlipScorer:
         finally:
             torch.set_num_threads(threads)
 
-    def _forward_rows(self, pixel_values: torch.Tensor, text: TextBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _forward_rows(self, pixel_values: torch.Tensor, text: TextBatch, capture=None, recorder=None, start: int = 0):
         model = self.model
         image_embeds = self.vision_model(pixel_values=pixel_values).last_hidden_state
         image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
 
+        # ITC before ITM (independent passes, so the order changes no value): the rows ITC flags are
+        # known before the ITM pass, which may then record its graph for their evidence.
+        unimodal = self.text_encoder(input_ids=text.input_ids, attention_mask=text.attention_mask).last_hidden_state
+        image_feat = normalize(model.vision_proj(image_embeds[:, 0, :]).float(), dim=-1)
+        text_feat = normalize(model.text_proj(unimodal[:, 0, :]).float(), dim=-1)
+        itc = (image_feat * text_feat).sum(dim=-1)
+
+        # The chunk's own thread keeps what enters the explained layer (GradCam's hooks act per thread).
+        with capture.capturing() if capture is not None else contextlib.nullcontext() as entered:
+            if recorder is not None and recorder.records(itc):
+                logits = recorder.itm_logits_explained(self._itm_logits, text, image_embeds, image_atts, start)
+            else:
+                logits = self._itm_logits(text, image_embeds, image_atts)
+        itm = logits.float().softmax(dim=-1)[:, 1]
+        return itc, itm, image_embeds, entered
+
+    def _itm_logits(self, text: TextBatch, image_embeds: torch.Tensor, image_atts: torch.Tensor) -> torch.Tensor:
         fused = self.text_encoder(
             input_ids=text.input_ids,
             attention_mask=text.attention_mask,
             encoder_hidden_states=image_embeds,
             encoder_attention_mask=image_atts,
         ).last_hidden_state
-        itm = model.itm_head(fused[:, 0, :]).float().softmax(dim=-1)[:, 1]
+        return self.model.itm_head(fused[:, 0, :])
 
-        unimodal = self.text_encoder(input_ids=text.input_ids, attention_mask=text.attention_mask).last_hidden_state
-        image_feat = normalize(model.vision_proj(image_embeds[:, 0, :]).float(), dim=-1)
-        text_feat = normalize(model.text_proj(unimodal[:, 0, :]).float(), dim=-1)
-        itc = (image_feat * text_feat).sum(dim=-1)
-        return itc, itm, image_embeds
+
+# A chunk's ITM pass records its graph when at least this share of its rows is wanted from ITC alone.
+# Recording costs the backward for all the chunk's rows: at the CPU benchmark's layout (1 thread)
+# 0.065 s per 8-row chunk, what the kept-input path spends on 2 rows (0.032 s a row), so half a
+# chunk is on the safe side of break-even; recording itself added no measurable forward time.
+RECORD_SHARE = 0.5
+
+
+class _Recorder:
+    """Evidence from a chunk's own ITM pass (``BlipScorer.score_explained``): ``evidence`` maps a batch
+    row to its ``Evidence``, for every row of the chunks recorded; ``seconds`` is their backward's."""
+
+    def __init__(self, gradcam, from_itc):
+        self.gradcam, self.from_itc = gradcam, from_itc
+        self.evidence: dict = {}
+        self.seconds = 0.0
+        self._adding = threading.Lock()  # chunks record on the chunk workers' threads at once
+
+    def records(self, itc: torch.Tensor) -> bool:
+        known = np.asarray(self.from_itc(itc.float().cpu().numpy().astype(np.float32)), dtype=bool)
+        return bool(known.any()) and known.mean() >= RECORD_SHARE
+
+    def itm_logits_explained(self, itm_logits, text: TextBatch, image_embeds, image_atts, start: int) -> torch.Tensor:
+        # Out of inference mode, grad on: only the layers from the explained one up record anything
+        # (their input is the leaf, the weights are frozen). The image embeddings stay inference
+        # tensors: autograd saves only tensors computed from them here.
+        with torch.inference_mode(False), torch.enable_grad(), self.gradcam.recording() as seen:
+            logits = itm_logits(text, image_embeds, image_atts)
+            started = time.perf_counter()
+            explained = self.gradcam.explain_recorded(logits[:, 1], seen, text.input_ids, text.attention_mask)
+        with self._adding:
+            self.seconds += time.perf_counter() - started
+            for row, item in enumerate(explained):
+                self.evidence[start + row] = item
+        return logits.detach()

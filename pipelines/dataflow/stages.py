@@ -272,11 +272,17 @@ class ScoreStage:
         return self.scorer.chunk_workers
 
     def _wanted(self, itm_threshold: float | None, itc_threshold: float | None):
+        from blip_ops.evidence import Wanted
+
         if self.evidence == "all":
-            return lambda itc, itm: np.ones(len(itc), dtype=bool)
-        return lambda itc, itm: np.array(
-            [bool(score_reasons(c, m, itm_threshold, itc_threshold)) for c, m in zip(itc, itm)], dtype=bool
+            return Wanted(lambda itc, itm: np.ones(len(itc), dtype=bool), from_itc=lambda itc: np.ones(len(itc), dtype=bool))
+        # The rows ITC flags are flagged whatever their ITM: the scorer may know them before ITM.
+        flagged_by_itc = None if itc_threshold is None else lambda itc: np.array(
+            [bool(score_reasons(c, 1.0, None, itc_threshold)) for c in itc], dtype=bool
         )
+        return Wanted(lambda itc, itm: np.array(
+            [bool(score_reasons(c, m, itm_threshold, itc_threshold)) for c, m in zip(itc, itm)], dtype=bool
+        ), from_itc=flagged_by_itc)
 
     def _score(self, images, texts, wanted):
         if self.gradcam is None:

@@ -1,11 +1,13 @@
 """Grad-CAM evidence equals LAVIS's algorithm ported onto the transformers model (tests/reference.py)."""
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from blip_ops.evidence import GradCam, check_layer, default_layer, top_words
+from blip_ops.evidence import GradCam, Wanted, check_layer, default_layer, top_words
 from blip_ops.images import decode_rgb
 from blip_ops.scorer import BlipScorer
 from tests.conftest import image_bytes
@@ -142,8 +144,10 @@ def test_half_precision_scoring_still_takes_gradients_in_fp32(tiny_itm):
     seen = []
     # The context (not the probabilities: autocast runs softmax in fp32 anyway) shows the arithmetic.
     handle = explainer.block.crossattention.self.register_forward_hook(lambda m, a, out: seen.append(out[0].dtype))
+    every = lambda values, *_: np.ones(len(values), dtype=bool)  # noqa: E731
     try:
-        evidence = _explain(bf16, explainer, _pixels(bf16), TEXTS)
+        # Every row wanted from ITC alone: in fp32 the scoring pass would record its graph, not here.
+        evidence = bf16.score_explained(_pixels(bf16), TEXTS, Wanted(every, every), explainer).evidence
     finally:
         handle.remove()
     assert seen == [torch.bfloat16, torch.float32]  # the scoring pass, then the explained one
@@ -156,3 +160,98 @@ def test_top_words_skips_punctuation_and_special_tokens_and_keeps_five():
     words = top_words(tokens, weights, skip={"[UNK]"})
     assert [w for w, _ in words] == ["red", "sneakers", "b", "d", "a"]
     assert words[1][1] == pytest.approx(0.5)
+
+
+# Eight rows in chunks of four: chunk 0 = rows 0-3, chunk 1 = rows 4-7. The longest text is row 1's,
+# so rows explained on their own (5 and 6) are cut to a narrower width than the batch's.
+PATH_TEXTS = TEXTS + ["a cat", "two dogs on grass", "shoe"]
+
+
+def _path_images():
+    rng = np.random.RandomState(5)
+    return [image_bytes(Image.fromarray((rng.rand(20 + 3 * i, 30 + 4 * i, 3) * 255).astype(np.uint8))) for i in range(len(PATH_TEXTS))]
+
+
+class _Paths:
+    """Counts which way each map was computed: recorded in the ITM pass, from its kept layer input, or the old full pass."""
+
+    def __init__(self, gradcam, monkeypatch):
+        self.calls = {"recorded": [], "from": [], "full": []}
+        for name, method in (("recorded", "explain_recorded"), ("from", "explain_from"), ("full", "explain")):
+            real = getattr(gradcam, method)
+
+            def counting(*args, _real=real, _name=name, **kwargs):
+                out = _real(*args, **kwargs)
+                self.calls[_name].append(len(out))
+                return out
+
+            monkeypatch.setattr(gradcam, method, counting)
+
+
+@pytest.mark.parametrize("policy", ["all", "itc and itm", "itm only", "no itc rule"])
+def test_maps_from_the_scoring_pass_equal_the_full_encoder_reference(scorer, gradcam, tiny_itm, monkeypatch, policy):
+    monkeypatch.setattr(scorer, "chunk_rows", 4)
+    images = [scorer.images.resize(decode_rgb(d)) for d in _path_images()]
+    itc, itm, _ = scorer.score(images, PATH_TEXTS)
+    # Row-wise rules on the scores themselves, as ScoreStage's thresholds are.
+    by_itc = np.isin(itc, itc[[0, 1, 2, 5]]) if policy == "itc and itm" else np.zeros(len(itc), dtype=bool)
+    by_itm = np.isin(itm, itm[[3, 6]]) if policy in ("itc and itm", "itm only", "no itc rule") else np.zeros(len(itm), dtype=bool)
+
+    def from_itc(values):
+        return np.ones(len(values), dtype=bool) if policy == "all" else np.isin(values, itc[by_itc])
+
+    def rule(values, itm_values):
+        return from_itc(values) | np.isin(itm_values, itm[by_itm])
+
+    wanted = Wanted(rule, None if policy == "no itc rule" else from_itc)
+    paths = _Paths(gradcam, monkeypatch)
+    result = scorer.score_explained(images, PATH_TEXTS, wanted, gradcam)
+    # The scores are the plain scorer's, bit for bit, whichever pass recorded a graph.
+    np.testing.assert_array_equal(result.itc, itc)
+    np.testing.assert_array_equal(result.itm, itm)
+    expected = rule(itc, itm)
+    assert [e is not None for e in result.evidence] == list(expected)
+    # Which path each chunk took: all -> both recorded; 3 of chunk 0's 4 rows flagged by ITC ->
+    # recorded (row 3, flagged by ITM only, is explained from that recording), 1 of chunk 1's ->
+    # rows 5 and 6 from the kept layer input; ITM-only flags are known too late to record.
+    assert paths.calls == {
+        "all": {"recorded": [4, 4], "from": [], "full": []},
+        "itc and itm": {"recorded": [4], "from": [2], "full": []},
+        "itm only": {"recorded": [], "from": [2], "full": []},
+        "no itc rule": {"recorded": [], "from": [2], "full": []},
+    }[policy]
+    reference = gradcam_reference(tiny_itm, gradcam.layer)
+    for data, text, item in zip(_path_images(), PATH_TEXTS, result.evidence):
+        if item is not None:
+            maps, _ = reference(data, text)
+            _close(item.heat, maps[1])
+    assert result.evidence_s > 0
+
+
+def test_wanted_from_itc_alone_records_nothing_below_the_share(scorer, gradcam, monkeypatch):
+    # One ITC-flagged row in four is below RECORD_SHARE: no chunk records, and the row is still explained.
+    monkeypatch.setattr(scorer, "chunk_rows", 4)
+    images = [scorer.images.resize(decode_rgb(d)) for d in _path_images()]
+    itc, _, _ = scorer.score(images, PATH_TEXTS)
+    flagged = lambda values: np.isin(values, itc[[2]])  # noqa: E731
+    paths = _Paths(gradcam, monkeypatch)
+    result = scorer.score_explained(images, PATH_TEXTS, Wanted(lambda a, b: flagged(a), flagged), gradcam)
+    assert paths.calls == {"recorded": [], "from": [1], "full": []}
+    assert [i for i, e in enumerate(result.evidence) if e is not None] == [2]
+
+
+def test_two_threads_explaining_at_once_each_get_their_own_rows_maps(scorer, gradcam):
+    # --overlap on: two batches in one actor. The hooks that keep and record a pass sit on the shared
+    # model, so a thread must never see the other's pass: one records, the other keeps layer inputs.
+    images = _pixels(scorer)
+    every = lambda values, *_: np.ones(len(values), dtype=bool)  # noqa: E731
+    calls = [
+        (images, TEXTS, Wanted(every, every)),
+        (images[::-1], TEXTS[::-1], every),
+    ]
+    alone = [scorer.score_explained(*call, gradcam).evidence for call in calls]
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(lambda call: scorer.score_explained(*call, gradcam).evidence, calls * 5))
+    for i, evidence in enumerate(together):
+        for got, want in zip(evidence, alone[i % 2]):
+            _close(got.heat, want.heat)

@@ -186,7 +186,7 @@ def test_chunk_workers_run_the_chunks_side_by_side_with_one_thread_per_op_and_th
     thread for the while (restored after), in the caller's inference mode, with the serial scorer's rows."""
     import threading
 
-    from blip_ops.evidence import GradCam
+    from blip_ops.evidence import GradCam, Wanted
     from blip_ops.scorer import CPU_CHUNK_ROWS
 
     side_by_side = BlipScorer.from_pretrained(tiny_itm, device="cpu", max_text_tokens=35, chunk_workers=2)
@@ -215,10 +215,21 @@ def test_chunk_workers_run_the_chunks_side_by_side_with_one_thread_per_op_and_th
     assert threading.get_ident() not in {ident for ident, _, _ in seen}
     assert {threads for _, threads, _ in seen} == {1} and all(mode for _, _, mode in seen)
     assert torch.get_num_threads() == before
-    serial = scorer.score_explained(images, texts, wanted, GradCam(scorer.model, scorer.tokenizer))
-    np.testing.assert_allclose(got.itc, serial.itc, rtol=0, atol=1e-6)
-    np.testing.assert_allclose(got.itm, serial.itm, rtol=0, atol=1e-6)
-    assert [e is None for e in got.evidence] == [e is None for e in serial.evidence]
-    for a, b in zip(got.evidence, serial.evidence):
+    serial_cam = GradCam(scorer.model, scorer.tokenizer)
+    serial = scorer.score_explained(images, texts, wanted, serial_cam)
+    _same_rows(got, serial)
+    # The other evidence path: chunks wanted from ITC alone record their ITM pass's graph, each on its
+    # worker's thread (GradCam's hooks act per thread).
+    every = Wanted(lambda itc, itm: np.ones(len(itc), dtype=bool), lambda itc: np.ones(len(itc), dtype=bool))
+    recorded = side_by_side.score_explained(images, texts, every, GradCam(side_by_side.model, side_by_side.tokenizer))
+    _same_rows(recorded, scorer.score_explained(images, texts, every, serial_cam))
+    assert all(e is not None for e in recorded.evidence)
+
+
+def _same_rows(got, expected):
+    np.testing.assert_allclose(got.itc, expected.itc, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got.itm, expected.itm, rtol=0, atol=1e-6)
+    assert [e is None for e in got.evidence] == [e is None for e in expected.evidence]
+    for a, b in zip(got.evidence, expected.evidence):
         if a is not None:
             np.testing.assert_allclose(a.heat, b.heat, rtol=1e-4, atol=1e-6 * float(np.abs(b.heat).max()))

@@ -105,3 +105,17 @@ def test_all_explains_every_scored_row_with_the_scorers_own_evidence(tiny_itm):
 def test_an_unusable_layer_fails_the_stage_at_construction(tiny_itm):
     with pytest.raises(ValueError, match="last one"):
         _stage(tiny_itm, "flagged", layer=1)
+
+
+def test_the_wanted_rows_flagged_by_itc_are_known_before_itm(tiny_itm):
+    # What the scorer may record a chunk's graph for: rows the rule flags whatever their ITM.
+    itc = np.array([0.1, 0.3, 0.25, 0.2499], dtype=np.float32)
+    wanted = _stage(tiny_itm, "flagged")._wanted(0.5, 0.25)
+    known = wanted.from_itc(itc)
+    assert known.tolist() == [True, False, False, True]
+    for itm in (np.zeros(4, dtype=np.float32), np.ones(4, dtype=np.float32)):
+        assert wanted(itc, itm)[known].all()
+    assert wanted(itc, np.ones(4, dtype=np.float32)).tolist() == known.tolist()
+    assert _stage(tiny_itm, "flagged")._wanted(0.5, None).from_itc is None  # ITM flags only: known after ITM
+    every = _stage(tiny_itm, "all")._wanted(0.5, 0.25)
+    assert every.from_itc(itc).all() and every(itc, np.ones(4)).all()
