@@ -311,14 +311,22 @@ class LayerInput:
         if len(parts) == 1:
             return parts[0]
 
-        def rows(value, count):  # a mask broadcast over rows (first dimension 1) made explicit
+        def rows(value, like, count):
+            # A mask broadcast over rows (first dimension 1) made explicit. None is a chunk transformers
+            # found nothing to mask in (no padding) while another chunk has some: the same as a mask
+            # that masks nothing, which is what it becomes (additive 0, or boolean True).
+            if value is None:
+                value = torch.zeros_like(like[:1]) if like.dtype != torch.bool else torch.ones_like(like[:1])
             return value.expand(count, *value.shape[1:])
 
         kwargs = {}
-        for name, value in parts[0].kwargs.items():
-            if torch.is_tensor(value):
-                value = torch.cat([rows(p.kwargs[name], len(p.hidden)) for p in parts])
-            kwargs[name] = value
+        for name in parts[0].kwargs:
+            values = [p.kwargs[name] for p in parts]
+            like = next((v for v in values if torch.is_tensor(v)), None)
+            if like is None:
+                kwargs[name] = values[0]
+                continue
+            kwargs[name] = torch.cat([rows(v, like, len(p.hidden)) for v, p in zip(values, parts)])
         return LayerInput(torch.cat([p.hidden for p in parts]), encoder_hidden, kwargs)
 
     def take(self, index: torch.Tensor, width: int) -> LayerInput:

@@ -255,3 +255,22 @@ def test_two_threads_explaining_at_once_each_get_their_own_rows_maps(scorer, gra
     for i, evidence in enumerate(together):
         for got, want in zip(evidence, alone[i % 2]):
             _close(got.heat, want.heat)
+
+
+def test_a_chunk_with_no_padding_beside_one_with_padding_keeps_its_maps(scorer, gradcam, tiny_itm, monkeypatch):
+    # Transformers passes no attention mask for a chunk whose texts are all the batch's longest (nothing
+    # to mask) and a 4D one for a chunk with padding: joined, the first must mask nothing.
+    texts = ["a red cat on a white table"] * 4 + ["a cat", "shoe", "two dogs", "a red cup on a table"]
+    monkeypatch.setattr(scorer, "chunk_rows", 4)
+    mask = scorer.tokenize(texts).attention_mask
+    assert bool(mask[:4].all()) and not bool(mask[4:].all())  # chunk 0 unpadded, chunk 1 padded
+    data = _path_images()
+    images = [scorer.images.resize(decode_rgb(d)) for d in data]
+    paths = _Paths(gradcam, monkeypatch)
+    every = lambda itc, itm: np.ones(len(itc), dtype=bool)  # noqa: E731  (no from_itc: the kept-input path)
+    result = scorer.score_explained(images, texts, every, gradcam)
+    assert paths.calls == {"recorded": [], "from": [4, 4], "full": []}
+    reference = gradcam_reference(tiny_itm, gradcam.layer)
+    for image, text, item in zip(data, texts, result.evidence):
+        maps, _ = reference(image, text)
+        _close(item.heat, maps[1])
