@@ -235,7 +235,9 @@ class ScoreStage:
 
         cores = set_torch_threads(threads)
         workers = 1
-        if device == "cpu" and cores > 1:
+        # Only with the cores given (as a model actor is, from Resources): torch's threads are
+        # process-wide, and a stage built in a notebook or a test must not change its caller's.
+        if threads and device == "cpu" and cores > 1:
             # The actor's cores each run a chunk of the batch, every torch op on one thread, rather
             # than every op split across the cores: no OpenMP barrier to wait at while a decode task
             # holds a core (BlipScorer's chunk_workers; BENCHMARKS.md, "Chunks side by side").

@@ -55,3 +55,20 @@ def test_a_warm_audit_actor_gets_the_same_threads(ray_session, cpu_config):
         assert ray_session.get(scorer.torch_threads.remote()) == 1
     finally:
         warm.release()
+
+
+def test_a_stage_built_without_cores_leaves_its_callers_torch_threads_alone(tiny_itm):
+    """torch's threads are process-wide: only a stage given its cores (a model actor) takes them over."""
+    import torch
+
+    from pipelines.dataflow.stages import ScoreStage
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        stage = ScoreStage(model=tiny_itm, device="cpu", max_text_tokens=35, text_column="text")
+        assert (torch.get_num_threads(), stage.chunk_workers()) == (2, 1)
+        actor_like = ScoreStage(model=tiny_itm, device="cpu", max_text_tokens=35, text_column="text", threads=2)
+        assert (torch.get_num_threads(), actor_like.chunk_workers()) == (1, 2)
+    finally:
+        torch.set_num_threads(before)
