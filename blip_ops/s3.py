@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 
 import pyarrow.fs as pafs
 
@@ -65,3 +66,24 @@ def filesystem() -> RetryingS3FileSystem:
     """This process's S3 filesystem (building one costs credential and region look-ups, so it is
     shared by every call with the same endpoint settings)."""
     return _cached(_endpoint_settings())
+
+
+# The AWS SDK writes an error response's body into the reader's buffer, which for a small ranged
+# read (a Parquet footer) is smaller than the XML of a 500 or 503: the write fails, the status is
+# lost, and the SDK reports a non-retryable INTERNAL_FAILURE "Failed to flush response stream"
+# instead of retrying the throttling or server error it met (apache/doris #66557, milvus #49872
+# retry the same message). Seen here against the fault-injecting test store on the driver's reads.
+FLUSH_FAILURE = "Failed to flush response stream"
+READ_ATTEMPTS = 5
+
+
+def retry_flush_failures(read, attempts: int = READ_ATTEMPTS):
+    """``read()``, again (with a short backoff) while it fails with the SDK's flush failure; ``read``
+    must be safe to repeat (a whole read from the start, not a stream half consumed)."""
+    for attempt in range(attempts):
+        try:
+            return read()
+        except OSError as exc:
+            if FLUSH_FAILURE not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * 2**attempt)

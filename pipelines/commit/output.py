@@ -29,6 +29,8 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from blip_ops.s3 import retry_flush_failures
+
 from ..storage import Location, locate
 from .units import Unit, covered_ranges, missing_ranges, parse_piece
 
@@ -246,19 +248,27 @@ def durable(location: Location, attempt: Attempt) -> dict[int, list[tuple[int, i
     return covered_ranges(list(_pieces(location, attempt)))
 
 
+def _read_counted(fs: pafs.FileSystem, path: str, reasons: bool) -> tuple[pa.Table, int, bool]:
+    """One piece's small columns: the table, its rows with evidence, whether it has flag reasons."""
+    with fs.open_input_file(path) as source:
+        parquet = pq.ParquetFile(source)
+        # Pieces without flag_reasons (written by older code, or by tests) count no reasons.
+        with_reasons = reasons and "flag_reasons" in parquet.schema_arrow.names
+        table = parquet.read(columns=["status", "flagged"] + (["flag_reasons"] if with_reasons else []))
+        explained = 0
+        if "evidence" in parquet.schema_arrow.names:
+            explained = table.num_rows - parquet.read(columns=["evidence.layer"]).column(0).null_count
+    return table, explained, with_reasons
+
+
 def _count(fs: pafs.FileSystem, paths: list[str], by_reason: Counter | None = None) -> tuple[int, dict[str, int], int, int]:
     """Rows by status, flagged rows and rows with evidence, reading small columns file by file
     (of the evidence struct only its ``layer``, set wherever evidence was computed); with
     ``by_reason``, also flagged rows by reason (a row flagged for two counts under both), in the same reads."""
     rows, flagged, evidence, by_status = 0, 0, 0, Counter()
     for path in paths:
-        with fs.open_input_file(path) as source:
-            parquet = pq.ParquetFile(source)
-            # Pieces without flag_reasons (written by older code, or by tests) count no reasons.
-            with_reasons = by_reason is not None and "flag_reasons" in parquet.schema_arrow.names
-            table = parquet.read(columns=["status", "flagged"] + (["flag_reasons"] if with_reasons else []))
-            if "evidence" in parquet.schema_arrow.names:
-                evidence += table.num_rows - parquet.read(columns=["evidence.layer"]).column(0).null_count
+        table, explained, with_reasons = retry_flush_failures(lambda: _read_counted(fs, path, by_reason is not None))
+        evidence += explained
         rows += table.num_rows
         flagged += int(pa.compute.sum(table.column("flagged")).as_py() or 0)
         counts = pa.compute.value_counts(table.column("status").combine_chunks()) if table.num_rows else None
