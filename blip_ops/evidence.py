@@ -141,12 +141,12 @@ class GradCam:
         self.block.crossattention.self.register_forward_hook(self._attended)
 
     @contextlib.contextmanager
-    def _pass(self, keep: bool = False, leaf: bool = False):
-        """This thread's passes through the explained layer, within the block: ``keep`` what enters it
-        (``_Pass.kept``), make the entering hidden state the graph's ``leaf``; the attention
-        probabilities are kept either way (``_Pass.probs``)."""
+    def _pass(self, kept: list | None = None, leaf: bool = False):
+        """This thread's passes through the explained layer, within the block: append what enters it
+        to ``kept`` (a list, or None), make the entering hidden state the graph's ``leaf``; the
+        attention probabilities are kept either way (``_Pass.probs``)."""
         outer = getattr(self._local, "current", None)
-        current = _Pass([] if keep else None, leaf)
+        current = _Pass(kept, leaf)
         self._local.current = current
         try:
             yield current
@@ -178,7 +178,7 @@ class GradCam:
     def capturing(self):
         """Within it, every cross-attending pass this thread makes through the explained layer is kept
         (a ``LayerInput`` appended to the list it yields): references only, nothing is copied."""
-        with self._pass(keep=True) as current:
+        with self._pass(kept=[]) as current:
             yield current.kept
 
     def explain_from(self, entered: LayerInput, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[Evidence]:
@@ -197,21 +197,13 @@ class GradCam:
         yields what ``explain_recorded`` reads the attention probabilities from. What enters the layer
         is still kept for an enclosing ``capturing``."""
         outer = getattr(self._local, "current", None)
-        with self._pass(keep=outer is not None and outer.kept is not None, leaf=True) as current:
-            try:
-                yield current
-            finally:
-                if current.kept:
-                    outer.kept.extend(current.kept)
+        with self._pass(kept=outer.kept if outer is not None else None, leaf=True) as current:
+            yield current
 
-    def explain_recorded(self, logit: torch.Tensor, seen: dict, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[Evidence]:
+    def explain_recorded(self, logit: torch.Tensor, seen: _Pass, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[Evidence]:
         """``explain`` for every row of a pass recorded under ``recording``: only the backward runs.
         ``logit`` is that pass's positive ITM logit."""
-        import torch
-
-        with torch.enable_grad():
-            (grads,) = torch.autograd.grad(logit.sum(), seen.probs)
-        return self._maps(seen.probs.detach(), grads, input_ids, attention_mask)
+        return self._maps(*_backward(logit, seen.probs), input_ids, attention_mask)
 
     def _maps(self, probs, grads, input_ids, attention_mask) -> list[Evidence]:
         import torch
@@ -248,9 +240,7 @@ class GradCam:
                 encoder_hidden_states=embeds,
                 encoder_attention_mask=torch.ones(embeds.shape[:-1], dtype=torch.long, device=embeds.device),
             ).last_hidden_state
-            logit = self.itm_head(fused[:, 0, :])[:, 1]
-            (grads,) = torch.autograd.grad(logit.sum(), current.probs)
-        return current.probs.detach(), grads
+            return _backward(self.itm_head(fused[:, 0, :])[:, 1], current.probs)
 
     def _gradient_from(self, entered: LayerInput) -> tuple[torch.Tensor, torch.Tensor]:
         import torch
@@ -260,9 +250,17 @@ class GradCam:
             # The remaining layers called as BlipTextEncoder.forward calls them.
             for layer in self.text_encoder.encoder.layer[self.layer :]:
                 hidden = layer(hidden, entered.encoder_hidden, **entered.kwargs)
-            logit = self.itm_head(hidden[:, 0, :])[:, 1]
-            (grads,) = torch.autograd.grad(logit.sum(), current.probs)
-        return current.probs.detach(), grads
+            return _backward(self.itm_head(hidden[:, 0, :])[:, 1], current.probs)
+
+
+def _backward(logit: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention probabilities and their gradient with respect to the positive ITM logit (rows
+    are independent, so the sum's gradient is each row's own)."""
+    import torch
+
+    with torch.enable_grad():
+        (grads,) = torch.autograd.grad(logit.sum(), probs)
+    return probs.detach(), grads
 
 
 @dataclass
