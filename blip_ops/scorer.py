@@ -14,6 +14,7 @@ the device half takes the scorer's ``DeviceTurn`` and the host half does not, so
 scoring at once (Ray's two concurrent calls per actor) overlap one batch's host work with the
 other's model work (``blip_ops.overlap``). With ``shape_buckets`` the model sees only bucketed
 shapes (``blip_ops.buckets``); with ``compile`` on CUDA its encoders are compiled for them.
+In fp32 on an x86-64 CPU the image side's projections run on oneDNN (``blip_ops.cpu_kernels``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from torch.nn.functional import normalize
 from . import buckets
 from .attention import sdpa_vision_attention
 from .checkpoints import ITM, inspect_checkpoint, load_model, load_processor, resolve_device
+from .cpu_kernels import CHOICES as CPU_KERNELS
+from .cpu_kernels import pack_image_side, resolve_cpu_kernels
 from .overlap import DeviceTurn, ToHost, to_device
 from .precision import autocast, resolve_precision, weight_dtype
 from .preprocess import ImagePreparer, check_resize_settings
@@ -63,7 +66,7 @@ class BlipScorer:
     def __init__(
         self, model, processor, device: str = "cpu", max_text_tokens: int = 35, precision: str = "auto",
         vision_attention: str = "fused",
-        shape_buckets: bool = False, compile: bool = False, chunk_workers: int = 1,
+        shape_buckets: bool = False, compile: bool = False, chunk_workers: int = 1, cpu_kernels: str = "auto",
     ):
         self.model = model
         self.tokenizer = processor.tokenizer
@@ -85,6 +88,16 @@ class BlipScorer:
             log.warning("compile applies on CUDA only; scoring on %s runs eagerly", device)
         # A compiled model is specialised to its shapes: bucket them so ragged batches reuse graphs.
         self.shape_buckets = shape_buckets or self.compiled
+        if cpu_kernels not in CPU_KERNELS:
+            raise ValueError(f"cpu_kernels must be one of {', '.join(CPU_KERNELS)}, not {cpu_kernels!r}")
+        # The image side's projections on oneDNN: 1.5x less wall time per CPU scoring call on the
+        # project's AVX-512 machine, the same products summed in another order (blip_ops.cpu_kernels).
+        # fp32 on the CPU only: half precision has its own kernels, and a compiled model its own.
+        self.cpu_kernels = "torch"
+        if torch.device(device).type == "cpu" and self.precision == "fp32" and not self.compiled:
+            self.cpu_kernels = resolve_cpu_kernels(cpu_kernels)
+            if self.cpu_kernels == "onednn":
+                pack_image_side(model)
         self.vision_model, self.text_encoder = model.vision_model, model.text_encoder
         # On the CPU the passes run 8 rows at a time: a 64-row batch's activations (577 tokens each at
         # 384 px) overflow the caches, and the vision pass took 16% less wall time per image in chunks of
@@ -111,7 +124,7 @@ class BlipScorer:
     def from_pretrained(
         cls, reference: str, device: str = "auto", max_text_tokens: int = 35, precision: str = "auto",
         vision_attention: str = "fused",
-        shape_buckets: bool = False, compile: bool = False, chunk_workers: int = 1,
+        shape_buckets: bool = False, compile: bool = False, chunk_workers: int = 1, cpu_kernels: str = "auto",
     ) -> "BlipScorer":
         from transformers import BlipForImageTextRetrieval
 
@@ -123,7 +136,7 @@ class BlipScorer:
         processor = load_processor(reference)
         check_resize_settings(reference, processor.image_processor)
         return cls(model, processor, device, max_text_tokens, precision, vision_attention, shape_buckets, compile,
-                   chunk_workers)
+                   chunk_workers, cpu_kernels)
 
     def token_counts(self, texts: list[str]) -> np.ndarray:
         with self.tokenizer_lock:

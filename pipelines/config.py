@@ -144,6 +144,14 @@ class JobConfig(BaseModel):
         "eager, BENCHMARKS.md) or eager (transformers' own BlipAttention, bit for bit BlipForImageTextRetrieval's "
         "forward). Part of the score key.",
     )
+    cpu_kernels: Literal["auto", "onednn", "torch"] = Field(
+        "auto",
+        description="Matrix kernels for the image side of CPU scoring in fp32: onednn (the vision encoder's and the "
+        "cross-attention's image projections on oneDNN, prepacked: 1.5x less wall time per scoring call on an AVX-512 "
+        "CPU, scores within a few float32 steps of torch's, BENCHMARKS.md), torch (torch's own BLAS, bit for bit "
+        "BlipForImageTextRetrieval's forward), or auto (onednn on x86-64, torch elsewhere). Ignored on a GPU. "
+        "Part of the score key.",
+    )
     ray_address: str | None = Field(None, description="None starts a local Ray; 'auto' or an address joins a cluster.")
 
     score_actors: tuple[int, int] | None = Field(

@@ -66,6 +66,8 @@ def _unkeyed_defaults(body: dict) -> dict:
         body = {k: v for k, v in body.items() if k != "vision_attention"}
     if body.get("compiled") is False:  # eager kernels, as before torch_compile
         body = {k: v for k, v in body.items() if k != "compiled"}
+    if body.get("cpu_kernels") == "torch":  # torch's BLAS, as before cpu_kernels (and every GPU run)
+        body = {k: v for k, v in body.items() if k != "cpu_kernels"}
     return body
 
 
@@ -88,6 +90,9 @@ class ScoreSettings:
     # torch.compile on CUDA fuses kernels, which rounds differently. Left out of the digest when off,
     # so every key written before the option existed still matches.
     compiled: bool = False
+    # oneDNN's image-side projections on the CPU sum in another order (blip_ops.cpu_kernels): the
+    # setting as configured (auto or onednn) where it applies, fp32 on the CPU; torch elsewhere.
+    cpu_kernels: str = "torch"
 
     @property
     def digest(self) -> str:
@@ -122,7 +127,13 @@ def score_settings(config, itm_identity: str, device: str) -> ScoreSettings:
         vision_attention=config.vision_attention,
         decode_device=config.decode_device,
         compiled=config.torch_compile and device_kind(device) == "cuda",  # ignored on the CPU
+        cpu_kernels=_cpu_kernels(config, device),
     )
+
+
+def _cpu_kernels(config, device: str) -> str:
+    applies = device_kind(device) == "cpu" and effective_precision(config.precision, "cpu") == "fp32"
+    return config.cpu_kernels if applies else "torch"
 
 
 def caption_settings(config, caption_identity: str, device: str) -> CaptionSettings:

@@ -108,6 +108,7 @@ def score_stage_kwargs(config: JobConfig, resources: Resources) -> dict:
         "text_column": config.text_column,
         "precision": config.precision,
         "vision_attention": config.vision_attention,
+        "cpu_kernels": config.cpu_kernels,
         "threads": resources.score_threads,
         "evidence": config.evidence,
         "evidence_layer": config.evidence_layer,

@@ -225,7 +225,7 @@ class ScoreStage:
     def __init__(
         self, *, model: str, device: str, max_text_tokens: int, text_column: str, precision: str = "auto",
         threads: int | None = None, evidence: str = "none", evidence_layer: int | None = None,
-        vision_attention: str = "fused",
+        vision_attention: str = "fused", cpu_kernels: str = "auto",
         decode_device: str = "cpu", jpeg_backend: str = "torchvision",
         shape_buckets: bool = False, compile: bool = False,
     ):
@@ -250,7 +250,7 @@ class ScoreStage:
         # Resolved once here: an s3:// model comes from the node's model cache.
         self.scorer = BlipScorer.from_pretrained(
             local_checkpoint(model), device=device, max_text_tokens=max_text_tokens, precision=precision,
-            vision_attention=vision_attention,
+            vision_attention=vision_attention, cpu_kernels=cpu_kernels,
             shape_buckets=shape_buckets, compile=compile, chunk_workers=workers,
         )
         self.text_column = text_column
@@ -272,6 +272,10 @@ class ScoreStage:
     def chunk_workers(self) -> int:
         """Threads the scorer runs its CPU chunks on, side by side (1: one chunk at a time)."""
         return self.scorer.chunk_workers
+
+    def cpu_kernels(self) -> str:
+        """The kernels the image side really runs on here: onednn or torch (blip_ops.cpu_kernels)."""
+        return self.scorer.cpu_kernels
 
     def _wanted(self, itm_threshold: float | None, itc_threshold: float | None):
         from blip_ops.evidence import Wanted

@@ -74,11 +74,12 @@ def test_scorer_fuses_unless_told_eager(tiny_itm, monkeypatch, precision, vision
 
 
 def test_eager_scores_are_the_models_own_and_fused_ones_are_within_rounding(tiny_itm):
-    """eager is BlipForImageTextRetrieval's forward bit for bit; fused moves fp32 scores by rounding only."""
+    """eager (on torch's own kernels) is BlipForImageTextRetrieval's forward bit for bit; fused moves
+    fp32 scores by rounding only."""
     from transformers import BlipForImageTextRetrieval
 
-    eager = BlipScorer.from_pretrained(tiny_itm, device="cpu", vision_attention="eager")
-    fused = BlipScorer.from_pretrained(tiny_itm, device="cpu")
+    eager = BlipScorer.from_pretrained(tiny_itm, device="cpu", vision_attention="eager", cpu_kernels="torch")
+    fused = BlipScorer.from_pretrained(tiny_itm, device="cpu", cpu_kernels="torch")
     size = eager.images.height
     rng = np.random.default_rng(3)
     images = rng.integers(0, 256, (3, 3, size, size), dtype=np.uint8)

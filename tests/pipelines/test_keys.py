@@ -16,7 +16,7 @@ BASE = {"input": "in", "output": "out"}
 # fails here until this list (and the README's) says so.
 SCORE_KEY_FIELDS = {
     "itm_checkpoint", "max_text_tokens", "precision", "device", "jpeg_draft", "vision_attention", "scorer_version",
-    "decode_device", "compiled",
+    "decode_device", "compiled", "cpu_kernels",
 }
 CAPTION_KEY_FIELDS = {"caption_checkpoint", "prompt", "max_new_tokens", "precision", "device", "jpeg_draft", "captioner_version", "decode_device"}
 
@@ -50,7 +50,7 @@ def test_key_fields_are_the_listed_ones():
 
 
 def test_every_config_option_is_either_in_a_key_or_listed_as_not():
-    in_keys = {"max_text_tokens", "precision", "jpeg_draft", "caption_prompt", "max_new_tokens", "vision_attention", "decode_device", "torch_compile"}
+    in_keys = {"max_text_tokens", "precision", "jpeg_draft", "caption_prompt", "max_new_tokens", "vision_attention", "decode_device", "torch_compile", "cpu_kernels"}
     assert set(JobConfig.model_fields) == in_keys | NOT_IN_KEYS
 
 
@@ -65,6 +65,8 @@ def test_every_config_option_is_either_in_a_key_or_listed_as_not():
         ({"caption_prompt": "a photo of"}, False, True),
         ({"max_new_tokens": 7}, False, True),
         ({"vision_attention": "eager"}, True, False),
+        ({"cpu_kernels": "torch"}, True, False),
+        ({"cpu_kernels": "onednn"}, True, False),
     ],
 )
 def test_settings_that_change_numbers_change_the_key(change, score_moves, caption_moves):
@@ -77,14 +79,29 @@ def test_vision_attention_keys_only_where_it_differs_from_what_earlier_outputs_u
     """Before the option, fp32 ran eager and half precision fused: those digests stay as they were."""
     fp32 = build_config(BASE)
     before = dataclasses.asdict(keys.score_settings(fp32, "sha256:a", "cpu"))
-    del before["vision_attention"], before["decode_device"], before["compiled"]
+    del before["vision_attention"], before["decode_device"], before["compiled"], before["cpu_kernels"]
     earlier_digest = keys._digest(dict(before, kind="score"))
-    assert _digests(build_config(dict(BASE, vision_attention="eager")))[0] == earlier_digest
+    assert _digests(build_config(dict(BASE, vision_attention="eager", cpu_kernels="torch")))[0] == earlier_digest
     assert _digests(fp32)[0] != earlier_digest  # fused fp32 is new arithmetic
     bf16 = keys.score_settings(build_config(dict(BASE, precision="bf16")), "sha256:a", "cuda")
-    bf16_before = {k: v for k, v in dataclasses.asdict(bf16).items() if k not in ("vision_attention", "decode_device", "compiled")}
+    bf16_before = {k: v for k, v in dataclasses.asdict(bf16).items() if k not in ("vision_attention", "decode_device", "compiled", "cpu_kernels")}
     assert bf16.digest == keys._digest(dict(bf16_before, kind="score"))
     assert dataclasses.replace(bf16, vision_attention="eager").digest != bf16.digest
+
+
+def test_cpu_kernels_key_only_where_they_apply_and_torch_keeps_earlier_digests():
+    """torch's BLAS is what every output written before the option used; on a GPU, or in half
+    precision, the option changes nothing and so keys nothing."""
+    settings = keys.score_settings(build_config(dict(BASE, cpu_kernels="torch")), "sha256:a", "cpu")
+    body = {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("decode_device", "compiled", "cpu_kernels")}
+    assert settings.digest == keys._digest(dict(body, kind="score"))
+    for device, precision in (("cuda", "auto"), ("cuda", "fp32"), ("cpu", "bf16")):
+        digests = {
+            keys.score_settings(build_config(dict(BASE, cpu_kernels=kernels, precision=precision)), "sha256:a", device).digest
+            for kernels in ("auto", "onednn", "torch")
+        }
+        assert len(digests) == 1, (device, precision)
+    assert keys.score_settings(build_config(dict(BASE, cpu_kernels="onednn")), "sha256:a", "cpu").cpu_kernels == "onednn"
 
 
 def test_checkpoint_identity_device_and_versions_are_in_the_key():
@@ -132,6 +149,7 @@ def test_cpu_decoding_keeps_the_digests_outputs_written_before_decode_device_hav
     settings = keys.score_settings(config, "sha256:a", "cpu")
     body = {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("decode_device", "compiled")}
     assert settings.digest == keys._digest(dict(body, kind="score"))
+    assert settings.cpu_kernels == "auto"  # the default oneDNN projections are new arithmetic: keyed
     caption = keys.caption_settings(config, "sha256:b", "cpu")
     body = {k: v for k, v in dataclasses.asdict(caption).items() if k != "decode_device"}
     assert caption.digest == keys._digest(dict(body, kind="caption"))
@@ -145,5 +163,5 @@ def test_bf16_weights_is_its_own_precision_and_compile_keys_only_on_cuda():
     assert compiled.compiled and compiled.digest != eager.digest
     # Off, the field is left out of the digest: keys written before it existed still match.
     assert eager.digest == keys._digest(dict(
-        {k: v for k, v in dataclasses.asdict(eager).items() if k not in ("compiled", "decode_device", "vision_attention")},
+        {k: v for k, v in dataclasses.asdict(eager).items() if k not in ("compiled", "decode_device", "vision_attention", "cpu_kernels")},
         kind="score"))

@@ -17,9 +17,9 @@ def cpu_config(tiny_itm):
     return build_config({"input": "in", "output": "out", "itm_model": tiny_itm, "caption_model": "none", "device": "cpu"})
 
 
-def _pipeline_actor_threads(ray, config, resources) -> set[tuple[int, int]]:
-    """(torch threads, chunk workers) reported by ScoreStage actors built with exactly the pipeline's
-    map_batches arguments."""
+def _pipeline_actor_threads(ray, config, resources) -> set[tuple[int, int, str]]:
+    """(torch threads, chunk workers, image-side kernels) reported by ScoreStage actors built with
+    exactly the pipeline's map_batches arguments."""
     import ray.data
 
     from pipelines.dataflow import stages
@@ -30,10 +30,10 @@ def _pipeline_actor_threads(ray, config, resources) -> set[tuple[int, int]]:
 
     class ThreadProbe(stages.ScoreStage):  # defined here: pickled by value for Ray's workers
         def __call__(self, batch, **call_kwargs):  # the pipeline's per-call arguments (thresholds)
-            return pa.table({"threads": [self.torch_threads()], "workers": [self.chunk_workers()]})
+            return pa.table({"threads": [self.torch_threads()], "workers": [self.chunk_workers()], "kernels": [self.cpu_kernels()]})
 
     ds = ray.data.range(4, override_num_blocks=2).map_batches(ThreadProbe, **arguments)
-    return {(row["threads"], row["workers"]) for row in ds.take_all()}
+    return {(row["threads"], row["workers"], row["kernels"]) for row in ds.take_all()}
 
 
 def test_a_default_cpu_scoring_actor_runs_on_every_core_of_a_2_cpu_ray(ray_session, cpu_config):
@@ -41,8 +41,15 @@ def test_a_default_cpu_scoring_actor_runs_on_every_core_of_a_2_cpu_ray(ray_sessi
     assert (resources.score_cpus, resources.score_actors, resources.score_threads) == (1.0, (1, 1), 2)
     # Ray's reservation rule alone would leave it one thread (the old default; checked by hand
     # by dropping the setting: this test then fails with {(1, 1)}). Each core runs a chunk of the
-    # batch (BlipScorer.chunk_workers), every torch op on one thread.
-    assert _pipeline_actor_threads(ray_session, cpu_config, resources) == {(1, 2)}
+    # batch (BlipScorer.chunk_workers), every torch op on one thread; the image side on oneDNN
+    # (the default cpu_kernels=auto on this x86-64 machine; blip_ops.cpu_kernels).
+    assert _pipeline_actor_threads(ray_session, cpu_config, resources) == {(1, 2, "onednn")}
+
+
+def test_cpu_kernels_torch_reaches_the_actor(ray_session, tiny_itm):
+    config = build_config({"input": "in", "output": "out", "itm_model": tiny_itm, "caption_model": "none",
+                           "device": "cpu", "cpu_kernels": "torch"})
+    assert _pipeline_actor_threads(ray_session, config, resolve_resources(config, 0, 2)) == {(1, 2, "torch")}
 
 
 def test_a_warm_audit_actor_gets_the_same_threads(ray_session, cpu_config):
@@ -53,6 +60,7 @@ def test_a_warm_audit_actor_gets_the_same_threads(ray_session, cpu_config):
         scorer = warm.warm_stages(cpu_config, resources).scorer
         assert ray_session.get(scorer.chunk_workers.remote()) == resources.score_threads == 2
         assert ray_session.get(scorer.torch_threads.remote()) == 1
+        assert ray_session.get(scorer.cpu_kernels.remote()) == "onednn"
     finally:
         warm.release()
 

@@ -1,0 +1,96 @@
+"""oneDNN projections on the image side of the CPU scorer (blip_ops.cpu_kernels)."""
+
+import numpy as np
+import pytest
+import torch
+
+from blip_ops import cpu_kernels
+from blip_ops.cpu_kernels import PackedLinear, resolve_cpu_kernels
+from blip_ops.scorer import BlipScorer
+
+needs_onednn = pytest.mark.skipif(not cpu_kernels.onednn_available(), reason="this torch build has no oneDNN linear")
+
+
+@needs_onednn
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_packed_linear_is_torchs_linear_up_to_rounding(bias):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(384, 1152, bias=bias)
+    x = torch.randn(8, 577, 384)
+    with torch.inference_mode():
+        expected, packed = linear(x), PackedLinear(linear)(x)
+    assert packed.shape == expected.shape and packed.dtype == torch.float32
+    torch.testing.assert_close(packed, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(packed, expected)  # another kernel indeed (at this width the sums round apart)
+    # A non-contiguous input (a transposed view) gives the same values as its contiguous copy.
+    strided = torch.randn(384, 8 * 577).t()
+    with torch.inference_mode():
+        torch.testing.assert_close(PackedLinear(linear)(strided), linear(strided), rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_a_packed_linear_refuses_an_input_autograd_would_differentiate():
+    """oneDNN's kernel has no backward: torch would give no gradient without a word."""
+    packed = PackedLinear(torch.nn.Linear(16, 8))
+    x = torch.randn(4, 16, requires_grad=True)
+    with pytest.raises(RuntimeError, match="inference only"):
+        packed(x)
+    with torch.no_grad():
+        assert packed(x).shape == (4, 8)
+    assert packed(torch.randn(4, 16)).requires_grad is False  # grad on, but nothing to differentiate
+
+
+@needs_onednn
+def test_only_the_image_side_is_packed(tiny_itm):
+    scorer = BlipScorer.from_pretrained(tiny_itm, device="cpu")
+    assert scorer.cpu_kernels == "onednn"  # the default (auto) on this x86-64 machine
+    vision = [m for m in scorer.model.vision_model.modules() if isinstance(m, (torch.nn.Linear, PackedLinear))]
+    assert vision and all(type(m) is PackedLinear for m in vision)
+    packed, kept = set(), set()
+    for name, module in scorer.model.text_encoder.named_modules():
+        (packed if type(module) is PackedLinear else kept if type(module) is torch.nn.Linear else set()).add(name)
+    assert packed and all(name.endswith(("crossattention.self.key", "crossattention.self.value")) for name in packed)
+    layers = scorer.model.config.text_config.num_hidden_layers
+    assert len(packed) == 2 * layers
+    assert any(name.endswith("crossattention.self.query") for name in kept)  # the text side stays torch's
+    assert type(scorer.model.vision_proj) is torch.nn.Linear and type(scorer.model.itm_head) is torch.nn.Linear
+
+
+def test_torch_kernels_and_other_precisions_leave_the_model_alone(tiny_itm):
+    for scorer in (
+        BlipScorer.from_pretrained(tiny_itm, device="cpu", cpu_kernels="torch"),
+        BlipScorer.from_pretrained(tiny_itm, device="cpu", precision="bf16"),
+        BlipScorer.from_pretrained(tiny_itm, device="cpu", precision="bf16-weights", cpu_kernels="onednn"),
+    ):
+        assert scorer.cpu_kernels == "torch"
+        assert not any(type(m) is PackedLinear for m in scorer.model.modules())
+    with pytest.raises(ValueError, match="cpu_kernels"):
+        BlipScorer.from_pretrained(tiny_itm, device="cpu", cpu_kernels="mkl")
+
+
+@needs_onednn
+def test_onednn_scores_are_torchs_up_to_rounding(tiny_itm):
+    fast = BlipScorer.from_pretrained(tiny_itm, device="cpu")
+    exact = BlipScorer.from_pretrained(tiny_itm, device="cpu", cpu_kernels="torch")
+    size = exact.images.height
+    images = np.random.default_rng(5).integers(0, 256, (12, 3, size, size), dtype=np.uint8)
+    texts = [f"a {c} {s}" for c in ("red", "blue", "green") for s in ("shirt", "car", "dog", "cup")]
+    itc_fast, itm_fast, _ = fast.score(images, texts)
+    itc_exact, itm_exact, _ = exact.score(images, texts)
+    assert float(np.ptp(itm_exact)) > 0.05  # the tiny checkpoint is at unit gain: rows differ, a real comparison
+    np.testing.assert_allclose(itm_fast, itm_exact, rtol=0, atol=2e-6)
+    np.testing.assert_allclose(itc_fast, itc_exact, rtol=0, atol=2e-6)
+
+
+def test_auto_is_onednn_on_x86_only_and_an_explicit_onednn_must_be_able_to_run(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "onednn_available", lambda: True)
+    monkeypatch.setattr(cpu_kernels.platform, "machine", lambda: "x86_64")
+    assert resolve_cpu_kernels("auto") == "onednn" and resolve_cpu_kernels("torch") == "torch"
+    monkeypatch.setattr(cpu_kernels.platform, "machine", lambda: "arm64")
+    assert resolve_cpu_kernels("auto") == "torch" and resolve_cpu_kernels("onednn") == "onednn"
+    monkeypatch.setattr(cpu_kernels, "onednn_available", lambda: False)
+    assert resolve_cpu_kernels("auto") == "torch"
+    with pytest.raises(ValueError, match="no oneDNN"):
+        resolve_cpu_kernels("onednn")
+    with pytest.raises(ValueError, match="one of"):
+        resolve_cpu_kernels("fast")
