@@ -77,7 +77,8 @@ def _scorer(args, device: str, precision: str, **options):
     with torch.device(device):
         model = BlipForImageTextRetrieval(config).eval().to(weight_dtype(precision))
     processor = bench_itm_processor(config.vision_config.image_size)
-    return BlipScorer(model, processor, device, max_text_tokens=35, precision=precision, **options)
+    # torch's kernels on the CPU smoke run: the fp32 side is the reference these levers drift from.
+    return BlipScorer(model, processor, device, max_text_tokens=35, precision=precision, cpu_kernels="torch", **options)
 
 
 def _captioner(args, device: str, precision: str = "auto"):

@@ -1,12 +1,12 @@
 """oneDNN matrix kernels for the image side of the CPU scorer.
 
 torch's fp32 ``linear`` on the CPU calls MKL's sgemm. On the project's 2-core AMD EPYC (AVX-512),
-one core reached 100-107 GFLOP/s through MKL at the vision encoder's four projection shapes
-(8 images x 577 tokens against 384->1152, 384->384, 384->1536, 1536->384) and 241-248 GFLOP/s
+one core reached 103-107 GFLOP/s through MKL at the vision encoder's four projection shapes
+(8 images x 577 tokens against 384->1152, 384->384, 384->1536, 1536->384) and 237-244 GFLOP/s
 through oneDNN with the weights prepacked once (``mkldnn::_reorder_linear_weight``, the kernel
 torch's own inductor uses on the CPU): MKL does not drive this CPU's AVX-512 units as oneDNN does.
 Those projections are about 80% of the vision pass, which is about 80% of a CPU scoring call;
-a whole ``BlipScorer.score`` call on 2 chunk workers took 1.5x less wall time
+a whole ``BlipScorer.score`` call ran 1.63x faster on 2 chunk workers and took 35% less CPU
 (``benchmarks/cpu_kernels.py``, BENCHMARKS.md "oneDNN projections on the CPU").
 
 The same products summed in another order: equal up to float rounding, not bit for bit (drift
@@ -59,8 +59,10 @@ class PackedLinear(torch.nn.Module):
     def __init__(self, linear: torch.nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), PACKED_FOR_ROWS)
-        self.bias = None if linear.bias is None else linear.bias.detach()
+        # Buffers (so a module's memory is still counted by its buffers), not in the state dict: a
+        # packed layout is this process's, never a checkpoint's.
+        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), PACKED_FOR_ROWS), persistent=False)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.requires_grad and torch.is_grad_enabled():

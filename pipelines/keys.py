@@ -1,7 +1,7 @@
 """Content keys: what a row's scores and caption are a pure function of, named once.
 
 A row's scores depend on the image bytes, the text, the ITM checkpoint's *content*, the
-text truncation, the arithmetic (precision on a device kind), JPEG draft decoding, where JPEGs are
+text truncation, the arithmetic (precision on a device kind, and the CPU's image-side kernels), JPEG draft decoding, where JPEGs are
 decoded (``decode_device``: nvJPEG's pixels are not Pillow's) and the
 scorer's code; its caption on the image bytes, the caption checkpoint's content, the
 prompt, the generation length, the arithmetic, draft decoding and the captioner's code.

@@ -187,7 +187,7 @@ class _PassClock:
         self._last = now
 
 
-def decode_needed(batch: pa.Table, **decode: dict) -> pa.Table:
+def decode_needed(batch: pa.Table, **decode) -> pa.Table:
     """Decode, then keep only the pixels each row is to be computed by, in the same task.
 
     As a stage of its own this was a task-pool operator between decode and the model actors: Ray
