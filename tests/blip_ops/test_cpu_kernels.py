@@ -46,9 +46,9 @@ def test_only_the_image_side_is_packed(tiny_itm):
     assert scorer.cpu_kernels == "onednn"  # the default (auto) on this x86-64 machine
     vision = [m for m in scorer.model.vision_model.modules() if isinstance(m, (torch.nn.Linear, PackedLinear))]
     assert vision and all(type(m) is PackedLinear for m in vision)
-    packed, kept = set(), set()
-    for name, module in scorer.model.text_encoder.named_modules():
-        (packed if type(module) is PackedLinear else kept if type(module) is torch.nn.Linear else set()).add(name)
+    text_side = list(scorer.model.text_encoder.named_modules())
+    packed = {name for name, module in text_side if type(module) is PackedLinear}
+    kept = {name for name, module in text_side if type(module) is torch.nn.Linear}
     assert packed and all(name.endswith(("crossattention.self.key", "crossattention.self.value")) for name in packed)
     layers = scorer.model.config.text_config.num_hidden_layers
     assert len(packed) == 2 * layers
