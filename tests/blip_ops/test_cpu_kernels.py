@@ -1,14 +1,32 @@
 """oneDNN projections on the image side of the CPU scorer (blip_ops.cpu_kernels)."""
 
+import collections
+
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from blip_ops import cpu_kernels
 from blip_ops.cpu_kernels import PackedLinear, resolve_cpu_kernels
 from blip_ops.scorer import BlipScorer
 
 needs_onednn = pytest.mark.skipif(not cpu_kernels.onednn_available(), reason="this torch build has no oneDNN linear")
+ONEDNN_LINEAR = "mkldnn._linear_pointwise"
+
+
+class OpsRan(TorchDispatchMode):
+    """Counts the operators torch dispatched inside the block: which kernel ran is proved by the op
+    called, never by the numbers differing (on some CPUs, an Intel Xeon with AMX among them, MKL and
+    oneDNN return the same bits; on an AMD EPYC they round apart)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
 
 
 @needs_onednn
@@ -17,11 +35,17 @@ def test_a_packed_linear_is_torchs_linear_up_to_rounding(bias):
     torch.manual_seed(0)
     linear = torch.nn.Linear(384, 1152, bias=bias)
     x = torch.randn(8, 577, 384)
+    packed_linear = PackedLinear(linear)
     with torch.inference_mode():
-        expected, packed = linear(x), PackedLinear(linear)(x)
+        with OpsRan() as torch_ops:
+            expected = linear(x)
+        with OpsRan() as packed_ops:
+            packed = packed_linear(x)
     assert packed.shape == expected.shape and packed.dtype == torch.float32
     torch.testing.assert_close(packed, expected, rtol=1e-5, atol=1e-5)
-    assert not torch.equal(packed, expected)  # another kernel indeed (at this width the sums round apart)
+    # Another kernel indeed: oneDNN's linear ran, and nothing of torch's own.
+    assert packed_ops.counts == {ONEDNN_LINEAR: 1}
+    assert torch_ops.counts[ONEDNN_LINEAR] == 0 and torch_ops.counts["aten.linear"] == 1
     # A non-contiguous input (a transposed view) gives the same values as its contiguous copy.
     strided = torch.randn(384, 8 * 577).t()
     with torch.inference_mode():
@@ -54,6 +78,29 @@ def test_only_the_image_side_is_packed(tiny_itm):
     assert len(packed) == 2 * layers
     assert any(name.endswith("crossattention.self.query") for name in kept)  # the text side stays torch's
     assert type(scorer.model.vision_proj) is torch.nn.Linear and type(scorer.model.itm_head) is torch.nn.Linear
+
+
+@needs_onednn
+def test_a_score_call_runs_the_packed_layers_on_onednn_and_only_them(tiny_itm):
+    """What ran, not what it computed: every oneDNN call of a score call is a packed layer's
+    forward, each packed layer ran, and with ``cpu_kernels=torch`` no oneDNN linear runs at all."""
+    size = BlipScorer.from_pretrained(tiny_itm, device="cpu", cpu_kernels="torch").images.height
+    images = np.random.default_rng(1).integers(0, 256, (3, 3, size, size), dtype=np.uint8)
+    texts = ["a red shirt", "a blue car", "a green dog"]
+    counts = {}
+    for kernels in ("onednn", "torch"):
+        scorer = BlipScorer.from_pretrained(tiny_itm, device="cpu", cpu_kernels=kernels)
+        forwards = collections.Counter()
+        for name, module in scorer.model.named_modules():
+            if type(module) is PackedLinear:
+                module.register_forward_hook(lambda m, i, o, name=name: forwards.update([name]))
+        with OpsRan() as ops:
+            scorer.score(images, texts)
+        counts[kernels] = (ops.counts[ONEDNN_LINEAR], forwards)
+    onednn_calls, forwards = counts["onednn"]
+    packed_names = {n for n, m in BlipScorer.from_pretrained(tiny_itm, device="cpu").model.named_modules() if type(m) is PackedLinear}
+    assert set(forwards) == packed_names and onednn_calls == sum(forwards.values()) > 0
+    assert counts["torch"] == (0, collections.Counter())
 
 
 def test_torch_kernels_and_other_precisions_leave_the_model_alone(tiny_itm):
