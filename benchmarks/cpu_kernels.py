@@ -2,6 +2,7 @@
 
     python -m benchmarks.cpu_kernels            # about 3 minutes on 2 cores
     python -m benchmarks.cpu_kernels --smoke    # tiny shapes (run by the tests)
+    python -m benchmarks.cpu_kernels --gemm-only --gemm-repeats 40   # the GEMM table alone, about 1 minute
 
 Why it exists: ``cpu_kernels=auto`` puts the vision encoder's and the cross-attention's image
 projections on oneDNN (``blip_ops.cpu_kernels``) by default on x86-64, and a default that moves
@@ -34,6 +35,8 @@ SHAPES = [(384, 1152), (384, 384), (384, 1536), (1536, 384)]  # qkv, projection,
 
 
 def gemm_gflops(rows: int, shapes, repeats: int) -> list[dict]:
+    """Each kernel timed right after the other, call by call: the per-call ratio's median holds on
+    a busy machine, where best-of GFLOP/s alone would say more about the neighbours."""
     import torch
 
     from blip_ops.cpu_kernels import PackedLinear
@@ -44,18 +47,21 @@ def gemm_gflops(rows: int, shapes, repeats: int) -> list[dict]:
         packed = PackedLinear(linear)
         x = torch.randn(rows, width)
         flops = 2 * rows * width * out
-        seconds = {}
+        seconds = {"torch": [], "onednn": []}
         with torch.inference_mode():
-            for name, fn in (("torch", linear), ("onednn", packed)):
-                fn(x)
-                started = time.perf_counter()
-                for _ in range(repeats):
+            linear(x), packed(x)
+            for _ in range(repeats):
+                for name, fn in (("torch", linear), ("onednn", packed)):
+                    started = time.perf_counter()
                     fn(x)
-                seconds[name] = (time.perf_counter() - started) / repeats
+                    seconds[name].append(time.perf_counter() - started)
+            same_bits = torch.equal(linear(x), packed(x))
         results.append({
             "shape": f"{rows}x{width} @ {width}x{out}",
-            "torch_gflops": round(flops / seconds["torch"] / 1e9, 1),
-            "onednn_gflops": round(flops / seconds["onednn"] / 1e9, 1),
+            "torch_gflops": round(flops / statistics.median(seconds["torch"]) / 1e9, 1),
+            "onednn_gflops": round(flops / statistics.median(seconds["onednn"]) / 1e9, 1),
+            "torch_over_onednn_median": round(statistics.median(t / o for t, o in zip(seconds["torch"], seconds["onednn"])), 3),
+            "same_bits": same_bits,
         })
     return results
 
@@ -154,7 +160,16 @@ def main(argv=None) -> None:
     parser.add_argument("--gemm-repeats", type=int, default=20)
     parser.add_argument("--workdir")
     parser.add_argument("--smoke", action="store_true", help="tiny checkpoint, few rows: checks the script runs")
+    parser.add_argument("--gemm-only", action="store_true", help="only the GEMM throughput at the four shapes (about 1 minute)")
     args = parser.parse_args(argv)
+    if args.gemm_only:
+        import torch
+
+        torch.set_num_threads(1)
+        print(json.dumps({"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+                          "load_average": [round(x, 2) for x in os.getloadavg()], "torch": torch.__version__,
+                          "gemm_one_thread": gemm_gflops(8 * 577, SHAPES, args.gemm_repeats)}, indent=2))
+        return
     if args.smoke:
         args.rows, args.batch_size, args.rounds, args.gemm_repeats = min(args.rows, 8), min(args.batch_size, 4), 1, 2
     print(json.dumps(measure(args), indent=2))

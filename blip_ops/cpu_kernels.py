@@ -9,6 +9,11 @@ Those projections are about 80% of the vision pass, which is about 80% of a CPU 
 a whole ``BlipScorer.score`` call ran 1.63x faster on 2 chunk workers and took 35% less CPU
 (``benchmarks/cpu_kernels.py``, BENCHMARKS.md "oneDNN projections on the CPU").
 
+On an Intel Xeon (family 6, model 167, AVX-512 with AMX) MKL is at home: the same four shapes ran
+level on both kernels (torch over oneDNN 0.99-1.05, interleaved, one thread), and three of the four
+returned the same bits. So ``auto`` chooses per CPU vendor, from what was measured: oneDNN on AMD,
+torch's own kernels on Intel and everywhere else (ARM was not measured).
+
 The same products summed in another order: equal up to float rounding, not bit for bit (drift
 measured beside the fused attention's in BENCHMARKS.md). Only the image side is packed: every
 Linear of the vision encoder, and the key and value projections of the text encoder's
@@ -21,6 +26,7 @@ a chunk that records its graph for evidence computes the same bits as one that d
 from __future__ import annotations
 
 import platform
+from pathlib import Path
 
 import torch
 
@@ -35,9 +41,33 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(ops, "_linear_pointwise") and hasattr(ops, "_reorder_linear_weight")
 
 
+# Where ``auto`` takes oneDNN: the x86-64 vendors on which it measured faster than torch's own
+# kernels (BLAS). AMD EPYC: 2.3x the GFLOP/s of MKL, a score call 1.63x faster. Intel Xeon: level.
+ONEDNN_FASTER_ON = frozenset({"amd"})
+
+
+def cpu_vendor() -> str:
+    """``amd``, ``intel`` or ``other``: the CPU's vendor, from /proc/cpuinfo where there is one
+    (Linux, every Ray worker image), else from ``platform.processor()``."""
+    text = ""
+    try:
+        with Path("/proc/cpuinfo").open() as cpuinfo:
+            text = next((line for line in cpuinfo if line.startswith("vendor_id")), "")
+    except OSError:
+        pass
+    text = (text or platform.processor() or "").lower()
+    if "authenticamd" in text or "amd" in text.split():
+        return "amd"
+    if "genuineintel" in text or "intel" in text:
+        return "intel"
+    return "other"
+
+
 def resolve_cpu_kernels(choice: str) -> str:
-    """``auto`` is oneDNN on x86-64, where it was measured, and torch's own BLAS elsewhere (an ARM
-    laptop's oneDNN build was not measured); ``onednn`` where it cannot run is an error."""
+    """``auto`` is oneDNN on an x86-64 CPU of a vendor where oneDNN measured faster
+    (``ONEDNN_FASTER_ON``), and torch's own BLAS elsewhere: on an Intel Xeon they measured level,
+    and torch's kernels keep the scores bit for bit transformers' (ARM was not measured);
+    ``onednn`` where it cannot run is an error."""
     if choice not in CHOICES:
         raise ValueError(f"cpu_kernels must be one of {', '.join(CHOICES)}, not {choice!r}")
     if choice == "torch":
@@ -47,7 +77,7 @@ def resolve_cpu_kernels(choice: str) -> str:
             raise ValueError("cpu_kernels=onednn: this torch build has no oneDNN linear kernels; use cpu_kernels=torch")
         return "onednn"
     x86 = platform.machine().lower() in ("x86_64", "amd64")
-    return "onednn" if x86 and onednn_available() else "torch"
+    return "onednn" if x86 and cpu_vendor() in ONEDNN_FASTER_ON and onednn_available() else "torch"
 
 
 class PackedLinear(torch.nn.Module):

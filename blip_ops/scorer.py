@@ -14,7 +14,8 @@ the device half takes the scorer's ``DeviceTurn`` and the host half does not, so
 scoring at once (Ray's two concurrent calls per actor) overlap one batch's host work with the
 other's model work (``blip_ops.overlap``). With ``shape_buckets`` the model sees only bucketed
 shapes (``blip_ops.buckets``); with ``compile`` on CUDA its encoders are compiled for them.
-In fp32 on an x86-64 CPU the image side's projections run on oneDNN (``blip_ops.cpu_kernels``).
+In fp32 on an AMD x86-64 CPU the image side's projections run on oneDNN (``blip_ops.cpu_kernels``;
+on Intel, where MKL measured level with it, they stay on torch's).
 """
 
 from __future__ import annotations

@@ -147,9 +147,10 @@ class JobConfig(BaseModel):
     cpu_kernels: Literal["auto", "onednn", "torch"] = Field(
         "auto",
         description="Matrix kernels for the image side of CPU scoring in fp32: onednn (the vision encoder's and the "
-        "cross-attention's image projections on oneDNN, prepacked: a scoring call 1.63x faster on an AVX-512 CPU, "
+        "cross-attention's image projections on oneDNN, prepacked: a scoring call 1.63x faster on an AMD EPYC, level on "
+        "an Intel Xeon, "
         "ITM within 5.4e-7 and ITC within 1.0e-7 of torch's, BENCHMARKS.md), torch (torch's own BLAS, bit for bit "
-        "BlipForImageTextRetrieval's forward), or auto (onednn on x86-64, torch elsewhere). Ignored on a GPU. "
+        "BlipForImageTextRetrieval's forward), or auto (onednn on AMD x86-64, where it measured faster; torch elsewhere). Ignored on a GPU. "
         "Part of the score key.",
     )
     ray_address: str | None = Field(None, description="None starts a local Ray; 'auto' or an address joins a cluster.")

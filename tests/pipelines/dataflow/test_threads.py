@@ -7,6 +7,7 @@ Ray ran torch on one thread while the other core idled (BENCHMARKS.md: 0.62x the
 import pyarrow as pa
 import pytest
 
+from blip_ops.cpu_kernels import resolve_cpu_kernels
 from pipelines.config import build_config
 from pipelines.dataflow.resources import resolve_resources
 from tests.pipelines.dataflow.test_resources import _RecordingDataset
@@ -41,9 +42,9 @@ def test_a_default_cpu_scoring_actor_runs_on_every_core_of_a_2_cpu_ray(ray_sessi
     assert (resources.score_cpus, resources.score_actors, resources.score_threads) == (1.0, (1, 1), 2)
     # Ray's reservation rule alone would leave it one thread (the old default; checked by hand
     # by dropping the setting: this test then fails with {(1, 1)}). Each core runs a chunk of the
-    # batch (BlipScorer.chunk_workers), every torch op on one thread; the image side on oneDNN
-    # (the default cpu_kernels=auto on this x86-64 machine; blip_ops.cpu_kernels).
-    assert _pipeline_actor_threads(ray_session, cpu_config, resources) == {(1, 2, "onednn")}
+    # batch (BlipScorer.chunk_workers), every torch op on one thread; the image side on the kernels
+    # the default cpu_kernels=auto picks for this machine's CPU (blip_ops.cpu_kernels: oneDNN on AMD).
+    assert _pipeline_actor_threads(ray_session, cpu_config, resources) == {(1, 2, resolve_cpu_kernels("auto"))}
 
 
 def test_cpu_kernels_torch_reaches_the_actor(ray_session, tiny_itm):
@@ -60,7 +61,7 @@ def test_a_warm_audit_actor_gets_the_same_threads(ray_session, cpu_config):
         scorer = warm.warm_stages(cpu_config, resources).scorer
         assert ray_session.get(scorer.chunk_workers.remote()) == resources.score_threads == 2
         assert ray_session.get(scorer.torch_threads.remote()) == 1
-        assert ray_session.get(scorer.cpu_kernels.remote()) == "onednn"
+        assert ray_session.get(scorer.cpu_kernels.remote()) == resolve_cpu_kernels("auto")
     finally:
         warm.release()
 
