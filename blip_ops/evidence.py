@@ -113,11 +113,18 @@ def top_words(tokens: list[str], weights: np.ndarray, skip: set[str], limit: int
 
 
 class GradCam:
-    """Evidence for rows the scorer has already embedded: ``explain(image_embeds, input_ids, attention_mask)``."""
+    """Evidence for rows the scorer has already embedded: ``explain(image_embeds, input_ids, attention_mask)``.
 
-    def __init__(self, model, tokenizer, layer: int | None = None):
+    ``reuse_scoring_pass=False`` makes every map come from ``explain``'s own fp32 text-encoder pass
+    even where the scoring pass could serve (fp32, eager): the path half precision and bf16 weights
+    always take, so CUDA's default (``auto`` is bf16 there). It exists so that path can be compared
+    with the LAVIS port in fp32 on a CPU, and timed against the scoring-pass paths; the maps are the
+    same either way, up to fp32 rounding."""
+
+    def __init__(self, model, tokenizer, layer: int | None = None, reuse_scoring_pass: bool = True):
         text_layers = model.config.text_config.num_hidden_layers
         self.layer = check_layer(layer, text_layers)
+        self.reuse_scoring_pass = reuse_scoring_pass
         vision = model.config.vision_config
         self.rows = self.cols = vision.image_size // vision.patch_size
         self.tokenizer = tokenizer

@@ -214,8 +214,12 @@ class BlipScorer:
     def reuses_layers(self, gradcam) -> bool:
         """Whether evidence can start from the scoring pass's hidden state at the explained layer: only
         when that pass is the fp32 one evidence runs anyway (not autocast, not bf16 weights, whose
-        evidence runs on an fp32 copy), and eager (a compiled encoder is not hooked)."""
-        return self.precision == "fp32" and gradcam.text_encoder is self.model.text_encoder and not self.compiled
+        evidence runs on an fp32 copy), eager (a compiled encoder is not hooked), and ``gradcam`` was not
+        told to run its own pass (``GradCam(reuse_scoring_pass=False)``)."""
+        return (
+            gradcam.reuse_scoring_pass and self.precision == "fp32"
+            and gradcam.text_encoder is self.model.text_encoder and not self.compiled
+        )
 
     def _score(self, images, texts: list[str], keep_embeds: bool = False, capture=None, recorder=None):
         if len(images) != len(texts):

@@ -79,8 +79,11 @@ def _bert_tokenizer(vocab: list[str]) -> BertTokenizer:
     )
 
 
-def build_tiny_itm(directory: str | Path, seed: int = 0) -> Path:
-    """Write a tiny ``BlipForImageTextRetrieval`` checkpoint with its processor to ``directory``."""
+def build_tiny_itm(directory: str | Path, seed: int = 0, text_layers: int = 2) -> Path:
+    """Write a tiny ``BlipForImageTextRetrieval`` checkpoint with its processor to ``directory``.
+
+    ``text_layers``: the text encoder's depth. Two is enough for scores; evidence can then explain
+    layer 0 only (the last is refused), so its tests above layer 0 use a deeper one."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     vocab = _bert_vocab()
@@ -91,7 +94,7 @@ def build_tiny_itm(directory: str | Path, seed: int = 0) -> Path:
             "hidden_size": 32,
             "encoder_hidden_size": 32,
             "intermediate_size": 64,
-            "num_hidden_layers": 2,
+            "num_hidden_layers": text_layers,
             "num_attention_heads": 4,
             "max_position_embeddings": 64,
             "pad_token_id": vocab.index("[PAD]"),

@@ -37,6 +37,15 @@ def tiny_caption(tiny_models) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_itm_4_layers(tmp_path_factory) -> str:
+    """The tiny ITM checkpoint with a 4-layer text encoder (the vision side as ``tiny_itm``'s): evidence
+    can explain layers 1 and 2 of it, as production explains layer 6 of BLIP-base's 12."""
+    from blip_ops.tiny import build_tiny_itm
+
+    return str(build_tiny_itm(tmp_path_factory.mktemp("checkpoints") / "tiny-blip-itm-4-layers", text_layers=4))
+
+
+@pytest.fixture(scope="session")
 def ray_session(request):
     import ray
 

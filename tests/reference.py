@@ -64,21 +64,30 @@ def agreement_reference(directory: str):
     return similarity
 
 
-def gradcam_reference(checkpoint: str, block_num: int):
-    """``gradcam(image_bytes, text) -> (maps, tokens)``: LAVIS's ``compute_gradcam`` (blip_image_text_matching.py)
-    ported onto ``BlipForImageTextRetrieval`` for one pair, as transformers scores it ([CLS] first, no [ENC]).
+def gradcam_reference(checkpoint: str, block_num: int, weights: torch.dtype = torch.float32):
+    """``gradcam(image_bytes, text, image_embeds=None) -> (maps, tokens)``: LAVIS's ``compute_gradcam``
+    (blip_image_text_matching.py) ported onto ``BlipForImageTextRetrieval`` for one pair, as transformers
+    scores it ([CLS] first, no [ENC]), in fp32.
 
     ``maps`` is LAVIS's list for the pair: row 0 the [CLS] token's map, row 1 the mean over the word
     tokens, then one row per token after [CLS]; each ``rows*cols`` values. ``tokens``: the tokens after [CLS].
+
+    For half-precision scoring, whose maps are still computed in fp32: ``weights=torch.bfloat16`` loads
+    the weights in bf16 (as ``--precision bf16-weights`` stores them) before the port runs in fp32 on
+    them; ``image_embeds`` (``(1, patches + 1, width)``) are the embeddings the text encoder attends to,
+    in place of this model's own fp32 vision pass (a half-precision one is not repeatable here bit for bit).
     """
     processor = _processor(checkpoint)
-    model = BlipForImageTextRetrieval.from_pretrained(checkpoint).eval()
+    model = BlipForImageTextRetrieval.from_pretrained(checkpoint, dtype=weights).float().eval()
     side = model.config.vision_config.image_size // model.config.vision_config.patch_size
     heads = model.config.text_config.num_attention_heads
 
-    def gradcam(data: bytes, text: str):
+    def gradcam(data: bytes, text: str, image_embeds: torch.Tensor | None = None):
         inputs = processor(images=_open(data), text=text, return_tensors="pt")
-        image_embeds = model.vision_model(pixel_values=inputs["pixel_values"]).last_hidden_state
+        if image_embeds is None:
+            image_embeds = model.vision_model(pixel_values=inputs["pixel_values"]).last_hidden_state
+        else:
+            image_embeds = image_embeds.float().clone()  # a normal tensor, also if made in inference mode
         image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long)
         out = model.text_encoder(
             input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
