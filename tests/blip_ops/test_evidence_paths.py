@@ -49,19 +49,27 @@ def _explained(scorer, gradcam, wanted, monkeypatch):
     """``score_explained`` over PATH_TEXTS, the image embeddings its vision pass made (batch order),
     and which path computed the maps (``_Paths.calls``)."""
     images = [scorer.images.resize(decode_rgb(d)) for d in _path_images()]
-    embeds = []
-    handle = scorer.model.vision_model.register_forward_hook(lambda _m, _a, out: embeds.append(out.last_hidden_state))
+    seen = []  # (pixels, embeddings) per vision pass: one per chunk, in any order with chunk workers
+    handle = scorer.model.vision_model.register_forward_hook(
+        lambda _m, _a, kwargs, out: seen.append((kwargs["pixel_values"], out.last_hidden_state)), with_kwargs=True
+    )
     paths = _Paths(gradcam, monkeypatch)
     try:
         result = scorer.score_explained(images, PATH_TEXTS, wanted, gradcam)
     finally:
         handle.remove()
+    # Each chunk put back at its rows, found by its pixels (the batch's images all differ).
+    with torch.inference_mode():
+        pixels = scorer.images.to_device_pixel_values(images, "cpu", next(scorer.model.parameters()).dtype)
+    at = {next(s for s in range(len(pixels)) if torch.equal(pixels[s : s + len(p)], p)): e for p, e in seen}
+    embeds = torch.cat([at[start] for start in sorted(at)])
+    assert len(embeds) == len(images)
     # The scores are the plain scorer's, bit for bit, whichever path the maps took.
     itc, itm, _ = scorer.score(images, PATH_TEXTS)
     np.testing.assert_array_equal(result.itc, itc)
     np.testing.assert_array_equal(result.itm, itm)
     assert [e is not None for e in result.evidence] == list(wanted(itc, itm))
-    return result.evidence, torch.cat(embeds), paths.calls
+    return result.evidence, embeds, paths.calls
 
 
 def _assert_the_port(evidence, reference, layer, embeds=None):
