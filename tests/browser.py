@@ -13,10 +13,13 @@ import asyncio
 import base64
 import contextlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,12 +48,13 @@ class PageResult:
         return self.console_errors + self.exceptions + self.log_errors
 
 
-def _wait_for_port(profile: Path, process: subprocess.Popen, timeout: float) -> int:
+def _wait_for_port(profile: Path, process: subprocess.Popen, timeout: float, log) -> int:
     marker = profile / "DevToolsActivePort"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"chromium exited with {process.returncode}: {process.stderr.read()[-2000:]}")
+            log.seek(0)
+            raise RuntimeError(f"chromium exited with {process.returncode}: {log.read()[-2000:]}")
         if marker.exists():
             lines = marker.read_text().splitlines()
             if lines and lines[0].isdigit():
@@ -128,28 +132,102 @@ async def _drive(port: int, url: str, expressions: dict[str, str], timeout: floa
     return result
 
 
+# How long Chromium may take to shut down and its helpers (renderer, zygote, crashpad) to follow it,
+# before they are killed. Generous: at load 16-24 on 2 cores a clean exit has been seen to take
+# seconds; waiting longer costs nothing when the browser is quicker.
+STOP_GRACE_S = 30.0
+
+
+def _live_members(group: int) -> list[int]:
+    """Processes of the process group ``group`` that are still running (zombies excluded: they write
+    nothing). Linux's /proc; elsewhere, whether the group answers a signal at all."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(group, 0)
+        except (ProcessLookupError, PermissionError):
+            return []
+        return [group]
+    live = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state ppid pgrp ...
+        if int(fields[2]) == group and fields[0] not in "ZX":
+            live.append(int(entry.name))
+    return live
+
+
+def stop_browser(process: subprocess.Popen, grace: float = STOP_GRACE_S) -> None:
+    """Ends Chromium and every helper process it started (they share its process group), and returns
+    only when none of them is left to write into the profile: Chromium's helpers outlive the main
+    process by a moment, and removing the profile then failed with ``Directory not empty: 'Default'``."""
+    group = process.pid  # started with start_new_session=True: its own process group
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGTERM)
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)
+        process.wait()
+    deadline = time.monotonic() + grace
+    while _live_members(group) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if _live_members(group):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)
+        deadline = time.monotonic() + grace
+        while _live_members(group) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+def remove_profile(profile: Path, attempts: int = 5, pause: float = 0.2) -> bool:
+    """Removes the temporary profile; tries again a few times (a file can still be closing), and then
+    gives up with a warning: a leftover temporary directory must never fail a test that passed."""
+    for attempt in range(attempts):
+        try:
+            shutil.rmtree(profile)
+            return True
+        except FileNotFoundError:
+            return True
+        except OSError as exc:
+            error = exc
+            time.sleep(pause * (attempt + 1))
+    shutil.rmtree(profile, ignore_errors=True)
+    if profile.exists():
+        warnings.warn(f"could not remove the browser profile {profile}: {error}", stacklevel=2)
+        return False
+    return True
+
+
 @contextlib.contextmanager
-def headless_chromium(timeout: float, window: str = "1280,900"):
-    """A headless Chromium on a fresh profile; yields its DevTools port, and stops it on exit."""
-    binary = find_chromium()
+def headless_chromium(timeout: float, window: str = "1280,900", binary: str | None = None):
+    """A headless Chromium on a fresh profile; yields its DevTools port, and stops it on exit (the
+    browser and its helpers first, then the profile)."""
+    binary = binary or find_chromium()
     if binary is None:
         raise FileNotFoundError("no chromium binary")
-    with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
-        process = subprocess.Popen(
-            [binary, "--headless=new", "--disable-gpu", "--no-sandbox", "--no-first-run", "--no-default-browser-check",
-             "--disable-dev-shm-usage", "--disable-extensions", "--remote-debugging-port=0", f"--window-size={window}",
-             "--remote-allow-origins=*", f"--user-data-dir={profile}", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        )
-        try:
-            yield _wait_for_port(Path(profile), process, timeout)
-        finally:
-            process.terminate()
+    profile = Path(tempfile.mkdtemp(prefix="chromium-"))
+    try:
+        # stderr to a file, not a pipe nobody reads: a full pipe would block a chatty browser mid-shutdown.
+        with tempfile.TemporaryFile("w+") as log:
+            process = subprocess.Popen(
+                [binary, "--headless=new", "--disable-gpu", "--no-sandbox", "--no-first-run", "--no-default-browser-check",
+                 "--disable-dev-shm-usage", "--disable-extensions", "--remote-debugging-port=0", f"--window-size={window}",
+                 "--remote-allow-origins=*", f"--user-data-dir={profile}", "about:blank"],
+                stdout=subprocess.DEVNULL, stderr=log, text=True, start_new_session=True,
+            )
             try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+                yield _wait_for_port(profile, process, timeout, log)
+            finally:
+                stop_browser(process)
+    finally:
+        remove_profile(profile)
 
 
 def open_page(path: Path, expressions: dict[str, str], timeout: float = 60, screenshot: Path | None = None,

@@ -33,42 +33,89 @@ def _batches(scorer, count=4, rows=2):
     return [(pixels[i * rows:(i + 1) * rows], TEXTS[i * rows:(i + 1) * rows]) for i in range(count)]
 
 
-class _Timeline:
-    def __init__(self):
-        self.events: list[tuple[str, float, float]] = []
-        self._lock = threading.Lock()
+# Generous bound on each wait below: a loaded 2-core machine delays a thread by seconds, never by a
+# minute. The test does not wait it out when the code overlaps as it should; when the code is broken
+# (host work serialised behind the model), the first model call waits this long and the test fails.
+PATIENCE_S = 60.0
 
-    def wrap(self, name: str, function, seconds: float):
-        def timed(*args, **kwargs):
-            started = time.perf_counter()
-            time.sleep(seconds)  # a slow model / slow host work: sleeping releases the GIL, as torch does
+
+class _Causality:
+    """Records order, not clock times. The first model call holds on until some batch's host work has
+    started and finished while it is in flight; the second host call starts only once a model call is
+    in flight. So the overlap, when the code allows it, happens on every run however busy the machine,
+    and when the code does not allow it, it never happens."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.model_calls = 0
+        self.host_calls = 0
+        self.in_flight: set[int] = set()  # model calls entered and not yet left
+        self.most_in_flight = 0
+        self.host_inside_model: list[tuple[int, int]] = []  # (host call, model call it ran wholly inside)
+        self.model_started = threading.Event()
+        self.overlapped = threading.Event()
+        self.second_model = threading.Event()
+
+    def model(self, function):
+        def wrapped(*args, **kwargs):
+            with self._lock:
+                call = self.model_calls
+                self.model_calls += 1
+                self.in_flight.add(call)
+                self.most_in_flight = max(self.most_in_flight, len(self.in_flight))
+            self.model_started.set()
+            if call:
+                self.second_model.set()
+            else:
+                self.overlapped.wait(PATIENCE_S)
+                # A slow model: the other thread, its host work done, now heads for the model. Were the
+                # model not one batch at a time, it would enter within milliseconds and be seen in
+                # flight; in correct code it never enters, so this wait always runs out (its length
+                # only sets how slow a broken machine may be and still be caught, never a failure).
+                self.second_model.wait(1.0)
+            try:
+                return function(*args, **kwargs)
+            finally:
+                with self._lock:
+                    self.in_flight.discard(call)
+
+        return wrapped
+
+    def host(self, function):
+        def wrapped(*args, **kwargs):
+            with self._lock:
+                call = self.host_calls
+                self.host_calls += 1
+            if call == 1:
+                self.model_started.wait(PATIENCE_S)
+            with self._lock:
+                before = set(self.in_flight)
             result = function(*args, **kwargs)
             with self._lock:
-                self.events.append((name, started, time.perf_counter()))
+                for model_call in sorted(before & self.in_flight):
+                    self.host_inside_model.append((call, model_call))
+                if before & self.in_flight:
+                    self.overlapped.set()
             return result
 
-        return timed
-
-    def spans(self, name):
-        return sorted((a, b) for n, a, b in self.events if n == name)
+        return wrapped
 
 
 def test_host_work_of_one_batch_runs_while_another_computes_and_scores_stay(scorer, monkeypatch):
     batches = _batches(scorer)
     alone = [scorer.score(images, texts) for images, texts in batches]
 
-    timeline = _Timeline()
-    monkeypatch.setattr(scorer, "_forward", timeline.wrap("model", scorer._forward, 0.3))
-    monkeypatch.setattr(scorer, "tokenize", timeline.wrap("host", scorer.tokenize, 0.15))
+    seen = _Causality()
+    monkeypatch.setattr(scorer, "_forward", seen.model(scorer._forward))
+    monkeypatch.setattr(scorer, "tokenize", seen.host(scorer.tokenize))
     with ThreadPoolExecutor(2) as pool:  # Ray's two concurrent calls per actor
         together = list(pool.map(lambda batch: scorer.score(*batch), batches))
 
-    model, host = timeline.spans("model"), timeline.spans("host")
-    assert len(model) == len(host) == len(batches)
+    assert seen.model_calls == seen.host_calls == len(batches)
     # The model ran one batch at a time...
-    assert all(first[1] <= second[0] for first, second in zip(model, model[1:]))
-    # ...and some batch's host work ran inside another batch's model call.
-    assert any(m0 < h0 and h1 < m1 for h0, h1 in host for m0, m1 in model)
+    assert seen.most_in_flight == 1
+    # ...and some batch's host work started and finished inside another batch's model call.
+    assert seen.host_inside_model, "no host work ran while a model call was in flight"
     for (itc, itm, truncated), (itc2, itm2, truncated2) in zip(alone, together):
         np.testing.assert_array_equal(itc, itc2)
         np.testing.assert_array_equal(itm, itm2)
