@@ -173,7 +173,11 @@ def test_device_turn_counts_waits_and_to_host_on_the_cpu_is_the_values():
     with turn:
         waiter = threading.Thread(target=lambda: turn.__enter__() and turn.__exit__(None, None, None))
         waiter.start()
-        time.sleep(0.05)
+        # Release the turn only once the waiter has found it taken (order, not a sleep: on a busy
+        # machine the waiter may take seconds to run; PATIENCE_S bounds a broken count).
+        deadline = time.monotonic() + PATIENCE_S
+        while turn.waits == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
     waiter.join()
     assert turn.waits == 1
     (values,) = ToHost.start(torch.arange(3.0)).numpy()

@@ -3,6 +3,7 @@ whose score actor takes two batches at once and still returns every batch's own 
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -81,27 +82,53 @@ def test_a_ray_score_actor_overlaps_two_batches_and_returns_their_own_rows(ray_s
     expected = stages.ScoreStage(**kwargs)(decoded)
 
     class SlowModel(stages.ScoreStage):  # defined here: pickled by value for Ray's workers
+        """Records order, not clock times (the machine may be busy): how many model calls were in
+        flight at once, and whether another batch's call had entered the actor while a model call ran.
+        The first model call holds on until that has been seen (Ray hands an overlapped actor its
+        first two batches at once), bounded by a generous 120 s: a loaded machine delays Ray's
+        dispatch by seconds, not minutes; without overlap it never happens, and the test fails after
+        that wait."""
+
         def __init__(self, **kw):
             super().__init__(**kw)
-            forward, self.spans = self.scorer._forward, []
+            forward, guard = self.scorer._forward, threading.Lock()
+            self.active_calls, self.models_in_flight, self.most_in_flight, self.model_calls = 0, 0, 0, 0
+            self.next_batch_in = threading.Event()
+            self.guard, self.local = guard, threading.local()
 
             def slow(*args):
-                started = time.time()
-                time.sleep(0.4)  # a model slow enough to see the other call's host work beside it
-                out = forward(*args)
-                self.spans.append((started, time.time()))
-                return out
+                with guard:
+                    self.models_in_flight += 1
+                    self.most_in_flight = max(self.most_in_flight, self.models_in_flight)
+                    self.model_calls += 1
+                    self.local.model_call = self.model_calls
+                    if self.active_calls > 1:
+                        self.next_batch_in.set()
+                try:
+                    if self.local.model_call == 1:
+                        self.next_batch_in.wait(120)
+                    time.sleep(0.1)  # a slow model: a second model call entering now would be seen in flight
+                    return forward(*args)
+                finally:
+                    with guard:
+                        self.models_in_flight -= 1
 
             self.scorer._forward = slow
 
         def __call__(self, batch):
-            called = time.time()
-            out = super().__call__(batch)
-            model_start, model_end = self.spans[-1] if self.spans else (called, called)
+            with self.guard:
+                self.active_calls += 1
+                if self.models_in_flight:  # this batch arrived while another batch's model call ran
+                    self.next_batch_in.set()
+            try:
+                out = super().__call__(batch)
+            finally:
+                with self.guard:
+                    self.active_calls -= 1
             n = out.num_rows
-            return (out.append_column("called", pa.array([called] * n))
-                    .append_column("model_start", pa.array([model_start] * n))
-                    .append_column("model_end", pa.array([model_end] * n)))
+            return (out.append_column("model_call", pa.array([self.local.model_call] * n))
+                    .append_column("most_in_flight", pa.array([self.most_in_flight] * n))
+                    .append_column("next_batch_in", pa.array([self.next_batch_in.is_set()] * n)))
 
     ds = ray.data.from_arrow([decoded.slice(i, 4) for i in range(0, 16, 4)]).map_batches(
         SlowModel, batch_format="pyarrow", batch_size=4, fn_constructor_kwargs=kwargs,
@@ -115,12 +142,12 @@ def test_a_ray_score_actor_overlaps_two_batches_and_returns_their_own_rows(ray_s
         assert got["itc_score"] == pytest.approx(row["itc_score"], abs=1e-6, nan_ok=True) or got["itc_score"] is row["itc_score"]
         assert got["itm_score"] == pytest.approx(row["itm_score"], abs=1e-6, nan_ok=True) or got["itm_score"] is row["itm_score"]
         assert got["text_truncated"] == row["text_truncated"]
-    calls = sorted({(r["called"], r["model_start"], r["model_end"]) for r in by_id.values()}, key=lambda c: c[1])
-    assert len(calls) == 4
+    rows = list(by_id.values())
+    assert len({r["model_call"] for r in rows}) == 4
     # One model call at a time...
-    assert all(a[2] <= b[1] for a, b in zip(calls, calls[1:]))
-    # ...while Ray had already handed the actor the next batch (its call began during the previous model call).
-    assert any(a[1] < b[0] < a[2] for a, b in zip(calls, calls[1:]))
+    assert max(r["most_in_flight"] for r in rows) == 1
+    # ...while Ray had already handed the actor the next batch (its call entered during another batch's model call).
+    assert any(r["next_batch_in"] for r in rows)
     # Each batch's rows come back in their own order.
     numbers = [int(i.split("-")[-1]) for i in result.column("id").to_pylist()]
     assert all(np.all(np.diff(numbers[k:k + 4]) == 1) for k in range(0, 16, 4))
