@@ -73,16 +73,35 @@ def test_progress_line_and_interval(monkeypatch):
     assert runtime.progress_interval_s() == runtime.DEFAULT_PROGRESS_INTERVAL_S
 
 
-def test_a_stall_is_named_in_the_progress_line_while_the_actors_sit_idle(ray_session, every_refresh, monkeypatch, capsys):
-    """A read stage that blocks starves the scoring actor: the line says so, not just '0 rows'."""
+def test_a_stall_is_named_in_the_progress_line_while_the_actors_sit_idle(ray_session, every_refresh, monkeypatch, capsys,
+                                                                        tmp_path):
+    """A read stage that blocks starves the scoring actor: the line says so, not just '0 rows'.
+
+    The read blocks until the driver has logged the stall (a file marks it), not for a fixed time:
+    on a busy machine the actor alone may take longer than any fixed sleep to start. The bound
+    (300 s) is only there so that a broken stall warning fails the test instead of hanging it."""
+    import logging
+    import os
     import time as _time
 
     import ray.data
 
     monkeypatch.setenv(runtime.STALL_WARNING_ENV, "1")
+    marker = str(tmp_path / "stall-logged")
+
+    class MarkStall(logging.Handler):
+        def emit(self, record):
+            if "sits idle" in record.getMessage():
+                open(marker, "w").close()
+
+    handler = MarkStall()
+    runtime._progress_logger()  # its stderr handler first (it is added only to a logger without one)
+    runtime.progress_log.addHandler(handler)
 
     def blocked_read(batch):
-        _time.sleep(6)  # stands in for read/decode tasks that never get a CPU
+        deadline = _time.monotonic() + 300
+        while not os.path.exists(marker) and _time.monotonic() < deadline:  # read/decode tasks that never get a CPU
+            _time.sleep(0.05)
         return batch
 
     class ScoreStage:
@@ -95,7 +114,10 @@ def test_a_stall_is_named_in_the_progress_line_while_the_actors_sit_idle(ray_ses
     ds = ds.map_batches(
         ScoreStage, batch_size=10, compute=ray.data.ActorPoolStrategy(size=1)
     )
-    assert ds.count() == 20
+    try:
+        assert ds.count() == 20
+    finally:
+        runtime.progress_log.removeHandler(handler)
     err = capsys.readouterr().err
     assert re.search(r"progress: 0 rows scored.*; no row scored for \d+s; the 1 scoring actor sits idle waiting for input", err), err[-3000:]
     assert "lower --score-cpus or --score-actors MIN" in err
