@@ -131,6 +131,15 @@ def score_settings(config, itm_identity: str, device: str) -> ScoreSettings:
     )
 
 
+def content_digests(config, score_device: str, caption_device: str, itm_identity: str,
+                    caption_identity: str | None) -> dict:
+    """A run's score and caption key digests from its models' identities and its stages' devices;
+    caption None without captions (what a committed manifest records for later reuse)."""
+    score = score_settings(config, itm_identity, score_device).digest
+    captions = caption_settings(config, caption_identity, caption_device).digest if caption_identity else None
+    return {"score": score, "caption": captions}
+
+
 def _cpu_kernels(config, device: str) -> str:
     applies = device_kind(device) == "cpu" and effective_precision(config.precision, "cpu") == "fp32"
     return config.cpu_kernels if applies else "torch"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -114,7 +115,9 @@ def _summary(manifest: dict, destination: Location, started: float, outcome: str
 def _score_missing(config: JobConfig, source: InputInfo, destination: Location, attempt: output.Attempt, todo):
     """Run the pipeline over the rows still to do; returns the resources it resolved, this run's
     content-key digests, the counts of what was reused and computed, and the seconds its score
-    actors spent on evidence."""
+    actors spent on evidence. With nothing left to do on a local run, Ray is not started."""
+    if not any(todo.values()) and _local(config):
+        return None, _digests_without_starting_ray(config), {}, 0.0
     from .dataflow import dedup  # imports Ray Data
     from .dataflow.graph import build_scored_dataset
     from .dataflow.resources import check_fits, resolve_resources
@@ -151,6 +154,40 @@ def _score_missing(config: JobConfig, source: InputInfo, destination: Location, 
     if counts is None:
         counts = _row_by_row_counts(destination, attempt)
     return asdict(resources), digests, counts, evidence_s
+
+
+def _local(config: JobConfig) -> bool:
+    """Whether Ray would start on this machine (no cluster address given, none in RAY_ADDRESS)."""
+    return not config.ray_address and not os.environ.get("RAY_ADDRESS")
+
+
+def _local_gpus() -> float:
+    """The GPUs a local Ray would find, counted as Ray 2.60 counts them (its accelerator manager,
+    within CUDA_VISIBLE_DEVICES), without starting it."""
+    from ray._private.accelerators import get_accelerator_manager_for_resource
+
+    manager = get_accelerator_manager_for_resource("GPU")
+    count = manager.get_current_node_num_accelerators()
+    visible = manager.get_current_process_visible_accelerator_ids()
+    return float(count if visible is None else min(count, len(visible)))
+
+
+def _digests_without_starting_ray(config: JobConfig) -> dict:
+    """The manifest's content-key digests when every row is already staged, on a run whose Ray
+    would be local: the same identities and devices the Ray path resolves, computed here, so a
+    resumed-and-done run commits in a second instead of starting Ray (10-20 s) for nothing. The
+    models are this machine's, as the local Ray's workers would read them; none is loaded. (A Ray
+    this process already runs is asked for its GPUs: it may have been started with fewer.)"""
+    from blip_ops.identity import checkpoint_identity
+
+    from . import keys
+    from .dataflow.resources import resolve_resources
+
+    gpus = runtime.cluster_gpus() if runtime.ray.is_initialized() else _local_gpus()
+    resources = resolve_resources(config, gpus, float(os.cpu_count() or 1))
+    itm = checkpoint_identity(config.itm_model)
+    caption = checkpoint_identity(config.caption_model if config.captioning else None)
+    return keys.content_digests(config, resources.score_device, resources.caption_device, itm, caption)
 
 
 def _row_by_row_counts(destination: Location, attempt: output.Attempt) -> dict:

@@ -52,9 +52,7 @@ def _identities(itm_model: str, caption_model: str | None) -> tuple[str, str | N
 def content_digests(config: JobConfig, resources: Resources) -> dict:
     """This run's score and caption key digests (``pipelines.keys``); caption None without captions."""
     itm, caption = ray.get(_identities.remote(config.itm_model, config.caption_model if config.captioning else None))
-    score = K.score_settings(config, itm, resources.score_device).digest
-    captions = K.caption_settings(config, caption, resources.caption_device).digest if caption else None
-    return {"score": score, "caption": captions}
+    return K.content_digests(config, resources.score_device, resources.caption_device, itm, caption)
 
 
 def uses_keyed_plan(config: JobConfig) -> bool:
