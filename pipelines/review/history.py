@@ -140,12 +140,47 @@ CSS = """
 """
 
 _W, _H, _LEFT, _RIGHT, _TOP, _BOTTOM = 300, 110, 40, 8, 8, 24
+# Axis labels in 11 px sans-serif, set on the drawing itself (not left to the page's CSS), so the
+# left margin is known to hold the widest label an axis draws: four glyphs ("100%", "500k"), about
+# 28 px. The rate axis once ended at 110% of the peak: at a 100% flag rate its label read
+# "110.0%", wider than the margin, and a reader saw "10.0%".
+_FONT_PX = 11
+# Where a flag-rate axis ends: the first of these at or above the highest rate, never above 100%.
+RATE_TOPS = (0.01, 0.02, 0.05, 0.10, 0.20, 0.30, 0.40, 0.50, 0.60, 0.80, 1.0)
+
+
+def rate_axis_top(highest: float) -> float:
+    """The round value a flag-rate axis ends at (``RATE_TOPS``)."""
+    return next((top for top in RATE_TOPS if highest <= top), 1.0)
+
+
+def rate_label(rate: float) -> str:
+    return f"{100 * rate:g}%"
+
+
+def count_axis_top(highest: int) -> int:
+    """1, 2 or 5 times a power of ten, at or above ``highest`` (at least 1)."""
+    top = 1
+    while True:
+        for step in (1, 2, 5):
+            if top * step >= highest:
+                return top * step
+        top *= 10
+
+
+def count_label(count: int) -> str:
+    """A round count in at most four glyphs: 500, 2k, 50k, 1M."""
+    for size, suffix in ((1_000_000_000, "G"), (1_000_000, "M"), (1_000, "k")):
+        if count >= size:
+            return f"{count / size:g}{suffix}"
+    return str(count)
 
 
 def _frame(title: str, peak: str, first: str, last: str, body: list[str]) -> str:
     plot_h = _H - _TOP - _BOTTOM
     return "".join([
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{_W}" height="{_H}" role="img" aria-label="{views.esc(title)}">',
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{_W}" height="{_H}" role="img" aria-label="{views.esc(title)}" '
+        f'font-family="sans-serif" font-size="{_FONT_PX}">',
         f'<line class="axis" x1="{_LEFT}" y1="{_TOP + plot_h}" x2="{_W - _RIGHT}" y2="{_TOP + plot_h}"/>',
         f'<text x="{_LEFT - 4}" y="{_TOP + 8}" text-anchor="end">{views.esc(peak)}</text>',
         f'<text x="{_LEFT - 4}" y="{_TOP + plot_h}" text-anchor="end">0</text>',
@@ -166,7 +201,7 @@ def _bars_svg(points: list[Point], title: str, series: list[tuple[str, str, list
     """Stacked bars per point; ``series``: (name, css class, values)."""
     plot_h = _H - _TOP - _BOTTOM
     totals = [sum(values[i] for _, _, values in series) for i in range(len(points))]
-    peak = max(1, max(totals, default=0))
+    peak = count_axis_top(max(totals, default=0))
     slot, bar = _slots(len(points))
     body = []
     for i, point in enumerate(points):
@@ -178,12 +213,12 @@ def _bars_svg(points: list[Point], title: str, series: list[tuple[str, str, list
                 body.append(f'<rect class="{css}" x="{x:.1f}" y="{bottom - h:.1f}" width="{bar:.1f}" height="{h:.1f}">'
                             f'<title>{views.esc(point.label)} ({views.esc(point.run_id)}): {values[i]} {views.esc(name)}</title></rect>')
             bottom -= h
-    return _frame(title, str(peak), points[0].label, points[-1].label, body)
+    return _frame(title, count_label(peak), points[0].label, points[-1].label, body)
 
 
 def _rate_svg(points: list[Point], title: str) -> str:
     plot_h = _H - _TOP - _BOTTOM
-    peak = max(0.01, max((p.flag_rate for p in points), default=0.0)) * 1.1
+    peak = rate_axis_top(max((p.flag_rate for p in points), default=0.0))
     slot, _ = _slots(len(points))
     xy = [(_LEFT + (i + 0.5) * slot, _TOP + plot_h - plot_h * p.flag_rate / peak) for i, p in enumerate(points)]
     body = [f'<polyline class="line" points="{" ".join(f"{x:.1f},{y:.1f}" for x, y in xy)}"/>'] if len(xy) > 1 else []
@@ -192,7 +227,7 @@ def _rate_svg(points: list[Point], title: str) -> str:
         css, what = ("dot empty", "no rows") if not point.rows else ("dot", f"flag rate {100 * point.flag_rate:.1f}% of {point.rows} rows")
         body.append(f'<circle class="{css}" cx="{x:.1f}" cy="{y:.1f}" r="2.5"><title>{views.esc(point.label)} '
                     f'({views.esc(point.run_id)}): {what}</title></circle>')
-    return _frame(title, f"{100 * peak:.1f}%", points[0].label, points[-1].label, body)
+    return _frame(title, rate_label(peak), points[0].label, points[-1].label, body)
 
 
 def _runs_table(points: list[Point], nightly: bool) -> str:

@@ -324,6 +324,9 @@ def test_report_renders_in_headless_chromium(scored, tmp_path):
         "history_points": "[...document.querySelectorAll('#history circle')].map(c => [c.getAttribute('class'), c.textContent])",
         "history_runs": "[...document.querySelectorAll('tr.history-run code')].map(e => e.textContent)",
         "history_charts": "[...document.querySelectorAll('#history svg')].map(s => s.getBoundingClientRect().width > 100)",
+        # Each chart's labels as the browser laid them out: text, and whether the glyphs' box lies inside the drawing.
+        "history_labels": "[...document.querySelectorAll('#history svg')].map(s => [...s.querySelectorAll('text')].map(t => {"
+                          " const b = t.getBBox(); return [t.textContent, b.x >= 0 && b.x + b.width <= s.width.baseVal.value]; }))",
         "errors": "[...document.querySelectorAll('tr.error-message')].map(r => [r.cells[1].textContent, Number(r.cells[2].textContent), r.cells[3].textContent])",
         "hostile": "document.querySelectorAll('script, b, img:not([src^=\"data:image/jpeg\"])').length",
     }, screenshot=tmp_path / "report-examples.png", screenshot_selector="#examples")
@@ -343,6 +346,11 @@ def test_report_renders_in_headless_chromium(scored, tmp_path):
     assert [c for c, _ in result.values["history_points"]] == ["dot empty", "dot"]
     assert MARKUP in result.values["history_points"][0][1] and result.values["history_runs"] == ["run-one", MARKUP]
     assert result.values["history_charts"] == [True, True, True] and result.values["hostile"] == 0
+    # No axis label is clipped, and the flag-rate axis ends at a round rate of at most 100%.
+    labels = result.values["history_labels"]
+    assert len(labels) == 3 and all(fits for chart in labels for _, fits in chart), labels
+    top = labels[0][0][0]
+    assert top.endswith("%") and float(top[:-1]) <= 100 and float(top[:-1]) == round(float(top[:-1])), top
     errors = {message: (rows, ids) for message, rows, ids in result.values["errors"]}
     assert errors[f"cannot read image URI {MARKUP}"] == (1, MARKUP)
     assert sum(rows for rows, _ in errors.values()) == manifest["rows"] - manifest["rows_by_status"]["ok"] + 1
