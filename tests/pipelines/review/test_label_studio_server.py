@@ -3,7 +3,7 @@ project with the exported labeling config, import, annotate through the HTTP API
 verdicts, calibrate on them; and the task as a reviewer sees it in headless Chromium.
 
 One server for the module. Skips, saying why, only where ``label-studio`` is not installed in its
-own venv (``.ci/run`` installs it into ``.venv-labelstudio``).
+own venv (``.ci/run`` installs it into ``.venv-labelstudio``); under CI=true that fails instead.
 """
 
 import json
@@ -17,13 +17,18 @@ import pytest
 from jobs import calibrate, review
 from tests import label_studio
 from tests.browser import find_chromium
+from tests.conftest import require_or_skip
 from tests.review_outputs import scored_output
 
-pytestmark = pytest.mark.skipif(
-    label_studio.binary() is None,
-    reason=f"label-studio is not installed in {label_studio.venv()} (.ci/run installs label-studio==1.23.2 there; "
-           "its pins clash with this project's)",
-)
+
+@pytest.fixture(scope="module", autouse=True)
+def _label_studio_installed():
+    """Skips the module, saying why, where label-studio is missing; fails it under CI=true."""
+    require_or_skip(label_studio.binary() is not None,
+                    f"label-studio is not installed in {label_studio.venv()} (.ci/run installs label-studio==1.23.2 "
+                    "there; its pins clash with this project's)")
+
+
 VERDICT = {"from_name": "verdict", "to_name": "image", "type": "choices"}
 
 
@@ -60,9 +65,9 @@ def project(server, tmp_path_factory):
     return dict(out, project=created["id"], tasks=tasks, exported=exported)
 
 
-@pytest.mark.skipif(find_chromium() is None, reason="no chromium binary (Debian's chromium; .ci/run installs it when apt is usable)")
 def test_a_task_shows_its_image_text_caption_and_verdicts_in_the_ui(server, project, tmp_path):
     """Before any verdict (this test runs first): the job's prediction is what a reviewer starts from."""
+    require_or_skip(find_chromium() is not None, "no chromium binary (Debian's chromium; .ci/run installs it when apt is usable)")
     task = project["tasks"][0]
     shot = tmp_path / "label-studio-task.png"
     seen = label_studio.view_task(server, f"/projects/{project['project']}/data?task={task['id']}", "/data/local-files/",

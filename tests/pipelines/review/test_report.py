@@ -17,7 +17,7 @@ from pipelines.review import artifacts, report
 from pipelines.run import run_job
 from pipelines.schema import SCHEMA_VERSION
 from pipelines.storage import locate
-from tests.conftest import write_catalog
+from tests.conftest import require_or_skip, write_catalog
 
 MARKUP = '<script>document.title="pwned"</script><img src=x onerror=alert(1)>'
 
@@ -288,8 +288,7 @@ def test_readme_duckdb_queries_on_a_delta_table(scored, tmp_path):
 def test_report_renders_in_headless_chromium(scored, tmp_path):
     from tests import browser
 
-    if browser.find_chromium() is None:
-        pytest.skip("no chromium binary (Debian: apt-get install chromium; .ci/run installs it)")
+    require_or_skip(browser.find_chromium() is not None, "no chromium binary (Debian: apt-get install chromium; .ci/run installs it)")
     committed = (SNAPSHOT["dir"] / "_report.html").read_text()  # run-one's report and manifest, as committed
     manifest = json.loads((SNAPSHOT["dir"] / "_manifest.json").read_text())
     # The same page, re-rendered as run_job does, with a hostile run id in its history and a hostile
