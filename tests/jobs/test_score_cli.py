@@ -34,17 +34,30 @@ def _models(tiny_itm, tiny_caption=None):
     return ["--itm-model", tiny_itm, "--caption-model", tiny_caption or "none", "--device", "cpu"]
 
 
-def test_missing_column_exits_2_before_loading(catalog, tiny_itm, tmp_path):
-    result = _run("--input", str(catalog), "--output", str(tmp_path / "o"), "--text-column", "title", *_models(tiny_itm))
-    assert result.returncode == 2
-    assert "no column 'title'" in result.stderr
+def _main(capsys, *args) -> tuple[int, str]:
+    """The CLI in process, as ``python -m jobs.score`` runs it (``sys.exit(main())``): its exit code
+    and stderr. These inputs are refused before Ray or torch is imported, so each costs
+    milliseconds instead of a Python start (seconds on a loaded machine);
+    ``test_usage_errors_exit_2`` and ``test_cli_subprocess_starts_its_own_ray`` keep the real
+    entry point covered."""
+    try:
+        code = score.main(list(args))
+    except SystemExit as exc:  # argparse's usage errors
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+def test_missing_column_exits_2_before_loading(catalog, tiny_itm, tmp_path, capsys):
+    code, err = _main(capsys, "--input", str(catalog), "--output", str(tmp_path / "o"), "--text-column", "title", *_models(tiny_itm))
+    assert code == 2
+    assert "no column 'title'" in err
     assert not (tmp_path / "o").exists()
 
 
-def test_wrong_column_type_exits_2(tiny_itm, tmp_path):
+def test_wrong_column_type_exits_2(tiny_itm, tmp_path, capsys):
     pq.write_table(pa.table({"id": [1], "text": ["x"], "image": ["not-bytes"]}), tmp_path / "c.parquet")
-    result = _run("--input", str(tmp_path / "c.parquet"), "--output", str(tmp_path / "o"), *_models(tiny_itm))
-    assert result.returncode == 2 and "must be a binary column" in result.stderr
+    code, err = _main(capsys, "--input", str(tmp_path / "c.parquet"), "--output", str(tmp_path / "o"), *_models(tiny_itm))
+    assert code == 2 and "must be a binary column" in err
 
 
 @pytest.mark.parametrize(
@@ -84,36 +97,36 @@ def test_empty_dataset_is_a_successful_zero_row_run(ray_session, tiny_itm, tmp_p
 
 
 @pytest.mark.parametrize("kind", ["missing", "empty_dir", "not_parquet"])
-def test_unusable_input_exits_2(kind, tiny_itm, tmp_path):
+def test_unusable_input_exits_2(kind, tiny_itm, tmp_path, capsys):
     path = tmp_path / "input"
     if kind == "empty_dir":
         path.mkdir()
     elif kind == "not_parquet":
         path.mkdir()
         (path / "data.parquet").write_text("id,text\n1,hello\n")
-    result = _run("--input", str(path), "--output", str(tmp_path / "o"), *_models(tiny_itm))
-    assert result.returncode == 2
-    assert {"missing": "does not exist", "empty_dir": "no Parquet files", "not_parquet": "not readable as Parquet"}[kind] in result.stderr
+    code, err = _main(capsys, "--input", str(path), "--output", str(tmp_path / "o"), *_models(tiny_itm))
+    assert code == 2
+    assert {"missing": "does not exist", "empty_dir": "no Parquet files", "not_parquet": "not readable as Parquet"}[kind] in err
 
 
-def test_bad_model_paths_exit_2(catalog, tiny_itm, tiny_caption, tmp_path):
-    result = _run("--input", str(catalog), "--output", str(tmp_path / "o"), *_models(str(tmp_path / "nope")))
-    assert result.returncode == 2 and "model directory does not exist" in result.stderr
-    result = _run("--input", str(catalog), "--output", str(tmp_path / "o"), *_models(tiny_caption))
-    assert result.returncode == 2 and "not a BLIP image-text retrieval checkpoint" in result.stderr
-    result = _run("--input", str(catalog), "--output", str(tmp_path / "o"), *_models(tiny_itm, tiny_itm))
-    assert result.returncode == 2 and "not a BLIP-2 captioning checkpoint" in result.stderr
+def test_bad_model_paths_exit_2(catalog, tiny_itm, tiny_caption, tmp_path, capsys):
+    code, err = _main(capsys, "--input", str(catalog), "--output", str(tmp_path / "o"), *_models(str(tmp_path / "nope")))
+    assert code == 2 and "model directory does not exist" in err
+    code, err = _main(capsys, "--input", str(catalog), "--output", str(tmp_path / "o"), *_models(tiny_caption))
+    assert code == 2 and "not a BLIP image-text retrieval checkpoint" in err
+    code, err = _main(capsys, "--input", str(catalog), "--output", str(tmp_path / "o"), *_models(tiny_itm, tiny_itm))
+    assert code == 2 and "not a BLIP-2 captioning checkpoint" in err
 
 
-def test_usage_errors_exit_2(catalog, tiny_itm, tmp_path):
-    assert _run("--output", str(tmp_path)).returncode == 2  # no input
-    result = _run("--input", str(catalog), "--output", str(tmp_path), "--no-such-flag", "1")
-    assert result.returncode == 2 and "unrecognized arguments" in result.stderr
-    result = _run("--input", str(catalog), "--output", str(tmp_path / "o"), "--score-actors", "4,2", *_models(tiny_itm))
-    assert result.returncode == 2 and "score_actors" in result.stderr
+def test_usage_errors_exit_2(catalog, tiny_itm, tmp_path, capsys):
+    assert _run("--output", str(tmp_path)).returncode == 2  # no input: through the real entry point, once
+    code, err = _main(capsys, "--input", str(catalog), "--output", str(tmp_path), "--no-such-flag", "1")
+    assert code == 2 and "unrecognized arguments" in err
+    code, err = _main(capsys, "--input", str(catalog), "--output", str(tmp_path / "o"), "--score-actors", "4,2", *_models(tiny_itm))
+    assert code == 2 and "score_actors" in err
     (tmp_path / "job.yaml").write_text("itm_threshold: 0.4\nno_such_key: 1\n")
-    result = _run("--config", str(tmp_path / "job.yaml"), "--input", str(catalog), "--output", str(tmp_path / "o"))
-    assert result.returncode == 2 and "no_such_key: unknown option" in result.stderr
+    code, err = _main(capsys, "--config", str(tmp_path / "job.yaml"), "--input", str(catalog), "--output", str(tmp_path / "o"))
+    assert code == 2 and "no_such_key: unknown option" in err
 
 
 def test_yaml_values_and_flag_overrides(tmp_path):
