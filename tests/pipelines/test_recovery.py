@@ -95,8 +95,20 @@ def _staged_pieces(output: Path) -> list[Path]:
     return list(output.glob("_staging-*/u*.parquet"))
 
 
+def _score_in_process(command: list[str], capsys) -> subprocess.CompletedProcess:
+    """``command`` (``python -m jobs.score ...``) run as ``jobs.score.main``: exit code, stdout, stderr."""
+    from jobs import score
+
+    assert command[1:3] == ["-m", "jobs.score"]
+    capsys.readouterr()
+    code = score.main(command[3:])
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(command, code, out.out, out.err)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds Ray's worker processes through /proc")
-def test_driver_killed_mid_run_with_reuse_resumes_without_rescoring_or_duplicates(ray_session, tiny_itm, many_rows, tmp_path):
+def test_driver_killed_mid_run_with_reuse_resumes_without_rescoring_or_duplicates(ray_session, tiny_itm, many_rows, tmp_path,
+                                                                                  capsys):
     catalog, records = many_rows
     # An earlier committed output holding the first file's rows: the run reuses those and computes the rest.
     source = tmp_path / "earlier"
@@ -125,7 +137,9 @@ def test_driver_killed_mid_run_with_reuse_resumes_without_rescoring_or_duplicate
     durable = {p.name: p.stat().st_mtime_ns for p in _staged_pieces(output)}
     assert durable
 
-    second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    # The reruns in this process, on the session's Ray: only the killed driver needs a process of
+    # its own (each rerun as a subprocess cost a Python start and a Ray start, 20-40 s loaded).
+    second = _score_in_process(command, capsys)
     assert second.returncode == 0, second.stdout + second.stderr
     summary = json.loads(second.stdout.strip().splitlines()[-1])
     assert summary["outcome"] == "committed"
@@ -144,11 +158,10 @@ def test_driver_killed_mid_run_with_reuse_resumes_without_rescoring_or_duplicate
     assert all(from_run[r["id"]] in (summary["run_id"], None) for r in records[32:])
     assert not list(output.glob("_staging-*"))
 
-    third = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    third = _score_in_process(command, capsys)
     assert third.returncode == 0 and json.loads(third.stdout.strip().splitlines()[-1])["outcome"] == "already_committed"
     # The reuse sources are part of the run's identity: without them it is another run.
-    fourth = subprocess.run([c for c in command if c not in ("--reuse", str(source))], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=300)
+    fourth = _score_in_process([c for c in command if c not in ("--reuse", str(source))], capsys)
     assert fourth.returncode == 2 and "another input or configuration" in fourth.stderr
 
 
