@@ -166,7 +166,10 @@ def test_driver_killed_mid_run_with_reuse_resumes_without_rescoring_or_duplicate
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds Ray's worker processes through /proc")
-def test_scoring_actor_killed_mid_run_is_restarted_and_nothing_is_lost(ray_session, tiny_itm, many_rows, tmp_path):
+def test_scoring_actor_killed_mid_run_is_restarted_and_nothing_is_lost(ray_session, tiny_itm, many_rows, tmp_path,
+                                                                        monkeypatch):
+    from pipelines.dataflow import stages
+
     catalog, records = many_rows
     output = tmp_path / "out"
     config = build_config({
@@ -174,15 +177,30 @@ def test_scoring_actor_killed_mid_run_is_restarted_and_nothing_is_lost(ray_sessi
         "decode_batch_size": 4, "score_batch_size": 4,
     })
     killed: dict[str, int] = {}
+    marker = str(tmp_path / "scorer-killed")
+    patience_s = 300  # a bound for a broken test only: on a loaded machine, seconds pass, not minutes
+
+    class ScoreStage(stages.ScoreStage):  # the job's stage, its name kept (the killer finds actors by it)
+        """Holds every batch until the scorer has been killed once (a file marks it): on a tiny model
+        the actor scores all 96 rows in about a second, so on a busy machine the run could end
+        before the killer saw the actor at all. Its restarted successor finds the mark and scores."""
+
+        def __call__(self, *args, **kwargs):
+            deadline = time.monotonic() + patience_s
+            while not os.path.exists(marker) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            return super().__call__(*args, **kwargs)
+
+    monkeypatch.setattr(stages, "ScoreStage", ScoreStage)  # pickled by value for Ray's workers
 
     def kill_scorer_once():
-        # The actor is ALIVE once its __init__ (the model load) is done and rows are queued for it:
-        # on a tiny model it scores all 96 rows in about a second, so waiting for more would race.
-        deadline = time.monotonic() + 180
+        # The actor is ALIVE once its __init__ (the model load) is done; its rows wait for the kill.
+        deadline = time.monotonic() + patience_s
         while time.monotonic() < deadline:
             for actor_id, actor in _scoring_actors(ray_session).items():
                 _kill_all([int(actor["Pid"])])  # that one process, found by its actor id
                 killed[actor_id] = int(actor["Pid"])
+                open(marker, "w").close()
                 return
             time.sleep(0.02)
 
