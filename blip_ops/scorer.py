@@ -50,6 +50,8 @@ class ExplainedScores:
     truncated: np.ndarray
     evidence: list  # an ``Evidence`` per row, None where not wanted
     evidence_s: float  # seconds the evidence took
+    # The normalised ITC projections, image then text, float32 (rows, 2 * D): ``blip_ops.embeddings``.
+    features: np.ndarray | None = None
 
 
 @dataclass
@@ -164,8 +166,14 @@ class BlipScorer:
     def score(self, images, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``images``: resized uint8 ``(3, h, w)`` arrays, or one ``(n, 3, h, w)`` array.
         Returns float32 ``itc``, ``itm`` and bool ``truncated``."""
-        itc, itm, text, _, _ = self._score(images, texts)
+        itc, itm, text, _, _, _ = self._score(images, texts)
         return itc, itm, text.truncated
+
+    def score_with_features(self, images, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``score`` plus the normalised ITC projections its ``itc`` is the dot product of: float32
+        ``(n, 2 * D)``, the image's D values then the text's (``blip_ops.embeddings`` splits them)."""
+        itc, itm, text, _, _, features = self._score(images, texts)
+        return itc, itm, text.truncated, features
 
     def score_explained(self, images, texts: list[str], wanted, gradcam) -> ExplainedScores:
         """``score`` plus Grad-CAM evidence (``blip_ops.evidence.GradCam``) for the rows that
@@ -179,7 +187,7 @@ class BlipScorer:
         reuse = self.reuses_layers(gradcam)
         from_itc = getattr(wanted, "from_itc", None)
         recorder = _Recorder(gradcam, from_itc) if reuse and from_itc is not None else None
-        itc, itm, text, image_embeds, entered = self._score(
+        itc, itm, text, image_embeds, entered, features = self._score(
             images, texts, keep_embeds=True, capture=gradcam if reuse else None, recorder=recorder
         )
         rows = np.flatnonzero(wanted(itc, itm)) if len(texts) else np.zeros(0, dtype=np.int64)
@@ -190,7 +198,7 @@ class BlipScorer:
         rows = np.array([row for row in rows if row not in recorded], dtype=np.int64)
         seconds = recorder.seconds if recorder is not None and len(recorded) else 0.0
         if not len(rows):
-            return ExplainedScores(itc, itm, text.truncated, evidence, seconds)
+            return ExplainedScores(itc, itm, text.truncated, evidence, seconds, features)
         started = time.perf_counter()
         index = torch.as_tensor(rows, device=self.device)
         # Only the chosen rows, cut to their own longest text (padding is masked either way).
@@ -209,7 +217,7 @@ class BlipScorer:
             explained = [item for part in self._map_chunks(explain, range(0, len(rows), step)) for item in part]
         for row, item in zip(rows, explained):
             evidence[row] = item
-        return ExplainedScores(itc, itm, text.truncated, evidence, seconds + time.perf_counter() - started)
+        return ExplainedScores(itc, itm, text.truncated, evidence, seconds + time.perf_counter() - started, features)
 
     def reuses_layers(self, gradcam) -> bool:
         """Whether evidence can start from the scoring pass's hidden state at the explained layer: only
@@ -226,7 +234,7 @@ class BlipScorer:
             raise ValueError(f"{len(images)} images for {len(texts)} texts")
         if not texts:
             empty = np.zeros(0, dtype=np.float32)
-            return empty, empty.copy(), TextBatch(None, None, np.zeros(0, dtype=bool)), None, None
+            return empty, empty.copy(), TextBatch(None, None, np.zeros(0, dtype=bool)), None, None, None
         # Host half: pixels staged and on their way to the device, texts tokenised.
         with torch.inference_mode():
             pixel_values = self.images.to_device_pixel_values(images, self.device, next(self.model.parameters()).dtype)
@@ -235,11 +243,11 @@ class BlipScorer:
         rows = len(texts)
         fused = sdpa_vision_attention(self.model.vision_model) if self.fused_attention else contextlib.nullcontext()
         with self.device_turn, torch.inference_mode(), autocast(self.precision, self.device), fused:
-            itc, itm, image_embeds, entered = self._forward(model_pixels, model_text, capture, recorder)
-            results = ToHost.start(itc[:rows].float(), itm[:rows].float())
-        itc, itm = results.numpy()  # outside the turn: the next batch's pass is already queued
+            itc, itm, image_embeds, entered, features = self._forward(model_pixels, model_text, capture, recorder)
+            results = ToHost.start(itc[:rows].float(), itm[:rows].float(), features[:rows])
+        itc, itm, features = results.numpy()  # outside the turn: the next batch's pass is already queued
         embeds = image_embeds[:rows] if keep_embeds else None
-        return itc.astype(np.float32), itm.astype(np.float32), text, embeds, entered
+        return itc.astype(np.float32), itm.astype(np.float32), text, embeds, entered, features
 
     def _bucketed(self, pixel_values: torch.Tensor, text: TextBatch) -> tuple[torch.Tensor, TextBatch]:
         """The model's inputs padded to bucketed shapes (``blip_ops.buckets``), or as they are."""
@@ -270,13 +278,15 @@ class BlipScorer:
                 return self._forward_rows(pixel_values[start:end], chunk_text, capture, recorder, start)
 
             parts = self._map_chunks(rows, range(0, len(pixel_values), chunk))
-        itc, itm, image_embeds = (torch.cat(outputs) if len(parts) > 1 else outputs[0] for outputs in zip(*(p[:3] for p in parts)))
+        itc, itm, image_embeds, features = (
+            torch.cat(outputs) if len(parts) > 1 else outputs[0] for outputs in zip(*((*p[:3], p[4]) for p in parts))
+        )
         entered = None
         if capture is not None and all(p[3] for p in parts):  # else evidence runs its own full pass
             from .evidence import LayerInput
 
             entered = LayerInput.join([p[3][0] for p in parts], image_embeds)
-        return itc, itm, image_embeds, entered
+        return itc, itm, image_embeds, entered, features
 
     def _map_chunks(self, fn, starts) -> list:
         """``fn`` over the chunks, in order: on the chunk workers when there are several, with torch's
@@ -317,7 +327,8 @@ class BlipScorer:
             else:
                 logits = self._itm_logits(text, image_embeds, image_atts)
         itm = logits.float().softmax(dim=-1)[:, 1]
-        return itc, itm, image_embeds, entered
+        # The projections ITC is the dot product of, kept for --embeddings (2 * D floats a row: nothing next to a pass).
+        return itc, itm, image_embeds, entered, torch.cat([image_feat, text_feat], dim=-1)
 
     def _itm_logits(self, text: TextBatch, image_embeds: torch.Tensor, image_atts: torch.Tensor) -> torch.Tensor:
         fused = self.text_encoder(

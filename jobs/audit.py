@@ -213,7 +213,8 @@ def _score(table: pa.Table, config: JobConfig, warm_models: bool = True, reuse=(
     resources = resolve_resources(config, runtime.cluster_gpus(), runtime.cluster_cpus())
     run_id = config.run_id or _new_run_id()
     everything, reused = table, None
-    if reuse and table.num_rows:
+    # With embeddings asked for, an audit scores its rows itself: its in-memory lookup takes the scores only.
+    if reuse and table.num_rows and config.embeddings == "none":
         table, reused = _reused_rows(table, config, resources, run_id, passthrough, reuse)
     if 0 < table.num_rows <= warm.WARM_MAX_ROWS and warm_models:
         scored = warm.warm_stages(config, resources).run(table, run_id, passthrough)
@@ -226,7 +227,9 @@ def _score(table: pa.Table, config: JobConfig, warm_models: bool = True, reuse=(
         scored = None
     if reused is not None:
         scored = reused if scored is None else pa.concat_tables([scored, reused.cast(scored.schema)])
-    result = _finish(everything, scored, passthrough, image, images)
+    from pipelines.vectors import extra_fields
+
+    result = _finish(everything, scored, passthrough, image, images, extra_fields(config))
     result.attrs[ATTRS_KEY] = {
         "run_id": run_id,
         "id_column": config.id_column,
@@ -237,10 +240,10 @@ def _score(table: pa.Table, config: JobConfig, warm_models: bool = True, reuse=(
     return result
 
 
-def _finish(table: pa.Table, scored: pa.Table | None, passthrough: list[str], image: str | None, images) -> pd.DataFrame:
+def _finish(table: pa.Table, scored: pa.Table | None, passthrough: list[str], image: str | None, images, extra=()) -> pd.DataFrame:
     from pipelines.schema import output_schema
 
-    schema = output_schema(table.schema, image)
+    schema = output_schema(table.schema, image, extra)
     if scored is None:
         scored = schema.empty_table()
     scored = scored.take(pc.sort_indices(scored.column(_ROW)))

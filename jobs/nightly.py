@@ -34,6 +34,8 @@ from jobs.score import (
     EXIT_USAGE,
     JPEG_DRAFT_FLAG,
     JPEG_DRAFT_HELP,
+    NEAR_DUPLICATES_FLAG,
+    NEAR_DUPLICATES_HELP,
     NO_DEDUP_FLAG,
     NO_DEDUP_HELP,
 )
@@ -82,6 +84,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="With --date: replace that partition's committed result.")
     parser.add_argument(JPEG_DRAFT_FLAG, action="store_true", help=JPEG_DRAFT_HELP)
     parser.add_argument(NO_DEDUP_FLAG, dest="dedup", action="store_false", help=NO_DEDUP_HELP)
+    parser.add_argument(NEAR_DUPLICATES_FLAG, dest="near_duplicates", action="store_true", help=NEAR_DUPLICATES_HELP)
     parser.add_argument("--reuse-days", type=int, help="Reuse every committed partition of the N days before each one "
                         "(default: the most recent committed earlier partition).")
     parser.add_argument("--no-reuse", action="store_true", help="Score every partition without reusing earlier ones.")

@@ -59,6 +59,8 @@ _OPTIONS = [
     ("--max-image-bytes", "Images larger than this are image_error, never read whole (default 52428800, 50 MiB)."),
     ("--run-id", "Run identifier (default: generated)."),
     ("--report-category-column", "Column the run report breaks the flag rate down by (default: none)."),
+    ("--embeddings", "none (default) | image | both: write the normalised ITC projections as fixed_size_list<float16>[D] columns."),
+    ("--near-duplicate-cosine", "With --near-duplicates: image-embedding cosine at or above which images group (default 0.95)."),
     ("--reuse", "Committed outputs of earlier runs, PATH[,PATH...] (local or s3://): rows with the same content key take their scores and captions."),
 ]
 
@@ -71,6 +73,11 @@ NO_DEDUP_FLAG = "--no-dedup"
 NO_DEDUP_HELP = "Score and caption row by row, duplicates included (no keyed plan; for comparisons)."
 
 
+NEAR_DUPLICATES_FLAG = "--near-duplicates"
+NEAR_DUPLICATES_HELP = ("Group rows by image: same file, or image-embedding cosine >= --near-duplicate-cosine "
+                        "(columns image_group, image_group_size; implies --embeddings image).")
+
+
 def make_parser(prog: str = "python -m jobs.score") -> argparse.ArgumentParser:
     parser = UsageParser(prog=prog, description=__doc__.splitlines()[0], argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", help="YAML file of options (same names, with underscores); flags override it.")
@@ -79,6 +86,7 @@ def make_parser(prog: str = "python -m jobs.score") -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing result in --output.")
     parser.add_argument(JPEG_DRAFT_FLAG, action="store_true", help=JPEG_DRAFT_HELP)
     parser.add_argument(NO_DEDUP_FLAG, dest="dedup", action="store_false", help=NO_DEDUP_HELP)
+    parser.add_argument(NEAR_DUPLICATES_FLAG, dest="near_duplicates", action="store_true", help=NEAR_DUPLICATES_HELP)
     parser.add_argument("--json", action="store_true", help="Print the summary as JSON.")
     return parser
 

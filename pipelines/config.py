@@ -219,6 +219,21 @@ class JobConfig(BaseModel):
     dedup: bool = Field(
         True, description="Score each unique (image, text) pair and caption each unique image once per run."
     )
+    embeddings: Literal["none", "image", "both"] = Field(
+        "none",
+        description="Write the normalised ITC projections the scores come from: image (column image_embedding) or "
+        "both (and text_embedding), each fixed_size_list<float16>[D] (D = the checkpoint's projection size, 256 for "
+        "BLIP-base); null where not scored. itc_score is their dot product within float16 rounding.",
+    )
+    near_duplicates: bool = Field(
+        False,
+        description="Group rows whose images are the same file or nearly the same picture (image-embedding cosine >= "
+        "near_duplicate_cosine): columns image_group (the smallest image_sha256 of the group) and image_group_size. "
+        "Implies embeddings image at least.",
+    )
+    near_duplicate_cosine: float = Field(
+        0.95, gt=0.0, le=1.0, description="Image-embedding cosine at or above which two images are near-duplicates."
+    )
 
     _none_words = field_validator(
         "caption_model", "caption_prompt", "itm_threshold", "itc_threshold", "image_uri_column", "ray_address",
@@ -291,6 +306,12 @@ class JobConfig(BaseModel):
                              "depends on this run's flags)")
         if self.reuse and not self.dedup:
             raise ValueError("reuse needs dedup (both run through the keyed plan)")
+        return self
+
+    @model_validator(mode="after")
+    def _groups_need_image_embeddings(self):
+        if self.near_duplicates and self.embeddings == "none":
+            object.__setattr__(self, "embeddings", "image")
         return self
 
     @model_validator(mode="after")

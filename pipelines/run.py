@@ -23,6 +23,7 @@ from .review import artifacts
 from .review.artifacts import REUSE_COUNTS
 from .schema import SCHEMA_VERSION, output_schema
 from .storage import Location
+from .vectors import extra_fields
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,15 @@ def _render_reuse(reuse: dict) -> str:
         f"; scores reused for {reuse.get('rows_scores_reused', 0)} rows, captions for {reuse.get('rows_captions_reused', 0)}; "
         f"{reuse.get('pairs_scored', 0)} pairs scored, {reuse.get('images_captioned', 0)} images captioned, "
         f"{reuse.get('duplicate_rows_collapsed', 0)} duplicate rows collapsed"
+        + (f"; {reuse['source_files_without_embeddings']} reuse source file(s) held no embeddings (those rows were "
+           "scored again)" if reuse.get("source_files_without_embeddings") else "")
+        + (f"; {reuse['near_duplicates'].get('groups_shared', 0)} image groups shared by several rows"
+           if isinstance(reuse.get("near_duplicates"), dict) else "")
     )
+
+
+# Counts of --embeddings and --near-duplicates the summary shows beside REUSE_COUNTS, where present.
+SUMMARY_EXTRAS = ("source_files_without_embeddings", "near_duplicates")
 
 
 def new_run_id() -> str:
@@ -108,7 +117,7 @@ def _summary(manifest: dict, destination: Location, started: float, outcome: str
         flagged_by_reason=manifest.get("flagged_by_reason", {}),
         evidence_rows=int((manifest.get("evidence") or {}).get("rows", 0)),
         evidence_s=float((manifest.get("evidence") or {}).get("seconds", 0.0)),
-        reuse={k: reuse[k] for k in REUSE_COUNTS if k in reuse},
+        reuse={k: reuse[k] for k in (*REUSE_COUNTS, *SUMMARY_EXTRAS) if k in reuse},
     )
 
 
@@ -211,6 +220,8 @@ def _reuse_record(config: JobConfig, source: InputInfo, counts: dict) -> dict:
     record["keyed_plan"] = "buckets" in counts
     record["buckets"] = counts.get("buckets")
     record["pass_seconds"] = counts.get("pass_seconds")
+    if config.embeddings != "none":  # a source without embeddings cannot serve this run: its rows were scored again
+        record["source_files_without_embeddings"] = counts.get("source_files_without_embeddings", 0)
     return record
 
 
@@ -246,7 +257,7 @@ def run_job(config: JobConfig, checked: Checked | None = None) -> RunSummary:
     resources, digests, counts, evidence_s = _score_missing(config, source, destination, attempt, todo)
 
     image_column = None if config.image_uri_column else config.image_column
-    schema = output_schema(source.schema, image_column)
+    schema = output_schema(source.schema, image_column, extra_fields(config))
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "schema": [{"name": f.name, "type": str(f.type)} for f in schema],

@@ -66,10 +66,45 @@ JPEG_ORIENTATION = "__jpeg_orientation"
 EVIDENCE_SECONDS = "__evidence_s"
 
 
+# --embeddings (pipelines.vectors): the normalised ITC projections, D = the checkpoint's
+# image_text_hidden_size (256 for BLIP-base); null where not scored. Present only when asked for.
+IMAGE_EMBEDDING = "image_embedding"
+TEXT_EMBEDDING = "text_embedding"
+# --near-duplicates (pipelines.dataflow.neardup): the smallest image_sha256 of the row's group, and
+# the rows of the run whose image is in that group. Present only when asked for.
+IMAGE_GROUP = "image_group"
+IMAGE_GROUP_SIZE = "image_group_size"
+# The keyed plan carries a row's projections as raw float16 bytes (a fixed schema, whatever D is).
+IMAGE_EMBEDDING_BYTES = "__image_embedding"
+TEXT_EMBEDDING_BYTES = "__text_embedding"
+
+
+def embedding_type(dim: int, element: pa.DataType = pa.float16()) -> pa.DataType:
+    """A true Arrow fixed-size list (what DuckDB, Lance and Polars read), not Ray's tensor extension type.
+    float16, except in a Delta table, whose protocol has no half float (there: float32, which a Delta
+    reader sees as ``array<float>``, Delta having no fixed-size array either)."""
+    return pa.list_(element, dim)
+
+
+def extra_fields(
+    embeddings: str = "none", dim: int | None = None, near_duplicates: bool = False, element: pa.DataType = pa.float16()
+) -> list[pa.Field]:
+    """The optional columns after ``OUTPUT_FIELDS``, in order: embeddings (``image`` or ``both``), then groups."""
+    fields = []
+    if embeddings in ("image", "both"):
+        fields.append(pa.field(IMAGE_EMBEDDING, embedding_type(dim, element)))
+    if embeddings == "both":
+        fields.append(pa.field(TEXT_EMBEDDING, embedding_type(dim, element)))
+    if near_duplicates:
+        fields += [pa.field(IMAGE_GROUP, pa.string()), pa.field(IMAGE_GROUP_SIZE, pa.int32())]
+    return fields
+
+
 def passthrough_schema(input_schema: pa.Schema, image_column: str | None) -> pa.Schema:
     return pa.schema([field for field in input_schema if field.name != image_column])
 
 
-def output_schema(input_schema: pa.Schema, image_column: str | None) -> pa.Schema:
+def output_schema(input_schema: pa.Schema, image_column: str | None, extra=()) -> pa.Schema:
+    """``extra``: ``extra_fields(...)`` for the optional columns this run writes."""
     passthrough = passthrough_schema(input_schema, image_column)
-    return pa.schema(list(passthrough) + OUTPUT_FIELDS, metadata={b"blip_moderate_schema_version": str(SCHEMA_VERSION).encode()})
+    return pa.schema(list(passthrough) + OUTPUT_FIELDS + list(extra), metadata={b"blip_moderate_schema_version": str(SCHEMA_VERSION).encode()})

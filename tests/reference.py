@@ -107,3 +107,22 @@ def gradcam_reference(checkpoint: str, block_num: int, weights: torch.dtype = to
         return gradcam.reshape(len(gradcam), -1).numpy(), tokens
 
     return gradcam
+
+
+def embedding_reference(checkpoint: str, max_text_tokens: int | None = None):
+    """``embed(image_bytes, text) -> (image_feat, text_feat, itc)``: the normalised ITC projections
+    ``BlipForImageTextRetrieval``'s own ITC forward takes the dot product of, for one pair, from the
+    outputs that forward returns (the vision encoder's and the unimodal text encoder's last states)."""
+    processor = _processor(checkpoint)
+    model = BlipForImageTextRetrieval.from_pretrained(checkpoint).eval()
+    truncation = {"truncation": True, "max_length": max_text_tokens} if max_text_tokens else {}
+
+    def embed(data: bytes, text: str):
+        inputs = processor(images=_open(data), text=text, return_tensors="pt", **truncation)
+        with torch.no_grad():
+            out = model(**inputs, use_itm_head=False)
+            image_feat = torch.nn.functional.normalize(model.vision_proj(out.last_hidden_state[:, 0, :]), dim=-1)
+            text_feat = torch.nn.functional.normalize(model.text_proj(out.question_embeds[:, 0, :]), dim=-1)
+        return image_feat[0].numpy(), text_feat[0].numpy(), out.itm_score[0, 0].item()
+
+    return embed

@@ -13,6 +13,7 @@ results are one row of counts per task.
 from __future__ import annotations
 
 import functools
+import logging
 import time
 import uuid
 import warnings
@@ -29,6 +30,7 @@ from ..commit import pieces
 from ..config import JobConfig
 from ..reuse import passes as P
 from ..schema import output_schema, passthrough_schema
+from ..vectors import extra_fields
 from . import stages
 from .graph import (
     TASK_RETRIES,
@@ -41,6 +43,8 @@ from .graph import (
     with_score_stage,
 )
 from .resources import Resources
+
+log = logging.getLogger(__name__)
 
 
 @ray.remote(num_cpus=0, max_retries=3)
@@ -136,7 +140,11 @@ def plan_and_compute(
     )))
     clock.lap("hash")
     source_items, matched = _source_items(sources, {"score": digests["score"], "caption": caption_digest})
-    offered = _sum(_tasks(source_items, P.source_file, dict(common, buckets=buckets, digests=digests)))
+    offered = _sum(_tasks(source_items, P.source_file, dict(common, buckets=buckets, digests=digests, embeddings=config.embeddings)))
+    lacking = int(offered.pop("files_without_embeddings", 0))
+    if lacking:
+        log.warning("--embeddings %s: %d file(s) of the --reuse sources hold no embeddings; their rows' scores are "
+                    "computed again, with embeddings", config.embeddings, lacking)
     clock.lap("sources")
     sides = ["score"] + (["caption"] if caption_digest else [])
     bucket_items = [{"side": side, "bucket": b} for side in sides for b in range(buckets)]
@@ -165,6 +173,7 @@ def plan_and_compute(
         "unique_pairs": planned.get("unique_scores", 0),
         "unique_images": planned.get("unique_captions", 0),
         "offered_by_sources": offered,
+        "source_files_without_embeddings": lacking,
         "buckets": buckets,
         "model_stages_run": [name for name, run in stages_needed.items() if run],
         "evidence_s": float(computed.get("evidence_s", 0.0)),
@@ -289,6 +298,6 @@ def assemble_and_write(config: JobConfig, source, run_id: str, todo, staging: st
         "evidence": {"policy": config.evidence, "layer": config.evidence_layer},
         "agreement": {"model": config.agreement_model, "threshold": config.agreement_threshold} if config.agreeing else None,
         "finalize": finalize_kwargs(config, run_id, passthrough.names, [pieces.UNIT, pieces.ROW]),
-        "write": {"filesystem": filesystem, "staging": staging, "schema": output_schema(source.schema, image_column)},
+        "write": {"filesystem": filesystem, "staging": staging, "schema": output_schema(source.schema, image_column, extra_fields(config))},
     }
     return _sum(_tasks(items, _assemble_and_write, kwargs))

@@ -11,6 +11,7 @@ from ray.data import ActorPoolStrategy
 from ..commit import pieces
 from ..config import JobConfig
 from ..schema import EVIDENCE_SECONDS, output_schema, passthrough_schema
+from ..vectors import extra_fields
 from . import stages
 from .resources import Resources
 
@@ -73,7 +74,7 @@ def build_scored_dataset(
         pieces.write_pieces,
         batch_format="pyarrow",
         batch_size=None,
-        fn_kwargs={"filesystem": filesystem, "staging": staging, "schema": output_schema(source.schema, image_column)},
+        fn_kwargs={"filesystem": filesystem, "staging": staging, "schema": output_schema(source.schema, image_column, extra_fields(config))},
         **task_retries(),
     )
 
@@ -115,6 +116,7 @@ def score_stage_kwargs(config: JobConfig, resources: Resources) -> dict:
         "decode_device": config.decode_device,
         "shape_buckets": config.shape_buckets,
         "compile": config.torch_compile,
+        "embeddings": config.embeddings,
     }
 
 
@@ -149,6 +151,7 @@ def finalize_kwargs(config: JobConfig, run_id: str, passthrough: list[str], keep
         "itm_model": config.itm_model,
         "caption_model": config.recorded_caption_model,
         "keep": list(keep),
+        "extra": extra_fields(config),
     }
 
 

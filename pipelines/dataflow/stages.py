@@ -227,8 +227,10 @@ class ScoreStage:
         threads: int | None = None, evidence: str = "none", evidence_layer: int | None = None,
         vision_attention: str = "fused", cpu_kernels: str = "auto",
         decode_device: str = "cpu", jpeg_backend: str = "torchvision",
-        shape_buckets: bool = False, compile: bool = False,
+        shape_buckets: bool = False, compile: bool = False, embeddings: str = "none",
     ):
+        """``embeddings``: none, image or both: which normalised ITC projections the batch gains
+        (``pipelines.vectors``; from the scoring pass itself, no second one)."""
         # Imported here, not at the top: the decode, flag and write tasks import this module too,
         # and must not pay for torch and transformers.
         from blip_ops.scorer import BlipScorer
@@ -262,6 +264,7 @@ class ScoreStage:
 
             self.gradcam = GradCam(self.scorer.model, self.scorer.tokenizer, layer=evidence_layer)
         self.jpegs = _device_decoder(decode_device, self.scorer, jpeg_backend)
+        self.embeddings = embeddings
 
     def torch_threads(self) -> int:
         """The intra-op threads torch really runs with in this actor (asked by tests and audits)."""
@@ -292,10 +295,27 @@ class ScoreStage:
 
     def _score(self, images, texts, wanted):
         if self.gradcam is None:
+            if self.embeddings != "none":
+                itc, itm, truncated, features = self.scorer.score_with_features(images, texts)
+                return itc, itm, truncated, [None] * len(texts), 0.0, features
             itc, itm, truncated = self.scorer.score(images, texts)
-            return itc, itm, truncated, [None] * len(texts), 0.0
+            return itc, itm, truncated, [None] * len(texts), 0.0, None
         result = self.scorer.score_explained(images, texts, wanted, self.gradcam)
-        return result.itc, result.itm, result.truncated, result.evidence, result.evidence_s
+        return result.itc, result.itm, result.truncated, result.evidence, result.evidence_s, result.features
+
+    def _embedding_columns(self, batch: pa.Table, parts, rows: np.ndarray, n: int) -> pa.Table:
+        """``image_embedding`` (and ``text_embedding`` for ``both``) at the scored rows, null elsewhere."""
+        if self.embeddings == "none":
+            return batch
+        from ..vectors import spread
+
+        dim = self.scorer.model.config.image_text_hidden_size
+        found = [part[5] for part in parts if part[5] is not None and len(part[5])]
+        features = np.concatenate(found) if found else np.zeros((0, 2 * dim), dtype=np.float32)
+        batch = batch.append_column(S.IMAGE_EMBEDDING, spread(features[:, :dim], rows, n, dim))
+        if self.embeddings == "both":
+            batch = batch.append_column(S.TEXT_EMBEDDING, spread(features[:, dim:], rows, n, dim))
+        return batch
 
     def __call__(self, batch: pa.Table, *, itm_threshold: float | None = None, itc_threshold: float | None = None) -> pa.Table:
         """The thresholds pick the rows ``flagged`` evidence explains (call arguments, so warm actors
@@ -334,7 +354,7 @@ class ScoreStage:
             counts = self.scorer.token_counts([texts[i] for i in unscored])
             truncated[unscored] = counts > self.scorer.max_text_tokens
         _record_time("score", len(rows), started)
-        return (
+        out = (
             batch.drop_columns([S.PIXELS_SCORE])
             .append_column("itc_score", _spread(itc, mask, pa.float32()))
             .append_column("itm_score", _spread(itm, mask, pa.float32()))
@@ -342,6 +362,7 @@ class ScoreStage:
             .append_column("evidence", evidence_array(evidence))
             .append_column(S.EVIDENCE_SECONDS, pa.array(seconds, pa.float64()))
         )
+        return self._embedding_columns(out, parts, rows, len(mask))
 
 
 def _row_verdict(image_error, text_error, itc, itm, itm_threshold, itc_threshold, language=None, languages=None):
@@ -506,6 +527,18 @@ def add_agreement(batch: pa.Table, encoder, text_column: str, threshold: float |
     )
 
 
+def _extra_column(batch: pa.Table, field: pa.Field) -> pa.Table:
+    """An optional output column as ``field`` types it: present already, from the keyed plan's bytes, or null."""
+    if field.name in batch.column_names:
+        return batch
+    carried = {S.IMAGE_EMBEDDING: S.IMAGE_EMBEDDING_BYTES, S.TEXT_EMBEDDING: S.TEXT_EMBEDDING_BYTES}.get(field.name)
+    if carried in batch.column_names:
+        from ..vectors import from_bytes
+
+        return batch.append_column(field.name, from_bytes(batch.column(carried), field.type.list_size))
+    return batch.append_column(field.name, pa.nulls(batch.num_rows, field.type))
+
+
 def _where_valid(column, value: str) -> pa.Array:
     valid = column.is_valid().to_numpy(zero_copy_only=False)
     return pa.array([value if v else None for v in valid], pa.string())
@@ -519,9 +552,12 @@ def finalize_batch(
     itm_model: str,
     caption_model: str | None,
     keep: list[str] = (),
+    extra: list = (),
 ) -> pa.Table:
     """Run metadata, then the output schema and column order, so every file agrees;
-    ``keep`` names working columns carried after them (for the writer)."""
+    ``keep`` names working columns carried after them (for the writer); ``extra`` the optional
+    output fields (``schema.extra_fields``), null where a batch has no value for them (the groups
+    are filled in by ``neardup`` once every row is written)."""
     n = batch.num_rows
     batch = batch.drop_columns([c for c in (S.PIXELS_CAPTION, S.PIXELS_SCORE) if c in batch.column_names])
     batch = drop_jpeg_columns(batch)
@@ -549,7 +585,9 @@ def finalize_batch(
     for name, values in added.items():
         if name not in batch.column_names:  # reused rows bring their own time and provenance
             batch = batch.append_column(name, values)
-    target = S.output_schema(batch.select(passthrough).schema, image_column=None)
+    for field in extra:
+        batch = _extra_column(batch, field)
+    target = S.output_schema(batch.select(passthrough).schema, image_column=None, extra=extra)
     result = batch.select(target.names).cast(target)
     for name in keep:
         result = result.append_column(name, batch.column(name))

@@ -12,12 +12,15 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from .. import keys as K
+from ..schema import IMAGE_EMBEDDING_BYTES, TEXT_EMBEDDING_BYTES
+
+EMBEDDING_BYTES = (IMAGE_EMBEDDING_BYTES, TEXT_EMBEDDING_BYTES)
 from ..storage import read_bytes
 from .passes import CAPTION_VALUE_FIELDS, SCORE_VALUE_FIELDS, _text_problem
 from .sources import NEEDED_COLUMNS, ReuseSource
 
 # An audit's reused rows take the scores only; their evidence is not looked up (see jobs.audit).
-_SCORE_FIELDS = [f for f in SCORE_VALUE_FIELDS if f.name not in ("__image_error", "evidence")]
+_SCORE_FIELDS = [f for f in SCORE_VALUE_FIELDS if f.name not in ("__image_error", "evidence", *EMBEDDING_BYTES)]
 
 
 def content_hashes(table: pa.Table, text_column: str, image_column: str, from_uri: bool) -> tuple[pa.Array, pa.Array]:

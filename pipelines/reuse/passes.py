@@ -66,6 +66,8 @@ SCORE_VALUE_FIELDS = [
     pa.field("scored_at", _TS), pa.field("scores_from_run", pa.string()), pa.field(S.IMAGE_ERROR, pa.string()),
     # Grad-CAM travels with the scores it explains (the same pair, the same model and settings).
     pa.field("evidence", S.EVIDENCE_TYPE),
+    # --embeddings: the projections the scores come from, as raw float16 bytes (pipelines.vectors).
+    pa.field(S.IMAGE_EMBEDDING_BYTES, pa.binary()), pa.field(S.TEXT_EMBEDDING_BYTES, pa.binary()),
 ]
 CAPTION_VALUE_FIELDS = [pa.field("caption", pa.string()), pa.field("caption_from_run", pa.string())]
 VALUE_FIELDS = {"score": SCORE_VALUE_FIELDS, "caption": CAPTION_VALUE_FIELDS}
@@ -166,11 +168,15 @@ def hash_unit(
     return pa.table({k: [v] for k, v in counts.items()})
 
 
-def source_file(items: pa.Table, *, digests: dict, work_fs, work: str, buckets: int) -> pa.Table:
-    """Pass 1 for ``--reuse`` sources: the values of one committed file's rows under this run's keys."""
+def source_file(items: pa.Table, *, digests: dict, work_fs, work: str, buckets: int, embeddings: str = "none") -> pa.Table:
+    """Pass 1 for ``--reuse`` sources: the values of one committed file's rows under this run's keys.
+    A run asking for ``embeddings`` takes a file's scores only if the file holds those columns: a
+    source written without them cannot serve it, and its pairs are scored again (counted)."""
     from ..storage import locate
+    from ..vectors import to_bytes, wanted_columns
 
     offered = {"score": 0, "caption": 0}
+    lacking = 0
     for item in items.to_pylist():
         location = locate(item["uri"])
         parquet = pq.ParquetFile(item["path"], filesystem=location.filesystem)
@@ -179,7 +185,14 @@ def source_file(items: pa.Table, *, digests: dict, work_fs, work: str, buckets: 
         wanted = {K.IMAGE_SHA256, K.TEXT_SHA256, "status"} | set(SCORE_VALUES) | set(CAPTION_VALUES)
         if not wanted <= names:
             continue  # written before keys and provenance existed: matches nothing
-        table = parquet.read(columns=sorted(wanted | ({"evidence"} & names)))
+        vectors = wanted_columns(embeddings)
+        if "score" in sides and not set(vectors) <= names:
+            sides = [s for s in sides if s != "score"]
+            lacking += 1
+        table = parquet.read(columns=sorted(wanted | ({"evidence"} & names) | set(vectors)))
+        for name, carried in ((S.IMAGE_EMBEDDING, S.IMAGE_EMBEDDING_BYTES), (S.TEXT_EMBEDDING, S.TEXT_EMBEDDING_BYTES)):
+            if name in vectors and name in table.column_names:
+                table = table.append_column(carried, to_bytes(table.column(name)))
         for side in sides:
             if side == "score":
                 ok = pc.and_(pc.equal(table.column("status"), S.STATUS_OK), table.column("itc_score").is_valid())
@@ -197,7 +210,8 @@ def source_file(items: pa.Table, *, digests: dict, work_fs, work: str, buckets: 
             ).filter(key.is_valid())
             _bucketed(work_fs, work, SIDES[side][1], f"s{item['priority']:04d}-f{item['index']:06d}", out, buckets)
             offered[side] += out.num_rows
-    return pa.table({"offered_scores": [offered["score"]], "offered_captions": [offered["caption"]]})
+    return pa.table({"offered_scores": [offered["score"]], "offered_captions": [offered["caption"]],
+                     "files_without_embeddings": [lacking]})
 
 
 def _first_per_key(table: pa.Table, order: list[tuple[str, str]]) -> pa.Table:
@@ -339,6 +353,7 @@ def store_results(batch: pa.Table, *, run_id: str, work_fs, work: str, buckets: 
         "scores_from_run": pa.array([run_id if s else None for s in scored], pa.string()),
         S.IMAGE_ERROR: batch.column(S.IMAGE_ERROR),
         "evidence": batch.column("evidence") if "evidence" in batch.column_names else pa.nulls(n, S.EVIDENCE_TYPE),
+        **_embedding_bytes(batch),
         REP: pa.array(pos),
     }).filter(pa.array(do_score))
     evidence_s = float(pc.sum(batch.column(S.EVIDENCE_SECONDS)).as_py() or 0.0) if S.EVIDENCE_SECONDS in batch.column_names else 0.0
@@ -363,6 +378,16 @@ def store_results(batch: pa.Table, *, run_id: str, work_fs, work: str, buckets: 
         for unit in np.unique(units[keyless]):
             _write(work_fs, f"{work}/direct/u{unit:06d}/{name}.parquet", direct.filter(pa.array(keyless & (units == unit))))
     return pa.table({"pairs_scored": [int((do_score & scored).sum())], "images_captioned": [captions], "evidence_s": [evidence_s]})
+
+
+def _embedding_bytes(batch: pa.Table) -> dict:
+    """The score stage's embedding columns (``--embeddings``) as the plan's float16 bytes; null without."""
+    from ..vectors import to_bytes
+
+    out = {}
+    for name, carried in ((S.IMAGE_EMBEDDING, S.IMAGE_EMBEDDING_BYTES), (S.TEXT_EMBEDDING, S.TEXT_EMBEDDING_BYTES)):
+        out[carried] = to_bytes(batch.column(name)) if name in batch.column_names else pa.nulls(batch.num_rows, pa.binary())
+    return out
 
 
 def _value_schema(side: str) -> pa.Schema:
@@ -435,7 +460,8 @@ def assemble_unit(
             pos = positions(table.column(UNIT).to_numpy(), rows)
             index = np.searchsorted(unit_keys.column(ROW).to_numpy(), rows)
             picked = unit_keys.take(pa.array(index))
-            itc, itm, truncated, scored_at, from_run, image_error, evidence = _align(pos, scores, SCORE_VALUE_FIELDS)
+            itc, itm, truncated, scored_at, from_run, image_error, evidence, image_vec, text_vec = _align(
+                pos, scores, SCORE_VALUE_FIELDS)
             direct_error, direct_truncated = _align(pos, direct, list(DIRECT_SCHEMA)[1:])
             keyless = picked.column(SKEY).is_null()
             direct_found = _align(pos, direct.append_column("__found", pa.array(np.ones(direct.num_rows, bool))),
@@ -466,6 +492,8 @@ def assemble_unit(
                 .append_column("scored_at", scored_at)
                 .append_column("scores_from_run", from_run)
                 .append_column("evidence", evidence)
+                .append_column(S.IMAGE_EMBEDDING_BYTES, image_vec)
+                .append_column(S.TEXT_EMBEDDING_BYTES, text_vec)
             )
             if detect_language:  # per row, from its text: cheap, and never shared between rows
                 from blip_ops.language import detect_languages
