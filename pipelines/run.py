@@ -211,6 +211,25 @@ def _row_by_row_counts(destination: Location, attempt: output.Attempt) -> dict:
     return {"pairs_scored": scored, "images_captioned": captioned}
 
 
+def _group_images(config: JobConfig, source: InputInfo, destination: Location, attempt: output.Attempt) -> dict:
+    """``image_group`` and ``image_group_size`` written into every staged piece (``dataflow.neardup``)."""
+    from .dataflow import neardup
+    from .vectors import embedding_dim
+
+    work = f"{attempt.staging}/_groups-{uuid.uuid4().hex[:12]}"
+    paths = output.staged_paths(destination, attempt)
+    try:
+        return neardup.group_near_duplicates(
+            paths, destination.filesystem, work, rows=max(1, source.num_rows),
+            dim=embedding_dim(config.itm_model), threshold=config.near_duplicate_cosine,
+        )
+    finally:
+        try:
+            destination.filesystem.delete_dir(work)
+        except (FileNotFoundError, OSError):
+            pass
+
+
 def _reuse_record(config: JobConfig, source: InputInfo, counts: dict) -> dict:
     record = {k: counts.get(k, 0) for k in REUSE_COUNTS if k != "duplicate_rows_collapsed"}
     record["duplicate_rows_collapsed"] = counts.get("duplicate_pairs_collapsed", 0)
@@ -220,6 +239,8 @@ def _reuse_record(config: JobConfig, source: InputInfo, counts: dict) -> dict:
     record["keyed_plan"] = "buckets" in counts
     record["buckets"] = counts.get("buckets")
     record["pass_seconds"] = counts.get("pass_seconds")
+    if "near_duplicates" in counts:
+        record["near_duplicates"] = counts["near_duplicates"]
     if config.embeddings != "none":  # a source without embeddings cannot serve this run: its rows were scored again
         record["source_files_without_embeddings"] = counts.get("source_files_without_embeddings", 0)
     return record
@@ -256,6 +277,8 @@ def run_job(config: JobConfig, checked: Checked | None = None) -> RunSummary:
     # Digests are computed even when every row was durable: the manifest records them for later reuse.
     resources, digests, counts, evidence_s = _score_missing(config, source, destination, attempt, todo)
 
+    if config.near_duplicates:  # over every row of the run, resumed ones too, once all are written
+        counts = dict(counts or {}, near_duplicates=_group_images(config, source, destination, attempt))
     image_column = None if config.image_uri_column else config.image_column
     schema = output_schema(source.schema, image_column, extra_fields(config))
     manifest = {
