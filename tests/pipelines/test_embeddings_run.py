@@ -3,6 +3,7 @@ Parquet and Delta, reuse with and without embeddings in the source, DuckDB readi
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -14,7 +15,10 @@ from blip_ops.samples import sample_catalog
 from jobs.score import config_from_args, make_parser
 from pipelines.config import build_config, load_yaml
 from pipelines.run import run_job
-from tests.conftest import write_catalog
+from PIL import Image
+
+from pipelines.dataflow.neardup import brute_force_pairs
+from tests.conftest import image_bytes, write_catalog
 
 DIM = 16  # blip_ops.tiny: image_text_hidden_size
 
@@ -25,6 +29,11 @@ def _records() -> list[dict]:
         record.pop("expected")
     records += [dict(records[i], id=f"shared-{i}", text=f"listing {i} again") for i in (0, 2)]
     records.append(dict(records[3], id="same-pair"))
+    # Near copies: the same pictures re-encoded as JPEG, and resized (other files, other hashes).
+    for i in (0, 4):
+        picture = Image.open(io.BytesIO(records[i]["image"])).convert("RGB")
+        records.append(dict(records[i], id=f"jpeg-{i}", image=image_bytes(picture, "JPEG", quality=92)))
+        records.append(dict(records[i], id=f"resized-{i}", image=image_bytes(picture.resize((picture.width - 3, picture.height - 2)))))
     return records
 
 
@@ -43,7 +52,9 @@ def runs(ray_session, tiny_itm, tmp_path_factory):
         "rowwise": run("rowwise", dedup=False, embeddings="both"),
         "keyed": run("keyed", embeddings="both", evidence="flagged"),
         "plain": run("plain"),
-        "delta": run("delta", embeddings="image", output_format="delta"),
+        "delta": run("delta", embeddings="image", output_format="delta", near_duplicates=True),
+        "groups": run("groups", near_duplicates=True),
+        "groups-again": run("groups-again", near_duplicates=True, dedup=False, score_batch_size=3, decode_batch_size=2),
     }
     summaries["from-plain"] = run("from-plain", embeddings="image", reuse=str(root / "plain"))
     summaries["from-keyed"] = run("from-keyed", embeddings="both", reuse=str(root / "keyed"))
@@ -182,3 +193,67 @@ def test_audit_writes_the_vectors_too(runs, tiny_itm):
         else:
             np.testing.assert_allclose(np.asarray(record["image_embedding"], np.float32),
                                        rows[record["id"]]["image_embedding"], atol=2e-3)
+
+
+def _brute_groups(rows: list[dict], threshold: float) -> dict[str, str]:
+    """Components of same-hash or cosine >= threshold over the written embeddings, by all pairs."""
+    vectors = {}
+    for row in rows:
+        if row["image_sha256"] and row["image_embedding"] is not None:
+            vectors.setdefault(row["image_sha256"], row["image_embedding"])
+    shas = sorted(vectors)
+    pairs = brute_force_pairs(shas, np.array([vectors[s] for s in shas], np.float16), threshold)
+    parent = {r["image_sha256"]: r["image_sha256"] for r in rows if r["image_sha256"]}
+
+    def find(x):
+        while parent[x] != x:
+            x = parent[x]
+        return x
+
+    for a, b in pairs:
+        ra, rb = find(a), find(b)
+        parent[max(ra, rb)] = min(ra, rb)
+    return {sha: find(sha) for sha in parent}
+
+
+def test_near_duplicate_groups_end_to_end(runs):
+    root, summaries = runs
+    rows = list(_rows(root / "groups").values())
+    schema = pq.read_schema(next((root / "groups").glob("*.parquet")))
+    assert schema.field("image_group").type == pa.string() and schema.field("image_group_size").type == pa.int32()
+    truth = _brute_groups(rows, 0.95)
+    sizes = {}
+    for row in rows:
+        if row["image_group"] is not None:
+            sizes[row["image_group"]] = sizes.get(row["image_group"], 0) + 1
+    for row in rows:
+        if row["image_sha256"] is None:
+            assert row["image_group"] is None and row["image_group_size"] is None
+            continue
+        assert row["image_group"] == truth[row["image_sha256"]], row["id"]
+        assert row["image_group_size"] == sizes[row["image_group"]], row["id"]
+    by_id = {r["id"]: r for r in rows}
+    # An exact copy always shares the group; the re-encoded and resized copies do where their cosine says so.
+    assert by_id["shared-0"]["image_group"] == by_id["item-0000"]["image_group"]
+    assert by_id["jpeg-0"]["image_sha256"] != by_id["item-0000"]["image_sha256"]
+    assert any(r["image_group_size"] and r["image_group_size"] >= 3 for r in rows)
+    record = json.loads((root / "groups" / "_manifest.json").read_text())["reuse"]["near_duplicates"]
+    assert record["edges"] >= 1 and record["bands"] >= 1
+    assert "image groups shared" in summaries["groups"].render()
+
+
+def test_the_same_catalog_gives_the_same_groups(runs):
+    root, _ = runs
+    first = {k: (r["image_group"], r["image_group_size"]) for k, r in _rows(root / "groups").items()}
+    again = {k: (r["image_group"], r["image_group_size"]) for k, r in _rows(root / "groups-again").items()}
+    assert first == again
+
+
+def test_a_delta_output_holds_the_groups(runs):
+    from deltalake import DeltaTable
+
+    root, _ = runs
+    table = {r["id"]: r for r in DeltaTable(str(root / "delta")).to_pyarrow_table().to_pylist()}
+    groups = _rows(root / "groups")
+    for key, row in groups.items():
+        assert (table[key]["image_group"], table[key]["image_group_size"]) == (row["image_group"], row["image_group_size"])

@@ -37,6 +37,10 @@ NOT_IN_KEYS = {
     "output_format", "output_partition",
     # batches in flight per actor, and padding rows and tokens that are dropped again (tests: same scores)
     "overlap", "shape_buckets",
+    # which columns the run writes: the projections come from the same pass as the scores (a source
+    # without them cannot serve a run asking for them: pipelines.reuse.passes.source_file), and the
+    # groups are computed over each run's rows after the plan
+    "embeddings", "near_duplicates", "near_duplicate_cosine",
 }
 
 
