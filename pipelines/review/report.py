@@ -386,7 +386,7 @@ def _evidence_note(examples: list[dict]) -> str:
 
 def render_report(
     manifest: dict, summary: dict, config: JobConfig, stats: OutputStats, thumbnails: dict, overlays: dict | None = None,
-    history: History | None = None,
+    history: History | None = None, shared: str = "",
 ) -> str:
     """The whole page. ``thumbnails``: id -> data URI for the examples; ``overlays``: id -> data URI of
     the evidence heat map over the image, for examples with evidence; ``history``: the run history
@@ -430,7 +430,8 @@ def render_report(
         f"<h2>Flag rate by category</h2>{_categories(stats)}"
         f"<h2>Most confident mismatches</h2><p class=\"meta\">Scored rows that were flagged, lowest {rank} score first "
         f"({len(examples)} shown).{_evidence_note(examples)}</p><div id=\"examples\">{views.rows_table(examples)}</div>"
-        "</body></html>\n"
+        + (f"<h2>Images shared across listings</h2><div id=\"shared-images\">{shared}</div>" if shared else "")
+        + "</body></html>\n"
     )
 
 
@@ -446,7 +447,21 @@ def report_page(manifest: dict, summary: dict, config: JobConfig, stats: OutputS
         if row.get("evidence") and key not in overlays:
             overlays[key] = views.overlay_uri(images.get(key), row["evidence"])
     history = read_history(location) if location is not None else None
-    return render_report(manifest, summary, config, stats, thumbnails, overlays, history)
+    shared = _shared_images(manifest, config, location)
+    return render_report(manifest, summary, config, stats, thumbnails, overlays, history, shared)
+
+
+def _shared_images(manifest: dict, config: JobConfig, location: Location | None) -> str:
+    """The "Images shared across listings" section (``shared_images``) for a --near-duplicates output; "" otherwise."""
+    if location is None or not getattr(config, "near_duplicates", False):
+        return ""
+    from . import shared_images
+
+    groups = shared_images.largest_groups(location, manifest.get("files", []), config)
+    ids = [row.get(config.id_column) for group in groups for row in group["rows"]]
+    thumbnails = {key: views.thumbnail_uri(data) for key, data in fetch_images(config, ids).items()}
+    agreement = shared_images.text_agreement(groups, config, config.agreement_model)
+    return shared_images.render(groups, agreement, thumbnails, config)
 
 
 def build_report(location: Location, manifest: dict, summary: dict, config: JobConfig) -> str:

@@ -257,3 +257,73 @@ def test_a_delta_output_holds_the_groups(runs):
     groups = _rows(root / "groups")
     for key, row in groups.items():
         assert (table[key]["image_group"], table[key]["image_group_size"]) == (row["image_group"], row["image_group_size"])
+
+
+def _readme_queries() -> dict[str, str]:
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Embeddings and near-duplicate images", 1)[1]
+    block = section.split("```sql\n", 1)[1].split("```", 1)[0]
+    queries = {}
+    for statement in block.split(";"):
+        lines = statement.strip().splitlines()
+        if lines:
+            queries[lines[0].removeprefix("-- ").strip()] = "\n".join(lines[1:])
+    return queries
+
+
+def test_readme_duckdb_queries_on_groups_and_embeddings(runs):
+    import duckdb
+
+    root, _ = runs
+    queries = {n: q.replace("'scored/", f"'{root / 'groups'}/").replace("FLOAT[256]", f"FLOAT[{DIM}]")
+               for n, q in _readme_queries().items()}
+    assert len(queries) == 3
+    rows = _rows(root / "groups")
+    con = duckdb.connect()
+    largest = con.sql(queries["the largest image groups"]).fetchall()
+    sizes = {}
+    for r in rows.values():
+        if r["image_group_size"] and r["image_group_size"] > 1:
+            sizes[r["image_group"]] = r["image_group_size"]
+    assert largest and [(g, n) for g, n, _, _ in largest] == sorted(sizes.items(), key=lambda i: (-i[1], i[0]))[:20]
+    sharing = con.sql(queries["every listing sharing the photo of one id"]).fetchall()
+    expected = sorted(k for k, r in rows.items() if r["image_group"] == rows["item-0000"]["image_group"])
+    assert [r[0] for r in sharing] == expected and "shared-0" in expected
+    nearest = con.sql(queries["the nearest listings to one id by image embedding"]).fetchall()
+    assert nearest[0][2] == pytest.approx(1.0, abs=1e-3) and len(nearest) == 10
+    assert [c for _, _, c in nearest] == sorted((c for _, _, c in nearest), reverse=True)
+
+
+def test_similar_returns_the_exact_nearest_rows(runs):
+    from jobs.similar import similar
+
+    root, _ = runs
+    rows = _rows(root / "groups")
+    frame = similar(str(root / "groups"), "item-0000", k=4)
+    query = np.array(rows["item-0000"]["image_embedding"], np.float32)
+    cosines = {}
+    for key, row in rows.items():
+        if row["image_embedding"] is not None:
+            v = np.array(row["image_embedding"], np.float32)
+            cosines[key] = float(v @ query / np.linalg.norm(v) / np.linalg.norm(query))
+    expected = sorted(cosines.items(), key=lambda i: -i[1])[:4]
+    assert list(frame["cosine"]) == pytest.approx([c for _, c in expected], abs=1e-5)
+    assert set(frame["id"]) >= {k for k, c in expected if c < expected[-1][1] - 1e-4}
+    assert frame["thumbnail"].notna().all() and frame["thumbnail"][0].startswith("data:image/")
+    with pytest.raises(KeyError):
+        similar(str(root / "groups"), "no-such-id")
+    with pytest.raises(ValueError):
+        similar(str(root / "plain"), "item-0000")
+
+
+def test_report_shows_images_shared_across_listings(runs):
+    root, _ = runs
+    page = (root / "groups" / "_report.html").read_text()
+    assert "Images shared across listings" in page
+    section = page.split('id="shared-images"', 1)[1]
+    rows = _rows(root / "groups")
+    largest = max((r for r in rows.values() if r["image_group_size"]), key=lambda r: (r["image_group_size"], r["image_group"]))
+    assert largest["image_group"][:16] in section and "texts agree" in section and "data:image/" in section
+    assert "Images shared across listings" not in (root / "keyed" / "_report.html").read_text()
