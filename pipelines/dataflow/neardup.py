@@ -51,6 +51,8 @@ from ..reuse.passes import _read_dir, _write
 IMAGES_PER_BUCKET = int(os.environ.get("BLIP_MODERATE_IMAGES_PER_BUCKET", 250_000))
 # A pair exactly at the threshold is found with at least this probability (pairs above it, more surely).
 RECALL_AT_T = 0.995
+# Candidates given their embedding at once in pass 4: 500,000 x about 600 bytes is 300 MB.
+CHUNK_PAIRS = int(os.environ.get("BLIP_MODERATE_NEARDUP_CHUNK_PAIRS", 500_000))
 SEED = 20261206  # the hyperplanes' seed: part of what makes the groups the same run after run
 NODE = "__node"
 PIECE = "__piece"
@@ -206,14 +208,16 @@ def band_bucket(items: pa.Table, *, fs, work: str, buckets: int) -> pa.Table:
     keys, nodes = table.column("key").to_numpy()[order], table.column(NODE).to_numpy()[order]
     starts = np.flatnonzero(np.concatenate([[True], keys[1:] != keys[:-1]]))
     sizes = np.diff(np.concatenate([starts, [len(keys)]]))
-    first, second = [], []
-    for start, size in zip(starts[sizes > 1], sizes[sizes > 1]):
-        members = np.unique(nodes[start:start + size])
-        if len(members) < 2:
-            continue
+    # A node has one key per band (the band is in the key), so a key's nodes are distinct, sorted.
+    pairs_of_two = starts[sizes == 2]  # most shared keys: one pair each, without a Python loop
+    first, second = [nodes[pairs_of_two]], [nodes[pairs_of_two + 1]]
+    for start, size in zip(starts[sizes > 2], sizes[sizes > 2]):
+        members = nodes[start:start + size]
         i, j = np.triu_indices(len(members), k=1)
         first.append(members[i])
         second.append(members[j])
+    if not sum(len(f) for f in first):
+        first = []
     if not first:
         return pa.table({"band_pairs": [0], "largest_band_group": [int(sizes.max())]})
     a, b = np.concatenate(first), np.concatenate(second)
@@ -231,45 +235,51 @@ def _unique_pairs(table: pa.Table) -> pa.Table:
 
 def attach_first(items: pa.Table, *, fs, work: str, buckets: int) -> pa.Table:
     """Pass 4 for one image bucket: each candidate whose first node is here, once, with that node's
-    hash, rows and embedding, into the second node's bucket."""
+    hash, rows and embedding, into the second node's bucket (``CHUNK_PAIRS`` at a time, so the
+    embeddings copied stay one chunk's whatever the bucket's candidates)."""
     bucket = int(items.column("bucket")[0].as_py())
     pairs = _unique_pairs(_read_dir(fs, f"{work}/cand/b{bucket:05d}", PAIR_SCHEMA))
     if not pairs.num_rows:
         return pa.table({"candidates": [0]})
     nodes = pq.read_table(f"{work}/nodes/b{bucket:05d}.parquet", filesystem=fs)
     index = pa.table({"a": nodes.column(NODE), "__i": pa.array(np.arange(nodes.num_rows, dtype=np.int64))})
-    joined = pairs.join(index, "a")
-    taken = nodes.take(joined.column("__i"))
-    half = pa.Table.from_arrays([joined.column("a"), joined.column("b"), taken.column(K.IMAGE_SHA256), taken.column(ROWS),
-                                 taken.column(EMB)], schema=HALF_SCHEMA)
-    which = half.column("b").to_numpy() % buckets
-    for target in np.unique(which):
-        _write(fs, f"{work}/half/b{target:05d}/i{bucket:05d}.parquet", half.filter(pa.array(which == target)))
-    return pa.table({"candidates": [half.num_rows]})
+    for chunk, start in enumerate(range(0, pairs.num_rows, CHUNK_PAIRS)):
+        joined = pairs.slice(start, CHUNK_PAIRS).join(index, "a")
+        taken = nodes.take(joined.column("__i"))
+        half = pa.Table.from_arrays([joined.column("a"), joined.column("b"), taken.column(K.IMAGE_SHA256),
+                                     taken.column(ROWS), taken.column(EMB)], schema=HALF_SCHEMA)
+        which = half.column("b").to_numpy() % buckets
+        for target in np.unique(which):
+            _write(fs, f"{work}/half/b{target:05d}/i{bucket:05d}-c{chunk:05d}.parquet", half.filter(pa.array(which == target)))
+    return pa.table({"candidates": [pairs.num_rows]})
 
 
 def check_pairs(items: pa.Table, *, fs, work: str, dim: int, threshold: float) -> pa.Table:
-    """Pass 5 for one image bucket: the true cosine of each candidate whose second node is here; the
-    pairs at or above the threshold are the edges (hashes and row counts only)."""
+    """Pass 5 for one image bucket: the true cosine of each candidate whose second node is here, one
+    candidate file at a time; the pairs at or above the threshold are the edges (hashes and row counts only)."""
     bucket = int(items.column("bucket")[0].as_py())
-    half = _read_dir(fs, f"{work}/half/b{bucket:05d}", HALF_SCHEMA)
-    if not half.num_rows:
+    infos = fs.get_file_info(pafs.FileSelector(f"{work}/half/b{bucket:05d}", allow_not_found=True))
+    files = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".parquet"))
+    if not files:
         return pa.table({"checked": [0], "edges": [0]})
     nodes = pq.read_table(f"{work}/nodes/b{bucket:05d}.parquet", filesystem=fs)
     index = pa.table({"b": nodes.column(NODE), "__i": pa.array(np.arange(nodes.num_rows, dtype=np.int64))})
-    joined = half.join(index, "b")
-    taken = nodes.take(joined.column("__i"))
-    a = _unit(_emb_matrix(joined.column("emb_a").to_pylist(), dim))
-    b = _unit(_emb_matrix(taken.column(EMB).to_pylist(), dim))
-    cosine = (a * b).sum(axis=1)
-    keep = cosine >= threshold
-    edges = pa.Table.from_arrays([
-        joined.column("sha_a"), joined.column("rows_a"), taken.column(K.IMAGE_SHA256), taken.column(ROWS),
-        pa.array(cosine.astype(np.float32)),
-    ], schema=EDGE_SCHEMA).filter(pa.array(keep))
+    checked, found = 0, []
+    for path in files:
+        joined = pq.read_table(path, filesystem=fs, schema=HALF_SCHEMA).join(index, "b")
+        taken = nodes.take(joined.column("__i"))
+        a = _unit(_emb_matrix(joined.column("emb_a").to_pylist(), dim))
+        b = _unit(_emb_matrix(taken.column(EMB).to_pylist(), dim))
+        cosine = (a * b).sum(axis=1)
+        found.append(pa.Table.from_arrays([
+            joined.column("sha_a"), joined.column("rows_a"), taken.column(K.IMAGE_SHA256), taken.column(ROWS),
+            pa.array(cosine.astype(np.float32)),
+        ], schema=EDGE_SCHEMA).filter(pa.array(cosine >= threshold)))
+        checked += joined.num_rows
+    edges = pa.concat_tables(found)
     if edges.num_rows:
         _write(fs, f"{work}/edges/b{bucket:05d}.parquet", edges)
-    return pa.table({"checked": [joined.num_rows], "edges": [edges.num_rows]})
+    return pa.table({"checked": [checked], "edges": [edges.num_rows]})
 
 
 class _UnionFind:

@@ -185,3 +185,35 @@ def test_banding_grows_slowly_with_rows():
     assert 1 - (1 - p ** bits) ** bands >= neardup.RECALL_AT_T
     assert neardup.banding(50_000_000, 0.95)[0] > bits
     assert neardup.band_keys(np.ones((2, 4), np.float32), 3, 5).shape == (2, 5)
+
+
+def test_chunked_candidates_give_the_same_edges(grouped, tmp_path, monkeypatch):
+    """Passes 1-5 in this process (plain functions) with candidates attached 7 at a time, over
+    several buckets: the same edges as the Ray run's single chunk and bucket."""
+    shas, vecs, row_shas, runs = grouped
+    matrix, valid = vectors.to_numpy(_rebuild(row_shas, shas, vecs))
+    paths = _write_pieces(tmp_path / "pieces", row_shas, matrix, valid, pieces=4)
+    monkeypatch.setattr(neardup, "CHUNK_PAIRS", 7)
+    fs, work, buckets = pafs.LocalFileSystem(), str(tmp_path / "work"), 3
+    bits, bands = neardup.banding(len(row_shas), T)
+    one = lambda **kw: pa.table({k: [v] for k, v in kw.items()})  # noqa: E731
+    for piece, path in enumerate(paths):
+        neardup.piece_images(one(path=path, piece=piece), fs=fs, work=work, buckets=buckets)
+    for b in range(buckets):
+        neardup.image_bucket(one(bucket=b), fs=fs, work=work, buckets=buckets, dim=DIM, bits=bits, bands=bands)
+    for b in range(buckets):
+        neardup.band_bucket(one(bucket=b), fs=fs, work=work, buckets=buckets)
+    for b in range(buckets):
+        neardup.attach_first(one(bucket=b), fs=fs, work=work, buckets=buckets)
+    for b in range(buckets):
+        neardup.check_pairs(one(bucket=b), fs=fs, work=work, dim=DIM, threshold=T)
+    edges = neardup._read_edges(fs, work, buckets)
+    pairs = lambda e: {tuple(sorted(p)) for p in zip(e.column("sha_a").to_pylist(), e.column("sha_b").to_pylist())}  # noqa: E731
+    assert pairs(edges) == pairs(runs[0][1]) and edges.num_rows
+    assert len(list((tmp_path / "work" / "half").rglob("*-c00001.parquet")))  # more than one chunk was written
+
+
+def _rebuild(row_shas, shas, vecs):
+    by_sha = dict(zip(shas, vecs))
+    matrix = np.array([by_sha.get(s, np.zeros(DIM, np.float16)) for s in row_shas], np.float16)
+    return vectors.fixed_array(matrix, np.array([s in by_sha for s in row_shas]))
