@@ -229,6 +229,8 @@ def _score(table: pa.Table, config: JobConfig, warm_models: bool = True, reuse=(
         scored = reused if scored is None else pa.concat_tables([scored, reused.cast(scored.schema)])
     from pipelines.vectors import extra_fields
 
+    if scored is not None and config.near_duplicates:
+        scored = _with_groups(scored, config)
     result = _finish(everything, scored, passthrough, image, images, extra_fields(config))
     result.attrs[ATTRS_KEY] = {
         "run_id": run_id,
@@ -238,6 +240,20 @@ def _score(table: pa.Table, config: JobConfig, warm_models: bool = True, reuse=(
         "image_is_uri": bool(config.image_uri_column),
     }
     return result
+
+
+def _with_groups(scored: pa.Table, config: JobConfig) -> pa.Table:
+    """``image_group`` and ``image_group_size`` over the audit's rows (``neardup.group_in_memory``: the
+    rows are in this process already, so no passes over files)."""
+    from pipelines import schema as S
+    from pipelines.dataflow.neardup import group_in_memory
+    from pipelines.vectors import to_numpy
+
+    matrix, valid = to_numpy(scored.column(S.IMAGE_EMBEDDING))
+    groups, sizes = group_in_memory(scored.column("image_sha256").to_pylist(), matrix, valid, config.near_duplicate_cosine)
+    for name, values, type_ in ((S.IMAGE_GROUP, groups, pa.string()), (S.IMAGE_GROUP_SIZE, sizes, pa.int32())):
+        scored = scored.set_column(scored.schema.get_field_index(name), pa.field(name, type_), pa.array(values, type_))
+    return scored
 
 
 def _finish(table: pa.Table, scored: pa.Table | None, passthrough: list[str], image: str | None, images, extra=()) -> pd.DataFrame:

@@ -77,7 +77,7 @@ def banding(rows: int, threshold: float) -> tuple[int, int]:
     ``bits`` about log2(rows) (12 to 28): an unrelated pair (cosine near 0, p = 1/2) then shares a
     given band with probability about 1/rows, so the expected candidates from unrelated pairs stay
     about ``rows * bands / 2``, linear in rows. ``bands`` the fewest for ``RECALL_AT_T`` at T:
-    at T = 0.95 (p = 0.899), 200,000 rows give 18 bits and 34 bands; 50 million, 26 bits and 83."""
+    at T = 0.95 (p = 0.899), 200,000 rows give 18 bits and 34 bands; 50 million, 26 bits and 82."""
     bits = int(min(28, max(12, math.ceil(math.log2(max(rows, 2))))))
     p = 1.0 - math.acos(max(-1.0, min(1.0, threshold))) / math.pi
     hit = p ** bits
@@ -100,10 +100,12 @@ def hyperplanes(dim: int, count: int) -> np.ndarray:
 
 def band_keys(vectors: np.ndarray, bits: int, bands: int) -> np.ndarray:
     """``(n, bands)`` int64 keys: band index and its ``bits`` sign bits, mixed into one 64-bit value."""
-    signs = (vectors.astype(np.float32) @ hyperplanes(vectors.shape[1], bits * bands)) >= 0
-    signs = signs.reshape(len(vectors), bands, bits)
+    planes = hyperplanes(vectors.shape[1], bits * bands)
     weights = (np.int64(1) << np.arange(bits, dtype=np.int64))
-    values = (signs * weights).sum(axis=2, dtype=np.int64)
+    values = np.empty((len(vectors), bands), dtype=np.int64)
+    for start in range(0, len(vectors), 8192):  # a block at a time: 8,192 x 2,132 projections is 70 MB
+        signs = (vectors[start:start + 8192].astype(np.float32) @ planes) >= 0
+        values[start:start + 8192] = (signs.reshape(-1, bands, bits) * weights).sum(axis=2, dtype=np.int64)
     # Band index in the high bits: the same bit pattern in two bands is two keys.
     return (np.arange(bands, dtype=np.int64)[None, :] << np.int64(32)) | values
 
@@ -116,8 +118,28 @@ def _mix(keys: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def _emb_matrix(values: list, dim: int) -> np.ndarray:
-    return np.frombuffer(b"".join(values), dtype=np.float16).reshape(len(values), dim).astype(np.float32)
+def _emb_matrix(column, dim: int) -> np.ndarray:
+    """A binary column of float16 vectors (none null, each ``2 * dim`` bytes) as an ``(n, dim)``
+    float16 view of its Arrow buffer: no Python object per row, no copy (float32 only per block, in ``_cosines``)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    n = len(column)
+    if not n:
+        return np.zeros((0, dim), dtype=np.float16)
+    offsets = np.frombuffer(column.buffers()[1], dtype=np.int32, count=n + 1, offset=column.offset * 4)
+    if column.null_count or not np.all(np.diff(offsets) == 2 * dim):
+        raise ValueError(f"embeddings are not all {dim} float16 values")
+    return np.frombuffer(column.buffers()[2], dtype=np.float16, count=n * dim, offset=int(offsets[0])).reshape(n, dim)
+
+
+def _cosines(a: np.ndarray, b: np.ndarray, block: int = 65_536) -> np.ndarray:
+    """Row-wise cosine of two float16 matrices, in float32 a block at a time (memory: one block)."""
+    out = np.empty(len(a), dtype=np.float32)
+    for start in range(0, len(a), block):
+        x = _unit(a[start:start + block].astype(np.float32))
+        y = _unit(b[start:start + block].astype(np.float32))
+        out[start:start + block] = (x * y).sum(axis=1)
+    return out
 
 
 def _unit(matrix: np.ndarray) -> np.ndarray:
@@ -187,7 +209,7 @@ def image_bucket(items: pa.Table, *, fs, work: str, buckets: int, dim: int, bits
     embedded = nodes.filter(nodes.column(EMB).is_valid()) if nodes.num_rows else nodes
     if not embedded.num_rows:
         return pa.table({"images": [nodes.num_rows], "embedded": [0]})
-    keys = band_keys(_emb_matrix(embedded.column(EMB).to_pylist(), dim), bits, bands)
+    keys = band_keys(_emb_matrix(embedded.column(EMB), dim), bits, bands)
     flat_keys = keys.reshape(-1)
     flat_nodes = np.repeat(embedded.column(NODE).to_numpy(), bands)
     which = (_mix(flat_keys) % np.uint64(buckets)).astype(np.int64)
@@ -268,9 +290,7 @@ def check_pairs(items: pa.Table, *, fs, work: str, dim: int, threshold: float) -
     for path in files:
         joined = pq.read_table(path, filesystem=fs, schema=HALF_SCHEMA).join(index, "b")
         taken = nodes.take(joined.column("__i"))
-        a = _unit(_emb_matrix(joined.column("emb_a").to_pylist(), dim))
-        b = _unit(_emb_matrix(taken.column(EMB).to_pylist(), dim))
-        cosine = (a * b).sum(axis=1)
+        cosine = _cosines(_emb_matrix(joined.column("emb_a"), dim), _emb_matrix(taken.column(EMB), dim))
         found.append(pa.Table.from_arrays([
             joined.column("sha_a"), joined.column("rows_a"), taken.column(K.IMAGE_SHA256), taken.column(ROWS),
             pa.array(cosine.astype(np.float32)),
@@ -435,6 +455,41 @@ def _read_edges(fs, work: str, buckets: int) -> pa.Table:
     present = [i.path for i in fs.get_file_info(files) if i.type == pafs.FileType.File]
     tables = [pq.read_table(p, filesystem=fs) for p in present]
     return pa.concat_tables(tables) if tables else EDGE_SCHEMA.empty_table()
+
+
+def group_in_memory(shas: list, matrix: np.ndarray, valid: np.ndarray, threshold: float) -> tuple[list, list]:
+    """(image_group, image_group_size) per row for rows already in one process (a notebook audit's
+    sample, on the driver by design): the same bands, check and union-find as the passes, in memory."""
+    counts: dict[str, int] = {}
+    vectors_of: dict[str, np.ndarray] = {}
+    for sha, vector, ok in zip(shas, matrix, valid):
+        if sha is None:
+            continue
+        counts[sha] = counts.get(sha, 0) + 1
+        if ok and sha not in vectors_of:
+            vectors_of[sha] = vector
+    embedded = sorted(vectors_of)
+    edges = EDGE_SCHEMA.empty_table()
+    if len(embedded) > 1:
+        unit = _unit(np.array([vectors_of[s] for s in embedded], dtype=np.float32))
+        bits, bands = banding(len(shas), threshold)
+        keys = band_keys(unit, bits, bands)
+        by_key: dict[int, list[int]] = {}
+        for row, values in enumerate(keys):
+            for key in values:
+                by_key.setdefault(int(key), []).append(row)
+        pairs = {(a, b) for members in by_key.values() for i, a in enumerate(members) for b in members[i + 1:]}
+        kept = [(a, b, float(unit[a] @ unit[b])) for a, b in sorted(pairs)]
+        kept = [(a, b, c) for a, b, c in kept if c >= threshold]
+        edges = pa.Table.from_pylist([
+            {"sha_a": embedded[a], "rows_a": counts[embedded[a]], "sha_b": embedded[b], "rows_b": counts[embedded[b]],
+             "cosine": c} for a, b, c in kept], schema=EDGE_SCHEMA)
+    members = components(edges)
+    found = dict(zip(members.column(K.IMAGE_SHA256).to_pylist(),
+                     zip(members.column(S.IMAGE_GROUP).to_pylist(), members.column(S.IMAGE_GROUP_SIZE).to_pylist())))
+    groups = [None if s is None else found.get(s, (s, counts[s]))[0] for s in shas]
+    sizes = [None if s is None else found.get(s, (s, counts[s]))[1] for s in shas]
+    return groups, sizes
 
 
 def brute_force_pairs(shas: list[str], vectors: np.ndarray, threshold: float) -> set[tuple[str, str]]:

@@ -184,7 +184,7 @@ def test_audit_writes_the_vectors_too(runs, tiny_itm):
 
     root, _ = runs
     frame = audit(str(root / "catalog"), itm_model=tiny_itm, caption_model=None, device="cpu", evidence="none",
-                  embeddings="image", reuse=str(root / "keyed"))
+                  near_duplicates=True, reuse=str(root / "keyed"))
     rows = _rows(root / "keyed")
     assert "image_embedding" in frame.columns and "text_embedding" not in frame.columns
     for record in frame.to_dict("records"):
@@ -193,6 +193,13 @@ def test_audit_writes_the_vectors_too(runs, tiny_itm):
         else:
             np.testing.assert_allclose(np.asarray(record["image_embedding"], np.float32),
                                        rows[record["id"]]["image_embedding"], atol=2e-3)
+    # Grouped in memory over the audit's rows: the batch run's groups for the same catalog.
+    groups = _rows(root / "groups")
+    by_id = {r["id"]: r for r in frame.to_dict("records")}
+    assert by_id["shared-0"]["image_group"] == by_id["item-0000"]["image_group"] is not None
+    for key, row in groups.items():
+        assert by_id[key]["image_group"] == row["image_group"], key
+        assert (by_id[key]["image_group_size"] if row["image_group_size"] is not None else None) == row["image_group_size"], key
 
 
 def _brute_groups(rows: list[dict], threshold: float) -> dict[str, str]:

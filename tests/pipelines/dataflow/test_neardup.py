@@ -217,3 +217,13 @@ def _rebuild(row_shas, shas, vecs):
     by_sha = dict(zip(shas, vecs))
     matrix = np.array([by_sha.get(s, np.zeros(DIM, np.float16)) for s in row_shas], np.float16)
     return vectors.fixed_array(matrix, np.array([s in by_sha for s in row_shas]))
+
+
+def test_in_memory_groups_equal_the_passes(grouped):
+    """A notebook audit's rows are grouped in memory (jobs.audit): the same groups as the passes."""
+    _, _, _, runs = grouped
+    table = runs[0][2]
+    matrix, valid = vectors.to_numpy(table.column(S.IMAGE_EMBEDDING))
+    groups, sizes = neardup.group_in_memory(table.column(K.IMAGE_SHA256).to_pylist(), matrix, valid, T)
+    assert groups == table.column(S.IMAGE_GROUP).to_pylist()
+    assert sizes == table.column(S.IMAGE_GROUP_SIZE).to_pylist()
