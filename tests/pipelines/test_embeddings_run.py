@@ -150,6 +150,7 @@ def test_a_source_with_embeddings_serves_them_with_its_scores(runs):
     assert summary.reuse["pairs_scored"] == 0 and summary.reuse["rows_scores_reused"] > 0
     assert not summary.reuse.get("source_files_without_embeddings")
     source, reused = _rows(root / "keyed"), _rows(root / "from-keyed")
+    assert sum(r["text_embedding"] is not None for r in reused.values()) == summary.reuse["rows_scores_reused"] > 0
     for key, row in reused.items():
         assert row["image_embedding"] == source[key]["image_embedding"], key
         assert row["text_embedding"] == source[key]["text_embedding"], key

@@ -229,11 +229,15 @@ def test_sources_of_other_settings_or_the_old_schema_match_nothing(tmp_path):
     items, _ = dedup._source_items([old_files], ours)
     offered = passes.source_file(pa.Table.from_pylist(items), digests=ours, work_fs=pa.fs.LocalFileSystem(),
                                  work=str(tmp_path / "work"), buckets=1)
-    assert offered.to_pylist() == [{"offered_scores": 0, "offered_captions": 0}]
+    assert offered.to_pylist() == [{"offered_scores": 0, "offered_captions": 0, "files_without_embeddings": 0}]
     items, _ = dedup._source_items([matching], ours)
     offered = passes.source_file(pa.Table.from_pylist(items), digests=ours, work_fs=pa.fs.LocalFileSystem(),
                                  work=str(tmp_path / "work"), buckets=1)
-    assert offered.to_pylist() == [{"offered_scores": 1, "offered_captions": 1}]
+    assert offered.to_pylist() == [{"offered_scores": 1, "offered_captions": 1, "files_without_embeddings": 0}]
+    # A run asking for embeddings: a file without them serves its captions, never its scores.
+    offered = passes.source_file(pa.Table.from_pylist(items), digests=ours, work_fs=pa.fs.LocalFileSystem(),
+                                 work=str(tmp_path / "work-embeddings"), buckets=1, embeddings="image")
+    assert offered.to_pylist() == [{"offered_scores": 0, "offered_captions": 1, "files_without_embeddings": 1}]
 
 
 def test_a_missing_or_uncommitted_source_exits_2_before_any_model_loads(tmp_path, capsys):
