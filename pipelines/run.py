@@ -216,6 +216,7 @@ def _group_images(config: JobConfig, source: InputInfo, destination: Location, a
     from .dataflow import neardup
     from .vectors import embedding_dim
 
+    runtime.connect(config.ray_address)  # the passes are Ray tasks, even when every row was resumed
     work = f"{attempt.staging}/_groups-{uuid.uuid4().hex[:12]}"
     paths = output.staged_paths(destination, attempt)
     try:
