@@ -50,6 +50,7 @@ class ExplainedScores:
     truncated: np.ndarray
     evidence: list  # an ``Evidence`` per row, None where not wanted
     evidence_s: float  # seconds the evidence took
+    image_embeds: object = None  # the pass's vision output, for labels (blip_ops.labels)
 
 
 @dataclass
@@ -167,6 +168,12 @@ class BlipScorer:
         itc, itm, text, _, _ = self._score(images, texts)
         return itc, itm, text.truncated
 
+    def score_keeping_embeds(self, images, texts: list[str]):
+        """``score`` plus the pass's image embeddings (``(n, tokens, hidden)``, on the device), which
+        ``blip_ops.labels`` labels the images from without a second vision pass."""
+        itc, itm, text, embeds, _ = self._score(images, texts, keep_embeds=True)
+        return itc, itm, text.truncated, embeds
+
     def score_explained(self, images, texts: list[str], wanted, gradcam) -> ExplainedScores:
         """``score`` plus Grad-CAM evidence (``blip_ops.evidence.GradCam``) for the rows that
         ``wanted(itc, itm)`` (a bool mask) picks, from the same vision pass.
@@ -190,7 +197,7 @@ class BlipScorer:
         rows = np.array([row for row in rows if row not in recorded], dtype=np.int64)
         seconds = recorder.seconds if recorder is not None and len(recorded) else 0.0
         if not len(rows):
-            return ExplainedScores(itc, itm, text.truncated, evidence, seconds)
+            return ExplainedScores(itc, itm, text.truncated, evidence, seconds, image_embeds)
         started = time.perf_counter()
         index = torch.as_tensor(rows, device=self.device)
         # Only the chosen rows, cut to their own longest text (padding is masked either way).
@@ -209,7 +216,7 @@ class BlipScorer:
             explained = [item for part in self._map_chunks(explain, range(0, len(rows), step)) for item in part]
         for row, item in zip(rows, explained):
             evidence[row] = item
-        return ExplainedScores(itc, itm, text.truncated, evidence, seconds + time.perf_counter() - started)
+        return ExplainedScores(itc, itm, text.truncated, evidence, seconds + time.perf_counter() - started, image_embeds)
 
     def reuses_layers(self, gradcam) -> bool:
         """Whether evidence can start from the scoring pass's hidden state at the explained layer: only

@@ -59,6 +59,7 @@ _OPTIONS = [
     ("--max-image-bytes", "Images larger than this are image_error, never read whole (default 52428800, 50 MiB)."),
     ("--run-id", "Run identifier (default: generated)."),
     ("--report-category-column", "Column the run report breaks the flag rate down by (default: none)."),
+    ("--labels", "Label file (YAML: prompt, categories, policies): category and policy labels from the scoring pass (default none)."),
     ("--reuse", "Committed outputs of earlier runs, PATH[,PATH...] (local or s3://): rows with the same content key take their scores and captions."),
 ]
 

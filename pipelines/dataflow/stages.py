@@ -227,8 +227,10 @@ class ScoreStage:
         threads: int | None = None, evidence: str = "none", evidence_layer: int | None = None,
         vision_attention: str = "fused", cpu_kernels: str = "auto",
         decode_device: str = "cpu", jpeg_backend: str = "torchvision",
-        shape_buckets: bool = False, compile: bool = False,
+        shape_buckets: bool = False, compile: bool = False, labels: str | None = None,
     ):
+        """``labels``: the parsed label file as JSON (``pipelines.labels``); its prompts are embedded
+        here, once per actor, and every batch is labelled from its own scoring pass."""
         # Imported here, not at the top: the decode, flag and write tasks import this module too,
         # and must not pay for torch and transformers.
         from blip_ops.scorer import BlipScorer
@@ -262,6 +264,16 @@ class ScoreStage:
 
             self.gradcam = GradCam(self.scorer.model, self.scorer.tokenizer, layer=evidence_layer)
         self.jpegs = _device_decoder(decode_device, self.scorer, jpeg_backend)
+        self.labels = self.labeller = None
+        if labels is not None:
+            from .labelling import label_set, make_labeller
+
+            self.labels = label_set(labels)
+            self.labeller = make_labeller(self.scorer, self.labels)
+
+    def label_setup_s(self) -> float | None:
+        """Seconds this actor spent embedding the label prompts (None without labels)."""
+        return None if self.labeller is None else self.labeller.setup_s
 
     def torch_threads(self) -> int:
         """The intra-op threads torch really runs with in this actor (asked by tests and audits)."""
@@ -290,12 +302,23 @@ class ScoreStage:
             [bool(score_reasons(c, m, itm_threshold, itc_threshold)) for c, m in zip(itc, itm)], dtype=bool
         ), from_itc=flagged_by_itc)
 
-    def _score(self, images, texts, wanted):
-        if self.gradcam is None:
+    def _score(self, images, texts, wanted, declared=None):
+        """The part's scores, evidence and seconds, and with labels each row's ``RowLabels`` (from
+        the same pass's image embeddings; ``declared``: the rows' declared name indices)."""
+        if self.gradcam is None and self.labeller is None:
             itc, itm, truncated = self.scorer.score(images, texts)
-            return itc, itm, truncated, [None] * len(texts), 0.0
+            return itc, itm, truncated, [None] * len(texts), 0.0, None
+        if self.gradcam is None:
+            itc, itm, truncated, embeds = self.scorer.score_keeping_embeds(images, texts)
+            return itc, itm, truncated, [None] * len(texts), 0.0, self._label(embeds, declared)
         result = self.scorer.score_explained(images, texts, wanted, self.gradcam)
-        return result.itc, result.itm, result.truncated, result.evidence, result.evidence_s
+        labels = self._label(result.image_embeds, declared) if self.labeller is not None else None
+        return result.itc, result.itm, result.truncated, result.evidence, result.evidence_s, labels
+
+    def _label(self, embeds, declared):
+        if not len(declared):
+            return []
+        return self.labeller.label(embeds, declared)
 
     def __call__(self, batch: pa.Table, *, itm_threshold: float | None = None, itc_threshold: float | None = None) -> pa.Table:
         """The thresholds pick the rows ``flagged`` evidence explains (call arguments, so warm actors
@@ -315,7 +338,16 @@ class ScoreStage:
             images = device_rows.gather(batch.column(S.PIXELS_SCORE), rows, self.scorer.images.resizer, _pixel_batch)
         scored_texts = [texts[i] for i in rows]
         wanted = self._wanted(itm_threshold, itc_threshold)
-        parts = self.parts.run(lambda a, b: self._score(images[a:b], scored_texts[a:b], wanted), len(rows))
+        declared = []
+        if self.labels is not None:
+            from .labelling import declared_indices
+
+            column = self.labels.column
+            values = batch.column(column).to_pylist() if column else [None] * batch.num_rows
+            declared = declared_indices(self.labels, [values[i] for i in rows])
+        parts = self.parts.run(
+            lambda a, b: self._score(images[a:b], scored_texts[a:b], wanted, declared[a:b]), len(rows)
+        )
         itc, itm, scored_truncated = (np.concatenate(column) for column in list(zip(*parts))[:3])
         evidence = [None] * len(mask)
         for row, item in zip(rows, (item for part in parts for item in part[3])):
@@ -334,7 +366,7 @@ class ScoreStage:
             counts = self.scorer.token_counts([texts[i] for i in unscored])
             truncated[unscored] = counts > self.scorer.max_text_tokens
         _record_time("score", len(rows), started)
-        return (
+        out = (
             batch.drop_columns([S.PIXELS_SCORE])
             .append_column("itc_score", _spread(itc, mask, pa.float32()))
             .append_column("itm_score", _spread(itm, mask, pa.float32()))
@@ -342,9 +374,18 @@ class ScoreStage:
             .append_column("evidence", evidence_array(evidence))
             .append_column(S.EVIDENCE_SECONDS, pa.array(seconds, pa.float64()))
         )
+        if self.labels is None:
+            return out
+        from .labelling import label_columns
+
+        results = [item for part in parts for item in (part[5] or [])]
+        for name, values in label_columns(results, rows, len(mask)).items():
+            out = out.append_column(name, values)
+        return out
 
 
-def _row_verdict(image_error, text_error, itc, itm, itm_threshold, itc_threshold, language=None, languages=None):
+def _row_verdict(image_error, text_error, itc, itm, itm_threshold, itc_threshold, language=None, languages=None,
+                 label_reasons=()):
     reasons = []
     if image_error is not None:
         reasons.append(S.STATUS_IMAGE_ERROR)
@@ -359,14 +400,28 @@ def _row_verdict(image_error, text_error, itc, itm, itm_threshold, itc_threshold
     if languages is not None and language is not None and language not in languages:
         # The scores stand, but BLIP reads only the listed languages: a human decides (fail closed).
         reasons.append(S.REASON_LANGUAGE)
-    return S.STATUS_OK, None, reasons
+    return S.STATUS_OK, None, reasons + list(label_reasons)
 
 
 def flag_batch(
-    batch: pa.Table, *, itm_threshold: float | None, itc_threshold: float | None, text_languages=None
+    batch: pa.Table, *, itm_threshold: float | None, itc_threshold: float | None, text_languages=None, labels=None
 ) -> pa.Table:
-    """Status, error and flags from the decode errors, the scores and (``text_languages``) the text's language."""
+    """Status, error and flags from the decode errors, the scores, (``text_languages``) the text's
+    language and (``labels``, the label file as JSON) the label columns (``labelling.label_reasons``)."""
     n = batch.num_rows
+    label_reasons = [()] * n
+    if labels is not None and "labels" in batch.column_names:
+        from .labelling import label_reasons as reasons_of
+        from .labelling import label_set
+
+        spec = label_set(labels)
+        declared = batch.column(spec.column).to_pylist() if spec.column else [None] * n
+        label_reasons = [
+            reasons_of(spec, *row) for row in zip(
+                declared, batch.column("category_predicted").to_pylist(), batch.column("category_score").to_pylist(),
+                batch.column("labels").to_pylist(),
+            )
+        ]
     language = batch.column(S.TEXT_LANGUAGE).to_pylist() if S.TEXT_LANGUAGE in batch.column_names else [None] * n
     languages = frozenset(text_languages) if text_languages is not None else None
     columns = zip(
@@ -375,7 +430,10 @@ def flag_batch(
         batch.column("itc_score").to_pylist(),
         batch.column("itm_score").to_pylist(),
     )
-    verdicts = [_row_verdict(*row, itm_threshold, itc_threshold, code, languages) for row, code in zip(columns, language)]
+    verdicts = [
+        _row_verdict(*row, itm_threshold, itc_threshold, code, languages, extra)
+        for row, code, extra in zip(columns, language, label_reasons)
+    ]
     statuses = [v[0] for v in verdicts]
     errors = [v[1] for v in verdicts]
     reasons = [v[2] for v in verdicts]
@@ -533,6 +591,9 @@ def finalize_batch(
         batch = batch.append_column(S.TEXT_LANGUAGE, pa.nulls(n, pa.string()))
     if "evidence" not in batch.column_names:
         batch = batch.append_column("evidence", pa.nulls(n, S.EVIDENCE_TYPE))
+    for field in S.LABEL_FIELDS:  # null without --labels
+        if field.name not in batch.column_names:
+            batch = batch.append_column(field.name, pa.nulls(n, field.type))
     for name in (K.IMAGE_SHA256, K.TEXT_SHA256):  # decode and the keyed plan set the hashes
         if name not in batch.column_names:
             batch = batch.append_column(name, pa.nulls(n, pa.string()))
