@@ -171,6 +171,8 @@ def _reused_rows(table: pa.Table, config: JobConfig, resources, run_id: str, pas
 
     found = lookup(table, config, dedup.content_digests(config, resources), list(sources))
     whole = found.column("__scores_found")
+    if config.labels is not None:  # labels are not looked up here: every row goes to the model for them
+        whole = pa.array([False] * table.num_rows)
     if config.captioning:
         whole = pc.and_(whole, found.column("__caption_found"))
     rest = table.filter(pc.invert(whole))

@@ -49,6 +49,8 @@ def label_columns(results: list, rows: np.ndarray, n: int) -> dict[str, pa.Array
     """The label columns for ``n`` rows from ``results`` (``RowLabels``) at positions ``rows``; null elsewhere."""
     predicted, score, rank, labels = [None] * n, [None] * n, [None] * n, [None] * n
     for row, result in zip(rows, results):
+        if result is None:  # not labelled here (the keyed plan labels each (image, category) once)
+            continue
         predicted[row], score[row], rank[row], labels[row] = result.predicted, result.score, result.rank, result.labels
     types = {field.name: field.type for field in S.LABEL_FIELDS}
     return {

@@ -198,6 +198,16 @@ def quiet_model_loading() -> None:
     hf_logging.disable_progress_bar()
 
 
+# The keyed plan's working column naming the rows whose labels a batch computes (pipelines.reuse.passes.DO_LABEL).
+LABEL_ROWS = "__do_label"
+
+
+def torch_index(rows: np.ndarray, like):
+    import torch
+
+    return torch.as_tensor(rows, device=like.device)
+
+
 def score_reasons(itc: float, itm: float, itm_threshold: float | None, itc_threshold: float | None) -> list[str]:
     """The flag rule for a scored row: which checks its scores fail."""
     reasons = []
@@ -302,7 +312,7 @@ class ScoreStage:
             [bool(score_reasons(c, m, itm_threshold, itc_threshold)) for c, m in zip(itc, itm)], dtype=bool
         ), from_itc=flagged_by_itc)
 
-    def _score(self, images, texts, wanted, declared=None):
+    def _score(self, images, texts, wanted, declared=None, label_mask=None):
         """The part's scores, evidence and seconds, and with labels each row's ``RowLabels`` (from
         the same pass's image embeddings; ``declared``: the rows' declared name indices)."""
         if self.gradcam is None and self.labeller is None:
@@ -310,15 +320,21 @@ class ScoreStage:
             return itc, itm, truncated, [None] * len(texts), 0.0, None
         if self.gradcam is None:
             itc, itm, truncated, embeds = self.scorer.score_keeping_embeds(images, texts)
-            return itc, itm, truncated, [None] * len(texts), 0.0, self._label(embeds, declared)
+            return itc, itm, truncated, [None] * len(texts), 0.0, self._label(embeds, declared, label_mask)
         result = self.scorer.score_explained(images, texts, wanted, self.gradcam)
-        labels = self._label(result.image_embeds, declared) if self.labeller is not None else None
+        labels = self._label(result.image_embeds, declared, label_mask) if self.labeller is not None else None
         return result.itc, result.itm, result.truncated, result.evidence, result.evidence_s, labels
 
-    def _label(self, embeds, declared):
-        if not len(declared):
-            return []
-        return self.labeller.label(embeds, declared)
+    def _label(self, embeds, declared, mask):
+        """Labels for the part's rows that ``mask`` picks (the keyed plan labels each (image, category)
+        once: a row scored for its pair only gets none); None for the others."""
+        chosen = np.flatnonzero(mask)
+        out = [None] * len(declared)
+        if len(chosen):
+            index = torch_index(chosen, embeds)
+            for row, result in zip(chosen, self.labeller.label(embeds[index], [declared[i] for i in chosen])):
+                out[row] = result
+        return out
 
     def __call__(self, batch: pa.Table, *, itm_threshold: float | None = None, itc_threshold: float | None = None) -> pa.Table:
         """The thresholds pick the rows ``flagged`` evidence explains (call arguments, so warm actors
@@ -338,15 +354,18 @@ class ScoreStage:
             images = device_rows.gather(batch.column(S.PIXELS_SCORE), rows, self.scorer.images.resizer, _pixel_batch)
         scored_texts = [texts[i] for i in rows]
         wanted = self._wanted(itm_threshold, itc_threshold)
-        declared = []
+        declared, label_mask = [], np.zeros(0, dtype=bool)
         if self.labels is not None:
             from .labelling import declared_indices
 
             column = self.labels.column
             values = batch.column(column).to_pylist() if column else [None] * batch.num_rows
             declared = declared_indices(self.labels, [values[i] for i in rows])
+            label_mask = np.ones(len(rows), dtype=bool)
+            if LABEL_ROWS in batch.column_names:  # the keyed plan: only rows whose label key it computes here
+                label_mask = batch.column(LABEL_ROWS).to_numpy(zero_copy_only=False)[rows]
         parts = self.parts.run(
-            lambda a, b: self._score(images[a:b], scored_texts[a:b], wanted, declared[a:b]), len(rows)
+            lambda a, b: self._score(images[a:b], scored_texts[a:b], wanted, declared[a:b], label_mask[a:b]), len(rows)
         )
         itc, itm, scored_truncated = (np.concatenate(column) for column in list(zip(*parts))[:3])
         evidence = [None] * len(mask)
