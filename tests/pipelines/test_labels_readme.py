@@ -109,3 +109,85 @@ def test_show_flagged_shows_the_labels(labelled):
     view = show_flagged(frame, n=5)
     assert "<th>labels</th>" in str(view) and "predicted <b>" in str(view)
     assert all("labels" in row for row in view.rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# The review loop on the same output: Label Studio tasks with a category choice and a policy
+# checklist, reviewers' answers imported, and jobs.calibrate suggesting the label thresholds.
+
+
+def _ls_export(tmp_path, output):
+    import json
+
+    from jobs import review
+
+    tasks = tmp_path / "tasks.json"
+    assert review.main(["export", "--output", str(output), "--tasks", str(tasks), "--json"]) == 0
+    return json.loads(tasks.read_text()), (tmp_path / "tasks.label-config.xml").read_text()
+
+
+def test_label_studio_tasks_ask_for_the_category_and_the_policies(labelled, tmp_path, capsys):
+    import xml.etree.ElementTree as ET
+
+    output, _ = labelled
+    tasks, config = _ls_export(tmp_path, output)
+    root = ET.fromstring(config)
+    choices = {c.get("name"): c for c in root.iter("Choices")}
+    assert choices["category"].get("value") == "$category_options" and choices["category"].get("choice") == "single"
+    assert [c.get("value") for c in choices["policies"].iter("Choice")] == ["weapon"]
+    assert choices["policies"].get("choice") == "multiple"
+    rows = {r["id"]: r for r in pq.read_table(output).to_pylist()}
+    for task in tasks:
+        row = rows[task["data"]["row_id"]]
+        if row["status"] != "ok":
+            continue
+        options = [o["value"] for o in task["data"]["category_options"]]
+        assert row["category_predicted"] in options and options[-1] == "other"
+        result = {r["from_name"]: r["value"]["choices"] for r in task["predictions"][0]["result"]}
+        assert result["category"] == [row["category_predicted"]] and result["policies"] == ["weapon"]
+
+
+def test_reviewed_labels_calibrate_the_label_thresholds(labelled, tmp_path, capsys):
+    import json
+
+    from jobs import calibrate, review
+
+    output, _ = labelled
+    tasks, _ = _ls_export(tmp_path, output)
+    rows = {r["id"]: r for r in pq.read_table(output).to_pylist()}
+    scored = [t for t in tasks if rows[t["data"]["row_id"]]["status"] == "ok"]
+    weapon = {t["data"]["row_id"]: next(i["itm"] for i in rows[t["data"]["row_id"]]["labels"] if i["kind"] == "policy")
+              for t in scored}
+    cut = sorted(weapon.values())[len(weapon) // 2]
+    known = sorted((rows[i]["category_score"], i) for i in weapon if rows[i]["category_score"] is not None)
+    wrong = {i for _, i in known[: len(known) // 2]}  # the lowest category scores: reviewers say "other"
+    exported = []
+    for number, task in enumerate(scored):
+        row_id = task["data"]["row_id"]
+        row = rows[row_id]
+        declared = row["category"] if row["category_score"] is not None else row["category_predicted"]
+        result = [{"from_name": "verdict", "to_name": "image", "type": "choices", "value": {"choices": ["match"]}},
+                  {"from_name": "category", "to_name": "image", "type": "choices",
+                   "value": {"choices": ["other" if row_id in wrong else declared]}}]
+        if weapon[row_id] >= cut:
+            result.append({"from_name": "policies", "to_name": "image", "type": "choices", "value": {"choices": ["weapon"]}})
+        exported.append(dict(task, id=number + 1, project=1, annotations=[
+            {"id": 100 + number, "completed_by": 1, "updated_at": "2026-12-06T10:00:00Z", "result": result}]))
+    (tmp_path / "export.json").write_text(json.dumps(exported))
+    assert review.main(["import", "--annotations", str(tmp_path / "export.json"), "--verdicts", str(tmp_path / "v")]) == 0
+    verdicts = pq.read_table(tmp_path / "v" / "verdicts.parquet").to_pylist()
+    assert {v["row_id"]: v["policies"] for v in verdicts} == {i: (["weapon"] if weapon[i] >= cut else []) for i in weapon}
+    capsys.readouterr()
+    calibrate.main(["--scored", str(output), "--labels", str(tmp_path / "v"), "--target-precision", "1.0",
+                    "--out-config", str(tmp_path / "c.yaml"), "--report", str(tmp_path / "c.html"), "--json"])
+    result = json.loads(capsys.readouterr().out)["labels"]
+    threshold = result["policy:weapon"]["threshold"]
+    assert max(v for v in weapon.values() if v < cut) < threshold <= cut  # exactly the checked rows at ITM >= it
+    assert result["policy:weapon"]["precision"] == 1.0 and result["policy:weapon"]["recall"] == 1.0
+    category = result["category"]
+    assert category["reviewed"] == len(known) and category["positives"] == len(wrong)
+    if wrong:
+        highest_wrong = max(s for s, i in known if i in wrong)
+        lowest_right = min(s for s, i in known if i not in wrong)
+        assert highest_wrong < category["threshold"] <= lowest_right and category["recall"] == 1.0
+    assert "categories.threshold" in (tmp_path / "c.yaml").read_text()
