@@ -229,3 +229,17 @@ def test_score_stage_labels_scored_rows_only(tiny_itm):
     assert len([i for i in rows[3]["labels"] if i["kind"] == "category"]) == 1  # top_k 1, nothing declared known
     flagged = stages.flag_batch(out, itm_threshold=None, itc_threshold=None, labels=labels).column("flag_reasons").to_pylist()
     assert "category_unknown" in flagged[3] and flagged[1] == ["image_error"]
+
+
+def test_nightly_and_audit_take_labels_and_refuse_bad_ones(tmp_path, capsys):
+    import pandas as pd
+
+    from jobs import nightly
+    from jobs.audit import audit
+
+    (tmp_path / "labels.yaml").write_text("categories:\n  column: category\n  names: [sofa]\n  top_k: 0\n")
+    code = nightly.main(["--catalog", str(tmp_path), "--output", str(tmp_path / "out"), "--labels", str(tmp_path / "labels.yaml")])
+    assert code == 2 and "labels: categories.top_k: must be an integer of at least 1" in capsys.readouterr().err
+    frame = pd.DataFrame({"id": ["a"], "text": ["x"], "image": [b"x"], "category": ["sofa"]})
+    with pytest.raises(ConfigError, match=r"labels: policies\[0\]\.threshold: must be in \[0, 1\]"):
+        audit(frame, labels={"policies": [{"name": "weapon", "prompts": ["a gun"], "threshold": 1.5}]})
