@@ -95,13 +95,17 @@ class Labeller:
     ``policies`` as (name, [prompts]). Builds the prompts' ITC features once (``setup_s``)."""
 
     def __init__(self, scorer, category_names: list[str], category_prompts: list[str], top_k: int,
-                 policies: list[tuple[str, list[str]]]):
+                 policies: list[tuple[str, list[str]]], itc_gates: list[float | None] | None = None):
+        """``itc_gates``: per policy, ITM only for rows whose best prompt ITC reaches it (None: every
+        row); a gated-out policy's ``itm`` is None. Policy prompts are most of a row's ITM passes
+        (10 of 14 at 3 names, 5 policies of 2 prompts): the gate is what cuts them."""
         self.scorer = scorer
         self.model = scorer.model
         self.device = scorer.device
         self.names = list(category_names)
         self.top_k = min(top_k, len(self.names)) if self.names else 0
         self.policy_names = [name for name, _ in policies]
+        self.gates = list(itc_gates) if itc_gates is not None else [None] * len(policies)
         self.policy_of = np.array([p for p, (_, prompts) in enumerate(policies) for _ in prompts], dtype=np.int64)
         policy_prompts = [prompt for _, prompts in policies for prompt in prompts]
         self.pad_id = scorer.tokenizer.pad_token_id or 0
@@ -147,9 +151,10 @@ class Labeller:
                 category_itc = (image_feat @ self.category_feats.T).cpu().numpy()
                 policy_itc = (image_feat @ self.policy_feats.T).cpu().numpy()
             candidates = [self._candidates(category_itc[row], declared[row]) for row in range(rows)]
+            prompts = [self._policy_prompts(policy_itc[row]) for row in range(rows)]
 
             def itm(row: int) -> np.ndarray:
-                ids = [self.category_ids[c] for c in candidates[row]] + self.policy_ids
+                ids = [self.category_ids[c] for c in candidates[row]] + [self.policy_ids[p] for p in prompts[row]]
                 input_ids, mask = _pad(ids, self.pad_id, self.device)
                 embeds = image_embeds[row : row + 1].expand(len(ids), -1, -1)  # one image: see _OnceForAll
                 atts = torch.ones(embeds.shape[:-1], dtype=torch.long, device=self.device)
@@ -160,9 +165,18 @@ class Labeller:
 
             probabilities = self.scorer._map_chunks(itm, range(rows))
         return [
-            self._row(category_itc[row], policy_itc[row], candidates[row], probabilities[row], declared[row])
+            self._row(category_itc[row], policy_itc[row], candidates[row], probabilities[row], declared[row], prompts[row])
             for row in range(rows)
         ]
+
+    def _policy_prompts(self, policy_itc: np.ndarray) -> list[int]:
+        """The policy prompts a row runs ITM for: every prompt of each policy its gate lets through."""
+        out = []
+        for p, gate in enumerate(self.gates):
+            mine = np.flatnonzero(self.policy_of == p)
+            if gate is None or policy_itc[mine].max() >= gate:
+                out += mine.tolist()
+        return out
 
     def _candidates(self, itc: np.ndarray, declared: int | None) -> list[int]:
         if not self.names:
@@ -173,17 +187,21 @@ class Labeller:
             order.append(declared)
         return order
 
-    def _row(self, itc, policy_itc, candidates, itm, declared) -> RowLabels:
+    def _row(self, itc, policy_itc, candidates, itm, declared, prompts=None) -> RowLabels:
         n = len(candidates)
+        prompts = list(range(len(self.policy_of))) if prompts is None else prompts
+        policy_itm = np.full(len(self.policy_of), np.nan, dtype=np.float32)
+        policy_itm[prompts] = itm[n:]
         labels = [
             {"name": self.names[c], "kind": "category", "itc": float(itc[c]), "itm": float(itm[i]), "_order": i}
             for i, c in enumerate(candidates)
         ]
         for p, name in enumerate(self.policy_names):
             mine = self.policy_of == p
+            gated = np.isnan(policy_itm[mine]).all()
             labels.append({
-                "name": name, "kind": "policy", "itc": float(policy_itc[mine].max()), "itm": float(itm[n:][mine].max()),
-                "_order": n + p,
+                "name": name, "kind": "policy", "itc": float(policy_itc[mine].max()),
+                "itm": None if gated else float(policy_itm[mine].max()), "_order": n + p,
             })
         predicted = score = rank = None
         if candidates:
@@ -193,7 +211,8 @@ class Labeller:
         if declared is not None:
             score = float(itm[candidates.index(declared)])
             rank = 1 + int((itc > itc[declared]).sum())
-        labels.sort(key=lambda item: (-item["itm"], -item["itc"], item["_order"]))
+        # gated-out policies (itm None) last
+        labels.sort(key=lambda item: (item["itm"] is None, -(item["itm"] or 0.0), -item["itc"], item["_order"]))
         for item in labels:
             del item["_order"]
         return RowLabels(predicted, score, rank, labels)

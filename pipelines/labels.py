@@ -27,7 +27,7 @@ DEFAULT_POLICY_THRESHOLD = 0.5
 
 _TOP_KEYS = {"prompt", "categories", "policies"}
 _CATEGORY_KEYS = {"column", "names", "file", "aliases", "top_k", "threshold"}
-_POLICY_KEYS = {"name", "prompts", "threshold"}
+_POLICY_KEYS = {"name", "prompts", "threshold", "itc_gate"}
 
 
 class LabelError(ValueError):
@@ -158,10 +158,15 @@ def _policies(policies) -> list[dict]:
         for p, prompt in enumerate(prompts):
             if not isinstance(prompt, str) or not prompt.strip():
                 raise LabelError(f"{where}.prompts[{p}]: empty prompt")
+        gate = policy.get("itc_gate")
+        if gate is not None and (isinstance(gate, bool) or not isinstance(gate, (int, float)) or not -1.0 <= gate <= 1.0):
+            raise LabelError(f"{where}.itc_gate: must be a cosine in [-1, 1], got {gate!r}")
         out.append({
             "name": policy["name"].strip(),
             "prompts": [p.strip() for p in prompts],
             "threshold": _threshold(policy.get("threshold"), f"{where}.threshold", DEFAULT_POLICY_THRESHOLD),
+            # ITM only where the policy's best prompt ITC reaches it (None: always); gated out: itm null
+            "itc_gate": None if gate is None else float(gate),
         })
     return out
 
@@ -210,7 +215,9 @@ def content_digest(labels: dict) -> str:
         "names": categories["names"] if categories else None,
         "aliases": categories["aliases"] if categories else None,
         "top_k": categories["top_k"] if categories else None,
-        "policies": [[p["name"], p["prompts"]] for p in labels["policies"]],
+        # the gate decides which policy ITMs exist: in the key (absent when off, as before it existed)
+        "policies": [[p["name"], p["prompts"]] + ([p["itc_gate"]] if p.get("itc_gate") is not None else [])
+                     for p in labels["policies"]],
     }
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32]
 

@@ -32,7 +32,7 @@ def make_labeller(scorer, labels: LabelSet):
 
     return Labeller(
         scorer, labels.names, labels.category_prompts(), labels.top_k,
-        [(p["name"], p["prompts"]) for p in labels.policies],
+        [(p["name"], p["prompts"]) for p in labels.policies], [p.get("itc_gate") for p in labels.policies],
     )
 
 

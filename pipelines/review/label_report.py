@@ -77,8 +77,8 @@ class LabelStats:
                 if reason.startswith(S.POLICY_PREFIX):
                     policy = reason[len(S.POLICY_PREFIX):]
                     self.policy_hits[policy] += 1
-                    score = max((i["itm"] for i in row.get("labels") or [] if i["kind"] == "policy" and i["name"] == policy),
-                                default=0.0)
+                    score = max((i["itm"] for i in row.get("labels") or []
+                                 if i["kind"] == "policy" and i["name"] == policy and i["itm"] is not None), default=0.0)
                     _push(self._policy_examples.setdefault(policy, []), EXAMPLES, score, self._sequence,
                           dict(row, category=value))
 

@@ -113,3 +113,27 @@ def test_image_projections_are_computed_once_per_row_with_the_same_values():
     assert torch.equal(expanded[4], inner(x)[0])
     plain = torch.randn(6, 5, 4)
     assert torch.equal(once(plain), inner(plain))  # a real batch goes through whole
+
+
+def test_an_itc_gate_runs_policy_itm_only_where_its_prompts_reach_it(scorer):
+    """Gated: the same values where the gate lets a policy through, itm None elsewhere (never flagged)."""
+    prompts = [TEMPLATE.format(n) for n in NAMES]
+    images = _images()
+    plain = _labelled(scorer, Labeller(scorer, NAMES, prompts, TOP_K, POLICIES), images, DECLARED)
+    weapon_itc = sorted(next(i["itc"] for i in r.labels if i["name"] == "weapon") for r in plain)
+    gate = weapon_itc[len(weapon_itc) // 2]  # half the rows reach it
+    gated = _labelled(scorer, Labeller(scorer, NAMES, prompts, TOP_K, POLICIES, [gate, 1.0]), images, DECLARED)
+    let_through = 0
+    for before, after in zip(plain, gated):
+        old = {i["name"]: i for i in before.labels}
+        new = {i["name"]: i for i in after.labels}
+        assert set(old) == set(new) and after.predicted == before.predicted and after.rank == before.rank
+        for name, item in new.items():
+            assert item["itc"] == pytest.approx(old[name]["itc"], abs=1e-6)
+            if name == "tobacco" or (name == "weapon" and item["itc"] < gate):
+                assert item["itm"] is None
+            else:
+                assert item["itm"] == pytest.approx(old[name]["itm"], abs=1e-6)
+                let_through += name == "weapon"
+        assert after.labels[-1]["itm"] is None  # gated-out policies sort last
+    assert 0 < let_through < len(images)

@@ -68,6 +68,7 @@ def test_a_good_file_parses_with_defaults(tmp_path):
     ("policies.0.name", " ", "policies[0].name: empty name"),
     ("policies.0.prompts", [], "policies[0].prompts: must be a non-empty list"),
     ("prompt", "a {} of {}", "prompt: must be a text with at most one {}"),
+    ("policies.0.itc_gate", 1.5, "policies[0].itc_gate: must be a cosine in [-1, 1]"),
 ])
 def test_every_bad_file_names_its_key(path, value, key):
     with pytest.raises(LabelError, match=None) as info:
@@ -111,7 +112,7 @@ def test_the_content_digest_leaves_out_thresholds_only():
     assert content_digest(parse_labels(_with("categories.column", "cat"))) == base
     for path, value in [("categories.names", ["sofa", "running shoes", "phone case", "bed"]),
                         ("categories.aliases", {"settee": "sofa"}), ("categories.top_k", 3),
-                        ("policies.0.prompts", ["a gun"]), ("prompt", "a photo of {}")]:
+                        ("policies.0.prompts", ["a gun"]), ("prompt", "a photo of {}"), ("policies.0.itc_gate", 0.2)]:
         assert content_digest(parse_labels(_with(path, value))) != base, path
 
 
@@ -243,3 +244,9 @@ def test_nightly_and_audit_take_labels_and_refuse_bad_ones(tmp_path, capsys):
     frame = pd.DataFrame({"id": ["a"], "text": ["x"], "image": [b"x"], "category": ["sofa"]})
     with pytest.raises(ConfigError, match=r"labels: policies\[0\]\.threshold: must be in \[0, 1\]"):
         audit(frame, labels={"policies": [{"name": "weapon", "prompts": ["a gun"], "threshold": 1.5}]})
+
+
+def test_a_gated_out_policy_is_never_flagged():
+    gated = [{"name": "weapon", "kind": "policy", "itc": 0.1, "itm": None}]
+    assert _flag_batch(declared=[None], predicted=["sofa"], score=[None], labels=[gated],
+                       labels_file=_with("policies.0.threshold", 0.0)) == [[]]
