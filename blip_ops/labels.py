@@ -35,6 +35,8 @@ from .precision import autocast
 # Prompts per text-encoder call while embedding a taxonomy once per actor: 256 short prompts
 # (about 8 tokens) keep the matrices large enough for the kernels without a large activation peak.
 PROMPT_BATCH = 256
+# Rows per packed ITM call (Labeller._itm_packed): the scorer's CPU chunk, whose activations stay in cache.
+PACKED_ROWS = 8
 
 
 class _OnceForAll(torch.nn.Module):
@@ -95,7 +97,7 @@ class Labeller:
     ``policies`` as (name, [prompts]). Builds the prompts' ITC features once (``setup_s``)."""
 
     def __init__(self, scorer, category_names: list[str], category_prompts: list[str], top_k: int,
-                 policies: list[tuple[str, list[str]]], itc_gates: list[float | None] | None = None):
+                 policies: list[tuple[str, list[str]]], itc_gates: list[float | None] | None = None, packed: bool = True):
         """``itc_gates``: per policy, ITM only for rows whose best prompt ITC reaches it (None: every
         row); a gated-out policy's ``itm`` is None. Policy prompts are most of a row's ITM passes
         (10 of 14 at 3 names, 5 policies of 2 prompts): the gate is what cuts them."""
@@ -115,6 +117,8 @@ class Labeller:
         self.category_feats = self._text_features(self.category_ids)
         self.policy_feats = self._text_features(self.policy_ids)
         share_image_projections(self.model.text_encoder)
+        # Packed (the default): a row's prompts as one sequence; see _itm_packed. Off: a call per row.
+        self.packed = packed and self.model.text_encoder.config._attn_implementation in (None, "eager")
         self.setup_s = time.perf_counter() - started
 
     def _token_ids(self, texts: list[str]) -> list[list[int]]:
@@ -153,8 +157,11 @@ class Labeller:
             candidates = [self._candidates(category_itc[row], declared[row]) for row in range(rows)]
             prompts = [self._policy_prompts(policy_itc[row]) for row in range(rows)]
 
+            def ids_of(row: int) -> list[list[int]]:
+                return [self.category_ids[c] for c in candidates[row]] + [self.policy_ids[p] for p in prompts[row]]
+
             def itm(row: int) -> np.ndarray:
-                ids = [self.category_ids[c] for c in candidates[row]] + [self.policy_ids[p] for p in prompts[row]]
+                ids = ids_of(row)
                 input_ids, mask = _pad(ids, self.pad_id, self.device)
                 embeds = image_embeds[row : row + 1].expand(len(ids), -1, -1)  # one image: see _OnceForAll
                 atts = torch.ones(embeds.shape[:-1], dtype=torch.long, device=self.device)
@@ -163,11 +170,61 @@ class Labeller:
                 ).last_hidden_state
                 return self.model.itm_head(fused[:, 0, :]).float().softmax(dim=-1)[:, 1].cpu().numpy()
 
-            probabilities = self.scorer._map_chunks(itm, range(rows))
+            def packed(start: int) -> list[np.ndarray]:
+                chosen = list(range(start, min(start + PACKED_ROWS, rows)))
+                return self._itm_packed(image_embeds[chosen[0] : chosen[-1] + 1], [ids_of(r) for r in chosen])
+
+            if self.packed:
+                probabilities = [p for part in self.scorer._map_chunks(packed, range(0, rows, PACKED_ROWS)) for p in part]
+            else:
+                probabilities = self.scorer._map_chunks(itm, range(rows))
         return [
             self._row(category_itc[row], policy_itc[row], candidates[row], probabilities[row], declared[row], prompts[row])
             for row in range(rows)
         ]
+
+    def _itm_packed(self, image_embeds: torch.Tensor, ids: list[list[list[int]]]) -> list[np.ndarray]:
+        """ITM of every (row, prompt) pair with each row's prompts packed into one sequence.
+
+        Cross-attention treats query tokens independently, so a row's prompts side by side in one
+        sequence attend to its image exactly as they would one by one, with the image's keys and
+        values projected once and never copied per prompt; self-attention is kept within each
+        prompt by a block-diagonal mask (an additive 4D mask, which transformers passes through
+        as it is) and positions restart at each prompt. Each prompt's [CLS] state goes to the ITM
+        head. Same arithmetic per pair as separate calls but for the kernels' blocking."""
+        lengths = [[len(p) for p in row] for row in ids]
+        width = max(sum(row) for row in lengths)
+        n = len(ids)
+        input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+        positions = torch.zeros((n, width), dtype=torch.long)
+        allowed = torch.zeros((n, width, width), dtype=torch.bool)
+        starts = []
+        for r, row in enumerate(ids):
+            offset, row_starts = 0, []
+            for prompt in row:
+                end = offset + len(prompt)
+                input_ids[r, offset:end] = torch.tensor(prompt, dtype=torch.long)
+                positions[r, offset:end] = torch.arange(len(prompt))
+                allowed[r, offset:end, offset:end] = True
+                row_starts.append(offset)
+                offset = end
+            allowed[r, offset:, offset:] = True  # padding attends to padding only (never read)
+            starts.append(row_starts)
+        dtype = self.model.text_encoder.embeddings.word_embeddings.weight.dtype
+        mask = torch.zeros((n, 1, width, width), dtype=torch.float32)
+        mask.masked_fill_(~allowed[:, None], torch.finfo(torch.float32).min)
+        if dtype != torch.float32:
+            mask = mask.to(dtype).clamp_min(torch.finfo(dtype).min)
+        atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
+        fused = self.model.text_encoder(
+            input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device), position_ids=positions.to(self.device),
+            encoder_hidden_states=image_embeds, encoder_attention_mask=atts,
+        ).last_hidden_state
+        out = []
+        for r, row_starts in enumerate(starts):
+            heads = fused[r, torch.as_tensor(row_starts, device=fused.device)]
+            out.append(self.model.itm_head(heads).float().softmax(dim=-1)[:, 1].cpu().numpy())
+        return out
 
     def _policy_prompts(self, policy_itc: np.ndarray) -> list[int]:
         """The policy prompts a row runs ITM for: every prompt of each policy its gate lets through."""

@@ -137,3 +137,16 @@ def test_an_itc_gate_runs_policy_itm_only_where_its_prompts_reach_it(scorer):
                 let_through += name == "weapon"
         assert after.labels[-1]["itm"] is None  # gated-out policies sort last
     assert 0 < let_through < len(images)
+
+
+def test_packed_prompts_equal_one_call_per_row(scorer):
+    """A row's prompts packed into one sequence (the default) give each pair's own ITM."""
+    prompts = [TEMPLATE.format(n) for n in NAMES]
+    packed = Labeller(scorer, NAMES, prompts, TOP_K, POLICIES)
+    assert packed.packed  # the tiny checkpoint's text encoder is eager: the packed path is the one tested above
+    apart = Labeller(scorer, NAMES, prompts, TOP_K, POLICIES, packed=False)
+    images = _images()
+    for a, b in zip(_labelled(scorer, packed, images, DECLARED), _labelled(scorer, apart, images, DECLARED)):
+        assert [(i["name"], i["kind"]) for i in a.labels] == [(i["name"], i["kind"]) for i in b.labels]
+        for x, y in zip(a.labels, b.labels):
+            assert x["itm"] == pytest.approx(y["itm"], abs=1e-6)
