@@ -7,8 +7,9 @@
 The score stage's model work alone, in this process, on the same batch: ``none`` is
 ``BlipScorer.score`` (one vision pass, the ITC and ITM text passes); ``labels_1k`` and ``labels_10k``
 are ``score_keeping_embeds`` plus ``Labeller.label`` on that pass's image embeddings, half the rows
-declaring a category (as a catalog does); ``labels_1k_gated`` adds an ITC gate per policy (ITM only
-for a tenth of the rows, ``policies[].itc_gate``); ``labels_1k_unshared`` is ``labels_1k`` with each prompt
+declaring a category (as a catalog does), each row's prompts packed into one ITM sequence (the
+default); ``labels_1k_per_row`` is one ITM call per row instead (``packed=False``); ``labels_1k_gated`` adds an ITC gate per policy (ITM only
+for a tenth of the rows, ``policies[].itc_gate``); ``labels_1k_unshared`` (``--unshared``) is ``labels_1k_per_row`` with each prompt
 projecting the image's cross-attention keys and values itself (``_OnceForAll`` off), to show what
 sharing them saves. Rounds interleave the steps and the median is kept; CPU seconds too (on a loaded
 machine they are the steadier ratio). Memory: the process's resident set before and after each
@@ -91,7 +92,7 @@ def measure(args) -> dict:
     def unshared():
         L._OnceForAll.enabled = False
         try:
-            labelled("1k")()
+            labelled("1k_per_row")()
         finally:
             L._OnceForAll.enabled = True
 
@@ -106,8 +107,12 @@ def measure(args) -> dict:
     taxonomy = names(args.names)
     labellers["1k_gated"] = (L.Labeller(scorer, taxonomy, [f"a picture of {n}" for n in taxonomy], 3, POLICIES, gates),
                              labellers["1k"][1])
+    labellers["1k_per_row"] = (L.Labeller(scorer, taxonomy, [f"a picture of {n}" for n in taxonomy], 3, POLICIES, packed=False),
+                               labellers["1k"][1])
     steps = {"none": lambda: scorer.score(images, texts), "labels_1k": labelled("1k"), "labels_1k_gated": labelled("1k_gated"),
-             "labels_1k_unshared": unshared}
+             "labels_1k_per_row": labelled("1k_per_row")}
+    if args.unshared:
+        steps["labels_1k_unshared"] = unshared
     if not args.no_10k:
         steps["labels_10k"] = labelled("10k")
     load_before = [round(x, 2) for x in os.getloadavg()]
@@ -146,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=384)
     parser.add_argument("--depth", type=int, default=6)
     parser.add_argument("--chunk-workers", type=int, default=2, help="a 2-core score actor's chunks side by side")
+    parser.add_argument("--unshared", action="store_true", help="also time per-row calls without shared image keys/values")
     parser.add_argument("--no-10k", action="store_true", help="leave out the 10,000-name taxonomy (its label pass is minutes)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, for the test")
     parser.add_argument("--json", action="store_true")
