@@ -10,11 +10,14 @@ ITC picks a short list, ITM re-ranks it, as BLIP's own retrieval does (LAVIS ``c
 An ITM pass cross-attends its text to the image's 577 tokens (BLIP at 384 px), and the keys and values
 of that attention are projections of the image alone: for a row's 14 prompts (3 names, a declared
 one, 5 policies of 2 prompts) they are the same 14 times, and at BLIP-base sizes they are most of an
-ITM pass's multiply-adds (12 layers x 2 x 577 x 768 x 768, 8.2 G a pair). ``_OnceForAll`` computes
-them once per row: a row's prompts attend to its image expanded (a stride-0 view), and the wrapped
-projection computes one image's and expands the result. The numbers are the same projection of the
-same row; only the matrix kernel's blocking differs with the batch's size, as it already does
-between batches.
+ITM pass's multiply-adds (12 layers x 2 x 577 x 768 x 768, 8.2 G a pair). By default a row's prompts
+are packed into one sequence (``Labeller._itm_packed``), so they are projected once per row and never
+copied per prompt: 1.36x the score stage's CPU time at 1,000 names against 1.71x for a call per row
+(BENCHMARKS.md, "Labels"). With ``packed=False`` (a call per row) ``_OnceForAll`` still projects
+them once per row: the prompts attend to the image expanded (a stride-0 view), and the wrapped
+projection computes one image's and expands the result (2.70x -> 1.59x). Either way the numbers are
+the same projection of the same row; only the kernels' blocking differs, as it already does between
+batches.
 
 Each value equals ``BlipForImageTextRetrieval`` on the single pair (image, prompt): ``itc`` its
 ``use_itm_head=False`` cosine, ``itm`` the softmax of its ITM head, class 1 (tests/reference.py).
