@@ -92,7 +92,9 @@ def _sum(table: pa.Table) -> dict[str, int | float]:
 
 
 def _source_items(sources, digests: dict) -> tuple[list[dict], dict]:
-    items, matched = [], {"score": [], "caption": [], "label": []}
+    items, matched = [], {"score": [], "caption": []}
+    if digests.get("label"):  # --labels: which sources' labels match
+        matched["label"] = []
     for priority, src in enumerate(sources):
         sides = [s for s in ("score", "caption", "label") if digests.get(s) and src.digest(s) == digests[s]]
         for side in sides:
