@@ -238,8 +238,10 @@ def source_file(items: pa.Table, *, digests: dict, work_fs, work: str, buckets: 
             ).filter(key.is_valid())
             _bucketed(work_fs, work, SIDES[side][1], f"s{item['priority']:04d}-f{item['index']:06d}", out, buckets)
             offered[side] += out.num_rows
-    return pa.table({"offered_scores": [offered["score"]], "offered_captions": [offered["caption"]],
-                     "offered_labels": [offered["label"]]})
+    counts = {"offered_scores": [offered["score"]], "offered_captions": [offered["caption"]]}
+    if digests.get("label"):  # --labels
+        counts["offered_labels"] = [offered["label"]]
+    return pa.table(counts)
 
 
 def _first_per_key(table: pa.Table, order: list[tuple[str, str]]) -> pa.Table:
