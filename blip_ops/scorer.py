@@ -52,6 +52,7 @@ class ExplainedScores:
     evidence_s: float  # seconds the evidence took
     # The normalised ITC projections, image then text, float32 (rows, 2 * D): ``blip_ops.embeddings``.
     features: np.ndarray | None = None
+    image_embeds: object = None  # the pass's vision output, for labels (blip_ops.labels)
 
 
 @dataclass
@@ -175,6 +176,19 @@ class BlipScorer:
         itc, itm, text, _, _, features = self._score(images, texts)
         return itc, itm, text.truncated, features
 
+    def score_keeping_embeds(self, images, texts: list[str]):
+        """``score`` plus the pass's image embeddings (``(n, tokens, hidden)``, on the device), which
+        ``blip_ops.labels`` labels the images from without a second vision pass."""
+        itc, itm, text, embeds, _, _ = self._score(images, texts, keep_embeds=True)
+        return itc, itm, text.truncated, embeds
+
+    def score_keeping(self, images, texts: list[str], keep_embeds: bool) -> ExplainedScores:
+        """One pass, everything a batch may want besides evidence: the projections (``features``, always:
+        the pass computes them anyway) and, with ``keep_embeds``, the image embeddings labels need. For
+        a batch that wants labels and embeddings together; ``evidence`` is all None."""
+        itc, itm, text, embeds, _, features = self._score(images, texts, keep_embeds=keep_embeds)
+        return ExplainedScores(itc, itm, text.truncated, [None] * len(texts), 0.0, features, embeds)
+
     def score_explained(self, images, texts: list[str], wanted, gradcam) -> ExplainedScores:
         """``score`` plus Grad-CAM evidence (``blip_ops.evidence.GradCam``) for the rows that
         ``wanted(itc, itm)`` (a bool mask) picks, from the same vision pass.
@@ -198,7 +212,7 @@ class BlipScorer:
         rows = np.array([row for row in rows if row not in recorded], dtype=np.int64)
         seconds = recorder.seconds if recorder is not None and len(recorded) else 0.0
         if not len(rows):
-            return ExplainedScores(itc, itm, text.truncated, evidence, seconds, features)
+            return ExplainedScores(itc, itm, text.truncated, evidence, seconds, features, image_embeds)
         started = time.perf_counter()
         index = torch.as_tensor(rows, device=self.device)
         # Only the chosen rows, cut to their own longest text (padding is masked either way).
@@ -217,7 +231,9 @@ class BlipScorer:
             explained = [item for part in self._map_chunks(explain, range(0, len(rows), step)) for item in part]
         for row, item in zip(rows, explained):
             evidence[row] = item
-        return ExplainedScores(itc, itm, text.truncated, evidence, seconds + time.perf_counter() - started, features)
+        return ExplainedScores(
+            itc, itm, text.truncated, evidence, seconds + time.perf_counter() - started, features, image_embeds
+        )
 
     def reuses_layers(self, gradcam) -> bool:
         """Whether evidence can start from the scoring pass's hidden state at the explained layer: only

@@ -171,6 +171,8 @@ def _reused_rows(table: pa.Table, config: JobConfig, resources, run_id: str, pas
 
     found = lookup(table, config, dedup.content_digests(config, resources), list(sources))
     whole = found.column("__scores_found")
+    if config.labels is not None:  # labels are not looked up here: every row goes to the model for them
+        whole = pa.array([False] * table.num_rows)
     if config.captioning:
         whole = pc.and_(whole, found.column("__caption_found"))
     rest = table.filter(pc.invert(whole))
@@ -238,6 +240,7 @@ def _score(table: pa.Table, config: JobConfig, warm_models: bool = True, reuse=(
         "text_column": config.text_column,
         "image_column": config.image_uri_column or config.image_column,
         "image_is_uri": bool(config.image_uri_column),
+        "category_column": ((config.labels or {}).get("categories") or {}).get("column"),
     }
     return result
 
@@ -323,6 +326,19 @@ def _present(value):
     return value
 
 
+def _label_fields(record, category_column) -> dict:
+    labels = _present(record.get("labels"))
+    if labels is None:
+        return {}
+    return {
+        "labels": [dict(item) for item in labels],
+        "category_predicted": _present(record.get("category_predicted")),
+        "category_score": _present(record.get("category_score")),
+        "category_rank": _present(record.get("category_rank")),
+        "category": _present(record.get(category_column)) if category_column else None,
+    }
+
+
 def show_flagged(df: pd.DataFrame, n: int = 20, *, id_column=None, text_column=None, image_column=None) -> FlaggedView:
     """The ``n`` most confidently flagged rows as an HTML table of thumbnails, text, caption, scores and reasons,
     with the evidence heat map over the image and its top words where the row has evidence
@@ -352,6 +368,8 @@ def show_flagged(df: pd.DataFrame, n: int = 20, *, id_column=None, text_column=N
             "thumbnail": views.thumbnail_uri(data),
             "evidence": evidence,
             "overlay": views.overlay_uri(data, evidence),
+            # --labels: the row's labels and its declared category (``category`` column, if any)
+            **_label_fields(record, (df.attrs.get(ATTRS_KEY) or {}).get("category_column")),
         })
     caption = f"{len(rows)} of {len(flagged)} flagged rows ({len(df)} audited)"
     html = (

@@ -100,6 +100,15 @@ def main(argv: list[str] | None = None, prog: str = "python -m jobs.calibrate") 
     both = cal.combined(joined.table, chosen["itm"], chosen["itc"])
     gain = cal.agreement_gain(joined.table, chosen["itm"], chosen["itc"]) if has_agreement else None
     snippet = cal.config_snippet(choices, args.target_precision, both, gain)
+    try:
+        label_choices = _label_choices(args)
+    except cal.CalibrationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if label_choices:
+        from pipelines.review.label_calibration import snippet_lines
+
+        snippet += snippet_lines(label_choices, args.target_precision)
     if args.checks != "both":
         other = "itc" if args.checks == "itm" else "itm"
         snippet += f"{other}_threshold: none  # calibrating {args.checks} alone turns the other check off\n"
@@ -117,6 +126,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m jobs.calibrate") 
         "agreement_gain": gain,
         "config": args.out_config,
         "report": args.report,
+        "labels": label_choices,  # --labels outputs reviewed in Label Studio: category and policy thresholds
     }
     if args.json:
         print(json.dumps(result, sort_keys=True))
@@ -138,8 +148,38 @@ def main(argv: list[str] | None = None, prog: str = "python -m jobs.calibrate") 
         print(f"both checks together: precision {_fmt(both['precision'])}, recall {_fmt(both['recall'])}")
         if gain is not None:
             print(cal.gain_line(gain).lstrip("# "))
+        for name, choice in (label_choices or {}).items():
+            if choice["threshold"] is None:
+                print(f"{name}: no threshold reaches precision {args.target_precision:g} ({choice['reviewed']} reviewed rows)")
+            else:
+                print(f"{name}: threshold {choice['threshold']:.4f} -> precision {choice['precision']:.3f}, "
+                      f"recall {choice['recall']:.3f} ({choice['reviewed']} reviewed rows)")
         print(f"wrote {args.out_config} and {args.report}")
     return EXIT_OK if any(c.met for c in choices.values()) else EXIT_UNMET
+
+
+def _label_choices(args) -> dict | None:
+    """Category and policy thresholds, when the labels are a verdicts table with label answers and
+    the scored outputs were run with --labels (the first output's label file)."""
+    import pyarrow as pa
+
+    from pipelines.commit.output import read_committed
+    from pipelines.labels import LabelSet
+    from pipelines.review import label_calibration as lc
+    from pipelines.review.labelstudio import is_verdicts_table
+    from pipelines.storage import locate
+
+    if not is_verdicts_table(args.labels):
+        return None
+    truth = lc.read_label_verdicts(args.labels)
+    manifest = read_committed(locate(args.scored[0])) or {}
+    labels = (manifest.get("config") or {}).get("labels")
+    if truth is None or labels is None:
+        return None
+    labels = LabelSet(labels)
+    scored = pa.concat_tables([lc.read_label_scores(path, args.id_column, labels) for path in args.scored],
+                              promote_options="permissive")
+    return lc.label_choices(lc.label_curves(scored, truth, labels), args.target_precision, labels)
 
 
 def _fmt(value) -> str:

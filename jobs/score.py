@@ -61,6 +61,7 @@ _OPTIONS = [
     ("--report-category-column", "Column the run report breaks the flag rate down by (default: none)."),
     ("--embeddings", "none (default) | image | both: write the normalised ITC projections as fixed_size_list<float16>[D] columns."),
     ("--near-duplicate-cosine", "With --near-duplicates: image-embedding cosine at or above which images group (default 0.95)."),
+    ("--labels", "Label file (YAML: prompt, categories, policies): category and policy labels from the scoring pass (default none)."),
     ("--reuse", "Committed outputs of earlier runs, PATH[,PATH...] (local or s3://): rows with the same content key take their scores and captions."),
 ]
 

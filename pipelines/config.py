@@ -234,6 +234,13 @@ class JobConfig(BaseModel):
     near_duplicate_cosine: float = Field(
         0.95, gt=0.0, le=1.0, description="Image-embedding cosine at or above which two images are near-duplicates."
     )
+    labels: dict | None = Field(
+        None,
+        description="Category and policy labels from the scoring pass (pipelines.labels): a label file's path, or "
+        "its mapping (prompt, categories: column, names or file, aliases, top_k, threshold; policies: name, prompts, "
+        "threshold). Adds category_predicted, category_score, category_rank and labels, and the flags "
+        "category_mismatch, category_unknown and policy:<name>. None: no labels.",
+    )
 
     _none_words = field_validator(
         "caption_model", "caption_prompt", "itm_threshold", "itc_threshold", "image_uri_column", "ray_address",
@@ -244,6 +251,13 @@ class JobConfig(BaseModel):
     # Resolved from where each stage's actors run (pipelines.dataflow.resources).
     _auto_batch_sizes = field_validator("score_batch_size", "caption_batch_size", mode="before")(_auto_word)
     _auto_layer = field_validator("evidence_layer", mode="before")(_auto_word)
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _label_file(cls, value):
+        from .labels import parse_labels
+
+        return parse_labels(_none_word(value))
 
     @field_validator("reuse", mode="before")
     @classmethod

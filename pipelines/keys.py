@@ -26,6 +26,7 @@ import pyarrow as pa
 # precision was such a change: version 2). Outputs of another version match nothing.
 SCORER_VERSION = 2
 CAPTIONER_VERSION = 1
+LABELER_VERSION = 1
 
 # Key columns every output row carries (pipelines.schema names their types).
 IMAGE_SHA256 = "image_sha256"
@@ -117,6 +118,28 @@ class CaptionSettings:
         return _digest(dict(_unkeyed_defaults(asdict(self)), kind="caption"))
 
 
+@dataclass(frozen=True)
+class LabelSettings:
+    """Everything but the image and its declared category that a row's label columns depend on:
+    the score key's settings (the ITM checkpoint's content, truncation, arithmetic, decoding) and
+    the label file's content (``pipelines.labels.content_digest``: prompt, names, aliases, top_k,
+    policy prompts). Thresholds only decide flags: not here."""
+
+    score_settings: str  # ScoreSettings.digest
+    label_file: str
+    labeler_version: int = LABELER_VERSION
+
+    @property
+    def digest(self) -> str:
+        return _digest(dict(asdict(self), kind="labels"))
+
+
+def label_settings(score_digest: str, labels: dict) -> LabelSettings:
+    from .labels import content_digest
+
+    return LabelSettings(score_settings=score_digest, label_file=content_digest(labels))
+
+
 def score_settings(config, itm_identity: str, device: str) -> ScoreSettings:
     return ScoreSettings(
         itm_checkpoint=itm_identity,
@@ -137,7 +160,10 @@ def content_digests(config, score_device: str, caption_device: str, itm_identity
     caption None without captions (what a committed manifest records for later reuse)."""
     score = score_settings(config, itm_identity, score_device).digest
     captions = caption_settings(config, caption_identity, caption_device).digest if caption_identity else None
-    return {"score": score, "caption": captions}
+    digests = {"score": score, "caption": captions}
+    if getattr(config, "labels", None) is not None:  # absent without labels: earlier outputs keep their digests
+        digests["label"] = label_settings(score, config.labels).digest
+    return digests
 
 
 def _cpu_kernels(config, device: str) -> str:
@@ -175,6 +201,13 @@ def score_keys(digest: str, image_sha: pa.Array, text_sha: pa.Array) -> pa.Array
 
 def caption_keys(digest: str, image_sha: pa.Array) -> pa.Array:
     return _row_keys(digest, image_sha)
+
+
+def label_keys(digest: str, image_sha: pa.Array, category: pa.Array) -> pa.Array:
+    """Label keys of rows: ``category`` is the declared value as the label file reads it
+    (``LabelSet.key_token``: the name it means, or "-"), null for a row that is not scored (no
+    usable text), so a row's labels are computed once per unique (image, declared category)."""
+    return _row_keys(digest, image_sha, category)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -117,6 +117,9 @@ def check_columns(schema: pa.Schema, config: JobConfig) -> None:
     else:
         require(config.image_column, "image-column", _is_binary, "a binary column of encoded image bytes")
         image_column = config.image_column
+    categories = (config.labels or {}).get("categories")
+    if categories:
+        require(categories["column"], "labels (categories.column)", _is_string, "a string column of declared categories")
     clashes = [name for name in schema.names if name in OUTPUT_COLUMNS and name != image_column]
     if clashes:
         raise InputError(f"input columns {clashes} clash with output columns of the same name; rename them first")

@@ -237,6 +237,9 @@ def _reuse_record(config: JobConfig, source: InputInfo, counts: dict) -> dict:
     record["duplicate_images_collapsed"] = counts.get("duplicate_images_collapsed", 0)
     record["sources"] = [s.uri for s in source.reuse]
     record["sources_matched"] = counts.get("sources_matched", {})
+    for name in ("labels_computed", "rows_labels_reused", "duplicate_labels_collapsed", "unique_labels"):
+        if name in counts:  # --labels in the keyed plan
+            record[name] = counts[name]
     record["keyed_plan"] = "buckets" in counts
     record["buckets"] = counts.get("buckets")
     record["pass_seconds"] = counts.get("pass_seconds")

@@ -5,7 +5,10 @@ from __future__ import annotations
 import pyarrow as pa
 
 # 2: caption_agreement, text_language, evidence, image_sha256, text_sha256, scores_from_run, caption_from_run.
-SCHEMA_VERSION = 2
+# 3: category_predicted, category_score, category_rank, labels (pipelines.labels). The optional columns
+#    (extra_fields: image_embedding, text_embedding, image_group, image_group_size) came in the same round
+#    and are present only when asked for, so they need no bump of their own.
+SCHEMA_VERSION = 3
 
 STATUS_OK = "ok"
 STATUS_IMAGE_ERROR = "image_error"
@@ -15,6 +18,11 @@ REASON_ITM = "itm_below_threshold"
 REASON_ITC = "itc_below_threshold"
 REASON_CAPTION = "caption_disagrees"
 REASON_LANGUAGE = "text_language_unsupported"
+
+# Label flags (pipelines.labels): a policy's reason is POLICY_PREFIX + its name.
+REASON_CATEGORY_MISMATCH = "category_mismatch"
+REASON_CATEGORY_UNKNOWN = "category_unknown"
+POLICY_PREFIX = "policy:"
 
 CAPTION_AGREEMENT = "caption_agreement"
 TEXT_LANGUAGE = "text_language"
@@ -28,6 +36,21 @@ EVIDENCE_TYPE = pa.struct([
     pa.field("words", pa.list_(pa.struct([pa.field("word", pa.string()), pa.field("weight", pa.float32())]))),
     pa.field("layer", pa.int8()),
 ])
+
+# Every category candidate and every policy of a row, by ITM descending (blip_ops.labels).
+LABELS_TYPE = pa.list_(pa.struct([
+    pa.field("name", pa.string()),
+    pa.field("kind", pa.string()),  # "category" or "policy"
+    pa.field("itc", pa.float32()),
+    pa.field("itm", pa.float32()),
+]))
+LABEL_FIELDS = [
+    pa.field("category_predicted", pa.string()),
+    pa.field("category_score", pa.float32()),
+    pa.field("category_rank", pa.int32()),
+    pa.field("labels", LABELS_TYPE),
+]
+LABEL_COLUMNS = [field.name for field in LABEL_FIELDS]
 
 OUTPUT_FIELDS = [
     pa.field("itc_score", pa.float32()),
@@ -45,6 +68,7 @@ OUTPUT_FIELDS = [
     pa.field("itm_model", pa.string()),
     pa.field("caption_model", pa.string()),
     pa.field("evidence", EVIDENCE_TYPE),
+    *LABEL_FIELDS,  # null without --labels
     # Content keys (pipelines.keys) and where the numbers come from (the run that computed them).
     pa.field("image_sha256", pa.string()),
     pa.field("text_sha256", pa.string()),

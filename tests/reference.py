@@ -126,3 +126,40 @@ def embedding_reference(checkpoint: str, max_text_tokens: int | None = None):
         return image_feat[0].numpy(), text_feat[0].numpy(), out.itm_score[0, 0].item()
 
     return embed
+
+
+def labels_reference(checkpoint: str, template: str, names: list[str], top_k: int, policies: list[tuple[str, list[str]]],
+                     max_text_tokens: int = 35):
+    """``label(image_bytes, declared_index) -> dict``: issue 24's definitions, one single pair at a time.
+
+    Every ``c_i`` and ``m_i`` is ``BlipForImageTextRetrieval`` on (image, prompt) alone (``itm_reference``);
+    the short list, prediction, rank and policy maxima follow the contract's words, written here
+    without the project's code: top_k by cosine (ties: name order) plus the declared name; prediction
+    the highest ITM (ties: higher cosine); rank 1 + names with a higher cosine; a policy's itc and
+    itm the max over its prompts."""
+    pair = itm_reference(checkpoint, max_text_tokens)
+
+    def prompt(name: str) -> str:
+        return template.replace("{}", name) if "{}" in template else template + name
+
+    def label(data: bytes, declared: int | None) -> dict:
+        cosines = [pair(data, prompt(name))[0] for name in names]
+        order = sorted(range(len(names)), key=lambda i: (-cosines[i], i))[:top_k]
+        if declared is not None and declared not in order:
+            order.append(declared)
+        matched = {i: pair(data, prompt(names[i]))[1] for i in order}
+        predicted = max(order, key=lambda i: (matched[i], cosines[i])) if order else None
+        result = {
+            "cosines": cosines,
+            "candidates": {names[i]: (cosines[i], matched[i]) for i in order},
+            "predicted": names[predicted] if predicted is not None else None,
+            "score": matched[declared] if declared is not None else None,
+            "rank": 1 + sum(c > cosines[declared] for c in cosines) if declared is not None else None,
+            "policies": {},
+        }
+        for name, texts in policies:
+            values = [pair(data, text) for text in texts]
+            result["policies"][name] = (max(v[0] for v in values), max(v[1] for v in values))
+        return result
+
+    return label

@@ -37,6 +37,7 @@ from .graph import (
     _unfused,
     decode_kwargs,
     finalize_kwargs,
+    labels_json,
     flag_kwargs,
     task_retries,
     with_caption_stage,
@@ -96,8 +97,10 @@ def _sum(table: pa.Table) -> dict[str, int | float]:
 
 def _source_items(sources, digests: dict) -> tuple[list[dict], dict]:
     items, matched = [], {"score": [], "caption": []}
+    if digests.get("label"):  # --labels: which sources' labels match
+        matched["label"] = []
     for priority, src in enumerate(sources):
-        sides = [s for s in ("score", "caption") if digests.get(s) and src.digest(s) == digests[s]]
+        sides = [s for s in ("score", "caption", "label") if digests.get(s) and src.digest(s) == digests[s]]
         for side in sides:
             matched[side].append(src.uri)
         if sides:
@@ -132,28 +135,33 @@ def plan_and_compute(
     common = {"work_fs": filesystem, "work": work}
     read = {"filesystem": source.location.filesystem, "schema": source.schema, "batch_rows": config.decode_batch_size}
     caption_digest = digests["caption"] if config.captioning else None
+    label_digest = digests.get("label")
+    labels = labels_json(config)
     clock = _PassClock()
     hashed = _sum(_tasks(items, P.hash_unit, dict(
         read, **common, buckets=buckets, text_column=config.text_column,
         image_column=config.image_uri_column or config.image_column, from_uri=bool(config.image_uri_column),
         score_digest=digests["score"], caption_digest=caption_digest, max_image_bytes=config.max_image_bytes,
+        label_digest=label_digest, labels=labels,
     )))
     clock.lap("hash")
-    source_items, matched = _source_items(sources, {"score": digests["score"], "caption": caption_digest})
-    offered = _sum(_tasks(source_items, P.source_file, dict(common, buckets=buckets, digests=digests, embeddings=config.embeddings)))
+    source_items, matched = _source_items(sources, {"score": digests["score"], "caption": caption_digest, "label": label_digest})
+    offered = _sum(_tasks(source_items, P.source_file, dict(
+        common, buckets=buckets, digests=digests, labels=labels, embeddings=config.embeddings
+    )))
     lacking = int(offered.pop("files_without_embeddings", 0))
     if lacking:
         log.warning("--embeddings %s: %d file(s) of the --reuse sources hold no embeddings; their rows' scores are "
                     "computed again, with embeddings", config.embeddings, lacking)
     clock.lap("sources")
-    sides = ["score"] + (["caption"] if caption_digest else [])
+    sides = ["score"] + (["caption"] if caption_digest else []) + (["label"] if label_digest else [])
     bucket_items = [{"side": side, "bucket": b} for side in sides for b in range(buckets)]
     planned = _sum(_tasks(bucket_items, P.plan_bucket, common))
     clock.lap("plan")
     # A model stage runs only if the plan left it something: a night with nothing new loads no model.
     # Key-less rows (a missing image or a blank text) still go through the scorer for truncation.
     stages_needed = {
-        "score": planned.get("todo_scores", 0) + hashed.get("keyless", 0) > 0,
+        "score": planned.get("todo_scores", 0) + planned.get("todo_labels", 0) + hashed.get("keyless", 0) > 0,
         "caption": planned.get("todo_captions", 0) > 0,
     }
     computed = {}
@@ -170,6 +178,11 @@ def plan_and_compute(
         "rows_captions_reused": distributed.get("rows_captions_reused", 0),
         "duplicate_pairs_collapsed": distributed.get("duplicate_pairs", 0),
         "duplicate_images_collapsed": distributed.get("duplicate_images", 0),
+        # --labels: (image, declared category) keys labelled by this run, and rows whose labels came from a source
+        "labels_computed": computed.get("labels_computed", 0),
+        "rows_labels_reused": distributed.get("rows_labels_reused", 0),
+        "duplicate_labels_collapsed": distributed.get("duplicate_labels", 0),
+        "unique_labels": planned.get("unique_labels", 0),
         "unique_pairs": planned.get("unique_scores", 0),
         "unique_images": planned.get("unique_captions", 0),
         "offered_by_sources": offered,
@@ -292,7 +305,7 @@ def assemble_and_write(config: JobConfig, source, run_id: str, todo, staging: st
         "assemble": {
             "filesystem": source.location.filesystem, "schema": passthrough, "batch_rows": config.decode_batch_size,
             "text_column": config.text_column, "captioning": config.captioning, "work_fs": filesystem, "work": work,
-            "detect_language": config.text_languages is not None,
+            "detect_language": config.text_languages is not None, "labelling": config.labels is not None,
         },
         "flags": flag_kwargs(config),
         "evidence": {"policy": config.evidence, "layer": config.evidence_layer},

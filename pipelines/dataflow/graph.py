@@ -98,7 +98,15 @@ def flag_kwargs(config: JobConfig) -> dict:
         "itm_threshold": config.itm_threshold,
         "itc_threshold": config.itc_threshold,
         "text_languages": config.text_languages,
+        "labels": labels_json(config),
     }
+
+
+def labels_json(config: JobConfig) -> str | None:
+    """The label file as the stages take it (JSON text: hashable, plain config)."""
+    from .labelling import as_json
+
+    return as_json(config.labels)
 
 
 def score_stage_kwargs(config: JobConfig, resources: Resources) -> dict:
@@ -117,6 +125,7 @@ def score_stage_kwargs(config: JobConfig, resources: Resources) -> dict:
         "shape_buckets": config.shape_buckets,
         "compile": config.torch_compile,
         "embeddings": config.embeddings,
+        "labels": labels_json(config),
     }
 
 

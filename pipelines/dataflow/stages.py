@@ -198,6 +198,16 @@ def quiet_model_loading() -> None:
     hf_logging.disable_progress_bar()
 
 
+# The keyed plan's working column naming the rows whose labels a batch computes (pipelines.reuse.passes.DO_LABEL).
+LABEL_ROWS = "__do_label"
+
+
+def torch_index(rows: np.ndarray, like):
+    import torch
+
+    return torch.as_tensor(rows, device=like.device)
+
+
 def score_reasons(itc: float, itm: float, itm_threshold: float | None, itc_threshold: float | None) -> list[str]:
     """The flag rule for a scored row: which checks its scores fail."""
     reasons = []
@@ -227,10 +237,13 @@ class ScoreStage:
         threads: int | None = None, evidence: str = "none", evidence_layer: int | None = None,
         vision_attention: str = "fused", cpu_kernels: str = "auto",
         decode_device: str = "cpu", jpeg_backend: str = "torchvision",
-        shape_buckets: bool = False, compile: bool = False, embeddings: str = "none",
+        shape_buckets: bool = False, compile: bool = False, labels: str | None = None,
+        embeddings: str = "none",
     ):
-        """``embeddings``: none, image or both: which normalised ITC projections the batch gains
-        (``pipelines.vectors``; from the scoring pass itself, no second one)."""
+        """``labels``: the parsed label file as JSON (``pipelines.labels``); its prompts are embedded
+        here, once per actor, and every batch is labelled from its own scoring pass. ``embeddings``:
+        none, image or both: which normalised ITC projections the batch gains (``pipelines.vectors``;
+        from the scoring pass itself, no second one)."""
         # Imported here, not at the top: the decode, flag and write tasks import this module too,
         # and must not pay for torch and transformers.
         from blip_ops.scorer import BlipScorer
@@ -265,6 +278,16 @@ class ScoreStage:
             self.gradcam = GradCam(self.scorer.model, self.scorer.tokenizer, layer=evidence_layer)
         self.jpegs = _device_decoder(decode_device, self.scorer, jpeg_backend)
         self.embeddings = embeddings
+        self.labels = self.labeller = None
+        if labels is not None:
+            from .labelling import label_set, make_labeller
+
+            self.labels = label_set(labels)
+            self.labeller = make_labeller(self.scorer, self.labels)
+
+    def label_setup_s(self) -> float | None:
+        """Seconds this actor spent embedding the label prompts (None without labels)."""
+        return None if self.labeller is None else self.labeller.setup_s
 
     def torch_threads(self) -> int:
         """The intra-op threads torch really runs with in this actor (asked by tests and audits)."""
@@ -293,15 +316,21 @@ class ScoreStage:
             [bool(score_reasons(c, m, itm_threshold, itc_threshold)) for c, m in zip(itc, itm)], dtype=bool
         ), from_itc=flagged_by_itc)
 
-    def _score(self, images, texts, wanted):
-        if self.gradcam is None:
-            if self.embeddings != "none":
-                itc, itm, truncated, features = self.scorer.score_with_features(images, texts)
-                return itc, itm, truncated, [None] * len(texts), 0.0, features
+    def _score(self, images, texts, wanted, declared=None, label_mask=None):
+        """The part's scores, evidence and seconds, the ITC projections with --embeddings (else None),
+        and with labels each row's ``RowLabels`` (from the same pass's image embeddings; ``declared``:
+        the rows' declared name indices; else None). One pass whatever the combination."""
+        embeddings = self.embeddings != "none"
+        if self.gradcam is None and self.labeller is None and not embeddings:
             itc, itm, truncated = self.scorer.score(images, texts)
-            return itc, itm, truncated, [None] * len(texts), 0.0, None
-        result = self.scorer.score_explained(images, texts, wanted, self.gradcam)
-        return result.itc, result.itm, result.truncated, result.evidence, result.evidence_s, result.features
+            return itc, itm, truncated, [None] * len(texts), 0.0, None, None
+        if self.gradcam is None:
+            result = self.scorer.score_keeping(images, texts, keep_embeds=self.labeller is not None)
+        else:
+            result = self.scorer.score_explained(images, texts, wanted, self.gradcam)
+        labels = self._label(result.image_embeds, declared, label_mask) if self.labeller is not None else None
+        features = result.features if embeddings else None
+        return result.itc, result.itm, result.truncated, result.evidence, result.evidence_s, features, labels
 
     def _embedding_columns(self, batch: pa.Table, parts, rows: np.ndarray, n: int) -> pa.Table:
         """``image_embedding`` (and ``text_embedding`` for ``both``) at the scored rows, null elsewhere."""
@@ -316,6 +345,17 @@ class ScoreStage:
         if self.embeddings == "both":
             batch = batch.append_column(S.TEXT_EMBEDDING, spread(features[:, dim:], rows, n, dim))
         return batch
+
+    def _label(self, embeds, declared, mask):
+        """Labels for the part's rows that ``mask`` picks (the keyed plan labels each (image, category)
+        once: a row scored for its pair only gets none); None for the others."""
+        chosen = np.flatnonzero(mask)
+        out = [None] * len(declared)
+        if len(chosen):
+            index = torch_index(chosen, embeds)
+            for row, result in zip(chosen, self.labeller.label(embeds[index], [declared[i] for i in chosen])):
+                out[row] = result
+        return out
 
     def __call__(self, batch: pa.Table, *, itm_threshold: float | None = None, itc_threshold: float | None = None) -> pa.Table:
         """The thresholds pick the rows ``flagged`` evidence explains (call arguments, so warm actors
@@ -335,7 +375,19 @@ class ScoreStage:
             images = device_rows.gather(batch.column(S.PIXELS_SCORE), rows, self.scorer.images.resizer, _pixel_batch)
         scored_texts = [texts[i] for i in rows]
         wanted = self._wanted(itm_threshold, itc_threshold)
-        parts = self.parts.run(lambda a, b: self._score(images[a:b], scored_texts[a:b], wanted), len(rows))
+        declared, label_mask = [], np.zeros(0, dtype=bool)
+        if self.labels is not None:
+            from .labelling import declared_indices
+
+            column = self.labels.column
+            values = batch.column(column).to_pylist() if column else [None] * batch.num_rows
+            declared = declared_indices(self.labels, [values[i] for i in rows])
+            label_mask = np.ones(len(rows), dtype=bool)
+            if LABEL_ROWS in batch.column_names:  # the keyed plan: only rows whose label key it computes here
+                label_mask = batch.column(LABEL_ROWS).to_numpy(zero_copy_only=False)[rows]
+        parts = self.parts.run(
+            lambda a, b: self._score(images[a:b], scored_texts[a:b], wanted, declared[a:b], label_mask[a:b]), len(rows)
+        )
         itc, itm, scored_truncated = (np.concatenate(column) for column in list(zip(*parts))[:3])
         evidence = [None] * len(mask)
         for row, item in zip(rows, (item for part in parts for item in part[3])):
@@ -362,10 +414,19 @@ class ScoreStage:
             .append_column("evidence", evidence_array(evidence))
             .append_column(S.EVIDENCE_SECONDS, pa.array(seconds, pa.float64()))
         )
-        return self._embedding_columns(out, parts, rows, len(mask))
+        out = self._embedding_columns(out, parts, rows, len(mask))
+        if self.labels is None:
+            return out
+        from .labelling import label_columns
+
+        results = [item for part in parts for item in (part[6] or [])]
+        for name, values in label_columns(results, rows, len(mask)).items():
+            out = out.append_column(name, values)
+        return out
 
 
-def _row_verdict(image_error, text_error, itc, itm, itm_threshold, itc_threshold, language=None, languages=None):
+def _row_verdict(image_error, text_error, itc, itm, itm_threshold, itc_threshold, language=None, languages=None,
+                 label_reasons=()):
     reasons = []
     if image_error is not None:
         reasons.append(S.STATUS_IMAGE_ERROR)
@@ -380,14 +441,28 @@ def _row_verdict(image_error, text_error, itc, itm, itm_threshold, itc_threshold
     if languages is not None and language is not None and language not in languages:
         # The scores stand, but BLIP reads only the listed languages: a human decides (fail closed).
         reasons.append(S.REASON_LANGUAGE)
-    return S.STATUS_OK, None, reasons
+    return S.STATUS_OK, None, reasons + list(label_reasons)
 
 
 def flag_batch(
-    batch: pa.Table, *, itm_threshold: float | None, itc_threshold: float | None, text_languages=None
+    batch: pa.Table, *, itm_threshold: float | None, itc_threshold: float | None, text_languages=None, labels=None
 ) -> pa.Table:
-    """Status, error and flags from the decode errors, the scores and (``text_languages``) the text's language."""
+    """Status, error and flags from the decode errors, the scores, (``text_languages``) the text's
+    language and (``labels``, the label file as JSON) the label columns (``labelling.label_reasons``)."""
     n = batch.num_rows
+    label_reasons = [()] * n
+    if labels is not None and "labels" in batch.column_names:
+        from .labelling import label_reasons as reasons_of
+        from .labelling import label_set
+
+        spec = label_set(labels)
+        declared = batch.column(spec.column).to_pylist() if spec.column else [None] * n
+        label_reasons = [
+            reasons_of(spec, *row) for row in zip(
+                declared, batch.column("category_predicted").to_pylist(), batch.column("category_score").to_pylist(),
+                batch.column("labels").to_pylist(),
+            )
+        ]
     language = batch.column(S.TEXT_LANGUAGE).to_pylist() if S.TEXT_LANGUAGE in batch.column_names else [None] * n
     languages = frozenset(text_languages) if text_languages is not None else None
     columns = zip(
@@ -396,7 +471,10 @@ def flag_batch(
         batch.column("itc_score").to_pylist(),
         batch.column("itm_score").to_pylist(),
     )
-    verdicts = [_row_verdict(*row, itm_threshold, itc_threshold, code, languages) for row, code in zip(columns, language)]
+    verdicts = [
+        _row_verdict(*row, itm_threshold, itc_threshold, code, languages, extra)
+        for row, code, extra in zip(columns, language, label_reasons)
+    ]
     statuses = [v[0] for v in verdicts]
     errors = [v[1] for v in verdicts]
     reasons = [v[2] for v in verdicts]
@@ -569,6 +647,9 @@ def finalize_batch(
         batch = batch.append_column(S.TEXT_LANGUAGE, pa.nulls(n, pa.string()))
     if "evidence" not in batch.column_names:
         batch = batch.append_column("evidence", pa.nulls(n, S.EVIDENCE_TYPE))
+    for field in S.LABEL_FIELDS:  # null without --labels
+        if field.name not in batch.column_names:
+            batch = batch.append_column(field.name, pa.nulls(n, field.type))
     for name in (K.IMAGE_SHA256, K.TEXT_SHA256):  # decode and the keyed plan set the hashes
         if name not in batch.column_names:
             batch = batch.append_column(name, pa.nulls(n, pa.string()))

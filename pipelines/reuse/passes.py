@@ -56,8 +56,10 @@ PRIO = "__prio"
 REP = "__rep"  # the position whose model call computed a value; null for reused values
 SKEY = "__score_key"
 CKEY = "__caption_key"
+LKEY = "__label_key"
 DO_SCORE = "__do_score"
 DO_CAPTION = "__do_caption"
+DO_LABEL = "__do_label"  # = pipelines.dataflow.stages.LABEL_ROWS
 WORK = "_work"
 
 _TS = pa.timestamp("us", tz="UTC")
@@ -70,8 +72,15 @@ SCORE_VALUE_FIELDS = [
     pa.field(S.IMAGE_EMBEDDING_BYTES, pa.binary()), pa.field(S.TEXT_EMBEDDING_BYTES, pa.binary()),
 ]
 CAPTION_VALUE_FIELDS = [pa.field("caption", pa.string()), pa.field("caption_from_run", pa.string())]
-VALUE_FIELDS = {"score": SCORE_VALUE_FIELDS, "caption": CAPTION_VALUE_FIELDS}
-SIDES = {"score": ("sk", "sr", "splan", "sval", "sdist"), "caption": ("ck", "cr", "cplan", "cval", "cdist")}
+# Labels (--labels) are a side of their own, keyed by (image, declared category): a row's labels do
+# not depend on its text, so listings sharing a photo and a category share one label computation.
+LABEL_VALUE_FIELDS = list(S.LABEL_FIELDS)
+VALUE_FIELDS = {"score": SCORE_VALUE_FIELDS, "caption": CAPTION_VALUE_FIELDS, "label": LABEL_VALUE_FIELDS}
+SIDES = {"score": ("sk", "sr", "splan", "sval", "sdist"), "caption": ("ck", "cr", "cplan", "cval", "cdist"),
+         "label": ("lk", "lr", "lplan", "lval", "ldist")}
+# Count names per side (plan_bucket, distribute_bucket).
+_PLURAL = {"score": "scores", "caption": "captions", "label": "labels"}
+_DUPLICATES = {"score": "duplicate_pairs", "caption": "duplicate_images", "label": "duplicate_labels"}
 
 
 def bucket_count(rows: int) -> int:
@@ -123,7 +132,7 @@ def _text_problem(text) -> bool:
 
 KEYS_FILE_SCHEMA = pa.schema([
     pa.field(ROW, pa.int64()), pa.field(K.IMAGE_SHA256, pa.string()), pa.field(K.TEXT_SHA256, pa.string()),
-    pa.field(SKEY, pa.string()), pa.field(CKEY, pa.string()),
+    pa.field(SKEY, pa.string()), pa.field(CKEY, pa.string()), pa.field(LKEY, pa.string()),
 ])
 KEY_POS_SCHEMA = pa.schema([pa.field(KEY, pa.string()), pa.field(POS, pa.int64())])
 
@@ -131,8 +140,11 @@ KEY_POS_SCHEMA = pa.schema([pa.field(KEY, pa.string()), pa.field(POS, pa.int64()
 def hash_unit(
     items: pa.Table, *, filesystem, schema, batch_rows: int, text_column: str, image_column: str, from_uri: bool,
     score_digest: str, caption_digest: str | None, work_fs, work: str, buckets: int, max_image_bytes: int | None = None,
+    label_digest: str | None = None, labels: str | None = None,
 ) -> pa.Table:
-    """Pass 1 for units: content hashes and keys of every wanted row, bucketed."""
+    """Pass 1 for units: content hashes and keys of every wanted row, bucketed (``labels``: the
+    label file as JSON, whose names say what a declared category means)."""
+    label_set = _label_set(labels) if label_digest else None
     counts = {"rows": 0, "keyless": 0}
     for table in read_units(items, filesystem=filesystem, schema=schema, batch_rows=batch_rows):
         unit, first = int(table.column(UNIT)[0].as_py()), int(table.column(ROW)[0].as_py())
@@ -155,12 +167,15 @@ def hash_unit(
         scorable_text = pa.array([None if _text_problem(t) else h for t, h in zip(texts, text_sha.to_pylist())], pa.string())
         score_key = K.score_keys(score_digest, keyed_image, scorable_text)
         caption_key = K.caption_keys(caption_digest, keyed_image) if caption_digest else pa.nulls(len(texts), pa.string())
+        label_key = pa.nulls(len(texts), pa.string())
+        if label_set is not None:
+            label_key = K.label_keys(label_digest, keyed_image, _category_tokens(label_set, table, scorable_text))
         rows = table.column(ROW)
         _write(work_fs, f"{work}/keys/u{unit:06d}/r{first:010d}.parquet", pa.Table.from_arrays(
-            [rows, image_sha, text_sha, score_key, caption_key], schema=KEYS_FILE_SCHEMA))
+            [rows, image_sha, text_sha, score_key, caption_key, label_key], schema=KEYS_FILE_SCHEMA))
         pos = pa.array(positions(table.column(UNIT).to_numpy(), rows.to_numpy()))
         name = f"u{unit:06d}-r{first:010d}"
-        for side_dir, column in (("sk", score_key), ("ck", caption_key)):
+        for side_dir, column in (("sk", score_key), ("ck", caption_key), ("lk", label_key)):
             keyed = pa.Table.from_arrays([column, pos], schema=KEY_POS_SCHEMA).filter(column.is_valid())
             _bucketed(work_fs, work, side_dir, name, keyed, buckets)
         counts["rows"] += table.num_rows
@@ -168,14 +183,29 @@ def hash_unit(
     return pa.table({k: [v] for k, v in counts.items()})
 
 
-def source_file(items: pa.Table, *, digests: dict, work_fs, work: str, buckets: int, embeddings: str = "none") -> pa.Table:
+def _label_set(labels: str):
+    from ..dataflow.labelling import label_set  # plain pyarrow and json: no Ray
+
+    return label_set(labels)
+
+
+def _category_tokens(label_set, table: pa.Table, usable: pa.Array) -> pa.Array:
+    """Per row the declared category as the label key reads it; null where ``usable`` is (not scored)."""
+    column = label_set.column
+    values = table.column(column).to_pylist() if column and column in table.column_names else [None] * table.num_rows
+    return pa.array([None if ok is None else label_set.key_token(v) for v, ok in zip(values, usable.to_pylist())], pa.string())
+
+
+def source_file(
+    items: pa.Table, *, digests: dict, work_fs, work: str, buckets: int, labels: str | None = None, embeddings: str = "none"
+) -> pa.Table:
     """Pass 1 for ``--reuse`` sources: the values of one committed file's rows under this run's keys.
     A run asking for ``embeddings`` takes a file's scores only if the file holds those columns: a
     source written without them cannot serve it, and its pairs are scored again (counted)."""
     from ..storage import locate
     from ..vectors import to_bytes, wanted_columns
 
-    offered = {"score": 0, "caption": 0}
+    offered = {"score": 0, "caption": 0, "label": 0}
     lacking = 0
     for item in items.to_pylist():
         location = locate(item["uri"])
@@ -189,12 +219,25 @@ def source_file(items: pa.Table, *, digests: dict, work_fs, work: str, buckets: 
         if "score" in sides and not set(vectors) <= names:
             sides = [s for s in sides if s != "score"]
             lacking += 1
-        table = parquet.read(columns=sorted(wanted | ({"evidence"} & names) | set(vectors)))
+        label_columns = set()
+        if "label" in sides:
+            label_set = _label_set(labels)
+            label_columns = {*S.LABEL_COLUMNS, label_set.column} if label_set.column else set(S.LABEL_COLUMNS)
+            if not label_columns <= names:
+                sides = [s for s in sides if s != "label"]  # its labels cannot be keyed here
+                label_columns = set()
+        table = parquet.read(columns=sorted(wanted | ({"evidence"} & names) | label_columns | set(vectors)))
         for name, carried in ((S.IMAGE_EMBEDDING, S.IMAGE_EMBEDDING_BYTES), (S.TEXT_EMBEDDING, S.TEXT_EMBEDDING_BYTES)):
             if name in vectors and name in table.column_names:
                 table = table.append_column(carried, to_bytes(table.column(name)))
         for side in sides:
-            if side == "score":
+            if side == "label":
+                ok = pc.and_(pc.equal(table.column("status"), S.STATUS_OK), table.column("labels").is_valid())
+                rows = table.filter(pc.fill_null(ok, False))
+                tokens = _category_tokens(label_set, rows, rows.column(K.TEXT_SHA256))
+                key = K.label_keys(digests["label"], rows.column(K.IMAGE_SHA256), tokens)
+                values = [rows.column(f.name).cast(f.type) for f in LABEL_VALUE_FIELDS]
+            elif side == "score":
                 ok = pc.and_(pc.equal(table.column("status"), S.STATUS_OK), table.column("itc_score").is_valid())
                 rows = table.filter(pc.fill_null(ok, False))
                 key = K.score_keys(digests["score"], rows.column(K.IMAGE_SHA256), rows.column(K.TEXT_SHA256))
@@ -210,8 +253,11 @@ def source_file(items: pa.Table, *, digests: dict, work_fs, work: str, buckets: 
             ).filter(key.is_valid())
             _bucketed(work_fs, work, SIDES[side][1], f"s{item['priority']:04d}-f{item['index']:06d}", out, buckets)
             offered[side] += out.num_rows
-    return pa.table({"offered_scores": [offered["score"]], "offered_captions": [offered["caption"]],
-                     "files_without_embeddings": [lacking]})
+    counts = {"offered_scores": [offered["score"]], "offered_captions": [offered["caption"]],
+              "files_without_embeddings": [lacking]}
+    if digests.get("label"):  # --labels
+        counts["offered_labels"] = [offered["label"]]
+    return pa.table(counts)
 
 
 def _first_per_key(table: pa.Table, order: list[tuple[str, str]]) -> pa.Table:
@@ -227,8 +273,8 @@ def _first_per_key(table: pa.Table, order: list[tuple[str, str]]) -> pa.Table:
 
 def plan_bucket(items: pa.Table, *, work_fs, work: str) -> pa.Table:
     """Pass 2: per key, a reused value, or the one position whose row computes it."""
-    counts = {"unique_scores": 0, "unique_captions": 0, "reused_score_keys": 0, "reused_caption_keys": 0,
-              "todo_scores": 0, "todo_captions": 0}
+    counts = {f"{kind}_{_PLURAL[side]}": 0 for side in SIDES for kind in ("unique", "todo")}
+    counts.update({f"reused_{side}_keys": 0 for side in SIDES})
     for item in items.to_pylist():
         side, bucket = item["side"], f"b{item['bucket']:05d}"
         keyed_dir, reuse_dir, plan_dir, value_dir, _ = SIDES[side]
@@ -246,9 +292,9 @@ def plan_bucket(items: pa.Table, *, work_fs, work: str) -> pa.Table:
             _write(work_fs, f"{work}/{value_dir}/{bucket}/reused.parquet", reused.append_column(REP, pa.nulls(reused.num_rows, pa.int64())))
         todo = unique.filter(pc.invert(pc.is_in(unique.column(KEY), value_set=reused.column(KEY)))) if reused.num_rows else unique
         _write(work_fs, f"{work}/{plan_dir}/{bucket}.parquet", todo.sort_by(POS))
-        counts["unique_scores" if side == "score" else "unique_captions"] += unique.num_rows
-        counts["reused_score_keys" if side == "score" else "reused_caption_keys"] += reused.num_rows
-        counts["todo_scores" if side == "score" else "todo_captions"] += todo.num_rows
+        counts[f"unique_{_PLURAL[side]}"] += unique.num_rows
+        counts[f"reused_{side}_keys"] += reused.num_rows
+        counts[f"todo_{_PLURAL[side]}"] += todo.num_rows
     return pa.table({k: [v] for k, v in counts.items()})
 
 
@@ -298,7 +344,8 @@ def compute_rows(
         keyless = unit_keys.filter(unit_keys.column(SKEY).is_null()).column(ROW).to_numpy()
         score_rows = planned.get("score", np.zeros(0, dtype=np.int64))
         caption_rows = planned.get("caption", np.zeros(0, dtype=np.int64))
-        wanted = np.concatenate([score_rows, caption_rows, keyless])
+        label_rows = planned.get("label", np.zeros(0, dtype=np.int64))
+        wanted = np.concatenate([score_rows, caption_rows, label_rows, keyless])
         if not len(wanted):
             continue
         reading = dict(item, ranges=json.dumps(_ranges(wanted)))
@@ -313,6 +360,8 @@ def compute_rows(
                 .append_column(K.TEXT_SHA256, picked.column(K.TEXT_SHA256))
                 .append_column(DO_SCORE, pa.array(np.isin(rows, score_rows)))
                 .append_column(DO_CAPTION, pa.array(np.isin(rows, caption_rows)))
+                .append_column(LKEY, picked.column(LKEY))
+                .append_column(DO_LABEL, pa.array(np.isin(rows, label_rows)))
             )
 
 
@@ -322,6 +371,8 @@ def only_needed_pixels(batch: pa.Table) -> pa.Table:
     for column, flag in ((S.PIXELS_SCORE, DO_SCORE), (S.PIXELS_CAPTION, DO_CAPTION), (S.JPEG_SCORE, DO_SCORE), (S.JPEG_CAPTION, DO_CAPTION)):
         if column in batch.column_names:
             keep = batch.column(flag).to_numpy(zero_copy_only=False)
+            if flag == DO_SCORE and DO_LABEL in batch.column_names:  # labels come from the scoring pass
+                keep = keep | batch.column(DO_LABEL).to_numpy(zero_copy_only=False)
             values = batch.column(column)
             nulls = pa.nulls(len(values), values.type)
             batch = batch.set_column(batch.column_names.index(column), column, pc.if_else(pa.array(keep), values, nulls))
@@ -334,7 +385,7 @@ DIRECT_SCHEMA = pa.schema([pa.field(POS, pa.int64()), pa.field(S.IMAGE_ERROR, pa
 def store_results(batch: pa.Table, *, run_id: str, work_fs, work: str, buckets: int) -> pa.Table:
     """Pass 3's end: each computed value under its key; rows with no key by position."""
     if not batch.num_rows:
-        return pa.table({"pairs_scored": [0], "images_captioned": [0], "evidence_s": [0.0]})
+        return pa.table({"pairs_scored": [0], "images_captioned": [0], "evidence_s": [0.0], "labels_computed": [0]})
     pos = positions(batch.column(UNIT).to_numpy(), batch.column(ROW).to_numpy())
     name = f"u{int(pos[0] >> 32):06d}-r{int(pos[0] & 0xFFFFFFFF):010d}-{uuid.uuid4().hex[:8]}"
     n = batch.num_rows
@@ -369,6 +420,14 @@ def store_results(batch: pa.Table, *, run_id: str, work_fs, work: str, buckets: 
         }).filter(pa.array(do_caption))
         _bucketed(work_fs, work, "cval", f"c-{name}", caption_values, buckets)
         captions = int((do_caption & captioned).sum())
+    labels_computed = 0
+    if DO_LABEL in batch.column_names and "labels" in batch.column_names:
+        do_label = batch.column(DO_LABEL).to_numpy(zero_copy_only=False)
+        label_values = pa.table(
+            {KEY: batch.column(LKEY), **{f.name: batch.column(f.name) for f in LABEL_VALUE_FIELDS}, REP: pa.array(pos)}
+        ).filter(pa.array(do_label))
+        _bucketed(work_fs, work, "lval", f"c-{name}", label_values, buckets)
+        labels_computed = int((do_label & batch.column("labels").is_valid().to_numpy(zero_copy_only=False)).sum())
     keyless = batch.column(SKEY).is_null().to_numpy(zero_copy_only=False)
     if keyless.any():
         direct = pa.Table.from_arrays(
@@ -377,7 +436,8 @@ def store_results(batch: pa.Table, *, run_id: str, work_fs, work: str, buckets: 
         units = pos >> 32  # a batch may hold rows of several units
         for unit in np.unique(units[keyless]):
             _write(work_fs, f"{work}/direct/u{unit:06d}/{name}.parquet", direct.filter(pa.array(keyless & (units == unit))))
-    return pa.table({"pairs_scored": [int((do_score & scored).sum())], "images_captioned": [captions], "evidence_s": [evidence_s]})
+    return pa.table({"pairs_scored": [int((do_score & scored).sum())], "images_captioned": [captions], "evidence_s": [evidence_s],
+                     "labels_computed": [labels_computed]})
 
 
 def _embedding_bytes(batch: pa.Table) -> dict:
@@ -396,7 +456,8 @@ def _value_schema(side: str) -> pa.Schema:
 
 def distribute_bucket(items: pa.Table, *, work_fs, work: str) -> pa.Table:
     """Pass 4: every position of a key gets the key's value, written per unit."""
-    counts = {"rows_scores_reused": 0, "rows_captions_reused": 0, "duplicate_pairs": 0, "duplicate_images": 0}
+    counts = {f"rows_{_PLURAL[side]}_reused": 0 for side in SIDES}
+    counts.update({_DUPLICATES[side]: 0 for side in SIDES})
     for item in items.to_pylist():
         side, bucket = item["side"], f"b{item['bucket']:05d}"
         keyed_dir, _, _, value_dir, dist_dir = SIDES[side]
@@ -414,9 +475,8 @@ def distribute_bucket(items: pa.Table, *, work_fs, work: str) -> pa.Table:
         rep = joined.column(REP)
         reused = rep.is_null().to_numpy(zero_copy_only=False)
         duplicate = ~reused & (pc.fill_null(pc.not_equal(rep, joined.column(POS)), False).to_numpy(zero_copy_only=False))
-        prefix = "scores" if side == "score" else "captions"
-        counts[f"rows_{prefix}_reused"] += int(reused.sum())
-        counts["duplicate_pairs" if side == "score" else "duplicate_images"] += int(duplicate.sum())
+        counts[f"rows_{_PLURAL[side]}_reused"] += int(reused.sum())
+        counts[_DUPLICATES[side]] += int(duplicate.sum())
         joined = joined.drop_columns([REP])
         units = joined.column(POS).to_numpy() >> 32
         for unit in np.unique(units):
@@ -446,7 +506,7 @@ def _align(pos: np.ndarray, table: pa.Table, fields) -> list[pa.Array]:
 
 def assemble_unit(
     items: pa.Table, *, filesystem, schema, batch_rows: int, text_column: str, captioning: bool, work_fs, work: str,
-    detect_language: bool = False,
+    detect_language: bool = False, labelling: bool = False,
 ):
     """Pass 5: the unit's rows without image bytes, with their values in row order, ready for flags."""
     for item in items.to_pylist():
@@ -455,6 +515,7 @@ def assemble_unit(
         scores = _read_dir(work_fs, f"{work}/sdist/u{unit:06d}", _dist_schema("score"))
         captions = _read_dir(work_fs, f"{work}/cdist/u{unit:06d}", _dist_schema("caption")) if captioning else None
         direct = _read_dir(work_fs, f"{work}/direct/u{unit:06d}", DIRECT_SCHEMA)
+        labels = _read_dir(work_fs, f"{work}/ldist/u{unit:06d}", _dist_schema("label")) if labelling else None
         for table in read_units(pa.Table.from_pylist([item]), filesystem=filesystem, schema=schema, batch_rows=batch_rows):
             rows = table.column(ROW).to_numpy()
             pos = positions(table.column(UNIT).to_numpy(), rows)
@@ -500,6 +561,9 @@ def assemble_unit(
 
                 usable = [t if e is None else None for t, e in zip(texts, text_error.to_pylist())]
                 out = out.append_column(S.TEXT_LANGUAGE, pa.array(detect_languages(usable), pa.string()))
+            if labelling:
+                for field, values in zip(LABEL_VALUE_FIELDS, _align(pos, labels, LABEL_VALUE_FIELDS)):
+                    out = out.append_column(field.name, values)
             if captioning:
                 caption, caption_from = _align(pos, captions, CAPTION_VALUE_FIELDS)
                 out = out.append_column("caption", caption).append_column("caption_from_run", caption_from)

@@ -46,6 +46,7 @@ class ReuseSource:
     files: tuple[str, ...]  # full paths on location.filesystem
     score_digest: str | None
     caption_digest: str | None
+    label_digest: str | None = None  # written with --labels (pipelines.keys.LabelSettings)
 
     @property
     def identity(self) -> list:
@@ -53,7 +54,7 @@ class ReuseSource:
         return ["reuse", self.run_id, self.key]
 
     def digest(self, side: str) -> str | None:
-        return self.score_digest if side == "score" else self.caption_digest
+        return {"score": self.score_digest, "caption": self.caption_digest, "label": self.label_digest}[side]
 
 
 def open_source(uri: str) -> ReuseSource:
@@ -122,6 +123,7 @@ def _source(uri: str, location: Location, manifest: dict, files: tuple[str, ...]
         files=files,
         score_digest=digests.get("score"),
         caption_digest=digests.get("caption"),
+        label_digest=digests.get("label"),
     )
 
 

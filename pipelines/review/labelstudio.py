@@ -59,6 +59,11 @@ from .report import fetch_images
 from .where import WhereError, parse
 
 VERDICT_FIELD = "verdict"  # the Choices name, in the config, the predictions and the annotations
+# --labels outputs: the reviewer's category (one of the task's short list, its declared category, or
+# "other") and the policies they see in the image (a checklist), both prefilled from the prediction.
+CATEGORY_FIELD = "category"
+POLICIES_FIELD = "policies"
+OTHER_CATEGORY = "other"
 VERDICTS = ("match", "mismatch", "unsure")
 DEFAULT_WHERE = "flagged"
 INLINE_MAX_TASKS = 1000
@@ -80,6 +85,9 @@ VERDICTS_SCHEMA = pa.schema(
         pa.field("project_id", pa.int64()),
         pa.field("run_id", pa.string()),
         pa.field("output", pa.string()),
+        # --labels: the reviewer's category and checked policies; null where the task asked neither
+        pa.field("category", pa.string()),
+        pa.field("policies", pa.list_(pa.string())),
     ],
     metadata={VERDICTS_MARKER: b"1"},
 )
@@ -121,8 +129,31 @@ def config_path_for(tasks: str | Path) -> Path:
     return tasks.with_name(tasks.stem + ".label-config.xml")
 
 
-def labeling_config(evidence: bool) -> str:
-    """The labeling config the tasks need: the image (and evidence), text, caption, scores and the verdict."""
+def labels_view(policies: list[str] | None) -> str:
+    """The category choice and the policy checklist of a ``--labels`` output (``policies``: the
+    label file's policy names; None: no labels). The category's options are per task (the row's
+    short list, its declared category and "other"): a 10,000-name taxonomy as static choices would
+    be a list nobody scrolls."""
+    if policies is None:
+        return ""
+    checklist = "".join(f'        <Choice value="{views.esc(name)}"/>\n' for name in policies)
+    view = (
+        '      <Header value="Which category is this listing? (the job\'s prediction is preselected)" size="5"/>\n'
+        '      <Text name="declared" value="$declared_category"/>\n'
+        f'      <Choices name="{CATEGORY_FIELD}" toName="image" choice="single" showInline="true" value="$category_options"/>\n'
+    )
+    if policies:
+        view += (
+            '      <Header value="Policies the image breaks (the job\'s hits are preselected)" size="5"/>\n'
+            f'      <Choices name="{POLICIES_FIELD}" toName="image" choice="multiple" showInline="true">\n{checklist}'
+            "      </Choices>\n"
+        )
+    return view
+
+
+def labeling_config(evidence: bool, policies: list[str] | None = None) -> str:
+    """The labeling config the tasks need: the image (and evidence), text, caption, scores and the verdict;
+    with ``--labels`` outputs (``policies`` not None) the category choice and policy checklist too."""
     evidence_view = (
         '    <Header value="Evidence: where the text lands in the image (Grad-CAM of the ITM score)" size="6"/>\n'
         '    <Image name="evidence" value="$evidence" maxWidth="384px"/>\n'
@@ -148,6 +179,7 @@ def labeling_config(evidence: bool) -> str:
         '        <Choice value="mismatch"/>\n'
         '        <Choice value="unsure"/>\n'
         "      </Choices>\n"
+        f"{labels_view(policies)}"
         "    </View>\n"
         "  </View>\n"
         f"{evidence_view}"
@@ -305,7 +337,8 @@ def _words(evidence) -> str:
     return ", ".join(f"{w['word']} {w['weight']:.2f}" for w in words) or "no words"
 
 
-def _task(row: dict, config: JobConfig, output: str, image: str, evidence_uri: str | None, with_evidence: bool) -> dict:
+def _task(row: dict, config: JobConfig, output: str, image: str, evidence_uri: str | None, with_evidence: bool,
+          labels=None) -> dict:
     data = {
         "image": image,
         "text": row.get(config.text_column) or "",
@@ -335,7 +368,29 @@ def _task(row: dict, config: JobConfig, output: str, image: str, evidence_uri: s
     }
     if row.get("itm_score") is not None:
         prediction["score"] = _json_value(row["itm_score"])
+    if labels is not None:
+        _add_labels(data, prediction, row, labels)
     return {"data": data, "predictions": [prediction]}
+
+
+def _add_labels(data: dict, prediction: dict, row: dict, labels) -> None:
+    """A ``--labels`` task's category options and prefilled choices (``labels``: the output's ``LabelSet``)."""
+    declared = row.get(labels.column) if labels.column else None
+    index = labels.declared_index(declared)
+    options = [item["name"] for item in row.get("labels") or [] if item["kind"] == "category"]
+    if index is not None and index >= 0:
+        options.append(labels.names[index])
+    options = list(dict.fromkeys(options + [OTHER_CATEGORY]))
+    data["declared_category"] = f"declared: {declared}" if declared is not None else "declared: none"
+    data["category_options"] = [{"value": name} for name in options]
+    data["policy_names"] = [p["name"] for p in labels.policies]
+    if row.get("category_predicted") is not None:
+        prediction["result"].append({"from_name": CATEGORY_FIELD, "to_name": "image", "type": "choices",
+                                     "value": {"choices": [row["category_predicted"]]}})
+    hits = [reason[len("policy:"):] for reason in row.get("flag_reasons") or [] if reason.startswith("policy:")]
+    if hits:
+        prediction["result"].append({"from_name": POLICIES_FIELD, "to_name": "image", "type": "choices",
+                                     "value": {"choices": hits}})
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -371,13 +426,19 @@ def export_tasks(options: ExportOptions) -> ExportResult:
     evidence = table.column("evidence").to_pylist() if "evidence" in table.column_names else [None] * table.num_rows
     images.load_inline(evidence)
     with_evidence = any(e is not None for e in evidence)
+    labels = None
+    if config.labels is not None and "labels" in table.column_names:
+        from ..labels import LabelSet
+
+        labels = LabelSet(config.labels)
     tasks = []
     for i, row in enumerate(table.to_pylist()):
         overlay = images.evidence(i, evidence[i]) if evidence[i] is not None else None
-        tasks.append(_task(row, config, options.output, images.task_image(i), overlay, with_evidence))
+        tasks.append(_task(row, config, options.output, images.task_image(i), overlay, with_evidence, labels))
     tasks_path = Path(options.tasks)
     config_path = config_path_for(tasks_path)
-    _write_atomically(config_path, labeling_config(with_evidence))
+    policies = None if labels is None else [p["name"] for p in labels.policies]
+    _write_atomically(config_path, labeling_config(with_evidence, policies))
     _write_atomically(tasks_path, json.dumps(tasks, ensure_ascii=False))
     counts: dict = {}
     for mode in images.modes:
@@ -432,6 +493,13 @@ def _verdict_of(annotation: dict, task_id) -> str | None:
     return None
 
 
+def _choices_of(annotation: dict, name: str) -> list[str] | None:
+    for item in annotation.get("result") or []:
+        if item.get("from_name") == name and item.get("type") == "choices":
+            return list((item.get("value") or {}).get("choices") or [])
+    return None
+
+
 def _int(value):
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
@@ -480,8 +548,19 @@ def read_export(path: str) -> tuple[list[dict], int]:
             "project_id": _int(task.get("project")),
             "run_id": data.get("run_id"),
             "output": data.get("output"),
+            **_label_verdicts(annotation, data),
         })
     return rows, len(tasks)
+
+
+def _label_verdicts(annotation: dict, data: dict) -> dict:
+    """The reviewer's category and policies of a ``--labels`` task (it has ``policy_names``); an
+    unchecked checklist leaves no result in Label Studio's export, so it reads as no policy."""
+    if "policy_names" not in data:
+        return {"category": None, "policies": None}
+    category = _choices_of(annotation, CATEGORY_FIELD)
+    policies = _choices_of(annotation, POLICIES_FIELD)
+    return {"category": category[0] if category else None, "policies": policies or []}
 
 
 def verdicts_path(verdicts: str) -> str:
@@ -501,7 +580,11 @@ def is_verdicts_table(path: str) -> bool:
 
 def read_verdicts(path: str) -> pa.Table:
     location = locate(verdicts_path(path))
-    return pq.read_table(location.path, filesystem=location.filesystem).cast(VERDICTS_SCHEMA)
+    table = pq.read_table(location.path, filesystem=location.filesystem)
+    for field_ in VERDICTS_SCHEMA:  # a table written before --labels lacks their columns
+        if field_.name not in table.column_names:
+            table = table.append_column(field_.name, pa.nulls(table.num_rows, field_.type))
+    return table.select(VERDICTS_SCHEMA.names).cast(VERDICTS_SCHEMA)
 
 
 def _latest_per_task(table: pa.Table) -> pa.Table:

@@ -39,7 +39,8 @@ import pyarrow.dataset as pads
 from ..config import JobConfig
 from ..schema import SCHEMA_VERSION
 from ..storage import Location, locate, read_bytes
-from . import views
+from ..labels import LabelSet
+from . import label_report, views
 from .history import CSS as HISTORY_CSS
 from .history import History, read_history, render_history
 
@@ -129,6 +130,8 @@ class OutputStats:
     # are counted in errors_untracked.
     errors: dict = field(default_factory=dict)
     errors_untracked: int = 0
+    # --labels: the Categories and Policies sections' counts and examples (label_report.LabelStats)
+    labels: object = None
 
     def add_errors(self, table: pa.Table, id_column: str) -> None:
         failed = table.filter(pc.is_valid(table.column("error")))
@@ -181,7 +184,11 @@ def collect_stats(location: Location, files: list[str], config: JobConfig, examp
     example_columns = [c for c in (config.id_column, config.text_column, "caption", "itm_score", "itc_score",
                                    "flag_reasons", "status", "error", "evidence") if c in names]
     error_columns = ["error"] + ([config.id_column] if config.id_column in names else []) if "error" in names else []
-    columns = sorted(set(example_columns + error_columns + ["status", "flagged", "flag_reasons"] + ([category] if category else [])))
+    label_columns = [c for c in label_report.label_columns(config) if c in names] if "labels" in names else []
+    if label_columns:
+        stats.labels = label_report.LabelStats(LabelSet(config.labels))
+    columns = sorted(set(example_columns + error_columns + ["status", "flagged", "flag_reasons"] + ([category] if category else [])
+                         + label_columns))
     heap: list[tuple] = []  # (-score, sequence, row): keeps the `examples` lowest scores
     sequence = 0
     for batch in dataset.to_batches(columns=columns):
@@ -209,6 +216,8 @@ def collect_stats(location: Location, files: list[str], config: JobConfig, examp
                 entry = stats.categories.setdefault(value, [0, 0])
                 entry[0] += count
                 entry[1] += int(flagged_sum or 0)
+        if stats.labels is not None:
+            stats.labels.add(table, example_columns)
         candidates = table.filter(pc.and_(ok, flagged)).select(example_columns)
         candidates = candidates.filter(pc.is_valid(candidates.column(rank)))
         if candidates.num_rows:
@@ -428,6 +437,8 @@ def render_report(
         f"<h2>Errors</h2>{_errors(stats)}"
         f"<h2>Score distributions</h2><div class=\"charts\">{charts}</div>"
         f"<h2>Flag rate by category</h2>{_categories(stats)}"
+        f"<h2>Categories</h2>{label_report.render_categories(stats.labels, config, thumbnails)}"
+        f"<h2>Policies</h2>{label_report.render_policies(stats.labels, config, thumbnails)}"
         f"<h2>Most confident mismatches</h2><p class=\"meta\">Scored rows that were flagged, lowest {rank} score first "
         f"({len(examples)} shown).{_evidence_note(examples)}</p><div id=\"examples\">{views.rows_table(examples)}</div>"
         + (f"<h2>Images shared across listings</h2><div id=\"shared-images\">{shared}</div>" if shared else "")
@@ -439,6 +450,8 @@ def report_page(manifest: dict, summary: dict, config: JobConfig, stats: OutputS
     """The page for already collected ``stats``: fetches the examples' images, reads the run history
     beside ``location`` (the output, or its partition) and renders."""
     ids = [row.get(config.id_column) for row in stats.examples]
+    if stats.labels is not None:
+        ids += stats.labels.example_ids(config.id_column)
     images = fetch_images(config, ids)
     thumbnails = {key: views.thumbnail_uri(data) for key, data in images.items()}
     overlays = {}

@@ -96,14 +96,39 @@ table.bm-rows .word { display: inline-block; background: #3b1c5a; color: #fff; b
 """
 
 
+# Labels shown per row (--labels): the strongest few of a row's list, by ITM.
+LABELS_SHOWN = 4
+
+
+def labels_cell(row: dict) -> str:
+    """A row's labels (``--labels``): declared category, prediction with its rank, the strongest labels."""
+    items = row.get("labels")
+    if items is None or (not isinstance(items, list) and not len(items)):
+        return '<span class="noimg">no labels</span>'
+    parts = []
+    if row.get("category_predicted") is not None:
+        declared = row.get("category")
+        score, rank = row.get("category_score"), row.get("category_rank")
+        known = f" (declared: {esc(declared)}, ITM {_score(score)}, rank {esc(rank)})" if score is not None else (
+            f" (declared: {esc(declared)})" if declared is not None else "")
+        parts.append(f"<div>predicted <b>{esc(row['category_predicted'])}</b>{known}</div>")
+    for item in list(items)[:LABELS_SHOWN]:
+        parts.append(f'<div class="label">{esc(item["kind"])}: {esc(item["name"])} {_score(item["itm"])}</div>')
+    return "".join(parts)
+
+
 def rows_table(rows: list[dict]) -> str:
     """A table of scored rows. Each row: id, text, caption, itm_score, itc_score, status, error,
     flag_reasons, ``thumbnail`` (a data URI or None) and, optionally, ``evidence`` (the output's
-    struct) and ``overlay`` (its data URI). The evidence column appears when any row has an overlay;
-    the top words go under the caption."""
+    struct) and ``overlay`` (its data URI), and ``labels`` (with ``category_predicted``,
+    ``category_score``, ``category_rank`` and the declared ``category``). The evidence column appears
+    when any row has an overlay, the labels column when any row has labels; the top words go under the caption."""
+    with_labels = any(row.get("labels") is not None for row in rows)
     with_evidence = any(row.get("overlay") for row in rows)
     evidence_head = "<th>evidence (ITM Grad-CAM)</th>" if with_evidence else ""
-    head = f"<tr><th>image</th>{evidence_head}<th>id</th><th>text</th><th>caption</th><th>ITM</th><th>ITC</th><th>reasons</th></tr>"
+    labels_head = "<th>labels</th>" if with_labels else ""
+    head = (f"<tr><th>image</th>{evidence_head}<th>id</th><th>text</th><th>caption</th><th>ITM</th><th>ITC</th>"
+            f"{labels_head}<th>reasons</th></tr>")
     body = []
     for row in rows:
         thumb = row.get("thumbnail")
@@ -125,6 +150,6 @@ def rows_table(rows: list[dict]) -> str:
             f"<td>{image}</td>{evidence}<td>{esc(row.get('id'))}</td><td class=\"text\">{esc(row.get('text'))}</td>"
             f"<td class=\"caption\">{esc(row.get('caption'))}{_words(row.get('evidence'))}</td>"
             f"<td class=\"num\">{_score(row.get('itm_score'))}</td><td class=\"num\">{_score(row.get('itc_score'))}</td>"
-            f"<td>{reasons}</td></tr>"
+            f"{f'<td class=labels>{labels_cell(row)}</td>' if with_labels else ''}<td>{reasons}</td></tr>"
         )
     return f'<table class="bm-rows"><thead>{head}</thead><tbody>{"".join(body)}</tbody></table>'

@@ -54,7 +54,8 @@ def test_key_fields_are_the_listed_ones():
 
 
 def test_every_config_option_is_either_in_a_key_or_listed_as_not():
-    in_keys = {"max_text_tokens", "precision", "jpeg_draft", "caption_prompt", "max_new_tokens", "vision_attention", "decode_device", "torch_compile", "cpu_kernels"}
+    in_keys = {"max_text_tokens", "precision", "jpeg_draft", "caption_prompt", "max_new_tokens", "vision_attention", "decode_device", "torch_compile", "cpu_kernels",
+               "labels"}  # the label key: the file's content, thresholds left out (tests/pipelines/test_labels.py)
     assert set(JobConfig.model_fields) == in_keys | NOT_IN_KEYS
 
 
@@ -169,3 +170,23 @@ def test_bf16_weights_is_its_own_precision_and_compile_keys_only_on_cuda():
     assert eager.digest == keys._digest(dict(
         {k: v for k, v in dataclasses.asdict(eager).items() if k not in ("compiled", "decode_device", "vision_attention", "cpu_kernels")},
         kind="score"))
+
+
+LABEL_KEY_FIELDS = {"score_settings", "label_file", "labeler_version"}
+
+
+def test_the_label_key_holds_the_score_settings_and_the_label_file():
+    assert {f.name for f in dataclasses.fields(keys.LabelSettings)} == LABEL_KEY_FIELDS
+    labels = {"categories": {"column": "c", "names": ["sofa", "bed"]}}
+    config = build_config(dict(BASE, labels=labels))
+    score, _ = _digests(config)
+    base = keys.label_settings(score, config.labels).digest
+    assert keys.label_settings(score, build_config(dict(BASE, labels={"categories": {
+        "column": "c", "names": ["sofa", "bed"], "threshold": 0.9}})).labels).digest == base
+    assert keys.label_settings(score, build_config(dict(BASE, labels={"categories": {
+        "column": "c", "names": ["sofa", "bed", "chair"]}})).labels).digest != base
+    assert keys.label_settings(_digests(build_config(dict(BASE, max_text_tokens=20)))[0], config.labels).digest != base
+    image = pa.array(["i1", "i1", "i2", None])
+    rows = keys.label_keys(base, image, pa.array(["sofa", "sofa", "sofa", "sofa"])).to_pylist()
+    assert rows[0] == rows[1] != rows[2] and rows[3] is None
+    assert keys.label_keys(base, image, pa.array(["bed", None, "-", "-"])).to_pylist()[1] is None
