@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -14,6 +15,7 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from .commit import output
 from .commit.delta import committer_for
+from .commit.merge import TASK_RETRIES, Merger
 from .commit.units import durable_rows, missing_ranges, work_key
 from .config import JobConfig
 from .dataflow import runtime
@@ -217,6 +219,12 @@ def _reuse_record(config: JobConfig, source: InputInfo, counts: dict) -> dict:
     return record
 
 
+def _merger(config: JobConfig) -> Merger:
+    """The commit's merge runs in Ray tasks, one per output file (``commit.merge``)."""
+    retries = 0 if os.environ.get(output.CRASH_ENV) else TASK_RETRIES  # injected crashes stop the run (merge.TASK_RETRIES)
+    return Merger(config.target_file_mb, functools.partial(runtime.map_tasks, address=config.ray_address, max_retries=retries))
+
+
 def run_job(config: JobConfig, checked: Checked | None = None) -> RunSummary:
     """Run the whole job; ``checked`` is a ``preflight(config)`` result when the caller already ran it.
 
@@ -267,7 +275,7 @@ def run_job(config: JobConfig, checked: Checked | None = None) -> RunSummary:
         "reuse": _reuse_record(config, source, counts),  # counts cover this attempt's rows (not resumed ones)
     }
     try:
-        result = committer.commit(destination, attempt, source.units, schema, manifest)
+        result = committer.commit(destination, attempt, source.units, schema, manifest, _merger(config))
     except output.AlreadyCommitted as exc:  # a concurrent run of the same attempt committed it first
         return _summary(exc.manifest, destination, started, ALREADY_COMMITTED, resumed)
     except output.IncompleteError:
