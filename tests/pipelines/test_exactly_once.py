@@ -1,17 +1,21 @@
 """Every crash point of the commit, for both committers, on local disk and on S3 (moto).
 
 An attempt is staged in full first (its pieces hold the input rows and output columns of fixed
-values: the scoring pipeline is not what is under test here, and without work left the job never
-starts Ray). Then the same ``jobs.score --overwrite`` command runs in a subprocess that
-``os._exit``s at one named step of the commit (``BLIP_MODERATE_CRASH_AT``), again and again,
-one step further each time. After each crash a reader must see the old result or the new one,
-each row exactly once, never a mix and never nothing; the last rerun finishes the job.
+values: the scoring pipeline is not what is under test here). Then the same ``jobs.score
+--overwrite`` command runs in a subprocess that ``os._exit``s at one named step of the commit
+(``BLIP_MODERATE_CRASH_AT``), again and again, one step further each time. Steps inside a merge
+task kill that Ray worker (not retried under crash injection), so the run fails there (exit 1).
+After each crash a reader must see the old result or the new one, each row exactly once, from
+merged files only (never a staged piece), never a mix and never nothing; the last rerun finishes
+the job. A target of a few bytes per file makes every piece its own merged file, so that "half"
+of the merge and of tidy are real points.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -36,10 +40,15 @@ from tests.conftest import write_catalog
 deltalake = pytest.importorskip("deltalake")
 
 ROOT = Path(__file__).resolve().parents[2]
+MERGE_STEPS = ["staged", "merge_writing", "move_copied", "half_merged", "merged"]
 STEPS = {
-    "parquet": ["staged", "half_moved", "manifest_written", "success_written"],
-    "delta": ["staged", "half_moved", "delta_committed"],
+    "parquet": MERGE_STEPS + ["previous_written", "manifest_written", "success_written", "half_tidied"],
+    "delta": MERGE_STEPS + ["delta_committed"],
 }
+IN_A_TASK = {"merge_writing", "move_copied"}  # the killed worker fails the run: exit 1
+ONLY_ON_OBJECT_STORES = {"move_copied"}  # on local disk a move is one rename
+TINY_FILES_MB = 1e-6
+MERGED = re.compile(r"part-r-(old|new|twin)-u\d{6}-r\d{10}-to-u\d{6}-r\d{10}\.parquet$")
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +64,7 @@ def _options(catalog: Path, out: str, fmt: str, tiny_itm: str, threshold: float)
     return {
         "input": str(catalog), "output": out, "output_format": fmt, "itm_model": tiny_itm,
         "caption_model": "none", "itm_threshold": threshold, "device": "cpu",  # the same key on a GPU host
+        "target_file_mb": TINY_FILES_MB,
     }
 
 
@@ -87,10 +97,13 @@ def read_view(out: str, fmt: str) -> tuple[list, set]:
     if fmt == "delta":
         from pipelines.commit.delta import storage_options
 
-        table = deltalake.DeltaTable(out, storage_options=storage_options(locate(out))).to_pyarrow_table(columns=["id", "run_id"])
+        handle = deltalake.DeltaTable(out, storage_options=storage_options(locate(out)))
+        assert all(MERGED.search(uri) for uri in handle.file_uris()), handle.file_uris()  # merged files only
+        table = handle.to_pyarrow_table(columns=["id", "run_id"])
     else:
         files = output.committed_files(out)
         assert files, "a reader found no committed result"
+        assert all(MERGED.search(f) for f in files), files  # merged files only, never a staged piece
         location = locate(out)
         table = pa.concat_tables(pq.read_table(f, columns=["id", "run_id"], filesystem=location.filesystem) for f in files)
     return sorted(table.column("id").to_pylist()), set(table.column("run_id").to_pylist())
@@ -109,7 +122,7 @@ def _delta_version(out: str) -> int:
     return deltalake.DeltaTable(out, storage_options=storage_options(locate(out))).version()
 
 
-def crash_chain(catalog, ids, out: str, fmt: str, tiny_itm: str, listing) -> None:
+def crash_chain(catalog, ids, out: str, fmt: str, tiny_itm: str, listing, object_store: bool) -> None:
     old_options = _options(catalog, out, fmt, tiny_itm, 0.5)
     stage_everything(build_config(old_options), "r-old")
     assert run_job(build_config(old_options)).outcome == "committed"
@@ -121,9 +134,14 @@ def crash_chain(catalog, ids, out: str, fmt: str, tiny_itm: str, listing) -> Non
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     seen = []
     for step in STEPS[fmt]:
+        if step in ONLY_ON_OBJECT_STORES and not object_store:
+            continue
         crashed = subprocess.run(_command(new_options), cwd=ROOT, env=dict(env, BLIP_MODERATE_CRASH_AT=step),
-                                 capture_output=True, text=True, timeout=120)
-        assert crashed.returncode == output.CRASH_EXIT, (step, crashed.stdout + crashed.stderr)
+                                 capture_output=True, text=True, timeout=180)
+        expected = 1 if step in IN_A_TASK else output.CRASH_EXIT
+        assert crashed.returncode == expected, (step, crashed.stdout + crashed.stderr)
+        if step in IN_A_TASK:
+            assert "WorkerCrashedError" in crashed.stderr or "worker" in crashed.stderr.lower(), (step, crashed.stderr)
         view = read_view(out, fmt)
         assert view in ((ids, {"r-old"}), (ids, {"r-new"})), (step, view)  # old or new, once each, never a mix
         seen.append(view[1])
@@ -133,7 +151,9 @@ def crash_chain(catalog, ids, out: str, fmt: str, tiny_itm: str, listing) -> Non
     summary = json.loads(final.stdout.strip().splitlines()[-1])
     assert summary["outcome"] == "already_committed" and summary["run_id"] == "r-new"
     assert read_view(out, fmt) == (ids, {"r-new"})
-    assert not [name for name in listing() if "_staging-" in name or "previous" in name]
+    assert not [name for name in listing() if "_staging-" in name or "previous" in name or name.endswith(".tmp")]
+    new_files = [name for name in listing() if "part-r-new" in name]
+    assert len(new_files) == catalog_units(catalog) > 1 and all(MERGED.search(n) for n in new_files), new_files
     if fmt == "delta":
         assert _delta_version(out) == version + 1  # the whole chain made one commit
         assert output.read_committed(locate(out))["run_id"] == "r-new"
@@ -141,19 +161,25 @@ def crash_chain(catalog, ids, out: str, fmt: str, tiny_itm: str, listing) -> Non
         assert not [name for name in listing() if "part-r-old" in name]  # tidied once committed
 
 
+def catalog_units(catalog: Path) -> int:
+    """Row groups of the input: one staged piece each here, so one merged file each at TINY_FILES_MB."""
+    return sum(pq.ParquetFile(f).metadata.num_row_groups for f in sorted(catalog.rglob("*.parquet")))
+
+
+# ray_session: the in-process runs merge in Ray tasks, whose workers must reach the S3 store.
 @pytest.mark.parametrize("fmt", ["parquet", "delta"])
-def test_every_crash_point_locally(fmt, catalog, tiny_itm, tmp_path):
+def test_every_crash_point_locally(fmt, catalog, tiny_itm, tmp_path, ray_session):
     path, ids = catalog
     out = tmp_path / "out"
-    crash_chain(path, ids, str(out), fmt, tiny_itm, lambda: [str(p.relative_to(out)) for p in out.rglob("*")])
+    crash_chain(path, ids, str(out), fmt, tiny_itm, lambda: [str(p.relative_to(out)) for p in out.rglob("*")], False)
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "delta"])
-def test_every_crash_point_on_s3(fmt, catalog, tiny_itm, s3_store):
+def test_every_crash_point_on_s3(fmt, catalog, tiny_itm, s3_store, ray_session):
     s3_store.reset()
     s3_store.create_bucket("test")
     path, ids = catalog
-    crash_chain(path, ids, f"s3://test/out-{fmt}", fmt, tiny_itm, lambda: s3_store.keys("test"))
+    crash_chain(path, ids, f"s3://test/out-{fmt}", fmt, tiny_itm, lambda: s3_store.keys("test"), True)
 
 
 def test_two_concurrent_delta_runs_on_s3_make_one_commit(catalog, tiny_itm, s3_store):
