@@ -208,3 +208,65 @@ def test_two_concurrent_delta_runs_on_s3_make_one_commit(catalog, tiny_itm, s3_s
         out, storage_options=delta_storage_options(locate(out))).file_uris())
     read = pa.concat_tables(pq.read_table(f, filesystem=source.location.filesystem, columns=["id"]) for f in source.files)
     assert sorted(read.column("id").to_pylist()) == sorted(ids)
+
+
+def _twins(path, out: str, tiny_itm: str, fmt: str) -> list[str]:
+    """Two identical ``jobs.score`` runs of one fully staged attempt, started at once; their outcomes."""
+    options = _options(path, out, fmt, tiny_itm, 0.5)
+    stage_everything(build_config(options), "r-twin")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    command = [c for c in _command(options) if c != "--overwrite"]
+    runs = [subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [run.communicate(timeout=240) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], results
+    return sorted(json.loads(stdout.strip().splitlines()[-1])["outcome"] for stdout, _ in results)
+
+
+@pytest.mark.parametrize("store", ["local", "s3"])
+def test_two_concurrent_parquet_runs_commit_once(store, catalog, tiny_itm, tmp_path, s3_store):
+    """The Parquet committer has no conditional write: both twins may write the same manifest, but
+    they merge the same pieces into the same names, so the result holds each row once, in one set of
+    files, and whichever finishes second either finds the result committed or writes it unchanged."""
+    path, ids = catalog
+    if store == "s3":
+        s3_store.reset()
+        s3_store.create_bucket("test")
+        out, listing = "s3://test/twins", lambda: [k.removeprefix("twins/") for k in s3_store.keys("test")]
+    else:
+        out = str(tmp_path / "twins")
+        listing = lambda: sorted(p.name for p in Path(out).iterdir())  # noqa: E731
+    outcomes = _twins(path, out, tiny_itm, "parquet")
+    assert "committed" in outcomes and set(outcomes) <= {"committed", "already_committed"}, outcomes
+    assert read_view(out, "parquet") == (ids, {"r-twin"})
+    manifest = output.read_committed(locate(out))
+    names = listing()
+    assert sorted(n for n in names if n.startswith("part-")) == sorted(manifest["files"])
+    assert len(manifest["files"]) == catalog_units(path) and manifest["rows"] == len(ids)
+    assert {"_SUCCESS", "_manifest.json"} <= set(names)
+    assert not [n for n in names if n.startswith("_staging-") or "previous" in n or n.endswith(".tmp")], names
+
+
+def test_a_delta_run_on_s3_through_faults_commits_every_row_once(catalog, tiny_itm, s3_store, ray_session):
+    """Every fifth request to the store fails (503 SlowDown or 500 InternalError), delta-rs's log
+    reads and its conditional PUT of the commit included: one commit, each row once."""
+    s3_store.reset()
+    s3_store.create_bucket("test")
+    path, ids = catalog
+    out = "s3://test/faulty"
+    options = _options(path, out, "delta", tiny_itm, 0.5)
+    stage_everything(build_config(options), "r-twin")
+    s3_store.proxy.log.clear()
+    s3_store.proxy.inject(every=5)
+    try:
+        summary = run_job(build_config(options))
+    finally:
+        s3_store.proxy.inject()
+    assert summary.outcome == "committed" and summary.rows_written == len(ids)
+    assert _delta_version(out) == 0 and read_view(out, "delta") == (ids, {"r-twin"})
+    faults = s3_store.proxy.faults()
+    assert {e.status for e in faults} == {503, 500}
+    assert any("_delta_log" in e.path for e in faults) and {e.method for e in faults} >= {"GET", "PUT"}, faults
+    keys = s3_store.keys("test")
+    assert [k for k in keys if "_delta_log/" in k and k.endswith(".json")] == ["faulty/_delta_log/00000000000000000000.json"]
+    assert not [k for k in keys if "_staging-" in k]
+    assert len([k for k in keys if MERGED.search(k)]) == catalog_units(path)
