@@ -134,6 +134,7 @@ def main() -> None:
     parser.add_argument("--sorted", action="store_true", help="also time the queries on the rows sorted by (flagged, itm_score)")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--label", default="")
+    parser.add_argument("--output-format", default="parquet", choices=["parquet", "delta"])
     args = parser.parse_args()
 
     import pipelines.run as run
@@ -148,6 +149,8 @@ def main() -> None:
     itm = str(build_tiny_itm(work / "itm"))  # preflight checks the checkpoint; it never scores here
     options = {"input": str(work / "catalog"), "output": str(work / "out"), "itm_model": itm, "caption_model": "none",
                "image_uri_column": "image_uri", "device": "cpu"}
+    if args.output_format != "parquet":
+        options["output_format"] = args.output_format
     if args.target_file_mb is not None:
         options["target_file_mb"] = args.target_file_mb
     config = build_config(options)
@@ -181,7 +184,7 @@ def main() -> None:
     row_groups = [pq.ParquetFile(f).metadata.num_row_groups for f in files]
     probe = f"item-{args.rows // 2 + 321:07d}"
     result = {
-        "label": args.label, "rows": args.rows, "pieces_staged": pieces, "staged_bytes": staged_bytes, "stage_s": round(stage_s, 2),
+        "label": args.label, "rows": args.rows, "output_format": args.output_format, "pieces_staged": pieces, "staged_bytes": staged_bytes, "stage_s": round(stage_s, 2),
         "outcome": summary.outcome, "rows_written": summary.rows_written,
         "run_wall_s": round(wall_s, 2), "commit_s": round(commit_s[0], 2) if commit_s else None,
         "files": len(files), "bytes": sum(os.path.getsize(f) for f in files),
