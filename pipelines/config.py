@@ -58,7 +58,7 @@ class JobConfig(BaseModel):
     )
     target_file_mb: float = Field(
         128.0, gt=0,
-        description="Size of the committed output's files, in MB (2^20 bytes) of staged Parquet: the commit merges the "
+        description="Size of the committed output's files, in MB (2^20 bytes): the commit merges the "
         "staged pieces, in row order, into files of about this size (row groups of at most 128 MB or 1,000,000 rows). "
         "Never part of the run key (it changes files, not rows): a rerun with another size resumes.",
     )

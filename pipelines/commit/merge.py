@@ -6,7 +6,8 @@ as they were, a 100,000-row run committed 1,568 files of about 24 KB, and a dash
 BENCHMARKS.md). So the commit streams consecutive pieces into files of about ``target_file_mb``
 (128 by default), in row groups of at most ``ROW_GROUP_BYTES`` or ``ROW_GROUP_ROWS``.
 
-- **Which pieces go together** is decided from the listing alone (names and sizes, ``plan``): the
+- **Which pieces go together** is decided from the listing alone (names and sizes, ``plan``; a
+  file takes ``STAGED_PER_MERGED`` times the target in staged bytes, as pieces compress worse): the
   same staged pieces always give the same files, so a rerun or a resumed commit writes the same
   names, and a file already complete (a footer with the planned row count) is kept, never written
   twice.
@@ -47,6 +48,10 @@ MB = 1024 * 1024
 # row group is the unit a reader skips by its statistics and the most a merge task holds.
 ROW_GROUP_BYTES = 128 * MB
 ROW_GROUP_ROWS = 1_000_000
+# Staged bytes per byte of merged file: pieces of 64-row row groups compress worse than the merged
+# file's long ones (measured 1.79 at 100,000 rows and 1.81 at 1,000,000, BENCHMARKS.md), so a
+# file takes about this many times the target in staged pieces to come out near the target.
+STAGED_PER_MERGED = 1.8
 # Rows read from a piece at a time (pieces from the keyed plan's assemble pass can be large).
 READ_ROWS = 65_536
 # A killed task is retried this often (a worker lost to a node or to memory); crash injection
@@ -67,6 +72,11 @@ class Merger:
     @property
     def target_bytes(self) -> int:
         return max(1, int(self.target_file_mb * MB))
+
+    @property
+    def staged_budget(self) -> int:
+        """Staged bytes a file takes (``plan``'s budget) to come out at about the target."""
+        return max(1, int(self.target_bytes * STAGED_PER_MERGED))
 
     def run(self, fn: Callable, items: list) -> Iterator:
         if self.run_tasks is None:
@@ -127,16 +137,15 @@ class Piece:
     size: int
 
 
-def plan(run_id: str, pieces: list[Piece], target_bytes: int) -> list[dict]:
-    """Consecutive pieces (in row order) grouped into files of about ``target_bytes`` of staged
-    Parquet each: a file takes pieces while it stays within the target, and always at least one.
-    Staged bytes overstate the merged file (its longer row groups compress better: 38.1 MB of pieces
-    became 23.8 MB), so files come out at or a little under the target."""
+def plan(run_id: str, pieces: list[Piece], budget: int) -> list[dict]:
+    """Consecutive pieces (in row order) grouped into files of at most ``budget`` staged bytes each
+    (``Merger.staged_budget``), and always at least one piece. Decided from the listing alone, so
+    the same pieces always make the same files."""
     ordered = sorted(pieces, key=lambda p: parse_piece(p.name)[:2])
     groups: list[list[Piece]] = []
     size = 0
     for piece in ordered:
-        if groups and size + piece.size <= target_bytes:
+        if groups and size + piece.size <= budget:
             groups[-1].append(piece)
             size += piece.size
         else:

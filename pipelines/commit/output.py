@@ -338,7 +338,7 @@ def merge_pieces(location: Location, attempt: Attempt, pieces: dict[str, Piece],
     """Merge the pieces into files of about the target size beside the staging directory (readers
     do not see them until the commit names them); counts what they hold."""
     fs = location.filesystem
-    files = plan(attempt.run_id, list(pieces.values()), merger.target_bytes)
+    files = plan(attempt.run_id, list(pieces.values()), merger.staged_budget)
     tasks = [dict(f, output=location.uri, staging=attempt.staging) for f in files]
     done: dict[str, dict] = {}
     try:

@@ -61,7 +61,7 @@ def _all_ids() -> list[int]:
 def test_pieces_merge_into_files_of_the_target_size_in_row_order(tmp_path):
     location, attempt = _staged(tmp_path)
     piece = _piece_bytes(attempt)
-    target_mb = 4.5 * piece / merge.MB  # four whole pieces fit, five do not
+    target_mb = 4.5 * piece / merge.MB / merge.STAGED_PER_MERGED  # four whole pieces fit, five do not
     result = output.commit(location, attempt, UNITS, SCHEMA, {"config": {"target_file_mb": target_mb}}, merge.Merger(target_mb))
     assert len(result.files) == 5  # 20 pieces, 4 per file
     # Each file is named by the (unit, row) range it holds, the ranges follow each other, and the rows
@@ -114,10 +114,10 @@ def test_row_groups_are_bounded_by_rows_and_by_bytes(tmp_path, monkeypatch):
 
 def test_a_merge_killed_partway_resumes_to_the_same_files_and_keeps_the_finished_ones(tmp_path):
     location, attempt = _staged(tmp_path)
-    target_mb = 4.5 * _piece_bytes(attempt) / merge.MB
+    target_mb = 4.5 * _piece_bytes(attempt) / merge.MB / merge.STAGED_PER_MERGED
     pieces = output.check_pieces(location, attempt, UNITS)
     tasks = [dict(f, output=location.uri, staging=attempt.staging)
-             for f in merge.plan(attempt.run_id, list(pieces.values()), merge.Merger(target_mb).target_bytes)]
+             for f in merge.plan(attempt.run_id, list(pieces.values()), merge.Merger(target_mb).staged_budget)]
     # Killed after two files were written and while a third was half written under its final name
     # (as a store without atomic publishing could leave it): no footer.
     finished = [merge.merge_file(task)["name"] for task in tasks[:2]]
@@ -135,9 +135,9 @@ def test_a_merge_killed_partway_resumes_to_the_same_files_and_keeps_the_finished
 
 def test_a_rerun_with_another_target_leaves_one_copy_of_each_row(tmp_path):
     location, attempt = _staged(tmp_path)
-    small = 1.5 * _piece_bytes(attempt) / merge.MB
+    small = 1.5 * _piece_bytes(attempt) / merge.MB / merge.STAGED_PER_MERGED
     pieces = output.check_pieces(location, attempt, UNITS)
-    for task in merge.plan(attempt.run_id, list(pieces.values()), merge.Merger(small).target_bytes)[:3]:
+    for task in merge.plan(attempt.run_id, list(pieces.values()), merge.Merger(small).staged_budget)[:3]:
         merge.merge_file(dict(task, output=location.uri, staging=attempt.staging))  # an interrupted commit at another size
     result = output.commit(location, attempt, UNITS, SCHEMA, {})
     assert len(result.files) == 1
@@ -179,7 +179,7 @@ def test_a_delta_commit_adds_the_merged_files(tmp_path):
     for u in UNITS:
         for first in range(0, u.rows, PIECE_ROWS):
             write_pieces(_rows(u.index, first, PIECE_ROWS), filesystem=FS, staging=attempt.staging, schema=SCHEMA)
-    target_mb = 4.5 * _piece_bytes(attempt) / merge.MB
+    target_mb = 4.5 * _piece_bytes(attempt) / merge.MB / merge.STAGED_PER_MERGED
     result = committer.commit(location, attempt, UNITS, SCHEMA, {}, merge.Merger(target_mb))
     table = deltalake.DeltaTable(str(root))
     actions = pa.table(table.get_add_actions(flatten=True)).to_pylist()
