@@ -220,7 +220,11 @@ def _reuse_record(config: JobConfig, source: InputInfo, counts: dict) -> dict:
 
 
 def _merger(config: JobConfig) -> Merger:
-    """The commit's merge runs in Ray tasks, one per output file (``commit.merge``)."""
+    """The commit's merge, one task per output file (``commit.merge``), never on the driver: Ray tasks
+    where the run has Ray (it scored rows, or joined a cluster); spawned local processes where a
+    local run had nothing left to compute and so started no Ray (``_score_missing``)."""
+    if not runtime.ray.is_initialized():
+        return Merger(config.target_file_mb, runtime.map_processes)
     retries = 0 if os.environ.get(output.CRASH_ENV) else TASK_RETRIES  # injected crashes stop the run (merge.TASK_RETRIES)
     return Merger(config.target_file_mb, functools.partial(runtime.map_tasks, address=config.ray_address, max_retries=retries))
 
