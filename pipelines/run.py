@@ -19,6 +19,7 @@ from .commit.merge import TASK_RETRIES, Merger
 from .commit.units import durable_rows, missing_ranges, work_key
 from .config import JobConfig
 from .dataflow import runtime
+from .dataflow.local import map_processes
 from .preflight import Checked, InputInfo, preflight
 from .reuse.sources import MANIFEST_KEYS as CONTENT_KEYS
 from .review import artifacts
@@ -224,7 +225,7 @@ def _merger(config: JobConfig) -> Merger:
     where the run has Ray (it scored rows, or joined a cluster); spawned local processes where a
     local run had nothing left to compute and so started no Ray (``_score_missing``)."""
     if not runtime.ray.is_initialized():
-        return Merger(config.target_file_mb, runtime.map_processes)
+        return Merger(config.target_file_mb, map_processes)
     retries = 0 if os.environ.get(output.CRASH_ENV) else TASK_RETRIES  # injected crashes stop the run (merge.TASK_RETRIES)
     return Merger(config.target_file_mb, functools.partial(runtime.map_tasks, address=config.ray_address, max_retries=retries))
 

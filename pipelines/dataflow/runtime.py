@@ -93,27 +93,6 @@ def map_tasks(fn, items: list, *, address: str | None = None, num_cpus: float = 
             ray.cancel(ref)
 
 
-def map_processes(fn, items: list, *, workers: int | None = None):
-    """``fn(item)`` for every item in spawned local processes (never on the driver), as many at once
-    as CPUs, yielded as they finish. For a local run that started no Ray because nothing was left
-    to compute (a Ray start costs 10-20 s; a spawned process about a second). A process that dies
-    fails the call (``BrokenProcessPool``), as a killed Ray task with no retries left does."""
-    if not items:
-        return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    count = max(1, min(len(items), workers or os.cpu_count() or 1))
-    with ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(fn, item) for item in items]
-        try:
-            for future in as_completed(futures):
-                yield future.result()
-        finally:
-            for future in futures:
-                future.cancel()
-
-
 def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0.0))
 
