@@ -227,7 +227,7 @@ def _merger(config: JobConfig) -> Merger:
     if not runtime.ray.is_initialized():
         return Merger(config.target_file_mb, map_processes)
     retries = 0 if os.environ.get(output.CRASH_ENV) else TASK_RETRIES  # injected crashes stop the run (merge.TASK_RETRIES)
-    return Merger(config.target_file_mb, functools.partial(runtime.map_tasks, address=config.ray_address, max_retries=retries))
+    return Merger(config.target_file_mb, functools.partial(runtime.map_tasks, max_retries=retries))
 
 
 def run_job(config: JobConfig, checked: Checked | None = None) -> RunSummary:

@@ -76,12 +76,12 @@ def connect(address: str | None) -> bool:
     return True
 
 
-def map_tasks(fn, items: list, *, address: str | None = None, num_cpus: float = 1.0, max_retries: int = 2):
+def map_tasks(fn, items: list, *, num_cpus: float = 1.0, max_retries: int = 2):
     """``fn(item)`` for every item, each in its own Ray task (never on the driver), yielded as they
-    finish; connects to Ray first if needed. Tasks still running when the caller stops are cancelled."""
+    finish, on the Ray this process is connected to (the caller's choice: a run without Ray uses
+    ``local.map_processes``). Tasks still running when the caller stops are cancelled."""
     if not items:
         return
-    connect(address)
     remote = ray.remote(num_cpus=num_cpus, max_retries=max_retries)(fn)
     pending = [remote.remote(item) for item in items]
     try:
