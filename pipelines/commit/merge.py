@@ -230,7 +230,7 @@ def _write(fs: pafs.FileSystem, pieces: list[str], temporary: str, tally: Tally)
                 with fs.open_input_file(path) as source:
                     parquet = pq.ParquetFile(source)
                     if writer is None:
-                        schema = parquet.schema_arrow.remove_metadata()
+                        schema = parquet.schema_arrow  # with its metadata (blip_moderate_schema_version)
                         writer = pq.ParquetWriter(sink, schema)
                         groups = _RowGroups(writer, schema)
                     for batch in parquet.iter_batches(batch_size=READ_ROWS):

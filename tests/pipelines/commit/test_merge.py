@@ -19,7 +19,7 @@ from tests.pipelines.commit.test_commit import FS
 SCHEMA = pa.schema([
     ("id", pa.int64()), ("status", pa.string()), ("flagged", pa.bool_()),
     ("flag_reasons", pa.list_(pa.string())), ("evidence", pa.struct([("layer", pa.int32())])), ("text", pa.string()),
-])
+], metadata={b"blip_moderate_schema_version": b"2"})  # the schema's metadata survives the merge (README's DuckDB query reads it)
 PIECE_ROWS = 50
 UNITS = [Unit(0, "a", 0, 400), Unit(1, "a", 1, 300), Unit(2, "b", 0, 300)]  # 20 pieces of 50 rows
 
@@ -71,6 +71,7 @@ def test_pieces_merge_into_files_of_the_target_size_in_row_order(tmp_path):
     read = [pq.read_table(location.join(name)).column("id").to_pylist() for name in result.files]
     assert [len(ids) for ids in read] == [200] * 5
     assert sum(read, []) == _all_ids()
+    assert pq.read_schema(location.join(result.files[0])).metadata[b"blip_moderate_schema_version"] == b"2"
     assert output.committed_files(location.uri) == [location.join(name) for name in result.files]
     assert all(os.path.getsize(location.join(name)) <= 4.5 * piece for name in result.files)
     # Counts come from the merged data, as a reader would count them.
