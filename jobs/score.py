@@ -21,6 +21,7 @@ _OPTIONS = [
     ("--input", "Parquet file, directory (hive partitions allowed) or s3:// URI."),
     ("--output", "Output directory or s3:// prefix."),
     ("--output-format", "parquet (default: Parquet files, _manifest.json, _SUCCESS) | delta (a Delta Lake table, one commit per run)."),
+    ("--target-file-mb", "Size of the committed output's files in MB: staged pieces are merged, in row order, into files of about this size (default 128)."),
     ("--itm-model", "BLIP image-text retrieval checkpoint: hub id or local directory."),
     ("--caption-model", "BLIP-2 checkpoint, or 'none' to skip captioning."),
     ("--captions", "Which rows to caption: all | flagged | none."),

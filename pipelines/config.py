@@ -56,6 +56,12 @@ class JobConfig(BaseModel):
         description="parquet: a directory of Parquet files with _manifest.json and _SUCCESS. delta: a Delta Lake table "
         "(one commit per run, through delta-rs), readable by any engine that reads Delta.",
     )
+    target_file_mb: float = Field(
+        128.0, gt=0,
+        description="Size of the committed output's files, in MB (2^20 bytes): the commit merges the "
+        "staged pieces, in row order, into files of about this size (row groups of at most 128 MB or 1,000,000 rows). "
+        "Never part of the run key (it changes files, not rows): a rerun with another size resumes.",
+    )
     output_partition: str | None = Field(
         None, description="With output_format delta: the partition this run replaces, as NAME=VALUE (jobs.nightly sets dt=D)."
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -14,9 +15,11 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from .commit import output
 from .commit.delta import committer_for
+from .commit.merge import TASK_RETRIES, Merger
 from .commit.units import durable_rows, missing_ranges, work_key
 from .config import JobConfig
 from .dataflow import runtime
+from .dataflow.local import map_processes
 from .preflight import Checked, InputInfo, preflight
 from .reuse.sources import MANIFEST_KEYS as CONTENT_KEYS
 from .review import artifacts
@@ -250,6 +253,16 @@ def _reuse_record(config: JobConfig, source: InputInfo, counts: dict) -> dict:
     return record
 
 
+def _merger(config: JobConfig) -> Merger:
+    """The commit's merge, one task per output file (``commit.merge``), never on the driver: Ray tasks
+    where the run has Ray (it scored rows, or joined a cluster); spawned local processes where a
+    local run had nothing left to compute and so started no Ray (``_score_missing``)."""
+    if not runtime.ray.is_initialized():
+        return Merger(config.target_file_mb, map_processes)
+    retries = 0 if os.environ.get(output.CRASH_ENV) else TASK_RETRIES  # injected crashes stop the run (merge.TASK_RETRIES)
+    return Merger(config.target_file_mb, functools.partial(runtime.map_tasks, max_retries=retries))
+
+
 def run_job(config: JobConfig, checked: Checked | None = None) -> RunSummary:
     """Run the whole job; ``checked`` is a ``preflight(config)`` result when the caller already ran it.
 
@@ -302,7 +315,7 @@ def run_job(config: JobConfig, checked: Checked | None = None) -> RunSummary:
         "reuse": _reuse_record(config, source, counts),  # counts cover this attempt's rows (not resumed ones)
     }
     try:
-        result = committer.commit(destination, attempt, source.units, schema, manifest)
+        result = committer.commit(destination, attempt, source.units, schema, manifest, _merger(config))
     except output.AlreadyCommitted as exc:  # a concurrent run of the same attempt committed it first
         return _summary(exc.manifest, destination, started, ALREADY_COMMITTED, resumed)
     except output.IncompleteError:

@@ -1,8 +1,9 @@
 """The Delta Lake committer: the same staged, resumable pieces become a table's files in one commit.
 
 Everything before the commit is ``output.py``'s: pieces are staged under ``_staging-<key>/``,
-resumed after a crash, checked to cover every input row exactly once, and moved beside the
-staging directory (``part-<run_id>-<piece>``), where no Delta reader sees them. Then one
+resumed after a crash, checked to cover every input row exactly once, and merged into files of
+about ``--target-file-mb`` beside the staging directory (``merge.py``), where no Delta reader sees
+them until the commit adds them. Then one
 transaction through delta-rs (``deltalake``) registers them: it replaces the table's files (or,
 with a partition, ``dt=D``'s files only, like ``replaceWhere``) with this run's, and carries
 
@@ -37,10 +38,10 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from ..storage import Location, locate
 from . import output
+from .merge import Merger
 from .output import AlreadyCommitted, Attempt, CommitResult, OutputError
 from .units import Unit
 
@@ -286,14 +287,13 @@ def _table_schema(handle, schema: pa.Schema, table: Table) -> pa.Schema:
     return pa.schema(fields)
 
 
-def _add_action(table: Table, location: Location, name: str):
+def _add_action(table: Table, written: dict):
+    """The add action of a merged file, from what its merge task reported (no footer read here)."""
     from deltalake.transaction import AddAction
 
-    info = location.filesystem.get_file_info(location.join(name))
-    rows = pq.ParquetFile(location.join(name), filesystem=location.filesystem).metadata.num_rows
-    path = f"{table.partition_name}/{name}" if table.partition else name
-    mtime_ms = (info.mtime_ns or 0) // 1_000_000
-    return AddAction(path, info.size, dict(table.partition), mtime_ms, True, json.dumps({"numRecords": rows}))
+    path = f"{table.partition_name}/{written['name']}" if table.partition else written["name"]
+    return AddAction(path, written["size"], dict(table.partition), written["mtime_ms"], True,
+                     json.dumps({"numRecords": written["rows"]}))
 
 
 def app_id(key: str) -> str:
@@ -327,16 +327,24 @@ def _commit_once(table: Table, handle, adds: list, schema: pa.Schema, body: dict
         )
 
 
-def commit(table: Table, attempt: Attempt, units: list[Unit], empty_schema: pa.Schema, manifest: dict) -> CommitResult:
+def commit(table: Table, attempt: Attempt, units: list[Unit], empty_schema: pa.Schema, manifest: dict,
+           merger: Merger | None = None) -> CommitResult:
     """One Delta commit of every staged row (once each); ``AlreadyCommitted`` if a twin run made it."""
     from deltalake.exceptions import DeltaError
 
     location = table.data
-    checked = output.check_pieces(location, attempt, units)
+    pieces = output.check_pieces(location, attempt, units)
     output.crash_point("staged")
-    final = output.move_pieces(location, attempt, checked, empty_schema)
-    body = dict(output.manifest_body(manifest, attempt, checked, final), partition=table.partition, format="delta")
-    adds = [_add_action(table, location, name) for name in final]
+    try:
+        checked = output.merge_pieces(location, attempt, pieces, units, empty_schema, merger or Merger())
+    except output.VanishedError:
+        latest = read_committed(table)
+        if latest and latest.get("run_id") == attempt.run_id:
+            raise AlreadyCommitted(latest) from None
+        raise
+    output.crash_point("merged")
+    body = dict(output.manifest_body(manifest, attempt, checked), partition=table.partition, format="delta")
+    adds = [_add_action(table, written) for written in checked.files]
     for attempt_number in range(COMMIT_TRIES):
         handle = _open(table)
         if handle is not None:
@@ -352,12 +360,20 @@ def commit(table: Table, attempt: Attempt, units: list[Unit], empty_schema: pa.S
                 raise
     output.crash_point("delta_committed")
     tidy(table, body)
-    return CommitResult(final, checked.rows, checked.by_status, checked.flagged, body)
+    return CommitResult(checked.names, checked.rows, checked.by_status, checked.flagged, body)
 
 
 def tidy(table: Table, committed: dict) -> None:
-    """After a commit: remove the committed attempt's staging (replaced files stay, for time travel)."""
-    output._delete_dir(table.root.filesystem, output.staging_path(table.data, committed["key"]))
+    """After a commit: remove the committed attempt's staging, and files of the committed run that
+    its commit does not hold (merged with another target size by an interrupted try, or pieces an
+    older version of the job moved in). Replaced files of earlier commits stay, for time travel."""
+    fs = table.root.filesystem
+    keep = set(committed["files"])
+    prefix = f"part-{committed['run_id']}-"
+    for info in output._names(table.data):
+        if info.base_name.startswith(prefix) and info.base_name not in keep:
+            output._delete_file(fs, info.path)
+    output._delete_dir(fs, output.staging_path(table.data, committed["key"]))
 
 
 class DeltaCommitter:
@@ -374,8 +390,9 @@ class DeltaCommitter:
     def read_committed(self, location: Location) -> dict | None:
         return read_committed(self.table)
 
-    def commit(self, location: Location, attempt: Attempt, units: list[Unit], empty_schema: pa.Schema, manifest: dict) -> CommitResult:
-        return commit(self.table, attempt, units, empty_schema, manifest)
+    def commit(self, location: Location, attempt: Attempt, units: list[Unit], empty_schema: pa.Schema, manifest: dict,
+               merger: Merger | None = None) -> CommitResult:
+        return commit(self.table, attempt, units, empty_schema, manifest, merger)
 
     def tidy(self, location: Location, committed: dict) -> None:
         tidy(self.table, committed)

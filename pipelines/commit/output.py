@@ -5,15 +5,18 @@ Layout of OUTPUT (a directory or an s3:// prefix):
 - ``_staging-<key>/``: pieces of an unfinished run (``_attempt.json`` names its run id).
   ``<key>`` identifies the input files and the scoring settings, so rerunning the same
   command after a crash finds and resumes it.
-- ``part-<run_id>-u......-r..........-n......parquet``: committed data.
+- ``part-<run_id>-u......-r..........-to-u......-r...........parquet``: committed data, each file
+  the rows of a range of (unit, row) positions in input order, about ``--target-file-mb`` each
+  (``merge.py``: the staged pieces merged at commit).
 - ``_manifest.json``: the committed result (files, row counts by status, schema, config,
   models), replaced in one write.
 - ``_SUCCESS``: written after the manifest, naming its run. **Readers treat an output without it as absent**
   and read the files the manifest it names lists (``committed_files``). While an overwrite is
   between the two writes, ``_manifest-previous.json`` is the manifest ``_SUCCESS`` still names.
 
-A commit checks that the pieces cover every input row exactly once, moves them into place,
-writes the manifest, then ``_SUCCESS``, and only then deletes what the previous result had.
+A commit checks that the pieces cover every input row exactly once, merges them into files beside
+the staging directory (invisible to readers: no manifest names them yet), writes the manifest, then
+``_SUCCESS``, and only then deletes what the previous result had and the staging directory.
 """
 
 from __future__ import annotations
@@ -25,13 +28,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import pyarrow as pa
-import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from blip_ops.s3 import retry_flush_failures
-
 from ..storage import Location, locate
+from .merge import Merger, Piece, Tally, merge_file, plan
 from .units import Unit, covered_ranges, missing_ranges, parse_piece
 
 MANIFEST = "_manifest.json"
@@ -41,10 +42,14 @@ ATTEMPT = "_attempt.json"
 STAGING_PREFIX = "_staging-"
 
 # Crash injection for the exactly-once tests: with BLIP_MODERATE_CRASH_AT=<step> the process
-# ends at once (os._exit: no cleanup, no finally) when the commit reaches that step. Steps:
-# "staged" (pieces checked, none moved), "half_moved", then for Parquet "manifest_written"
-# (no _SUCCESS yet) and "success_written" (before tidy), for Delta "delta_committed" (the
-# commit is in the log, the run never learns it).
+# ends at once (os._exit: no cleanup, no finally) when the commit reaches that step. Steps, in
+# order: "staged" (pieces checked, nothing merged), "merge_writing" (in a merge task: partway
+# through a file, no footer yet), "move_copied" (in a merge task on an object store: a file copied
+# to its final name, its temporary not yet deleted), "half_merged" (half the files written),
+# "merged" (all of them, nothing committed); then for Parquet "previous_written" (the replaced
+# manifest kept as _manifest-previous.json, no new _manifest.json yet), "manifest_written" (no
+# _SUCCESS yet), "success_written" (before tidy) and "half_tidied" (tidy partway through the
+# replaced files); for Delta "delta_committed" (the commit is in the log, the run never learns it).
 CRASH_ENV = "BLIP_MODERATE_CRASH_AT"
 CRASH_EXIT = 86
 
@@ -60,6 +65,11 @@ class OutputError(ValueError):
 
 class IncompleteError(RuntimeError):
     """The staged pieces do not cover every input row exactly once; nothing was committed."""
+
+
+class VanishedError(IncompleteError):
+    """Staged pieces disappeared during the merge: a concurrent run of the same attempt may have
+    committed it and tidied its staging directory (the committer then looks)."""
 
 
 class AlreadyCommitted(RuntimeError):
@@ -223,19 +233,25 @@ def _part_name(run_id: str, piece: str) -> str:
     return f"part-{run_id}-{piece}"
 
 
-def _pieces(location: Location, attempt: Attempt) -> dict[str, str]:
-    """Piece name -> where it is now: in staging, or already moved into place by an interrupted commit."""
+def _piece_infos(location: Location, attempt: Attempt) -> dict[str, Piece]:
+    """Piece name -> the piece where it is now: in staging, or moved into place by a commit of an
+    earlier version of this job (which moved pieces instead of merging them) that was interrupted."""
     found = {}
     # Staging is listed first: a piece a concurrent commit moves between the two listings is
     # then seen in one of them (listing the other way round, it could be in neither).
     for info in _names(location, attempt.staging):
         if parse_piece(info.base_name):
-            found[info.base_name] = info.path
+            found[info.base_name] = Piece(info.base_name, info.path, info.size or 0)
     prefix = f"part-{attempt.run_id}-"
     for info in _names(location):
         if info.base_name.startswith(prefix) and parse_piece(info.base_name):
-            found[info.base_name[len(prefix):]] = info.path
+            name = info.base_name[len(prefix):]
+            found[name] = Piece(name, info.path, info.size or 0)
     return found
+
+
+def _pieces(location: Location, attempt: Attempt) -> dict[str, str]:
+    return {name: piece.path for name, piece in _piece_infos(location, attempt).items()}
 
 
 def staged_paths(location: Location, attempt: Attempt) -> list[str]:
@@ -248,40 +264,7 @@ def durable(location: Location, attempt: Attempt) -> dict[int, list[tuple[int, i
     return covered_ranges(list(_pieces(location, attempt)))
 
 
-def _read_counted(fs: pafs.FileSystem, path: str, reasons: bool) -> tuple[pa.Table, int, bool]:
-    """One piece's small columns: the table, its rows with evidence, whether it has flag reasons."""
-    with fs.open_input_file(path) as source:
-        parquet = pq.ParquetFile(source)
-        # Pieces without flag_reasons (written by older code, or by tests) count no reasons.
-        with_reasons = reasons and "flag_reasons" in parquet.schema_arrow.names
-        table = parquet.read(columns=["status", "flagged"] + (["flag_reasons"] if with_reasons else []))
-        explained = 0
-        if "evidence" in parquet.schema_arrow.names:
-            explained = table.num_rows - parquet.read(columns=["evidence.layer"]).column(0).null_count
-    return table, explained, with_reasons
-
-
-def _count(fs: pafs.FileSystem, paths: list[str], by_reason: Counter | None = None) -> tuple[int, dict[str, int], int, int]:
-    """Rows by status, flagged rows and rows with evidence, reading small columns file by file
-    (of the evidence struct only its ``layer``, set wherever evidence was computed); with
-    ``by_reason``, also flagged rows by reason (a row flagged for two counts under both), in the same reads."""
-    rows, flagged, evidence, by_status = 0, 0, 0, Counter()
-    for path in paths:
-        table, explained, with_reasons = retry_flush_failures(lambda: _read_counted(fs, path, by_reason is not None))
-        evidence += explained
-        rows += table.num_rows
-        flagged += int(pa.compute.sum(table.column("flagged")).as_py() or 0)
-        counts = pa.compute.value_counts(table.column("status").combine_chunks()) if table.num_rows else None
-        if counts is not None:
-            by_status.update(dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())))
-        reasons = pa.compute.list_flatten(table.column("flag_reasons").combine_chunks()) if with_reasons and table.num_rows else None
-        if reasons is not None and len(reasons):
-            counts = pa.compute.value_counts(reasons)
-            by_reason.update(dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())))
-    return rows, dict(sorted(by_status.items())), flagged, evidence
-
-
-def _check_complete(pieces: dict[str, str], units: list[Unit]) -> None:
+def _check_complete(pieces: dict, units: list[Unit]) -> None:
     covered = covered_ranges(list(pieces))
     known = {u.index for u in units}
     stray = sorted(set(covered) - known)
@@ -294,11 +277,18 @@ def _check_complete(pieces: dict[str, str], units: list[Unit]) -> None:
         raise IncompleteError(f"{missing} input rows have no output yet (first: unit {gaps[0][0]} rows {gaps[0][1][0]})")
 
 
-def _move(fs: pafs.FileSystem, source: str, target: str) -> None:
+def move(fs: pafs.FileSystem, source: str, target: str) -> None:
+    """``source`` to ``target``: a rename on local disk; on an object store a copy (published whole)
+    then the delete, which is what a store's move is, with a crash point between the two."""
     if source == target:
         return
     try:
-        fs.move(source, target)
+        if isinstance(fs, pafs.LocalFileSystem):
+            fs.move(source, target)
+        else:
+            fs.copy_file(source, target)
+            crash_point("move_copied")
+            _delete_file(fs, source)
     except (FileNotFoundError, OSError):
         # A concurrent commit of the same attempt may have moved it first.
         if fs.get_file_info(target).type != pafs.FileType.File:
@@ -321,84 +311,107 @@ def _delete_file(fs: pafs.FileSystem, path: str) -> None:
 
 @dataclass
 class Checked:
-    """Staged pieces that cover every input row exactly once, and what they hold."""
+    """The merged files of staged pieces that cover every input row exactly once, and what they hold."""
 
-    pieces: dict[str, str]
+    files: list[dict]
     rows: int
     by_status: dict[str, int]
     flagged: int
     flagged_by_reason: dict[str, int] = field(default_factory=dict)
     evidence_rows: int = 0
 
-
-LIST_TRIES = 3
-
-
-def check_pieces(location: Location, attempt: Attempt, units: list[Unit]) -> Checked:
-    """Every input row staged exactly once (else ``IncompleteError``), counted by status."""
-    for tries in range(1, LIST_TRIES + 1):
-        pieces = _pieces(location, attempt)
-        _check_complete(pieces, units)
-        try:
-            by_reason = Counter()
-            rows, by_status, flagged, evidence_rows = _count(location.filesystem, sorted(pieces.values()), by_reason)
-            break
-        except FileNotFoundError:
-            # A concurrent commit of the same attempt moved a piece after it was listed: list again.
-            if tries == LIST_TRIES:
-                raise
-    expected = sum(u.rows for u in units)
-    if rows != expected:
-        raise IncompleteError(f"row count mismatch: {expected} input rows, {rows} staged; nothing committed")
-    return Checked(pieces, rows, by_status, flagged, dict(sorted(by_reason.items())), evidence_rows)
+    @property
+    def names(self) -> list[str]:
+        return [f["name"] for f in self.files]
 
 
-def move_pieces(location: Location, attempt: Attempt, checked: Checked, empty_schema: pa.Schema) -> list[str]:
-    """Move the pieces to their final names beside the staging directory (a piece already moved
-    by an interrupted commit stays); returns the names. Readers do not see them until the commit."""
+def check_pieces(location: Location, attempt: Attempt, units: list[Unit]) -> dict[str, Piece]:
+    """The staged pieces, once they cover every input row exactly once (else ``IncompleteError``);
+    judged from their names alone."""
+    pieces = _piece_infos(location, attempt)
+    _check_complete(pieces, units)
+    return pieces
+
+
+def merge_pieces(location: Location, attempt: Attempt, pieces: dict[str, Piece], units: list[Unit],
+                 empty_schema: pa.Schema, merger: Merger) -> Checked:
+    """Merge the pieces into files of about the target size beside the staging directory (readers
+    do not see them until the commit names them); counts what they hold."""
     fs = location.filesystem
-    final = []
-    items = sorted(checked.pieces.items())
-    for index, (piece, path) in enumerate(items):
-        if index == len(items) // 2 and index:
-            crash_point("half_moved")
-        name = _part_name(attempt.run_id, piece)
-        _move(fs, path, location.join(name))
-        final.append(name)
-    if not final:
+    files = plan(attempt.run_id, list(pieces.values()), merger.staged_budget)
+    tasks = [dict(f, output=location.uri, staging=attempt.staging) for f in files]
+    done: dict[str, dict] = {}
+    try:
+        for result in merger.run(merge_file, tasks):
+            done[result["name"]] = result
+            if len(done) == len(tasks) // 2:
+                crash_point("half_merged")
+    except FileNotFoundError as exc:
+        # A concurrent run of the same attempt committed and tidied the staging directory meanwhile.
+        raise VanishedError(f"staged pieces disappeared during the merge ({exc}); nothing committed") from exc
+    results = [done[f["name"]] for f in files]  # in row order
+    if not results:
         # Zero input rows still commit a readable, typed (empty) result.
         name = f"part-{attempt.run_id}-empty.parquet"
         pq.write_table(empty_schema.empty_table(), location.join(name), filesystem=fs)
-        final.append(name)
-    return final
+        info = fs.get_file_info(location.join(name))
+        results = [dict(Tally().as_dict(), name=name, size=info.size, mtime_ms=(info.mtime_ns or 0) // 1_000_000)]
+    rows = sum(r["rows"] for r in results)
+    expected = sum(u.rows for u in units)
+    if rows != expected:
+        raise IncompleteError(f"row count mismatch: {expected} input rows, {rows} staged; nothing committed")
+    by_status, by_reason = Counter(), Counter()
+    for r in results:
+        by_status.update(r["by_status"])
+        by_reason.update(r["by_reason"])
+    return Checked(
+        results, rows, dict(sorted(by_status.items())), sum(r["flagged"] for r in results),
+        dict(sorted(by_reason.items())), sum(r["evidence_rows"] for r in results),
+    )
 
 
-def manifest_body(manifest: dict, attempt: Attempt, checked: Checked, files: list[str]) -> dict:
+def manifest_body(manifest: dict, attempt: Attempt, checked: Checked) -> dict:
     """What a commit records (``_manifest.json``, or the Delta commit's metadata)."""
     return dict(
-        manifest, run_id=attempt.run_id, key=attempt.key, files=files, rows=checked.rows,
+        manifest, run_id=attempt.run_id, key=attempt.key, files=checked.names, rows=checked.rows,
         rows_by_status=checked.by_status, flagged=checked.flagged,
         committed_at=datetime.now(timezone.utc).isoformat(),
         flagged_by_reason=checked.flagged_by_reason,
         evidence=dict(manifest.get("evidence") or {}, rows=checked.evidence_rows),
+        output_files={
+            "count": len(checked.files), "bytes": sum(f["size"] for f in checked.files),
+            "target_file_mb": (manifest.get("config") or {}).get("target_file_mb"),
+        },
     )
 
 
-def commit(location: Location, attempt: Attempt, units: list[Unit], empty_schema: pa.Schema, manifest: dict) -> CommitResult:
-    """Check that every input row is staged exactly once, move the pieces in, write the manifest, then ``_SUCCESS``."""
-    checked = check_pieces(location, attempt, units)
+def commit(location: Location, attempt: Attempt, units: list[Unit], empty_schema: pa.Schema, manifest: dict,
+           merger: Merger | None = None) -> CommitResult:
+    """Check that every input row is staged exactly once, merge the pieces into files, write the
+    manifest, then ``_SUCCESS``."""
+    pieces = check_pieces(location, attempt, units)
     crash_point("staged")
-    final = move_pieces(location, attempt, checked, empty_schema)
-    body = manifest_body(manifest, attempt, checked, final)
+    try:
+        checked = merge_pieces(location, attempt, pieces, units, empty_schema, merger or Merger())
+    except VanishedError:
+        latest = read_manifest(location)
+        if latest and latest.get("run_id") == attempt.run_id:
+            raise AlreadyCommitted(latest) from None
+        raise
+    crash_point("merged")
+    body = manifest_body(manifest, attempt, checked)
     replaced = read_manifest(location)
-    if replaced and replaced.get("run_id") != attempt.run_id:
+    if replaced and replaced.get("run_id") == attempt.run_id:
+        raise AlreadyCommitted(replaced)  # a concurrent run of this attempt committed while this one merged
+    if replaced:
         _write_json(location, PREVIOUS_MANIFEST, replaced)
+        crash_point("previous_written")
     _write_json(location, MANIFEST, body)
     crash_point("manifest_written")
     _write_json(location, SUCCESS, {"run_id": attempt.run_id, "key": attempt.key, "committed_at": body["committed_at"]})
     crash_point("success_written")
     tidy(location, body)
-    return CommitResult(final, checked.rows, checked.by_status, checked.flagged, body)
+    return CommitResult(checked.names, checked.rows, checked.by_status, checked.flagged, body)
 
 
 def tidy(location: Location, committed: dict) -> None:
@@ -406,9 +419,11 @@ def tidy(location: Location, committed: dict) -> None:
     fs = location.filesystem
     _delete_file(fs, location.join(PREVIOUS_MANIFEST))
     keep = set(committed["files"])
-    for info in _names(location):
-        if info.base_name.startswith("part-") and info.base_name not in keep:
-            _delete_file(fs, info.path)
+    stale = [info.path for info in _names(location) if info.base_name.startswith("part-") and info.base_name not in keep]
+    for deleted, path in enumerate(stale, 1):
+        _delete_file(fs, path)
+        if deleted == (len(stale) + 1) // 2:
+            crash_point("half_tidied")
     _delete_dir(fs, staging_path(location, committed["key"]))
 
 
@@ -423,8 +438,9 @@ class ParquetCommitter:
     def read_committed(self, location: Location) -> dict | None:
         return read_manifest(location)
 
-    def commit(self, location: Location, attempt: Attempt, units: list[Unit], empty_schema: pa.Schema, manifest: dict) -> CommitResult:
-        return commit(location, attempt, units, empty_schema, manifest)
+    def commit(self, location: Location, attempt: Attempt, units: list[Unit], empty_schema: pa.Schema, manifest: dict,
+               merger: Merger | None = None) -> CommitResult:
+        return commit(location, attempt, units, empty_schema, manifest, merger)
 
     def tidy(self, location: Location, committed: dict) -> None:
         tidy(location, committed)

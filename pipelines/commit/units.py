@@ -32,7 +32,7 @@ NOT_IN_KEY = {
     # Reuse sources enter the key by the identity of their committed results (preflight), not their paths;
     # dedup changes which rows run a model, never a number.
     "reuse", "dedup",
-    "output_format", "output_partition",
+    "output_format", "output_partition", "target_file_mb",
     # how many batches an actor holds, and padding that is dropped again: never a number
     "overlap", "shape_buckets",
 }

@@ -76,6 +76,23 @@ def connect(address: str | None) -> bool:
     return True
 
 
+def map_tasks(fn, items: list, *, num_cpus: float = 1.0, max_retries: int = 2):
+    """``fn(item)`` for every item, each in its own Ray task (never on the driver), yielded as they
+    finish, on the Ray this process is connected to (the caller's choice: a run without Ray uses
+    ``local.map_processes``). Tasks still running when the caller stops are cancelled."""
+    if not items:
+        return
+    remote = ray.remote(num_cpus=num_cpus, max_retries=max_retries)(fn)
+    pending = [remote.remote(item) for item in items]
+    try:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            yield ray.get(done[0])
+    finally:
+        for ref in pending:
+            ray.cancel(ref)
+
+
 def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0.0))
 

@@ -144,6 +144,7 @@ def test_nightly_into_one_delta_table_rescores_one_day_in_one_commit(ray_session
     carried, first = by_id[("2026-11-02", "carried-over")], by_id[("2026-11-01", "item-0000")]
     assert carried["scores_from_run"] == first["run_id"] and carried["itm_score"] == first["itm_score"]
     files_before = {day: sorted(p.name for p in (table_root / f"dt={day}").glob("part-*")) for day in days}
+    assert all(len(names) == 1 for names in files_before.values()), files_before  # each day's pieces merged into one file
 
     # Committed partitions are recognised from the table: a rerun adds no commit.
     capsys.readouterr()

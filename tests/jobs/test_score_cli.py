@@ -240,3 +240,19 @@ def test_limit_agreement_and_language_flags(tmp_path):
     assert (config.agreement_threshold, config.text_languages) == (0.3, None)
     args = vars(nightly.make_parser().parse_args(["--catalog", "c", "--output", "o", *flags, "--agreement-threshold", "0.3"]))
     assert (args["max_image_bytes"], args["text_languages"], args["agreement_threshold"]) == ("2048", "en,fr", "0.3")
+
+
+def test_target_file_mb_from_flag_yaml_and_nightly(tmp_path):
+    from jobs import nightly
+    from pipelines.config import ConfigError
+
+    assert score.config_from_args(score.make_parser().parse_args(["--input", "a", "--output", "b"])).target_file_mb == 128.0
+    config = score.config_from_args(score.make_parser().parse_args(["--input", "a", "--output", "b", "--target-file-mb", "64"]))
+    assert config.target_file_mb == 64.0
+    path = tmp_path / "job.yaml"
+    path.write_text("target-file-mb: 0.5\n")
+    config = score.config_from_args(score.make_parser().parse_args(["--config", str(path), "--input", "a", "--output", "b"]))
+    assert config.target_file_mb == 0.5
+    with pytest.raises(ConfigError, match="target_file_mb"):
+        score.config_from_args(score.make_parser().parse_args(["--input", "a", "--output", "b", "--target-file-mb", "0"]))
+    assert vars(nightly.make_parser().parse_args(["--catalog", "c", "--output", "o", "--target-file-mb", "256"]))["target_file_mb"] == "256"

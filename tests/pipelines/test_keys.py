@@ -34,7 +34,7 @@ NOT_IN_KEYS = {
     # an image over the byte limit gets no key at all, so it is decoded and becomes an error row
     "evidence", "evidence_layer", "agreement_model", "agreement_threshold", "text_languages", "max_image_bytes",
     # where the result is written (a Parquet directory or a Delta table and its partition)
-    "output_format", "output_partition",
+    "output_format", "output_partition", "target_file_mb",
     # batches in flight per actor, and padding rows and tokens that are dropped again (tests: same scores)
     "overlap", "shape_buckets",
     # which columns the run writes: the projections come from the same pass as the scores (a source

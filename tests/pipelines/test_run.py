@@ -162,6 +162,9 @@ def test_manifest_describes_the_result(all_captions_run, records):
     assert (manifest["resources"]["score_batch_size"], manifest["resources"]["caption_batch_size"]) == (5, 4)
     assert sorted(p.name for p in output.glob("*.parquet")) == sorted(manifest["files"])
     assert not list(output.glob("_staging-*"))
+    # Batches of 5 rows were staged as pieces; the commit merged them, in input order, into one file.
+    assert len(manifest["files"]) == 1 and manifest["files"][0].startswith("part-run-all-u000000-r0000000000-to-u000002-")
+    assert manifest["output_files"]["count"] == 1 and manifest["output_files"]["target_file_mb"] == 128.0
     assert summary.flagged == manifest["flagged"] == sum(r["flagged"] for r in pq.read_table(output).to_pylist())
 
 

@@ -126,12 +126,14 @@ def test_resume_sees_durable_rows_and_an_interrupted_commit_finishes_without_dup
     assert again.resumed and again.run_id == "r1"
     assert output.durable(location, again) == {0: [(0, 2)], 1: [(0, 2)]}
     _stage(again, _rows(0, 2, 2))
-    # A commit killed after moving one piece: the piece is in place, the rest still staged.
+    # A commit of the job's earlier version (which moved pieces in) killed after moving one piece:
+    # the piece is in place, the rest still staged. This commit merges them all into one file.
     first = sorted((tmp_path / "out").glob("_staging-k1/u*.parquet"))[0]
     first.rename(tmp_path / "out" / f"part-r1-{first.name}")
     result = output.commit(location, again, UNITS, SCHEMA, {})
-    assert result.rows == 6 and len(result.files) == 3
-    assert sorted(pq.read_table(tmp_path / "out").column("id").to_pylist()) == [0, 1, 2, 3, 1000, 1001]
+    assert result.rows == 6 and result.files == ["part-r1-u000000-r0000000000-to-u000001-r0000000002.parquet"]
+    assert pq.read_table(tmp_path / "out").column("id").to_pylist() == [0, 1, 2, 3, 1000, 1001]  # row order
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["_SUCCESS", "_manifest.json", result.files[0]]
 
 
 def test_overwrite_keeps_the_old_result_readable_until_the_new_one_is_committed(tmp_path):

@@ -173,8 +173,8 @@ def test_partitions_commit_apart_and_a_rescored_partition_replaces_only_itself(t
     }
     assert delta.read_committed(delta.Table(output.locate(str(root)), {"dt": "2026-01-01"}))["run_id"] == "r2026-01-01"
     assert delta.read_committed(delta.Table(output.locate(str(root)), {"dt": "2026-01-02"}))["run_id"] == "r-re"
-    assert len(output.committed_files(str(root / "dt=2026-01-02"))) == 2  # a partition path reads that partition
-    assert len(output.committed_files(str(root))) == 6
+    assert len(output.committed_files(str(root / "dt=2026-01-02"))) == 1  # a partition path reads that partition
+    assert len(output.committed_files(str(root))) == 3  # one merged file per partition
 
 
 def test_a_new_output_column_merges_into_the_table_schema(tmp_path):
@@ -286,11 +286,11 @@ def test_a_delta_output_as_reuse_source_is_its_committed_snapshot(tmp_path):
     for key, run_id in (("k1", "r1"), ("k2", "r2")):  # r2 replaces r1; r1's file stays for time travel
         committer, location, attempt = _staged(root, key=key, run_id=run_id)
         committer.commit(location, attempt, UNITS, SCHEMA, digests)
-    assert len(list(root.glob("part-*"))) == 4  # two pieces per run
+    assert len(list(root.glob("part-*"))) == 2  # one merged file per run
     source = open_source(str(root))
     assert (source.run_id, source.key, source.score_digest, source.caption_digest) == ("r2", "k2", "S", "C")
     assert sorted(source.files) == sorted(str(root / Path(p).name) for p in _table(root).file_uris())
-    assert [Path(p).name.startswith("part-r2-") for p in source.files] == [True, True]
+    assert [Path(p).name.startswith("part-r2-") for p in source.files] == [True]
 
     nightly = tmp_path / "nightly"
     for day, run_id in (("2026-01-01", "d1"), ("2026-01-02", "d2"), ("2026-01-01", "d1-again")):
@@ -299,7 +299,7 @@ def test_a_delta_output_as_reuse_source_is_its_committed_snapshot(tmp_path):
     assert set(delta.committed_partitions(delta.Table(output.locate(str(nightly)), {}))) == {"dt=2026-01-01", "dt=2026-01-02"}
     whole = open_sources([str(nightly)])
     assert [(s.uri, s.run_id) for s in whole] == [(f"{nightly}/dt=2026-01-02", "d2"), (f"{nightly}/dt=2026-01-01", "d1-again")]
-    assert all(len(s.files) == 2 and all(f"/{s.uri.rpartition('/')[2]}/part-{s.run_id}-" in f for f in s.files) for s in whole)
+    assert all(len(s.files) == 1 and all(f"/{s.uri.rpartition('/')[2]}/part-{s.run_id}-" in f for f in s.files) for s in whole)
     day = open_source(str(nightly / "dt=2026-01-01"))
     assert day.run_id == "d1-again" and day.files == whole[1].files
     with pytest.raises(ReuseSourceError, match="name one partition"):
