@@ -224,7 +224,7 @@ class Fetcher:
         def one(url):
             try:
                 return url, self.fetch(url, limit)
-            except (FetchError, TooLarge, ValueError) as exc:
+            except Exception as exc:  # one URL never fails the batch: the caller makes it the row's error
                 return url, exc
 
         if len(distinct) <= 1:

@@ -37,6 +37,8 @@ NOT_IN_KEYS = {
     "output_format", "output_partition", "target_file_mb",
     # batches in flight per actor, and padding rows and tokens that are dropped again (tests: same scores)
     "overlap", "shape_buckets",
+    # how image URLs are fetched: bytes are bytes (the key is the hash of the bytes received)
+    "http_timeout", "http_concurrency", "http_per_host", "http_retries", "http_allow_private", "http_user_agent",
 }
 
 
