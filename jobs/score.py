@@ -18,8 +18,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 # Flags whose value is spelled like the config field (dashes for underscores).
 _OPTIONS = [
-    ("--input", "Parquet file, directory (hive partitions allowed) or s3:// URI."),
-    ("--output", "Output directory or s3:// prefix."),
+    ("--input", "Parquet file, directory (hive partitions allowed) or URI (file://, s3://, gs://, az://, abfs[s]://)."),
+    ("--output", "Output directory or prefix (file://, s3://, gs://, az://, abfs[s]://)."),
     ("--output-format", "parquet (default: Parquet files, _manifest.json, _SUCCESS) | delta (a Delta Lake table, one commit per run)."),
     ("--target-file-mb", "Size of the committed output's files in MB: staged pieces are merged, in row order, into files of about this size (default 128)."),
     ("--itm-model", "BLIP image-text retrieval checkpoint: hub id or local directory."),
@@ -58,6 +58,7 @@ _OPTIONS = [
     ("--decode-batch-size", "Rows per decode batch (default 64)."),
     ("--decode-device", "Where JPEGs are decoded: cpu (default: decode tasks, Pillow) | gpu (model actors, nvJPEG; needs torchvision)."),
     ("--max-image-bytes", "Images larger than this are image_error, never read whole (default 52428800, 50 MiB)."),
+    ("--storage-backend", "Client for s3://, gs://, az:// URIs: native (default: pyarrow's own, the faster) | fsspec (s3fs, gcsfs, adlfs)."),
     ("--http-timeout", "Seconds an image URL may take to connect, between reads, and in all per attempt (default 10)."),
     ("--http-concurrency", "Image URLs fetched side by side per decode task (default 16)."),
     ("--http-per-host", "Most connections per host per decode task (default 4)."),

@@ -215,6 +215,12 @@ class JobConfig(BaseModel):
         "is checked before reading (a local stat, the S3 object's size) and a stream of unknown size is cut off at "
         "the limit; a bytes column's value is measured.",
     )
+    storage_backend: Literal["native", "fsspec"] = Field(
+        "native",
+        description="Client for s3://, gs:// and az:// URIs everywhere (input, output, image URIs, reuse sources, "
+        "models, labels, review files): native (pyarrow's own S3, GCS and Azure clients, the faster on moto S3, "
+        "BENCHMARKS.md) or fsspec (s3fs, gcsfs, adlfs). Other fsspec protocols always go through fsspec.",
+    )
     http_timeout: float = Field(
         DEFAULT_HTTP.timeout, gt=0,
         description="Seconds an http(s):// image URL may take: to connect, between two reads, and for a whole attempt "

@@ -1,4 +1,6 @@
-"""Local paths and s3:// URIs through one pyarrow filesystem interface; image URLs over HTTP(S)."""
+"""Every place the job takes a URI: local paths, file://, s3://, gs://, az:// (abfs[s]://) through one
+pyarrow filesystem interface (``blip_ops.stores`` resolves them, native clients or fsspec); image
+URLs over HTTP(S) (``blip_ops.http_fetch``)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from dataclasses import dataclass
 
 import pyarrow.fs as pafs
 
-from blip_ops import s3
+from blip_ops import stores
 from blip_ops.http_fetch import Fetcher, FetchError, HttpSettings, TooLarge, is_http
 
 
@@ -22,12 +24,23 @@ class Location:
         return "/".join([self.path.rstrip("/"), *parts])
 
 
-def locate(uri: str) -> Location:
-    if uri.startswith("s3://"):
-        # One filesystem per process (see blip_ops.s3): image URIs call this once per row.
-        return Location(s3.filesystem(), s3.split_uri(uri), uri)
-    path = os.path.abspath(os.path.expanduser(uri))
-    return Location(pafs.LocalFileSystem(), path, path)
+def use_backend(backend: str) -> None:
+    """Make ``backend`` this process's default, and (through the environment, which a local Ray's
+    workers inherit when it starts, and ``runtime.connect`` hands a cluster's) its workers' too."""
+    if backend not in stores.BACKENDS:
+        raise ValueError(f"unknown storage backend {backend!r}")
+    os.environ[stores.BACKEND_ENV] = backend
+
+
+def locate(uri: str, backend: str | None = None) -> Location:
+    """``uri``'s filesystem and path (``backend``: ``native`` or ``fsspec``; None: the process's default,
+    ``blip_ops.stores.default_backend``). A local path's ``uri`` is its absolute path."""
+    if is_http(uri):
+        raise ValueError(f"{uri}: http(s) URLs are read as image URIs only, not as a catalog, output or model")
+    filesystem, path = stores.resolve(uri, backend)
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        return Location(filesystem, path, path)
+    return Location(filesystem, path, uri)
 
 
 __all__ = ["FetchCache", "FetchError", "HttpSettings", "Location", "TooLarge", "is_http", "locate", "read_bytes", "read_uris"]

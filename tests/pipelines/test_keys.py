@@ -38,7 +38,7 @@ NOT_IN_KEYS = {
     # batches in flight per actor, and padding rows and tokens that are dropped again (tests: same scores)
     "overlap", "shape_buckets",
     # how image URLs are fetched: bytes are bytes (the key is the hash of the bytes received)
-    "http_timeout", "http_concurrency", "http_per_host", "http_retries", "http_allow_private", "http_user_agent",
+    "storage_backend", "http_timeout", "http_concurrency", "http_per_host", "http_retries", "http_allow_private", "http_user_agent",
 }
 
 
