@@ -121,13 +121,15 @@ def resolve(uri: str, backend: str | None = None) -> tuple[pafs.FileSystem, str]
 
 
 def _gcs_settings() -> tuple:
+    project = os.environ.get("GOOGLE_CLOUD_PROJECT")
+    settings = (("project_id", project),) if project else ()
     emulator = os.environ.get("STORAGE_EMULATOR_HOST")
     if not emulator:
-        return ()
+        return settings  # credentials: Google's default chain (GOOGLE_APPLICATION_CREDENTIALS, metadata server)
     scheme, _, host = emulator.partition("://")
     if not host:
         scheme, host = "http", emulator
-    return (("anonymous", True), ("endpoint_override", host.rstrip("/")), ("scheme", scheme))
+    return settings + (("anonymous", True), ("endpoint_override", host.rstrip("/")), ("scheme", scheme))
 
 
 def azure_connection() -> dict:
@@ -151,8 +153,10 @@ def _azure_settings(account: str | None) -> tuple:
     settings = [("account_name", account)]
     endpoint = connection.get("BlobEndpoint")
     if endpoint:
-        parsed = urlsplit(endpoint)
-        settings += [("blob_storage_authority", parsed.netloc), ("blob_storage_scheme", parsed.scheme or "https")]
+        blob = urlsplit(endpoint)
+        dfs = urlsplit(connection.get("DfsEndpoint") or endpoint)  # an emulator serves both on one port
+        settings += [("blob_storage_authority", blob.netloc), ("blob_storage_scheme", blob.scheme or "https"),
+                     ("dfs_storage_authority", dfs.netloc), ("dfs_storage_scheme", dfs.scheme or "https")]
     return tuple(settings)
 
 
@@ -293,6 +297,13 @@ def _client(protocol: str, settings: tuple):
     if protocol == "abfs":
         options.update(_fsspec_azure_secrets(options.get("account_name")))
     try:
+        if protocol == "gcs" and os.environ.get("STORAGE_EMULATOR_HOST"):
+            # gcsfs's default class first asks the storage-control gRPC API for the bucket's layout;
+            # an emulator has none, and it waited out a 60 s timeout, then stalled on writes. The core
+            # class speaks the JSON API only (all an emulator serves).
+            from gcsfs.core import GCSFileSystem
+
+            return GCSFileSystem(**options)
         return fsspec.filesystem(protocol, **options)
     except ImportError as exc:
         package = {"s3": "s3fs", "gcs": "gcsfs", "abfs": "adlfs"}.get(protocol, f"the fsspec implementation of {protocol}")
@@ -350,9 +361,9 @@ def storage_options(uri: str) -> dict | None:
             options["access_key"] = secrets["account_key"]
         if "sas_token" in secrets:
             options["sas_key"] = secrets["sas_token"]
-        if settings.get("blob_storage_authority"):
-            if settings["blob_storage_authority"].startswith(("127.0.0.1", "localhost")):
-                options["use_emulator"] = "true"
-            options["allow_http"] = "true" if settings.get("blob_storage_scheme") == "http" else "false"
+        endpoint = azure_connection().get("BlobEndpoint")
+        if endpoint:
+            options["endpoint"] = endpoint.rstrip("/")
+            options["allow_http"] = "true" if endpoint.startswith("http://") else "false"
         return options
     return None

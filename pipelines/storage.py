@@ -60,8 +60,23 @@ def read_bytes(uri: str, limit: int | None = None, http: HttpSettings | None = N
     if limit is None:
         with location.filesystem.open_input_stream(location.path) as stream:
             return stream.read()
-    with location.filesystem.open_input_file(location.path) as handle:
-        return read_at_most(handle, limit)
+    # The size from the object's metadata (a local stat; S3's HEAD, GCS's and Azure's metadata call),
+    # then one plain read of at most limit + 1 bytes. Not a random-access file: its read of
+    # limit + 1 bytes is a ranged GET past the object's end, on which the GCS emulator hangs.
+    size = location.filesystem.get_file_info(location.path).size
+    with location.filesystem.open_input_stream(location.path) as stream:
+        return read_at_most(_Sized(stream, size), limit)
+
+
+class _Sized:
+    def __init__(self, stream, size: int | None):
+        self.stream, self._size = stream, size
+
+    def size(self) -> int | None:
+        return self._size
+
+    def read(self, n: int) -> bytes:
+        return self.stream.read(n)
 
 
 def read_at_most(handle, limit: int) -> bytes:
