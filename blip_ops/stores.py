@@ -188,6 +188,16 @@ class NativeAzureFileSystem(pafs.AzureFileSystem):
     def __reduce__(self):
         return (_native_rebuild, ("azure", self._settings))
 
+    def move(self, src: str, dest: str) -> None:
+        """pyarrow moves only on accounts with a hierarchical namespace (apache/arrow #40405); on a
+        flat Blob account (and Azurite) a copy, then a delete. The copy is one whole object, so a
+        reader sees the destination complete or not at all, as with S3's copy."""
+        try:
+            super().move(src, dest)
+        except NotImplementedError:
+            self.copy_file(src, dest)
+            self.delete_file(src)
+
 
 @functools.lru_cache(maxsize=16)
 def _native_rebuild(kind: str, settings: tuple) -> pafs.FileSystem:
