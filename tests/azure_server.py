@@ -87,12 +87,10 @@ class AzureStore:
 
 @pytest.fixture(scope="session")
 def azure_store():
+    from tests.conftest import require_or_skip
+
     binary = azurite_binary()
-    if binary is None:
-        message = "Azurite not installed (.ci/run installs it: npm install --prefix .ci/node azurite)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{message}; under CI it must be there")
-        pytest.skip(message)
+    require_or_skip(binary is not None, "Azurite not installed (.ci/run installs it: npm install --prefix .ci/node azurite)")
     store = AzureStore(binary)
     saved = os.environ.get("AZURE_STORAGE_CONNECTION_STRING")
     os.environ["AZURE_STORAGE_CONNECTION_STRING"] = store.connection_string
