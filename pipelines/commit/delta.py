@@ -33,7 +33,6 @@ never deletes them. ``VACUUM`` skips ``_``-prefixed paths, so staging, ``_report
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 
 import pyarrow as pa

@@ -4,7 +4,6 @@ because of one URL; each URL is fetched once per run."""
 
 from __future__ import annotations
 
-import io
 from collections import Counter
 
 import numpy as np
