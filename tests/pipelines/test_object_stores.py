@@ -111,12 +111,34 @@ def azure_runs(azure_store, ray_session, tiny_itm, tmp_path_factory):
     return _runs(azure_store.put, "az://cnt", tiny_itm, tmp_path_factory.mktemp("azure"), "delta", "native") | {"format": "delta"}
 
 
-@pytest.fixture(params=["gcs", "azure"])
-def runs(request):
-    return request.getfixturevalue(f"{request.param}_runs")
+# One test function per store and check (not a parametrized fixture): the stores' fixtures must
+# be named statically, so that ray_session starts every store a session uses before Ray, and the
+# workers inherit their variables.
+def test_gcs_every_row_once_with_local_scores(gcs_runs, local_scores):
+    _every_row_once_with_local_scores(gcs_runs, local_scores)
 
 
-def test_every_row_once_with_local_scores(runs, local_scores):
+def test_azure_every_row_once_with_local_scores(azure_runs, local_scores):
+    _every_row_once_with_local_scores(azure_runs, local_scores)
+
+
+def test_gcs_second_run_reuses_every_score(gcs_runs):
+    _second_run_reuses_every_score(gcs_runs)
+
+
+def test_azure_second_run_reuses_every_score(azure_runs):
+    _second_run_reuses_every_score(azure_runs)
+
+
+def test_gcs_review_round_trip(gcs_runs):
+    _review_round_trip(gcs_runs)
+
+
+def test_azure_review_round_trip(azure_runs):
+    _review_round_trip(azure_runs)
+
+
+def _every_row_once_with_local_scores(runs, local_scores):
     itm, itc = local_scores
     rows = _rows(f"{runs['root']}/scored")
     assert sorted(rows) == [r["id"] for r in runs["records"]]
@@ -127,7 +149,7 @@ def test_every_row_once_with_local_scores(runs, local_scores):
     assert runs["first"].rows_written == 7
 
 
-def test_the_second_run_reuses_every_score(runs):
+def _second_run_reuses_every_score(runs):
     first, again = _rows(f"{runs['root']}/scored"), _rows(runs["second_output"], runs["format"])
     assert sorted(again) == sorted(first)
     assert runs["second"].reuse["rows_scores_reused"] == 6 and runs["second"].reuse["pairs_scored"] == 0
@@ -135,7 +157,7 @@ def test_the_second_run_reuses_every_score(runs):
         assert again[i]["itm_score"] == first[i]["itm_score"] and again[i]["scores_from_run"] == first[i]["run_id"]
 
 
-def test_review_round_trip_on_the_store(runs):
+def _review_round_trip(runs):
     assert runs["exported"].tasks >= 1  # the image_error row is flagged (fail closed), at least
     assert runs["imported"].verdicts == runs["exported"].tasks
     assert {v["verdict"] for v in runs["verdicts"]} == {"mismatch"}
