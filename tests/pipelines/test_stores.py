@@ -184,3 +184,14 @@ def test_s3_both_backends(s3_store, backend, monkeypatch):
     pq.write_table(TABLE, buffer)
     s3_store.put("s3://test/direct.parquet", buffer.getvalue())
     assert read_bytes("s3://test/direct.parquet") == buffer.getvalue()
+
+
+def test_a_label_file_on_a_store():
+    import fsspec
+
+    from pipelines.labels import LabelError, parse_labels
+
+    fsspec.filesystem("memory").pipe("/cfg/labels.yaml", b"categories:\n  column: category\n  names: [sofa, bed]\n")
+    assert parse_labels("memory://cfg/labels.yaml")["categories"]["names"] == ["sofa", "bed"]
+    with pytest.raises(LabelError, match="cannot read label file memory://cfg/none.yaml"):
+        parse_labels("memory://cfg/none.yaml")
