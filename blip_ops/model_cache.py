@@ -1,4 +1,4 @@
-"""Model directories on S3, copied once per node into a local cache.
+"""Model directories on an object store (s3://, gs://, az://; blip_ops.stores), copied once per node into a local cache.
 
 ``s3://bucket/prefix`` is listed (names, sizes, modification times); the URI and that
 listing name a directory under the cache root (``$BLIP_MODERATE_MODEL_CACHE``, default
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from . import s3
+from . import stores
 
 CACHE_ENV = "BLIP_MODERATE_MODEL_CACHE"
 SOURCE_RECORD = ".blip-moderate-source.json"
@@ -61,7 +61,8 @@ class RemoteFile:
 
 
 def is_remote(reference: str) -> bool:
-    return reference.startswith("s3://")
+    """A model directory on an object store (s3://, gs://, az://, ...), copied into the node's cache."""
+    return stores.is_remote(reference)
 
 
 def cache_root() -> Path:
@@ -70,7 +71,8 @@ def cache_root() -> Path:
 
 def list_remote(uri: str) -> list[RemoteFile]:
     """Every object under the model prefix; empty when there is none."""
-    fs, base = s3.filesystem(), s3.split_uri(uri)
+    fs, base = stores.resolve(uri)
+    base = base.rstrip("/")
     try:
         infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
     except OSError as exc:
@@ -85,7 +87,8 @@ def list_remote(uri: str) -> list[RemoteFile]:
 def read_remote(uri: str, name: str) -> bytes:
     """One file of a remote model directory (``config.json`` for checks that load no weights)."""
     try:
-        with s3.filesystem().open_input_stream(f"{s3.split_uri(uri)}/{name}") as stream:
+        fs, base = stores.resolve(uri)
+        with fs.open_input_stream(f"{base.rstrip('/')}/{name}") as stream:
             return stream.read()
     except OSError as exc:
         raise ModelCacheError(f"cannot read {name} of {uri}: {exc}") from None
@@ -95,7 +98,7 @@ def cache_name(uri: str, files: list[RemoteFile]) -> str:
     """Readable (the prefix's last part) and unique (a digest of the URI and the listing)."""
     listing = json.dumps([uri, [(f.name, f.size, f.mtime_ns) for f in files]])
     digest = hashlib.sha256(listing.encode()).hexdigest()[:20]
-    stem = re.sub(r"[^A-Za-z0-9._-]", "_", s3.split_uri(uri).rsplit("/", 1)[-1])[:60]
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", stores.split(uri)[1].rstrip("/").rsplit("/", 1)[-1])[:60]
     return f"{stem}-{digest}"
 
 
@@ -148,7 +151,8 @@ def _exclusive(lock_path: Path):
 
 
 def _download(uri: str, files: list[RemoteFile], into: Path) -> None:
-    fs, base = s3.filesystem(), s3.split_uri(uri)
+    fs, base = stores.resolve(uri)
+    base = base.rstrip("/")
     for remote in files:
         target = into / remote.name
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,8 @@ from jobs.score import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
+    HTTP_ALLOW_PRIVATE_FLAG,
+    HTTP_ALLOW_PRIVATE_HELP,
     JPEG_DRAFT_FLAG,
     JPEG_DRAFT_HELP,
     NEAR_DUPLICATES_FLAG,
@@ -83,6 +85,7 @@ def make_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, help=help_text)
     parser.add_argument("--overwrite", action="store_true", help="With --date: replace that partition's committed result.")
     parser.add_argument(JPEG_DRAFT_FLAG, action="store_true", help=JPEG_DRAFT_HELP)
+    parser.add_argument(HTTP_ALLOW_PRIVATE_FLAG, dest="http_allow_private", action="store_true", help=HTTP_ALLOW_PRIVATE_HELP)
     parser.add_argument(NO_DEDUP_FLAG, dest="dedup", action="store_false", help=NO_DEDUP_HELP)
     parser.add_argument(NEAR_DUPLICATES_FLAG, dest="near_duplicates", action="store_true", help=NEAR_DUPLICATES_HELP)
     parser.add_argument("--reuse-days", type=int, help="Reuse every committed partition of the N days before each one "

@@ -18,8 +18,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 # Flags whose value is spelled like the config field (dashes for underscores).
 _OPTIONS = [
-    ("--input", "Parquet file, directory (hive partitions allowed) or s3:// URI."),
-    ("--output", "Output directory or s3:// prefix."),
+    ("--input", "Parquet file, directory (hive partitions allowed) or URI (file://, s3://, gs://, az://, abfs[s]://)."),
+    ("--output", "Output directory or prefix (file://, s3://, gs://, az://, abfs[s]://)."),
     ("--output-format", "parquet (default: Parquet files, _manifest.json, _SUCCESS) | delta (a Delta Lake table, one commit per run)."),
     ("--target-file-mb", "Size of the committed output's files in MB: staged pieces are merged, in row order, into files of about this size (default 128)."),
     ("--itm-model", "BLIP image-text retrieval checkpoint: hub id or local directory."),
@@ -38,7 +38,7 @@ _OPTIONS = [
     ("--id-column", "Record id column (default id)."),
     ("--text-column", "Text column (default text)."),
     ("--image-column", "Image bytes column (default image)."),
-    ("--image-uri-column", "Column of image paths or s3:// URIs, used instead of image bytes."),
+    ("--image-uri-column", "Column of image locations (paths, s3://, gs://, az://, http(s):// URLs), used instead of image bytes."),
     ("--device", "auto | cpu | cuda (default auto)."),
     ("--precision", "auto | fp32 | bf16 | fp16 | bf16-weights (default auto: bf16 autocast on CUDA, fp32 on CPU; bf16-weights: weights in bf16, no autocast)."),
     ("--overlap", "auto | on | off: two batches in flight per model actor, host work beside the model's (default auto: on with a GPU, off on the CPU)."),
@@ -58,6 +58,12 @@ _OPTIONS = [
     ("--decode-batch-size", "Rows per decode batch (default 64)."),
     ("--decode-device", "Where JPEGs are decoded: cpu (default: decode tasks, Pillow) | gpu (model actors, nvJPEG; needs torchvision)."),
     ("--max-image-bytes", "Images larger than this are image_error, never read whole (default 52428800, 50 MiB)."),
+    ("--storage-backend", "Client for s3://, gs://, az:// URIs: native (default: pyarrow's own, the faster) | fsspec (s3fs, gcsfs, adlfs)."),
+    ("--http-timeout", "Seconds an image URL may take to connect, between reads, and in all per attempt (default 10)."),
+    ("--http-concurrency", "Image URLs fetched side by side per decode task (default 16)."),
+    ("--http-per-host", "Most connections per host per decode task (default 4)."),
+    ("--http-retries", "Retries of an image URL after connection errors, 429 and 5xx, honouring Retry-After (default 3)."),
+    ("--http-user-agent", "User-Agent of image URL requests (default names this job)."),
     ("--run-id", "Run identifier (default: generated)."),
     ("--report-category-column", "Column the run report breaks the flag rate down by (default: none)."),
     ("--embeddings", "none (default) | image | both: write the normalised ITC projections as fixed_size_list<float16>[D] columns."),
@@ -69,6 +75,11 @@ _OPTIONS = [
 
 JPEG_DRAFT_FLAG = "--jpeg-draft"
 JPEG_DRAFT_HELP = "Decode large JPEGs at reduced scale: less decode CPU, slightly different pixels and scores (off by default)."
+
+
+HTTP_ALLOW_PRIVATE_FLAG = "--http-allow-private"
+HTTP_ALLOW_PRIVATE_HELP = ("Fetch image URLs on loopback, link-local and private addresses (a private CDN); refused by default, "
+                           "as an image_error 'refused: private address'.")
 
 
 NO_DEDUP_FLAG = "--no-dedup"
@@ -87,6 +98,7 @@ def make_parser(prog: str = "python -m jobs.score") -> argparse.ArgumentParser:
         parser.add_argument(flag, help=help_text)
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing result in --output.")
     parser.add_argument(JPEG_DRAFT_FLAG, action="store_true", help=JPEG_DRAFT_HELP)
+    parser.add_argument(HTTP_ALLOW_PRIVATE_FLAG, dest="http_allow_private", action="store_true", help=HTTP_ALLOW_PRIVATE_HELP)
     parser.add_argument(NO_DEDUP_FLAG, dest="dedup", action="store_false", help=NO_DEDUP_HELP)
     parser.add_argument(NEAR_DUPLICATES_FLAG, dest="near_duplicates", action="store_true", help=NEAR_DUPLICATES_HELP)
     parser.add_argument("--json", action="store_true", help="Print the summary as JSON.")

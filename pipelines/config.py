@@ -6,11 +6,13 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
+from blip_ops.http_fetch import HttpSettings
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_ITM_MODEL = "Salesforce/blip-itm-base-coco"
 DEFAULT_CAPTION_MODEL = "Salesforce/blip2-opt-2.7b"
 DEFAULT_MAX_IMAGE_BYTES = 50 * 1024 * 1024
+DEFAULT_HTTP = HttpSettings()
 DEFAULT_AGREEMENT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"  # blip_ops.agreement resolves it to the packaged copy
 
 
@@ -113,7 +115,8 @@ class JobConfig(BaseModel):
     text_column: str = Field("text", description="String column holding the text to check.")
     image_column: str = Field("image", description="Binary column holding encoded image bytes.")
     image_uri_column: str | None = Field(
-        None, description="String column of local paths or s3:// URIs, used instead of image_column."
+        None, description="String column of image locations, used instead of image_column: local paths, file://, s3://, "
+        "gs://, az:// (abfs://, abfss://) or http(s):// URLs."
     )
 
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where models run; auto picks CUDA when a worker has a GPU.")
@@ -212,6 +215,33 @@ class JobConfig(BaseModel):
         "is checked before reading (a local stat, the S3 object's size) and a stream of unknown size is cut off at "
         "the limit; a bytes column's value is measured.",
     )
+    storage_backend: Literal["native", "fsspec"] = Field(
+        "native",
+        description="Client for s3://, gs:// and az:// URIs everywhere (input, output, image URIs, reuse sources, "
+        "models, labels, review files): native (pyarrow's own S3, GCS and Azure clients, the faster on moto S3, "
+        "BENCHMARKS.md) or fsspec (s3fs, gcsfs, adlfs). Other fsspec protocols always go through fsspec.",
+    )
+    http_timeout: float = Field(
+        DEFAULT_HTTP.timeout, gt=0,
+        description="Seconds an http(s):// image URL may take: to connect, between two reads, and for a whole attempt "
+        "(a body that trickles in is cut off too). The row's error says 'timed out after N s'.",
+    )
+    http_concurrency: int = Field(
+        DEFAULT_HTTP.concurrency, ge=1, description="Image URLs fetched side by side in one decode task (threads over one connection pool)."
+    )
+    http_per_host: int = Field(DEFAULT_HTTP.per_host, ge=1, description="Most connections one decode task keeps open to one host.")
+    http_retries: int = Field(
+        DEFAULT_HTTP.retries, ge=0,
+        description="Retries of an image URL after a connection error, a truncated body, a 429 or a 5xx (exponential "
+        "backoff with jitter from 0.5 s; a Retry-After of up to 60 s is honoured, a longer one fails the row at once).",
+    )
+    http_allow_private: bool = Field(
+        False,
+        description="Fetch image URLs whose host is, or resolves to, a loopback, link-local (cloud metadata), private or "
+        "otherwise non-public address. Off by default: catalog URLs come from sellers, and such a URL is an image_error "
+        "'refused: private address'. Turn on for a catalog served from a private CDN.",
+    )
+    http_user_agent: str = Field(DEFAULT_HTTP.user_agent, description="User-Agent sent with every image URL request.")
 
     run_id: str | None = Field(None, description="Identifier recorded in every row and the manifest; generated when None.")
     report_category_column: str | None = Field(
@@ -356,6 +386,13 @@ class JobConfig(BaseModel):
                 "on one; reserve a GPU (a fraction shares a card) or use device auto, which runs such actors on the CPU"
             )
         return self
+
+    def http_settings(self) -> HttpSettings:
+        """The image URL fetcher's settings (blip_ops.http_fetch), plain and picklable for the decode tasks."""
+        return HttpSettings(
+            timeout=self.http_timeout, concurrency=self.http_concurrency, per_host=self.http_per_host,
+            retries=self.http_retries, allow_private=self.http_allow_private, user_agent=self.http_user_agent,
+        )
 
     @property
     def agreeing(self) -> bool:

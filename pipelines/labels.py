@@ -176,8 +176,18 @@ def parse_labels(value, base: Path | None = None) -> dict | None:
     for None. ``base``: the directory a relative ``categories.file`` is read from."""
     if value is None:
         return None
+    if isinstance(value, str) and "://" in value and not value.startswith("file://"):
+        # An object-store label file (s3://, gs://, az://: pipelines.storage); a relative
+        # categories.file beside it is not looked up there.
+        from .storage import read_bytes
+
+        try:
+            data = yaml.safe_load(read_bytes(value).decode("utf-8"))
+        except (OSError, ValueError) as exc:
+            raise LabelError(f"cannot read label file {value}: {exc}") from None
+        return parse_labels(data if data is not None else {}, None)
     if isinstance(value, (str, Path)):
-        path = Path(value)
+        path = Path(value.removeprefix("file://") if isinstance(value, str) else value)
         try:
             data = yaml.safe_load(path.read_text())
         except OSError as exc:

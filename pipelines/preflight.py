@@ -21,7 +21,7 @@ from .config import JobConfig
 from .keys import run_key_models
 from .reuse.sources import ReuseSourceError, open_sources
 from .schema import OUTPUT_COLUMNS
-from .storage import Location, locate
+from .storage import Location, locate, use_backend
 
 # BlipTextConfig's default depth, for a config.json that leaves it out.
 BLIP_TEXT_LAYERS = 12
@@ -64,10 +64,10 @@ def input_dataset(location: Location) -> pads.FileSystemDataset:
 
 
 def inspect_input(config: JobConfig) -> InputInfo:
-    location = locate(config.input)
     try:
+        location = locate(config.input)
         info = location.filesystem.get_file_info(location.path)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise InputError(f"cannot access input {config.input}: {exc}") from None
     if info.type == pa.fs.FileType.NotFound:
         raise InputError(f"input does not exist: {config.input}")
@@ -163,6 +163,7 @@ Checked = tuple[InputInfo, Location]
 
 def preflight(config: JobConfig) -> Checked:
     """Everything checkable without Ray or a model: the input, the models' configs, the output."""
+    use_backend(config.storage_backend)
     source = inspect_input(config)
     check_models(config)
     try:

@@ -25,7 +25,7 @@ from .reuse.sources import MANIFEST_KEYS as CONTENT_KEYS
 from .review import artifacts
 from .review.artifacts import REUSE_COUNTS
 from .schema import SCHEMA_VERSION, output_schema
-from .storage import Location
+from .storage import Location, use_backend
 from .vectors import extra_fields
 
 log = logging.getLogger(__name__)
@@ -271,6 +271,7 @@ def run_job(config: JobConfig, checked: Checked | None = None) -> RunSummary:
     """
     started = time.monotonic()
     started_at = datetime.now(timezone.utc).isoformat()
+    use_backend(config.storage_backend)
     source, destination = checked or preflight(config)
     key = work_key(config, source.fingerprint)
     committer = committer_for(config)

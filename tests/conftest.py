@@ -15,6 +15,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
+from tests.azure_server import azure_store, azurite_binary  # noqa: E402,F401  (fixture: Azure Blob on loopback)
+from tests.gcs_server import gcs, gcs_store  # noqa: E402,F401  (fixtures: GCS on loopback)
 from tests.s3_server import s3, s3_store  # noqa: E402,F401  (fixtures: S3 on loopback)
 
 
@@ -67,6 +69,11 @@ def ray_session(request):
     # session uses the S3 store, start it (it sets the AWS_* variables) before Ray.
     if any("s3_store" in item.fixturenames for item in request.session.items):
         request.getfixturevalue("s3_store")
+    if any("gcs_store" in item.fixturenames for item in request.session.items):
+        request.getfixturevalue("gcs_store")
+    # Without Azurite the Azure tests skip (fail under CI) on their own; Ray starts regardless.
+    if azurite_binary() and any("azure_store" in item.fixturenames for item in request.session.items):
+        request.getfixturevalue("azure_store")
     # num_gpus=0: on a GPU host the suite runs as on CI (device auto then places actors on the CPU,
     # where the fidelity tests' fp32 references hold); GPU paths are measured by benchmarks/gpu_bench.py.
     # Ray 2.60 gives a new node's raylet 30 s to register (hard-coded in ray/_private/node.py); at

@@ -33,11 +33,12 @@ never deletes them. ``VACUUM`` skips ``_``-prefixed paths, so staging, ``_report
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+
+from blip_ops import stores
 
 from ..storage import Location, locate
 from . import output
@@ -88,17 +89,9 @@ def parse_partition(text: str | None) -> dict:
 
 
 def storage_options(root: Location) -> dict | None:
-    """delta-rs's object-store settings. Only the endpoint (the same variables ``blip_ops.s3``
-    reads) is passed; credentials are read from the environment by delta-rs itself."""
-    if not root.uri.startswith("s3://"):
-        return None
-    options = {}
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if endpoint:
-        options["AWS_ENDPOINT_URL"] = endpoint
-        if endpoint.startswith("http://"):
-            options["AWS_ALLOW_HTTP"] = "true"
-    return options
+    """delta-rs's object-store settings (it takes no filesystem object): ``blip_ops.stores`` builds
+    them from the same environment the pyarrow and fsspec clients read; None for a local table."""
+    return stores.storage_options(root.uri)
 
 
 def _has_log(location: Location) -> bool:

@@ -138,11 +138,19 @@ def plan_and_compute(
     label_digest = digests.get("label")
     labels = labels_json(config)
     clock = _PassClock()
+    urls = {}
+    if config.image_uri_column:  # image URLs: each fetched once, by one task, before the hash pass
+        listed = _sum(_tasks(items, P.url_unit, dict(read, **common, buckets=buckets, image_column=config.image_uri_column)))
+        if listed.get("urls"):
+            urls = _sum(_tasks([{"bucket": b} for b in range(buckets)], P.fetch_urls, dict(
+                common, max_image_bytes=config.max_image_bytes, http=config.http_settings())))
+            clock.lap("fetch")
     hashed = _sum(_tasks(items, P.hash_unit, dict(
         read, **common, buckets=buckets, text_column=config.text_column,
         image_column=config.image_uri_column or config.image_column, from_uri=bool(config.image_uri_column),
         score_digest=digests["score"], caption_digest=caption_digest, max_image_bytes=config.max_image_bytes,
         label_digest=label_digest, labels=labels,
+        http=config.http_settings(),
     )))
     clock.lap("hash")
     source_items, matched = _source_items(sources, {"score": digests["score"], "caption": caption_digest, "label": label_digest})
@@ -190,6 +198,8 @@ def plan_and_compute(
         "buckets": buckets,
         "model_stages_run": [name for name, run in stages_needed.items() if run],
         "evidence_s": float(computed.get("evidence_s", 0.0)),
+        "image_urls_fetched": int(urls.get("image_urls_fetched", 0)),
+        "image_url_errors": int(urls.get("image_url_errors", 0)),
         "pass_seconds": clock.seconds,
     }
 
@@ -230,7 +240,11 @@ def _compute(config, source, run_id, resources, items, read, common, buckets, si
         ds = ds.map_batches(
             decode_needed, batch_format="pyarrow", batch_size=config.decode_batch_size,
             ray_remote_args_fn=_unfused, udf_modifying_row_count=False,
-            fn_kwargs=dict(decode_kwargs(config), **({} if needed["caption"] else {"caption_model": None})),
+            fn_kwargs=dict(
+                decode_kwargs(config), **({} if needed["caption"] else {"caption_model": None}),
+                # the image URLs pass 1 fetched: once per run, and the bytes their keys were made of
+                fetch_cache=P.fetch_cache(common["work_fs"], common["work"]) if config.image_uri_column else None,
+            ),
             **task_retries(),
         )
     if needed["score"]:

@@ -90,6 +90,7 @@ def decode_kwargs(config: JobConfig) -> dict:
         "max_image_bytes": config.max_image_bytes,
         "detect_language": config.text_languages is not None,
         "decode_device": config.decode_device,
+        "http": config.http_settings(),
     }
 
 

@@ -67,9 +67,15 @@ def connect(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     _quiet_token_auth_notice()
+    from blip_ops.stores import BACKEND_ENV
+
     ray.init(
         address=address,
         include_dashboard=False,
+        # A cluster's workers get a non-default storage backend through the job's runtime env (a local
+        # Ray's inherit this environment; any runtime env there would cost its prestarted workers).
+        runtime_env={"env_vars": {BACKEND_ENV: os.environ[BACKEND_ENV]}}
+        if address and os.environ.get(BACKEND_ENV, "native") != "native" else None,
         logging_level=logging.WARNING,
         log_to_driver=True,
     )

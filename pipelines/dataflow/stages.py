@@ -25,7 +25,7 @@ from blip_ops.texts import text_problem
 
 from .. import keys as K
 from .. import schema as S
-from ..storage import TooLarge, read_bytes
+from ..storage import FetchCache, FetchError, HttpSettings, TooLarge, is_http, read_uris
 from .device_decode import decode_jpeg_rows, drop_jpeg_columns
 
 
@@ -47,19 +47,25 @@ def _record_time(stage: str, rows: int, started: float) -> None:
             log.write(f"{stage}\t{rows}\t{time.perf_counter() - started:.6f}\n")
 
 
-def _load_image_bytes(value, from_uri: bool, max_image_bytes: int | None = None):
-    if not from_uri:
-        if max_image_bytes is not None and value is not None and len(value) > max_image_bytes:
-            raise ImageError(str(TooLarge(len(value), max_image_bytes)))
-        return value
-    if value is None or not str(value).strip():
+def _checked_bytes(value, max_image_bytes: int | None):
+    if max_image_bytes is not None and value is not None and len(value) > max_image_bytes:
+        raise ImageError(str(TooLarge(len(value), max_image_bytes)))
+    return value
+
+
+def _uri_bytes(uri, loaded):
+    """The bytes ``read_uris`` gave for ``uri``, or the row's ``ImageError`` for what it raised."""
+    if loaded is None:
         raise ImageError("missing image URI")
-    try:
-        return read_bytes(str(value), max_image_bytes)
-    except TooLarge as exc:
-        raise ImageError(str(exc)) from None
-    except (OSError, ValueError) as exc:
-        raise ImageError(f"cannot read image URI {value}: {exc}") from None
+    if isinstance(loaded, bytes):
+        return loaded
+    if isinstance(loaded, TooLarge):
+        raise ImageError(str(loaded))
+    if isinstance(loaded, FetchError) and is_http(str(uri)):
+        raise ImageError(f"cannot fetch image URL {str(uri).strip()}: {loaded}")
+    if isinstance(loaded, (OSError, ValueError)):
+        raise ImageError(f"cannot read image URI {uri}: {loaded}")
+    raise loaded  # anything else: the row's "could not be decoded", as a decoder bug would be
 
 
 def decode_batch(
@@ -74,8 +80,12 @@ def decode_batch(
     max_image_bytes: int | None = None,
     detect_language: bool = False,
     decode_device: str = "cpu",
+    http: HttpSettings | None = None,
+    fetch_cache: FetchCache | None = None,
 ) -> pa.Table:
     """Decode images and check texts; adds pixels at each model's resolution and per-row errors.
+    URIs are read first, each distinct one once (``storage.read_uris``: HTTP(S) URLs side by side
+    with ``http``'s settings, and from ``fetch_cache`` where an earlier pass of this run fetched them).
     An image larger than ``max_image_bytes`` is an error without being read (URIs) or decoded;
     with ``detect_language``, usable texts get their ISO 639-1 ``text_language`` (or null).
     With ``decode_device="gpu"``, a JPEG the device decoder may take (``sniff_jpeg``) is not decoded
@@ -88,13 +98,14 @@ def decode_batch(
     sources = batch.column(image_column).to_pylist()
     image_errors, text_errors, score_pixels, caption_pixels, image_hashes = [], [], [], [], []
     jpegs, orientations = [], []
-    for text, source in zip(texts, sources):
+    loaded = read_uris(sources, max_image_bytes, http, fetch_cache) if from_uri else [None] * len(sources)
+    for text, source, got in zip(texts, sources, loaded):
         text_errors.append(text_problem(text))
         image_hashes.append(K.sha256_hex(source) if not from_uri else None)
         jpegs.append(None)
         orientations.append(None)
         try:
-            data = _load_image_bytes(source, from_uri, max_image_bytes)
+            data = _uri_bytes(source, got) if from_uri else _checked_bytes(source, max_image_bytes)
             if from_uri:
                 image_hashes[-1] = K.sha256_hex(data)  # the key is the bytes read, not the URI
             orientation = sniff_jpeg(data) if decode_device == "gpu" else None

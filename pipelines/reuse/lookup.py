@@ -13,25 +13,21 @@ import pyarrow.dataset as pads
 
 from .. import keys as K
 from ..schema import IMAGE_EMBEDDING_BYTES, TEXT_EMBEDDING_BYTES
-
-EMBEDDING_BYTES = (IMAGE_EMBEDDING_BYTES, TEXT_EMBEDDING_BYTES)
-from ..storage import read_bytes
+from ..storage import read_uris
 from .passes import CAPTION_VALUE_FIELDS, SCORE_VALUE_FIELDS, _text_problem
 from .sources import NEEDED_COLUMNS, ReuseSource
+
+EMBEDDING_BYTES = (IMAGE_EMBEDDING_BYTES, TEXT_EMBEDDING_BYTES)
 
 # An audit's reused rows take the scores only; their evidence is not looked up (see jobs.audit).
 _SCORE_FIELDS = [f for f in SCORE_VALUE_FIELDS if f.name not in ("__image_error", "evidence", *EMBEDDING_BYTES)]
 
 
-def content_hashes(table: pa.Table, text_column: str, image_column: str, from_uri: bool) -> tuple[pa.Array, pa.Array]:
-    images = []
-    for value in table.column(image_column).to_pylist():
-        if from_uri:
-            try:
-                value = read_bytes(str(value)) if value is not None and str(value).strip() else None
-            except (OSError, ValueError):
-                value = None
-        images.append(K.sha256_hex(value))
+def content_hashes(table: pa.Table, text_column: str, image_column: str, from_uri: bool, http=None) -> tuple[pa.Array, pa.Array]:
+    values = table.column(image_column).to_pylist()
+    if from_uri:  # each distinct URI read once; one that cannot be read has no hash
+        values = [v if isinstance(v, bytes) else None for v in read_uris(values, http=http)]
+    images = [K.sha256_hex(value) for value in values]
     texts = table.column(text_column).to_pylist()
     return pa.array(images, pa.string()), pa.array([K.text_sha256(t) for t in texts], pa.string())
 
@@ -40,7 +36,8 @@ def lookup(table: pa.Table, config, digests: dict, sources: list[ReuseSource]) -
     """Per row of ``table``: the content hashes and, where a source holds them, the reused score and
     caption values (null where not found). The first source listed wins."""
     image_sha, text_sha = content_hashes(
-        table, config.text_column, config.image_uri_column or config.image_column, bool(config.image_uri_column)
+        table, config.text_column, config.image_uri_column or config.image_column, bool(config.image_uri_column),
+        config.http_settings(),
     )
     texts = table.column(config.text_column).to_pylist()
     scorable = pa.array([None if _text_problem(t) else h for t, h in zip(texts, text_sha.to_pylist())], pa.string())

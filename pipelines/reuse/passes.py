@@ -26,6 +26,7 @@ A position is ``unit << 32 | row``: unique in a run and ordered like the input.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -44,7 +45,7 @@ from blip_ops.texts import text_problem
 from .. import keys as K
 from .. import schema as S
 from ..commit.pieces import ROW, UNIT, read_units
-from ..storage import read_bytes
+from ..storage import FetchCache, is_http, read_uris
 from .sources import CAPTION_VALUES, SCORE_VALUES
 
 # Keys a plan task holds at once; a run's buckets are its rows over this. About 100 MB per task.
@@ -140,22 +141,25 @@ KEY_POS_SCHEMA = pa.schema([pa.field(KEY, pa.string()), pa.field(POS, pa.int64()
 def hash_unit(
     items: pa.Table, *, filesystem, schema, batch_rows: int, text_column: str, image_column: str, from_uri: bool,
     score_digest: str, caption_digest: str | None, work_fs, work: str, buckets: int, max_image_bytes: int | None = None,
-    label_digest: str | None = None, labels: str | None = None,
+    label_digest: str | None = None, labels: str | None = None, http=None,
 ) -> pa.Table:
     """Pass 1 for units: content hashes and keys of every wanted row, bucketed (``labels``: the
-    label file as JSON, whose names say what a declared category means)."""
+    label file as JSON, whose names say what a declared category means). Image URLs come from the
+    work directory's fetch cache (``fetch_urls`` filled it)."""
     label_set = _label_set(labels) if label_digest else None
     counts = {"rows": 0, "keyless": 0}
+    cache = fetch_cache(work_fs, work) if from_uri else None
     for table in read_units(items, filesystem=filesystem, schema=schema, batch_rows=batch_rows):
         unit, first = int(table.column(UNIT)[0].as_py()), int(table.column(ROW)[0].as_py())
         texts = table.column(text_column).to_pylist()
         images, oversized = [], []
-        for value in table.column(image_column).to_pylist():
-            if from_uri:
-                try:
-                    value = read_bytes(str(value), max_image_bytes) if value is not None and str(value).strip() else None
-                except (OSError, ValueError):  # TooLarge too: an oversized object is never read whole
-                    value = None  # unreadable: no key; the compute pass reads it again and says why
+        values = table.column(image_column).to_pylist()
+        # A URI that cannot be read (too large included: never read whole) gets no key; the compute
+        # pass decodes it and says why.
+        loaded = read_uris(values, max_image_bytes, http, cache) if from_uri else values
+        for value in loaded:
+            if from_uri and not isinstance(value, bytes):
+                value = None
             images.append(K.sha256_hex(value))
             # Over the byte limit (a bytes column; a URI is never read that far): no key, so the
             # compute pass decodes it and says why, and no earlier run's value is taken for it.
@@ -194,6 +198,46 @@ def _category_tokens(label_set, table: pa.Table, usable: pa.Array) -> pa.Array:
     column = label_set.column
     values = table.column(column).to_pylist() if column and column in table.column_names else [None] * table.num_rows
     return pa.array([None if ok is None else label_set.key_token(v) for v, ok in zip(values, usable.to_pylist())], pa.string())
+
+
+def fetch_cache(work_fs, work: str) -> FetchCache:
+    """Where this attempt keeps the image URLs it fetched (``storage.FetchCache``)."""
+    return FetchCache(work_fs, f"{work}/fetched")
+
+
+URL_SCHEMA = pa.schema([pa.field("url", pa.string())])
+
+
+def url_unit(items: pa.Table, *, filesystem, schema, batch_rows: int, image_column: str, work_fs, work: str, buckets: int) -> pa.Table:
+    """Pass 0 for image URLs: a unit's distinct http(s) URLs, into buckets by URL. Each bucket is then
+    fetched by one task (``fetch_urls``), so a URL shared by rows of many units is fetched once, not
+    once by every hash task that meets it at the same moment (seen: 3 requests for 2 units)."""
+    urls: set[str] = set()
+    unit = None
+    for table in read_units(items, filesystem=filesystem, schema=schema, batch_rows=batch_rows):
+        unit = int(table.column(UNIT)[0].as_py())
+        for value in table.column(image_column).to_pylist():
+            if value is not None and is_http(str(value).strip()):
+                urls.add(str(value).strip())
+    if urls:
+        column = pa.array(sorted(urls), pa.string())
+        keys = pa.array([hashlib.sha256(u.encode()).hexdigest() for u in column.to_pylist()], pa.string())
+        which = _bucket_of(keys, buckets)
+        for bucket in np.unique(which):
+            _write(work_fs, f"{work}/urls/b{bucket:05d}/u{unit:06d}.parquet",
+                   pa.Table.from_arrays([column], schema=URL_SCHEMA).filter(pa.array(which == bucket)))
+    return pa.table({"urls": [len(urls)]})
+
+
+def fetch_urls(items: pa.Table, *, work_fs, work: str, max_image_bytes: int | None, http) -> pa.Table:
+    """Pass 0, second half: fetch one bucket's distinct URLs into the work directory's fetch cache."""
+    fetched = failed = 0
+    for item in items.to_pylist():
+        urls = _read_dir(work_fs, f"{work}/urls/b{item['bucket']:05d}", URL_SCHEMA).column("url").to_pylist()
+        for value in read_uris(sorted(set(urls)), max_image_bytes, http, fetch_cache(work_fs, work)):
+            fetched += isinstance(value, bytes)
+            failed += not isinstance(value, bytes)
+    return pa.table({"image_urls_fetched": [fetched], "image_url_errors": [failed]})
 
 
 def source_file(

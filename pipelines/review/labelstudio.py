@@ -289,7 +289,7 @@ class _Images:
             for i in wanted:
                 if self.uris[i]:
                     try:
-                        self._bytes[i] = read_bytes(str(self.uris[i]), self.config.max_image_bytes)
+                        self._bytes[i] = read_bytes(str(self.uris[i]), self.config.max_image_bytes, self.config.http_settings())
                     except (OSError, ValueError):
                         self._bytes[i] = None
             return

@@ -40,23 +40,36 @@ def test_other_errors_and_a_failure_that_lasts_are_raised(monkeypatch):
     assert len(calls) == s3.READ_ATTEMPTS
 
 
-def test_the_commits_piece_counts_ride_out_a_flush_failure(tmp_path, monkeypatch):
-    # What broke tests/pipelines/test_s3.py now and then: the commit's count of a piece hit the failure.
-    from pipelines.commit import output
+def test_the_commits_merge_rides_out_a_flush_failure(tmp_path, monkeypatch):
+    # What broke tests/pipelines/test_s3.py now and then: the commit's read of a piece hit the failure.
+    # The commit now reads pieces while merging them (pipelines.commit.merge): a merged file is written
+    # whole from the start again, and its counts are those of one write.
+    from types import SimpleNamespace
+
+    from pipelines.commit import merge
 
     monkeypatch.setattr(s3.time, "sleep", lambda seconds: None)
-    path = str(tmp_path / "piece.parquet")
-    pq.write_table(pa.table({"status": ["ok", "ok", "image_error"], "flagged": [True, False, False]}), path)
+    staging, output = tmp_path / "staging", tmp_path / "out"
+    staging.mkdir(), output.mkdir()
+    pieces = []
+    for i, statuses in enumerate((["ok", "ok"], ["image_error"])):
+        path = str(staging / f"u{i:06d}-r0000000000-n{len(statuses):06d}.parquet")
+        pq.write_table(pa.table({"status": statuses, "flagged": [True] + [False] * (len(statuses) - 1)}), path)
+        pieces.append(path)
 
     class FlakyFileSystem(pafs.PyFileSystem):
         failures = 1
 
         def open_input_file(self, name):
-            if FlakyFileSystem.failures:
+            if FlakyFileSystem.failures and name == pieces[1]:  # the second piece: the first one already merged
                 FlakyFileSystem.failures -= 1
                 raise OSError(FLUSH)
             return pafs.LocalFileSystem().open_input_file(name)
 
     fs = FlakyFileSystem(pafs.FSSpecHandler(__import__("fsspec").filesystem("file")))
-    assert output._count(fs, [path]) == (3, {"image_error": 1, "ok": 2}, 1, 0)
+    monkeypatch.setattr(merge, "locate", lambda uri: SimpleNamespace(filesystem=fs, join=lambda name: f"{output}/{name}"))
+    result = merge.merge_file({"output": str(output), "staging": str(staging), "name": "part-0.parquet", "rows": 3, "pieces": pieces})
     assert FlakyFileSystem.failures == 0
+    assert (result["rows"], result["flagged"], result["by_status"]) == (3, 2, {"ok": 2, "image_error": 1})
+    assert pq.read_table(output / "part-0.parquet").column("status").to_pylist() == ["ok", "ok", "image_error"]
+    assert [p.name for p in staging.iterdir() if p.name.startswith(".merge-")] == []  # the failed write's temporary is gone

@@ -41,6 +41,8 @@ NOT_IN_KEYS = {
     # without them cannot serve a run asking for them: pipelines.reuse.passes.source_file), and the
     # groups are computed over each run's rows after the plan
     "embeddings", "near_duplicates", "near_duplicate_cosine",
+    # how image URLs are fetched: bytes are bytes (the key is the hash of the bytes received)
+    "storage_backend", "http_timeout", "http_concurrency", "http_per_host", "http_retries", "http_allow_private", "http_user_agent",
 }
 
 
