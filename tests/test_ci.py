@@ -64,3 +64,10 @@ def test_a_missing_tool_skips_locally_and_fails_under_ci(monkeypatch):
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception, match="no chromium binary .*CI=true"):
         require_or_skip(False, "no chromium binary")
+
+
+def test_no_two_test_files_share_a_name():
+    """The test folders are not packages, so pytest imports each test file by its basename: two files
+    of one name fail the whole suite's collection ("import file mismatch") before any test runs."""
+    names = [path.name for path in (ROOT / "tests").rglob("test_*.py")]
+    assert sorted({name for name in names if names.count(name) > 1}) == []
