@@ -1,0 +1,61 @@
+"""The documentation holds together: every relative link of README.md and docs/ reaches a file, and
+every #anchor a heading on its page (the README was split into pages; a link left pointing at the
+old place fails here), and a block is found on whichever page holds it."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests import docs
+
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def _anchors(path) -> set[str]:
+    text, fenced, found = path.read_text(), False, set()
+    for line in text.splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        elif not fenced and re.match(r"#{1,6} ", line):
+            found.add(re.sub(r"[^\w\- ]", "", line.split(" ", 1)[1].strip().lower()).replace(" ", "-"))
+    return found
+
+
+def _links(path):
+    text = re.sub(r"^```.*?^```", "", path.read_text(), flags=re.S | re.M)  # code is not a link
+    return [t for t in LINK.findall(text) if not re.match(r"[a-z]+://|mailto:", t)]
+
+
+@pytest.mark.parametrize("page", docs.doc_pages() + [docs.ROOT / "BENCHMARKS.md"], ids=lambda p: p.name)
+def test_every_relative_link_and_anchor_resolves(page):
+    broken = []
+    for target in _links(page):
+        file_part, _, anchor = target.partition("#")
+        linked = (page.parent / file_part).resolve() if file_part else page
+        if not linked.exists():
+            broken.append(target)
+        elif anchor and linked.suffix == ".md" and anchor not in _anchors(linked):
+            broken.append(target)
+    assert broken == []
+
+
+def test_the_readme_stays_a_front_door():
+    readme = (docs.ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 250
+    for page in ("scoring", "nightly", "output", "signals", "review", "cluster", "performance", "fidelity", "architecture"):
+        assert f"(docs/{page}.md" in readme, page
+
+
+def test_a_block_is_found_on_its_page_and_only_there(tmp_path, monkeypatch):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "README.md").write_text("# t\n\n## Moved\n\nsee docs\n")
+    (tmp_path / "docs" / "a.md").write_text("# A\n\n## Block\n\n```sql\nSELECT 1\n```\n\n## Next\n\n```sql\nSELECT 2\n```\n")
+    monkeypatch.setattr(docs, "ROOT", tmp_path)
+    assert docs.block("## Block", "sql") == "SELECT 1\n"  # not the next section's
+    with pytest.raises(AssertionError, match="Gone"):
+        docs.section("## Gone")
+    (tmp_path / "docs" / "b.md").write_text("## Block\n")
+    with pytest.raises(AssertionError, match="a.md.*b.md"):
+        docs.section("## Block")
