@@ -59,3 +59,35 @@ def test_a_block_is_found_on_its_page_and_only_there(tmp_path, monkeypatch):
     (tmp_path / "docs" / "b.md").write_text("## Block\n")
     with pytest.raises(AssertionError, match="a.md.*b.md"):
         docs.section("## Block")
+
+
+def _documented_commands() -> list[tuple[str, str, list[str]]]:
+    """(page, module, arguments) of every `python -m jobs.X ...` line in a ```bash block."""
+    import shlex
+
+    found = []
+    for page in docs.doc_pages():
+        for block in re.findall(r"^```bash\n(.*?)^```", page.read_text(), flags=re.S | re.M):
+            for line in block.replace("\\\n", " ").splitlines():
+                match = re.match(r"python -m (jobs\.\w+)(.*)", line.strip())
+                if match and "$" not in line:
+                    found.append((page.name, match.group(1), shlex.split(match.group(2), comments=True)))
+    return found
+
+
+def test_every_documented_command_parses_with_its_cli():
+    """The commands the pages show are ones the CLIs accept (parsed, not run): a renamed or
+    removed option fails here, on whichever page still shows it."""
+    import importlib
+
+    commands = _documented_commands()
+    assert {module for _, module, _ in commands} >= {"jobs.score", "jobs.nightly", "jobs.review", "jobs.calibrate"}
+    assert any(page == "README.md" for page, _, _ in commands)
+    for page, module, arguments in commands:
+        if module == "jobs.demo":
+            continue
+        parser = importlib.import_module(module).make_parser()
+        try:
+            parser.parse_args(arguments)
+        except SystemExit as exc:
+            raise AssertionError(f"{page}: python -m {module} {' '.join(arguments)}") from exc
