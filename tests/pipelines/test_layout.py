@@ -75,6 +75,12 @@ def test_blip_ops_never_imports_ray():
     assert _offending("blip_ops", _is_ray) == {}
 
 
+def test_the_floors_import_only_downward():
+    """jobs -> pipelines -> blip_ops, as docs/architecture.md draws them."""
+    assert _offending("blip_ops", lambda m: m.startswith(("pipelines", "jobs"))) == {}
+    assert _offending("pipelines", lambda m: m.startswith("jobs")) == {}
+
+
 @pytest.mark.parametrize("room", ["commit", "review", "reuse"])
 def test_commit_and_review_never_import_ray(room):
     assert _offending(f"pipelines/{room}", _is_ray) == {}
