@@ -91,3 +91,16 @@ def test_every_documented_command_parses_with_its_cli():
             parser.parse_args(arguments)
         except SystemExit as exc:
             raise AssertionError(f"{page}: python -m {module} {' '.join(arguments)}") from exc
+
+
+def test_the_documented_output_columns_are_the_schema():
+    """docs/output.md's column table, and the README's one-line list made from it, name exactly
+    pipelines/schema.py's output columns, in order: a new column is documented or this fails."""
+    from pipelines.schema import OUTPUT_COLUMNS
+
+    table = [line for line in docs.section("## Output").splitlines() if line.startswith("| `")]
+    documented = [name for line in table for name in re.findall(r"`([a-z_0-9]+)`", line.split("|")[1])]
+    assert documented == OUTPUT_COLUMNS
+    readme = (docs.ROOT / "README.md").read_text()
+    listed = readme.split("All columns: ", 1)[1].split(". ", 1)[0]
+    assert re.findall(r"`([a-z_0-9]+)`", listed) == OUTPUT_COLUMNS
