@@ -79,7 +79,7 @@ THRESHOLDS = "thresholds and signals"
 EVIDENCE = "evidence and labels"
 REUSE = "reuse"
 RESOURCES = "resources and cluster"
-SPEED = "speed, rarely changed (none changes what a row means; see docs/performance.md)"
+SPEED = "speed, rarely changed"
 GROUPS = [INPUT_OUTPUT, MODELS, THRESHOLDS, EVIDENCE, REUSE, RESOURCES, SPEED]
 
 OPTION_GROUPS = {
