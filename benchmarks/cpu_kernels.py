@@ -70,7 +70,7 @@ def measure(args) -> dict:
     import numpy as np
     import torch
 
-    from benchmarks.attention_fp32 import catalog_pairs
+    from benchmarks.samples import catalog_pairs
     from blip_ops.cpu_kernels import pack_image_side
     from blip_ops.preprocess import resize_for
     from blip_ops.scorer import BlipScorer

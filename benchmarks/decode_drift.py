@@ -3,7 +3,7 @@
     python -m benchmarks.decode_drift                           # here: the Pillow stand-in backend on the CPU
     python -m benchmarks.decode_drift --backend torchvision --device cuda   # on a GPU machine: nvJPEG
 
-Photo-like JPEGs (``benchmarks.jpeg_draft.photo``: gradients, shapes, sensor-like noise,
+Photo-like JPEGs (``benchmarks.samples.photo``: gradients, shapes, sensor-like noise,
 quality 90; 480x360 by default, as the GPU goal states, and a few 1600x1200 ones) are decoded and
 resized both ways to BLIP ITM's 384 px and BLIP-2's 224 px. Reported: mean and largest absolute
 pixel difference (0..255 levels); then both pixel sets are scored in fp32 with the same
@@ -38,7 +38,7 @@ BF16_NOISE = 0.0034  # largest bf16-vs-fp32 score difference on the H200 (BENCHM
 
 
 def images(count: int, large: int, seed: int = 0) -> list[bytes]:
-    from benchmarks.jpeg_draft import photo
+    from benchmarks.samples import photo
 
     return [photo(480, 360, seed + i) for i in range(count)] + [photo(1600, 1200, seed + 1000 + i) for i in range(large)]
 

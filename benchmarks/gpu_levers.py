@@ -67,7 +67,7 @@ def _scorer(args, device: str, precision: str, **options):
     import torch
     from transformers import BlipForImageTextRetrieval
 
-    from benchmarks.gpu_bench import itm_config
+    from benchmarks.gpu_models import itm_config
     from blip_ops.precision import weight_dtype
     from blip_ops.scorer import BlipScorer
     from blip_ops.tiny import bench_itm_processor
@@ -86,7 +86,7 @@ def _captioner(args, device: str, precision: str = "auto"):
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
-    from benchmarks.gpu_bench import blip2_config
+    from benchmarks.gpu_models import blip2_config
     from blip_ops.captioner import Blip2Captioner
     from blip_ops.precision import weight_dtype
     from blip_ops.tiny import _CLIP_MEAN, _CLIP_STD, _opt_tokenizer

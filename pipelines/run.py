@@ -19,6 +19,7 @@ from .commit.merge import TASK_RETRIES, Merger
 from .commit.units import durable_rows, missing_ranges, work_key
 from .config import JobConfig
 from .dataflow import runtime
+from .dataflow.dedup import group_text_agreement
 from .dataflow.local import map_processes
 from .preflight import Checked, InputInfo, preflight
 from .reuse.sources import MANIFEST_KEYS as CONTENT_KEYS
@@ -326,5 +327,8 @@ def run_job(config: JobConfig, checked: Checked | None = None) -> RunSummary:
             return _summary(latest, destination, started, ALREADY_COMMITTED, resumed)
         raise
     summary = _summary(result.manifest, destination, started, COMMITTED, resumed)
-    artifacts.publish_run_artifacts(config, destination, result.manifest, summary.as_dict())  # logs, never raises
+    agree = None
+    if config.near_duplicates and config.agreement_model is not None and runtime.ray.is_initialized():
+        agree = functools.partial(group_text_agreement, model=config.agreement_model)
+    artifacts.publish_run_artifacts(config, destination, result.manifest, summary.as_dict(), agree)  # logs, never raises
     return summary

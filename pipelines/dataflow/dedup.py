@@ -262,6 +262,25 @@ def _compute(config, source, run_id, resources, items, read, common, buckets, si
 
 
 @functools.lru_cache(maxsize=2)
+def group_text_agreement(texts: dict[str, list[str]], model: str) -> dict[str, float]:
+    """For the report's "Images shared across listings": each group's texts compared by the sentence
+    model, as the mean pairwise cosine (``review.shared_images``), in one Ray task (the model never
+    loads on the driver). Groups of fewer than two texts are left out."""
+    return ray.get(ray.remote(_group_agreement).options(num_cpus=0.5).remote(texts, model))
+
+
+def mean_pairwise_cosine(vectors: np.ndarray) -> float:
+    """The mean cosine over every pair of rows of ``vectors`` (at least two)."""
+    vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    return float((vectors @ vectors.T)[np.triu_indices(len(vectors), k=1)].mean())
+
+
+def _group_agreement(texts: dict[str, list[str]], model: str) -> dict[str, float]:
+    encoder = _sentence_encoder(model)  # cached per worker process
+    return {group: mean_pairwise_cosine(np.asarray(encoder.encode(items), dtype=np.float32))
+            for group, items in texts.items() if len(items) >= 2}
+
+
 def _sentence_encoder(reference: str):
     # Once per worker process (Ray reuses them across tasks), never on the driver.
     from blip_ops.agreement import SentenceEncoder

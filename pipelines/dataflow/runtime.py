@@ -61,9 +61,22 @@ def _quiet_token_auth_notice() -> None:
         auth_log.addFilter(_DropTokenAuthEnabledNotice())
 
 
+def learn_fsspec_errors() -> list[str]:
+    """Ray Data retries reads and writes whose error names one of ``DataContext.retried_io_errors``,
+    which lists the AWS SDK's messages only (pyarrow's native S3): add the fsspec clients' transient
+    errors (``blip_ops.stores.FSSPEC_TRANSIENT``: s3fs, gcsfs, adlfs, HTTP), once per process."""
+    from blip_ops.stores import FSSPEC_TRANSIENT
+
+    context = ray.data.DataContext.get_current()
+    current = list(context.retried_io_errors)
+    context.retried_io_errors = current + [m for m in FSSPEC_TRANSIENT if m not in current]
+    return context.retried_io_errors
+
+
 def connect(address: str | None) -> bool:
     """Returns True when this call started Ray (and so should shut it down)."""
     configure_progress()
+    learn_fsspec_errors()
     if ray.is_initialized():
         return False
     _quiet_token_auth_notice()

@@ -188,9 +188,12 @@ def hash_unit(
 
 
 def _label_set(labels: str):
-    from ..dataflow.labelling import label_set  # plain pyarrow and json: no Ray
+    """The parsed label file from its JSON (as ``dataflow.labelling.label_set`` reads it for the actors)."""
+    import json
 
-    return label_set(labels)
+    from ..labels import LabelSet
+
+    return LabelSet(json.loads(labels))
 
 
 def _category_tokens(label_set, table: pa.Table, usable: pa.Array) -> pa.Array:

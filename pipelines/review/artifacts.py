@@ -148,23 +148,24 @@ def write_run_summary(location: Location, row: dict) -> str:
     return name
 
 
-def write_run_artifacts(config: JobConfig, destination: Location, manifest: dict, summary: dict) -> None:
+def write_run_artifacts(config: JobConfig, destination: Location, manifest: dict, summary: dict, agree=None) -> None:
     """``_report.html`` and the run-summary row for a committed result.
 
-    ``manifest``: the committed ``_manifest.json`` content; ``summary``: ``RunSummary.as_dict()``.
+    ``manifest``: the committed ``_manifest.json`` content; ``summary``: ``RunSummary.as_dict()``;
+    ``agree``: how the report compares the texts of listings sharing a photo (``report.report_page``).
     """
     stats = report.collect_stats(destination, manifest.get("files", []), config)
     # The summary row first: dashboards depend on it, and it does not need the input's images.
     write_run_summary(destination, summary_row(config, manifest, summary, stats))
-    page = report.report_page(manifest, summary, config, stats, destination)
+    page = report.report_page(manifest, summary, config, stats, destination, agree)
     _write_bytes(destination, REPORT, page.encode("utf-8"))
 
 
-def publish_run_artifacts(config: JobConfig, destination: Location, manifest: dict, summary: dict) -> bool:
+def publish_run_artifacts(config: JobConfig, destination: Location, manifest: dict, summary: dict, agree=None) -> bool:
     """``write_run_artifacts`` for ``run_job``: a failure is logged as a warning, never raised,
     because the scored result is already committed. Returns whether both were written."""
     try:
-        write_run_artifacts(config, destination, manifest, summary)
+        write_run_artifacts(config, destination, manifest, summary, agree)
         return True
     except Exception as exc:  # noqa: BLE001  (any failure here must leave the committed run alone)
         log.warning("run %s is committed, but its report or summary row was not written: %s: %s",

@@ -446,7 +446,8 @@ def render_report(
     )
 
 
-def report_page(manifest: dict, summary: dict, config: JobConfig, stats: OutputStats, location: Location | None = None) -> str:
+def report_page(manifest: dict, summary: dict, config: JobConfig, stats: OutputStats, location: Location | None = None,
+                agree=None) -> str:
     """The page for already collected ``stats``: fetches the examples' images, reads the run history
     beside ``location`` (the output, or its partition) and renders."""
     ids = [row.get(config.id_column) for row in stats.examples]
@@ -460,12 +461,13 @@ def report_page(manifest: dict, summary: dict, config: JobConfig, stats: OutputS
         if row.get("evidence") and key not in overlays:
             overlays[key] = views.overlay_uri(images.get(key), row["evidence"])
     history = read_history(location) if location is not None else None
-    shared = _shared_images(manifest, config, location)
+    shared = _shared_images(manifest, config, location, agree)
     return render_report(manifest, summary, config, stats, thumbnails, overlays, history, shared)
 
 
-def _shared_images(manifest: dict, config: JobConfig, location: Location | None) -> str:
-    """The "Images shared across listings" section (``shared_images``) for a --near-duplicates output; "" otherwise."""
+def _shared_images(manifest: dict, config: JobConfig, location: Location | None, agree=None) -> str:
+    """The "Images shared across listings" section (``shared_images``) for a --near-duplicates output; "" otherwise.
+    ``agree``: how the groups' texts are compared (``shared_images.text_agreement``), or None."""
     if location is None or not getattr(config, "near_duplicates", False):
         return ""
     from . import shared_images
@@ -473,7 +475,7 @@ def _shared_images(manifest: dict, config: JobConfig, location: Location | None)
     groups = shared_images.largest_groups(location, manifest.get("files", []), config)
     ids = [row.get(config.id_column) for group in groups for row in group["rows"]]
     thumbnails = {key: views.thumbnail_uri(data) for key, data in fetch_images(config, ids).items()}
-    agreement = shared_images.text_agreement(groups, config, config.agreement_model)
+    agreement = shared_images.text_agreement(groups, config, agree)
     return shared_images.render(groups, agreement, thumbnails, config)
 
 

@@ -11,7 +11,6 @@ page says it was not computed rather than load a model here.
 
 from __future__ import annotations
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
@@ -52,33 +51,15 @@ def largest_groups(location, files: list[str], config, groups: int = GROUPS, row
     return [{"group": g, "size": size, "images": len(images[g]), "rows": found[g]} for g, size in chosen]
 
 
-def text_agreement(groups: list[dict], config, model: str | None) -> dict[str, float]:
-    """Group -> mean pairwise cosine of its shown rows' texts (MiniLM, in a Ray task); {} when not computed."""
-    try:
-        import ray
-    except ImportError:
-        return {}
-    if model is None or not ray.is_initialized():
+def text_agreement(groups: list[dict], config, agree) -> dict[str, float]:
+    """Group -> mean pairwise cosine of its shown rows' texts; {} when not computed. ``agree`` (texts
+    by group -> that mapping) runs the sentence model where models run, never here: the orchestrator
+    passes ``pipelines.dataflow.dedup.group_text_agreement`` (a Ray task), or None."""
+    if agree is None:
         return {}
     texts = {g["group"]: [r.get(config.text_column) for r in g["rows"] if isinstance(r.get(config.text_column), str)]
              for g in groups}
-    return ray.get(ray.remote(_agreement).options(num_cpus=0.5).remote(texts, model))
-
-
-def _agreement(texts: dict[str, list[str]], model: str) -> dict[str, float]:
-    from pipelines.dataflow.dedup import _sentence_encoder  # cached per worker process
-
-    encoder = _sentence_encoder(model)
-    out = {}
-    for group, items in texts.items():
-        if len(items) < 2:
-            continue
-        vectors = np.asarray(encoder.encode(items), dtype=np.float32)
-        vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-        sims = vectors @ vectors.T
-        upper = sims[np.triu_indices(len(items), k=1)]
-        out[group] = float(upper.mean())
-    return out
+    return agree(texts)
 
 
 def render(groups: list[dict], agreement: dict[str, float], thumbnails: dict, config) -> str:

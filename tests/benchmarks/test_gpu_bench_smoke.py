@@ -65,13 +65,6 @@ def test_this_side_alone_with_a_static_cache_and_batch_size_sweeps(capsys):
     assert scoring["decode_processes"] == 1 and scoring["decode_resize_images_per_s_processes"] > 0
 
 
-def test_pixel_batch_benchmark_runs(capsys):
-    from benchmarks import pixel_batch
-
-    assert pixel_batch.main(["--rows", "4", "--side", "16", "--repeats", "2"]) == 0
-    assert "whole batch now" in capsys.readouterr().out
-
-
 def test_decode_only_reports_thread_and_process_rates_without_models(capsys):
     assert gpu_bench.main(["--smoke", "--device", "cpu", "--json", "--decode-only", "--decode-processes", "2"]) == 0
     result = json.loads(capsys.readouterr().out)

@@ -65,3 +65,16 @@ def test_colormap_is_inferno_from_dark_to_light():
     assert ends.tolist() == [list(np.round(_INFERNO[0] * 255).astype(int)), list(np.round(_INFERNO[-1] * 255).astype(int))]
     lightness = colormap(np.linspace(0, 1, 50)).astype(float) @ [0.299, 0.587, 0.114]
     assert np.all(np.diff(lightness) > 0)  # perceptually ordered: brighter means hotter
+
+
+def test_the_documented_overlay_example_runs(tmp_path, monkeypatch):
+    """docs/signals.md's two lines, on image bytes and on a Pillow image, with a row's evidence."""
+    from tests import docs
+
+    code = docs.block("## Evidence maps: why a row was flagged", "python")
+    monkeypatch.chdir(tmp_path)
+    for image, width in ((image_bytes(_picture(240, 160), "JPEG"), 240), (_picture(300, 200), 300)):
+        exec(code, {"image_bytes_or_pil": image, "row": {"evidence": _evidence()}})
+        with Image.open(tmp_path / "why.png") as drawn:
+            assert drawn.width == width and drawn.height > 160  # the image, with the legend below
+        (tmp_path / "why.png").unlink()

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from benchmarks.jpeg_draft import photo
+from benchmarks.samples import photo
 from blip_ops import jpeg_device
 from blip_ops.images import ImageError, decode_rgb
 from blip_ops.jpeg_device import DeviceJpegDecoder, orient, sniff_jpeg

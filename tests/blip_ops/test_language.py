@@ -1,6 +1,6 @@
 """Language identification on the labelled catalog texts, at the accuracy BENCHMARKS.md reports."""
 
-from benchmarks.language_samples import CODES, TITLES, labelled
+from benchmarks.samples import CODES, TITLES, labelled
 from blip_ops.language import detect_languages, iso_code
 
 

@@ -226,3 +226,29 @@ def test_evidence_option_and_the_overlay_function_on_any_row(ray_session, frame,
     nothing = audit(small, evidence="none", **options)
     assert nothing["evidence"].isna().all()
     release_models()
+
+
+def test_the_documented_audit_examples_run(ray_session, frame, options, tmp_path, monkeypatch):
+    """The notebook audit of docs/scoring.md and of the README, as written, on a catalog/ directory
+    with a category column; the tiny checkpoints stand in for the real ones named there."""
+    import jobs.audit as audit_module
+    from tests import docs
+
+    real_audit, results = audit_module.audit, []
+
+    def with_tiny_models(source, **kwargs):
+        results.append(real_audit(source, **{**options, **kwargs}))
+        return results[-1]
+
+    monkeypatch.setattr(audit_module, "audit", with_tiny_models)
+    (tmp_path / "catalog").mkdir()
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp_path / "catalog" / "part-0.parquet")
+    monkeypatch.chdir(tmp_path)
+    for heading in ("## Notebook audits", "## What you can do with it"):
+        code = docs.block(heading, "python").replace('"Salesforce/blip-itm-base-coco"', repr(options["itm_model"]))
+        namespace = {}
+        exec(code, namespace)
+        assert namespace["df"] is results[-1]
+        assert list(namespace["df"].id) == list(frame.id[frame.category == "shoes"])
+    assert len(results) == 2
+    release_models()

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from benchmarks.jpeg_draft import photo
+from benchmarks.samples import photo
 from blip_ops import jpeg_device
 from blip_ops.samples import sample_catalog
 from pipelines.config import build_config

@@ -268,11 +268,9 @@ def test_a_delta_output_holds_the_groups(runs):
 
 
 def _readme_queries() -> dict[str, str]:
-    from pathlib import Path
+    from tests import docs
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    section = readme.split("## Embeddings and near-duplicate images", 1)[1]
-    block = section.split("```sql\n", 1)[1].split("```", 1)[0]
+    block = docs.block("## Embeddings and near-duplicate images", "sql")
     queries = {}
     for statement in block.split(";"):
         lines = statement.strip().splitlines()

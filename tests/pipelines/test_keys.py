@@ -13,7 +13,7 @@ from pipelines.config import JobConfig, build_config
 BASE = {"input": "in", "output": "out"}
 
 # What each key holds, listed once more by hand: a field added to a key, or dropped from it,
-# fails here until this list (and the README's) says so.
+# fails here until this list (and docs/nightly.md's "Content keys") says so.
 SCORE_KEY_FIELDS = {
     "itm_checkpoint", "max_text_tokens", "precision", "device", "jpeg_draft", "vision_attention", "scorer_version",
     "decode_device", "compiled", "cpu_kernels",

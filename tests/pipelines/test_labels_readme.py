@@ -14,14 +14,14 @@ from blip_ops.samples import sample_catalog
 from jobs.audit import show_flagged
 from pipelines.config import build_config
 from pipelines.run import run_job
+from tests import docs
 from tests.conftest import write_catalog
 
-README = Path(__file__).resolve().parents[2] / "README.md"
 MARKUP = "<b>x</b>"
 
 
 def _section() -> str:
-    return README.read_text().split("## Category and policy labels (`--labels`)", 1)[1].split("\n## ", 1)[0]
+    return docs.section("## Category and policy labels (`--labels`)")  # wherever the page holding it is
 
 
 def readme_labels() -> dict:

@@ -136,9 +136,19 @@ def test_fsspec_transient_errors_are_retried(monkeypatch):
     assert permanent.calls == 1
 
 
-def test_ray_data_learns_the_fsspec_errors():
-    errors = stores.retried_io_errors()
+def test_ray_data_learns_the_fsspec_errors(monkeypatch):
+    import ray.data
+
+    from pipelines.dataflow import runtime
+
+    context = ray.data.DataContext.get_current()
+    monkeypatch.setattr(context, "retried_io_errors", list(context.retried_io_errors))
+    monkeypatch.setattr(runtime.ray, "is_initialized", lambda: True)  # connect() without starting Ray
+    runtime.connect(None)
+    errors = context.retried_io_errors
     assert "AWS Error SLOW_DOWN" in errors and "SlowDown" in errors and "ServerDisconnectedError" in errors
+    runtime.learn_fsspec_errors()
+    assert len(context.retried_io_errors) == len(set(context.retried_io_errors))  # once, however often
 
 
 def _round_trip(root: str, backend: str) -> None:

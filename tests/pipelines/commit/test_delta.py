@@ -217,11 +217,9 @@ def test_prepare_refuses_a_parquet_output_foreign_files_and_another_partitioning
 
 
 def _readme_python_block() -> str:
-    from pathlib import Path
+    from tests import docs
 
-    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
-    section = readme.split("## Delta Lake output", 1)[1]
-    return section.split("```python\n", 1)[1].split("```", 1)[0]
+    return docs.block("## Delta Lake output", "python")  # docs/output.md
 
 
 SCORED = SCHEMA.append(pa.field("itm_score", pa.float32())).append(pa.field("itc_score", pa.float32()))

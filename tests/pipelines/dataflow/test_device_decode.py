@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from benchmarks.jpeg_draft import photo
+from benchmarks.samples import photo
 from pipelines import schema as S
 from pipelines.dataflow import stages
 from pipelines.dataflow.stages import CaptionStage, ScoreStage, decode_batch, finalize_batch, flag_batch
@@ -161,7 +161,7 @@ def test_decode_tasks_still_never_import_torch_with_gpu_decoding(tiny_itm, tiny_
     script = f"""
 import sys
 import pyarrow as pa
-from benchmarks.jpeg_draft import photo
+from benchmarks.samples import photo
 from pipelines.dataflow.stages import decode_batch
 from pipelines import schema as S
 out = decode_batch(pa.table({{"text": ["a photo"], "image": [photo(64, 48, 0)]}}), text_column="text", image_column="image",

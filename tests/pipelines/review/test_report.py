@@ -4,7 +4,6 @@ import html
 import json
 import logging
 import re
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -17,6 +16,7 @@ from pipelines.review import artifacts, report
 from pipelines.run import run_job
 from pipelines.schema import SCHEMA_VERSION
 from pipelines.storage import locate
+from tests import docs
 from tests.conftest import require_or_skip, write_catalog
 
 MARKUP = '<script>document.title="pwned"</script><img src=x onerror=alert(1)>'
@@ -221,10 +221,8 @@ def test_histogram_quantiles_and_display():
 
 
 def readme_queries() -> dict[str, str]:
-    """The README's DuckDB queries, by their leading comment."""
-    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
-    section = readme.split("### DuckDB queries", 1)[1]
-    block = section.split("```sql\n", 1)[1].split("```", 1)[0]
+    """The documented DuckDB queries (docs/output.md), by their leading comment."""
+    block = docs.block("### DuckDB queries", "sql")
     queries = {}
     for statement in block.split(";"):
         lines = statement.strip().splitlines()

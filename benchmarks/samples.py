@@ -1,7 +1,54 @@
-"""A small labelled set of catalog texts for choosing and testing the language detector.
+"""Inputs the benchmarks and tests share; a library, never run on its own.
 
-Product titles as shops write them (brands, sizes and units included) in 14 languages, and
-short product codes that no detector can place: those must come back undetermined (None)."""
+- ``photo``: photo-like JPEGs (gradients, shapes, sensor-like noise; quality 90), which decode
+  and resize like a catalog's photos where the synthetic catalog's flat shapes would not;
+- ``catalog_pairs``: the CPU benchmark's catalog, decoded and resized as the decode stage does;
+- ``TITLES``, ``CODES``, ``labelled``: a labelled set of catalog texts for choosing and testing the
+  language detector. Product titles as shops write them (brands, sizes and units included) in 14
+  languages, and short product codes that no detector can place: those must come back
+  undetermined (None).
+
+``photo`` came from the JPEG draft benchmark and ``catalog_pairs`` from the fp32 attention one, both
+retired (BENCHMARKS.md, History).
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+
+def photo(width: int, height: int, seed: int) -> bytes:
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.RandomState(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack([x / width * 255, y / height * 255, (x + y) / (width + height) * 255], axis=-1)
+    image = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(12):
+        x0, y0 = rng.randint(0, width), rng.randint(0, height)
+        r = rng.randint(min(width, height) // 20, min(width, height) // 4)
+        draw.ellipse((x0 - r, y0 - r, x0 + r, y0 + r), fill=tuple(int(c) for c in rng.randint(0, 256, 3)))
+    noisy = np.asarray(image).astype(np.int16) + rng.normal(0, 6, (height, width, 3)).astype(np.int16)
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def catalog_pairs(workdir: Path, rows: int, resize):
+    """Decoded uint8 images and titles of the CPU benchmark's catalog, as the decode stage makes them."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from benchmarks.cpu_bench import write_catalog
+    from blip_ops.images import decode_rgb
+
+    table = pq.read_table(write_catalog(workdir / "catalog", rows, rows_per_group=rows, distinct=True))
+    images = np.stack([resize.resize(decode_rgb(b)) for b in table.column("image").to_pylist()])
+    return images, table.column("text").to_pylist()
+
 
 TITLES = {
     "en": [
