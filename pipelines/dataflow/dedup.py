@@ -261,7 +261,6 @@ def _compute(config, source, run_id, resources, items, read, common, buckets, si
     return pa.concat_tables(tables) if tables else pa.table({})
 
 
-@functools.lru_cache(maxsize=2)
 def group_text_agreement(texts: dict[str, list[str]], model: str) -> dict[str, float]:
     """For the report's "Images shared across listings": each group's texts compared by the sentence
     model, as the mean pairwise cosine (``review.shared_images``), in one Ray task (the model never
@@ -281,6 +280,7 @@ def _group_agreement(texts: dict[str, list[str]], model: str) -> dict[str, float
             for group, items in texts.items() if len(items) >= 2}
 
 
+@functools.lru_cache(maxsize=2)
 def _sentence_encoder(reference: str):
     # Once per worker process (Ray reuses them across tasks), never on the driver.
     from blip_ops.agreement import SentenceEncoder
