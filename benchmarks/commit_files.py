@@ -138,7 +138,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import pipelines.run as run
-    from pipelines.commit import output
+    from pipelines.commit import output, reader
     from pipelines.config import build_config
 
     load_before = _load()
@@ -180,7 +180,7 @@ def main() -> None:
     started = time.perf_counter()
     summary = run.run_job(config)
     wall_s = time.perf_counter() - started
-    files = output.committed_files(str(work / "out"))
+    files = reader.committed_files(str(work / "out"))
     row_groups = [pq.ParquetFile(f).metadata.num_row_groups for f in files]
     probe = f"item-{args.rows // 2 + 321:07d}"
     result = {

@@ -53,7 +53,7 @@ def make_parser(prog: str = "python -m jobs.calibrate") -> argparse.ArgumentPars
 def _current_thresholds(scored: str) -> dict:
     """The thresholds the scored run used, from its manifest (a value None: that check was off);
     None when the output has no committed manifest."""
-    from pipelines.commit.output import read_committed
+    from pipelines.commit.reader import read_committed
     from pipelines.storage import locate
 
     try:
@@ -163,7 +163,7 @@ def _label_choices(args) -> dict | None:
     the scored outputs were run with --labels (the first output's label file)."""
     import pyarrow as pa
 
-    from pipelines.commit.output import read_committed
+    from pipelines.commit.reader import read_committed
     from pipelines.labels import LabelSet
     from pipelines.review import label_calibration as lc
     from pipelines.review.labelstudio import is_verdicts_table

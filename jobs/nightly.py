@@ -42,7 +42,7 @@ from jobs.score import (
     NO_DEDUP_HELP,
     grouped,
 )
-from pipelines.commit.output import read_committed
+from pipelines.commit.reader import read_committed
 from pipelines.config import ConfigError, JobConfig, build_config, load_yaml
 from pipelines.preflight import InputError, check_decode_device, preflight
 from pipelines.review.artifacts import REUSE_COUNTS

@@ -32,7 +32,7 @@ EXACT_LIMIT = 5_000_000
 
 def _output_files(output: str):
     from pipelines.commit import delta
-    from pipelines.commit.output import read_committed
+    from pipelines.commit.reader import read_committed
     from pipelines.storage import locate
 
     location = locate(output)

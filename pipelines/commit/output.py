@@ -11,7 +11,7 @@ Layout of OUTPUT (a directory or an s3:// prefix):
 - ``_manifest.json``: the committed result (files, row counts by status, schema, config,
   models), replaced in one write.
 - ``_SUCCESS``: written after the manifest, naming its run. **Readers treat an output without it as absent**
-  and read the files the manifest it names lists (``committed_files``). While an overwrite is
+  and read the files the manifest it names lists (``reader.committed_files``). While an overwrite is
   between the two writes, ``_manifest-previous.json`` is the manifest ``_SUCCESS`` still names.
 
 A commit checks that the pieces cover every input row exactly once, merges them into files beside
@@ -144,17 +144,6 @@ def _write_json(location: Location, name: str, body: dict) -> None:
             stream.write(data)
 
 
-def read_committed(location: Location) -> dict | None:
-    """The committed manifest, or None when the output has no complete result. A Delta table
-    (or one partition of it, ``TABLE/dt=D``) answers from its log (``delta.read_committed``)."""
-    from . import delta  # delta imports this module
-
-    table = delta.table_at(location)
-    if table is not None:
-        return delta.read_committed(table)
-    return read_manifest(location)
-
-
 def read_manifest(location: Location) -> dict | None:
     """The Parquet committer's answer: the manifest ``_SUCCESS`` names. Between a new
     ``_manifest.json`` and its ``_SUCCESS`` that is still the replaced result's, kept as
@@ -168,19 +157,6 @@ def read_manifest(location: Location) -> dict | None:
         if manifest and success.get("run_id") == manifest.get("run_id"):
             return manifest
     return None
-
-
-def committed_files(uri: str) -> list[str]:
-    """Paths of the committed result's files (for pyarrow with the same filesystem); [] if none.
-    For a Delta table: the files of its current version (of one partition for ``TABLE/dt=D``)."""
-    from . import delta
-
-    location = locate(uri)
-    table = delta.table_at(location)
-    if table is not None:
-        return delta.committed_files(table)
-    manifest = read_manifest(location)
-    return [location.join(name) for name in manifest["files"]] if manifest else []
 
 
 def prepare_output(uri: str, overwrite: bool, key: str) -> Location:

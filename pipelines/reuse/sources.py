@@ -22,7 +22,7 @@ import pyarrow.fs as pafs
 
 from .. import keys as K
 from ..commit import delta
-from ..commit.output import read_committed
+from ..commit.reader import read_committed
 from ..storage import Location, locate
 
 # The manifest entry holding a committed output's key digests ({"score": ..., "caption": ...}).

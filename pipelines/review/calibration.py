@@ -71,7 +71,7 @@ class Choice:
 
 def read_scored(path: str, id_column: str) -> pa.Table:
     """The committed rows of a scored output (the manifest's files when there is one)."""
-    from ..commit.output import committed_files  # the output contract lives there
+    from ..commit.reader import committed_files  # the output contract lives there
 
     try:
         files = committed_files(path)

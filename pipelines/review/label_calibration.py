@@ -48,7 +48,7 @@ def read_label_verdicts(path: str) -> pa.Table | None:
 
 
 def read_label_scores(path: str, id_column: str, labels: LabelSet) -> pa.Table:
-    from ..commit.output import committed_files
+    from ..commit.reader import committed_files
 
     try:
         files = committed_files(path)

@@ -1,7 +1,7 @@
 """The review queue round trip: Label Studio tasks out of a committed output, verdicts back in.
 
 ``export_tasks`` writes one task per selected row (default: the flagged rows) of a committed
-output, Parquet or Delta (read through ``commit.output.committed_files``), lowest ITM first, with
+output, Parquet or Delta (read through ``commit.reader.committed_files``), lowest ITM first, with
 the job's own verdict as a prediction, and the labeling config those tasks need. ``import_verdicts``
 reads a Label Studio JSON export back into a verdicts table that ``jobs.calibrate`` takes as labels.
 
@@ -196,7 +196,7 @@ def _config_from(manifest: dict) -> JobConfig:
 
 
 def _committed(output: str):
-    from ..commit.output import committed_files, read_committed
+    from ..commit.reader import committed_files, read_committed
 
     try:
         location = locate(output)

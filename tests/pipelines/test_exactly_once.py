@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from blip_ops.samples import sample_catalog
-from pipelines.commit import output
+from pipelines.commit import output, reader
 from pipelines.commit.delta import committer_for
 from pipelines.commit.pieces import read_units, unit_items, write_pieces
 from pipelines.commit.units import missing_ranges, work_key
@@ -102,7 +102,7 @@ def read_view(out: str, fmt: str) -> tuple[list, set]:
         assert all(MERGED.search(uri) for uri in handle.file_uris()), handle.file_uris()  # merged files only
         table = handle.to_pyarrow_table(columns=["id", "run_id"])
     else:
-        files = output.committed_files(out)
+        files = reader.committed_files(out)
         assert files, "a reader found no committed result"
         assert all(MERGED.search(f) for f in files), files  # merged files only, never a staged piece
         location = locate(out)
@@ -158,7 +158,7 @@ def crash_chain(catalog, ids, out: str, fmt: str, tiny_itm: str, listing, object
     assert len(new_files) == catalog_units(catalog) > 1 and all(MERGED.search(n) for n in new_files), new_files
     if fmt == "delta":
         assert _delta_version(out) == version + 1  # the whole chain made one commit
-        assert output.read_committed(locate(out))["run_id"] == "r-new"
+        assert reader.read_committed(locate(out))["run_id"] == "r-new"
     else:
         assert not [name for name in listing() if "part-r-old" in name]  # tidied once committed
 
@@ -239,7 +239,7 @@ def test_two_concurrent_parquet_runs_commit_once(store, catalog, tiny_itm, tmp_p
     outcomes = _twins(path, out, tiny_itm, "parquet")
     assert "committed" in outcomes and set(outcomes) <= {"committed", "already_committed"}, outcomes
     assert read_view(out, "parquet") == (ids, {"r-twin"})
-    manifest = output.read_committed(locate(out))
+    manifest = reader.read_committed(locate(out))
     names = listing()
     assert sorted(n for n in names if n.startswith("part-")) == sorted(manifest["files"])
     assert len(manifest["files"]) == catalog_units(path) and manifest["rows"] == len(ids)

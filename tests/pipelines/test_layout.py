@@ -116,3 +116,14 @@ def test_every_module_is_on_the_readme_map():
     ]
     rooms = [room for room in ROOMS if f"{room}/" not in section]
     assert missing == [] and rooms == []
+
+
+def test_the_two_committers_do_not_import_each_other_and_readers_use_one_reader():
+    """``delta`` builds on ``output``; ``output`` never imports ``delta`` (not even inside a function):
+    reading a committed result, of either kind, is ``commit/reader.py``'s."""
+    import ast
+
+    tree = ast.parse((ROOT / "pipelines" / "commit" / "output.py").read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for alias in node.names}
+    imported |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not {name for name in imported if name == "delta" or name.endswith(".delta")}

@@ -79,7 +79,7 @@ def _rows(uri: str, fmt: str = "parquet") -> dict:
         table = DeltaTable(uri, storage_options=storage_options(uri)).to_pyarrow_table()
     else:
         location = locate(uri)
-        from pipelines.commit.output import committed_files
+        from pipelines.commit.reader import committed_files
 
         table = pa.concat_tables(pq.read_table(f, filesystem=location.filesystem) for f in committed_files(uri))
     return {r["id"]: r for r in table.to_pylist()}

@@ -10,7 +10,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.commit import output
+from pipelines.commit import output, reader
 from pipelines.commit.pieces import ROW, UNIT, read_units, unit_items, write_pieces
 from pipelines.commit.units import OverlapError, Unit, covered_ranges, missing_ranges, parse_piece, piece_name, plan_units
 
@@ -104,7 +104,7 @@ def test_commit_writes_parts_manifest_then_success(tmp_path):
     assert manifest["rows"] == 6 and manifest["rows_by_status"] == {"image_error": 2, "ok": 4} and manifest["flagged"] == 2
     assert json.loads((out / "_SUCCESS").read_text())["run_id"] == "r1" == manifest["run_id"]
     assert not list(out.glob("_staging-*"))
-    assert output.committed_files(str(out)) == [str(out / f) for f in result.files]
+    assert reader.committed_files(str(out)) == [str(out / f) for f in result.files]
     assert pq.read_table(out).num_rows == 6
 
 
@@ -115,7 +115,7 @@ def test_incomplete_staging_commits_nothing(tmp_path):
         output.commit(location, attempt, UNITS, SCHEMA, {})
     out = tmp_path / "out"
     assert not (out / "_SUCCESS").exists() and not (out / "_manifest.json").exists() and not list(out.glob("part-*"))
-    assert output.committed_files(str(out)) == []
+    assert reader.committed_files(str(out)) == []
 
 
 def test_resume_sees_durable_rows_and_an_interrupted_commit_finishes_without_duplicates(tmp_path):
@@ -140,15 +140,15 @@ def test_overwrite_keeps_the_old_result_readable_until_the_new_one_is_committed(
     location, attempt = _attempt(tmp_path, key="old", run_id="r-old")
     _stage(attempt, _rows(0, 0, 4), _rows(1, 0, 2))
     old = output.commit(location, attempt, UNITS, SCHEMA, {})
-    committed = output.read_committed(location)
+    committed = reader.read_committed(location)
 
     location = output.prepare_output(str(tmp_path / "out"), overwrite=True, key="new")
     attempt = output.open_attempt(location, "new", "r-new", committed)
     _stage(attempt, _rows(0, 0, 4, "text_error"), _rows(1, 0, 2, "text_error"))
     # Until the commit, readers still get exactly the old result.
-    assert output.committed_files(str(tmp_path / "out")) == [str(tmp_path / "out" / f) for f in old.files]
+    assert reader.committed_files(str(tmp_path / "out")) == [str(tmp_path / "out" / f) for f in old.files]
     output.commit(location, attempt, UNITS, SCHEMA, {})
-    files = output.committed_files(str(tmp_path / "out"))
+    files = reader.committed_files(str(tmp_path / "out"))
     assert all("r-new" in f for f in files)
     assert set(pq.read_table(tmp_path / "out").column("status").to_pylist()) == {"text_error"}
 

@@ -13,7 +13,7 @@ import pytest
 
 deltalake = pytest.importorskip("deltalake")
 
-from pipelines.commit import delta, output  # noqa: E402
+from pipelines.commit import delta, output, reader  # noqa: E402
 from pipelines.commit.pieces import ROW, UNIT, write_pieces  # noqa: E402
 from pipelines.commit.units import Unit  # noqa: E402
 
@@ -62,8 +62,8 @@ def test_one_commit_holds_every_row_the_manifest_and_an_app_transaction(tmp_path
     assert body["config"] == {"itm_threshold": 0.5} and sorted(body["files"]) == sorted(result.files)
     assert table.transaction_version(delta.app_id("k1")) == 0
     assert committer.read_committed(location)["run_id"] == "r1"
-    assert output.read_committed(output.locate(str(root)))["run_id"] == "r1"  # readers dispatch on _delta_log
-    assert sorted(output.committed_files(str(root))) == sorted(str(root / f) for f in result.files)
+    assert reader.read_committed(output.locate(str(root)))["run_id"] == "r1"  # readers dispatch on _delta_log
+    assert sorted(reader.committed_files(str(root))) == sorted(str(root / f) for f in result.files)
     assert not list(root.glob("_staging-*"))
 
 
@@ -173,8 +173,8 @@ def test_partitions_commit_apart_and_a_rescored_partition_replaces_only_itself(t
     }
     assert delta.read_committed(delta.Table(output.locate(str(root)), {"dt": "2026-01-01"}))["run_id"] == "r2026-01-01"
     assert delta.read_committed(delta.Table(output.locate(str(root)), {"dt": "2026-01-02"}))["run_id"] == "r-re"
-    assert len(output.committed_files(str(root / "dt=2026-01-02"))) == 1  # a partition path reads that partition
-    assert len(output.committed_files(str(root))) == 3  # one merged file per partition
+    assert len(reader.committed_files(str(root / "dt=2026-01-02"))) == 1  # a partition path reads that partition
+    assert len(reader.committed_files(str(root))) == 3  # one merged file per partition
 
 
 def test_a_new_output_column_merges_into_the_table_schema(tmp_path):
@@ -211,7 +211,7 @@ def test_prepare_refuses_a_parquet_output_foreign_files_and_another_partitioning
     with pytest.raises(output.OutputError, match="Delta table"):
         output.prepare_output(str(root), True, "k")  # the Parquet committer refuses a table
     # Rows another writer put in the table are not ours: replacing them needs --overwrite.
-    deltalake.write_deltalake(str(root), pq.read_table(output.committed_files(str(root))[0]), mode="overwrite")
+    deltalake.write_deltalake(str(root), pq.read_table(reader.committed_files(str(root))[0]), mode="overwrite")
     with pytest.raises(output.OutputError, match="did not commit"):
         delta.DeltaCommitter(str(root)).prepare(str(root), False, "k1")
 

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.commit import delta, merge, output
+from pipelines.commit import delta, merge, output, reader
 from pipelines.commit.pieces import ROW, UNIT, write_pieces
 from pipelines.commit.units import Unit
 from tests.pipelines.commit.test_commit import FS
@@ -72,7 +72,7 @@ def test_pieces_merge_into_files_of_the_target_size_in_row_order(tmp_path):
     assert [len(ids) for ids in read] == [200] * 5
     assert sum(read, []) == _all_ids()
     assert pq.read_schema(location.join(result.files[0])).metadata[b"blip_moderate_schema_version"] == b"2"
-    assert output.committed_files(location.uri) == [location.join(name) for name in result.files]
+    assert reader.committed_files(location.uri) == [location.join(name) for name in result.files]
     assert all(os.path.getsize(location.join(name)) <= 4.5 * piece for name in result.files)
     # Counts come from the merged data, as a reader would count them.
     table = pq.read_table(location.path, columns=["status", "flagged", "flag_reasons"])
@@ -83,7 +83,7 @@ def test_pieces_merge_into_files_of_the_target_size_in_row_order(tmp_path):
     assert manifest["flagged_by_reason"] == {"caption_disagrees": reasons.count("caption_disagrees"),
                                             "itm_below_threshold": reasons.count("itm_below_threshold")}
     assert manifest["evidence"]["rows"] == manifest["flagged"] > 0
-    assert manifest["output_files"] == {"count": 5, "bytes": sum(os.path.getsize(f) for f in output.committed_files(location.uri)),
+    assert manifest["output_files"] == {"count": 5, "bytes": sum(os.path.getsize(f) for f in reader.committed_files(location.uri)),
                                         "target_file_mb": target_mb}
     # Nothing but the result is left: no pieces, no staging, no temporaries.
     assert sorted(os.listdir(location.path)) == sorted(["_SUCCESS", "_manifest.json"] + result.files)
@@ -125,12 +125,12 @@ def test_a_merge_killed_partway_resumes_to_the_same_files_and_keeps_the_finished
     mtimes = {name: os.stat(location.join(name)).st_mtime_ns for name in finished}
     with open(location.join(tasks[2]["name"]), "wb") as half:
         half.write(b"PAR1" + b"\0" * 100)
-    assert output.committed_files(location.uri) == []  # nothing is visible before the manifest
+    assert reader.committed_files(location.uri) == []  # nothing is visible before the manifest
 
     result = output.commit(location, attempt, UNITS, SCHEMA, {}, merge.Merger(target_mb))
     assert result.files == [task["name"] for task in tasks]
     assert {name: os.stat(location.join(name)).st_mtime_ns for name in finished} == mtimes  # kept, not rewritten
-    ids = [i for f in output.committed_files(location.uri) for i in pq.read_table(f).column("id").to_pylist()]
+    ids = [i for f in reader.committed_files(location.uri) for i in pq.read_table(f).column("id").to_pylist()]
     assert ids == _all_ids()
 
 
@@ -168,7 +168,7 @@ def test_a_piece_whose_rows_disagree_with_its_name_commits_nothing(tmp_path):
     pq.write_table(_rows(0, 0, 10).drop_columns([UNIT, ROW]).cast(SCHEMA), os.path.join(attempt.staging, name))  # 10 rows, not 50
     with pytest.raises(output.IncompleteError, match="1000 input rows, 960 staged"):
         output.commit(location, attempt, UNITS, SCHEMA, {})
-    assert not os.path.exists(location.join(output.MANIFEST)) and output.committed_files(location.uri) == []
+    assert not os.path.exists(location.join(output.MANIFEST)) and reader.committed_files(location.uri) == []
 
 
 def test_a_delta_commit_adds_the_merged_files(tmp_path):
