@@ -50,3 +50,14 @@ def block(heading: str, language: str) -> str:
     text = section(heading)
     assert f"```{language}\n" in text, f"no ```{language} block under {heading!r}"
     return text.split(f"```{language}\n", 1)[1].split("```", 1)[0]
+
+
+def queries(heading: str) -> dict[str, str]:
+    """The documented SQL block under ``heading``, one query per statement, keyed by its leading
+    ``-- comment`` line (how the pages title their queries)."""
+    found = {}
+    for statement in block(heading, "sql").split(";"):
+        lines = statement.strip().splitlines()
+        if lines:
+            found[lines[0].removeprefix("-- ").strip()] = "\n".join(lines[1:])
+    return found

@@ -270,13 +270,7 @@ def test_a_delta_output_holds_the_groups(runs):
 def _readme_queries() -> dict[str, str]:
     from tests import docs
 
-    block = docs.block("## Embeddings and near-duplicate images", "sql")
-    queries = {}
-    for statement in block.split(";"):
-        lines = statement.strip().splitlines()
-        if lines:
-            queries[lines[0].removeprefix("-- ").strip()] = "\n".join(lines[1:])
-    return queries
+    return docs.queries("## Embeddings and near-duplicate images")
 
 
 def test_readme_duckdb_queries_on_groups_and_embeddings(runs):

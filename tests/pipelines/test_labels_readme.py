@@ -29,13 +29,7 @@ def readme_labels() -> dict:
 
 
 def readme_queries() -> dict[str, str]:
-    block = re.search(r"```sql\n(.*?)```", _section(), re.S).group(1)
-    queries = {}
-    for statement in block.split(";"):
-        lines = statement.strip().splitlines()
-        if lines:
-            queries[lines[0].removeprefix("-- ").strip()] = "\n".join(lines[1:])
-    return queries
+    return docs.queries("## Category and policy labels (`--labels`)")
 
 
 @pytest.fixture(scope="module")

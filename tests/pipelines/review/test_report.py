@@ -222,13 +222,7 @@ def test_histogram_quantiles_and_display():
 
 def readme_queries() -> dict[str, str]:
     """The documented DuckDB queries (docs/output.md), by their leading comment."""
-    block = docs.block("### DuckDB queries", "sql")
-    queries = {}
-    for statement in block.split(";"):
-        lines = statement.strip().splitlines()
-        if lines:
-            queries[lines[0].removeprefix("-- ").strip()] = "\n".join(lines[1:])
-    return queries
+    return docs.queries("### DuckDB queries")
 
 
 def test_readme_duckdb_queries(scored):
