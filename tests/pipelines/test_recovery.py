@@ -136,6 +136,8 @@ def test_driver_killed_mid_run_with_reuse_resumes_without_rescoring_or_duplicate
     assert not (output / "_SUCCESS").exists(), "the first run finished before it could be killed; test inconclusive"
     durable = {p.name: p.stat().st_mtime_ns for p in _staged_pieces(output)}
     assert durable
+    staged_rows = {row["id"]: row["scored_at"] for piece in _staged_pieces(output)
+                   for row in pq.read_table(piece, columns=["id", "scored_at"]).to_pylist()}
 
     # The reruns in this process, on the session's Ray: only the killed driver needs a process of
     # its own (each rerun as a subprocess cost a Python start and a Ray start, 20-40 s loaded).
@@ -147,10 +149,11 @@ def test_driver_killed_mid_run_with_reuse_resumes_without_rescoring_or_duplicate
 
     ids = _ids(output)
     assert sorted(ids) == sorted(r["id"] for r in records)  # every row exactly once
-    # Durable pieces were moved into place as they were, never written again.
-    for name, mtime in durable.items():
-        assert (output / f"part-{summary['run_id']}-{name}").stat().st_mtime_ns == mtime
-    table = pq.read_table(output, columns=["id", "run_id", "scores_from_run"])
+    # Durable pieces were never computed again: the commit merged their rows as they were staged
+    # (pipelines.commit.merge rewrites pieces into files of --target-file-mb; rows keep their values).
+    table = pq.read_table(output, columns=["id", "run_id", "scores_from_run", "scored_at"])
+    committed_at = dict(zip(table.column("id").to_pylist(), table.column("scored_at").to_pylist()))
+    assert staged_rows and all(committed_at[key] == at for key, at in staged_rows.items())
     assert set(table.column("run_id").to_pylist()) == {summary["run_id"]}
     earlier = json.loads((source / "_SUCCESS").read_text())["run_id"]
     from_run = dict(zip(table.column("id").to_pylist(), table.column("scores_from_run").to_pylist()))
