@@ -103,25 +103,27 @@ def stage(config, run_id: str, piece_rows: int, flag_rate: float) -> int:
 
 
 def queries(files: list[str], probe: str, repeats: int = 3) -> dict:
-    import duckdb
-
     listing = "[" + ", ".join(f"'{f}'" for f in files) + "]"
     sql = {
         "count": f"select count(*) from read_parquet({listing})",
         "status_breakdown": f"select status, count(*), avg(itm_score) from read_parquet({listing}) group by status",
         "one_id": f"select * from read_parquet({listing}) where id = '{probe}'",
     }
-    best = {}
-    for name, text in sql.items():
-        times = []
-        for _ in range(repeats):
-            connection = duckdb.connect()
-            started = time.perf_counter()
-            connection.execute(text).fetchall()
-            times.append(time.perf_counter() - started)
-            connection.close()
-        best[name] = round(min(times), 4)
-    return best
+    return {name: _best_of(text, repeats) for name, text in sql.items()}
+
+
+def _best_of(text: str, repeats: int) -> float:
+    """Seconds of a DuckDB query, best of ``repeats``, each on a fresh connection."""
+    import duckdb
+
+    times = []
+    for _ in range(repeats):
+        connection = duckdb.connect()
+        started = time.perf_counter()
+        connection.execute(text).fetchall()
+        times.append(time.perf_counter() - started)
+        connection.close()
+    return round(min(times), 4)
 
 
 def main() -> None:
@@ -210,17 +212,7 @@ def main() -> None:
 
 def queries_flagged(files: list[str], repeats: int = 3) -> float:
     """A review queue's query: the flagged rows of lowest ITM first (what sorting by (flagged, itm) serves)."""
-    import duckdb
-
-    text = f"select id, itm_score from read_parquet({files!r}) where flagged order by itm_score limit 100"
-    times = []
-    for _ in range(repeats):
-        connection = duckdb.connect()
-        started = time.perf_counter()
-        connection.execute(text).fetchall()
-        times.append(time.perf_counter() - started)
-        connection.close()
-    return round(min(times), 4)
+    return _best_of(f"select id, itm_score from read_parquet({files!r}) where flagged order by itm_score limit 100", repeats)
 
 
 if __name__ == "__main__":

@@ -32,14 +32,7 @@ from jobs.score import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
-    HTTP_ALLOW_PRIVATE_FLAG,
-    HTTP_ALLOW_PRIVATE_HELP,
-    JPEG_DRAFT_FLAG,
-    JPEG_DRAFT_HELP,
-    NEAR_DUPLICATES_FLAG,
-    NEAR_DUPLICATES_HELP,
-    NO_DEDUP_FLAG,
-    NO_DEDUP_HELP,
+    add_switches,
     grouped,
 )
 from pipelines.commit.reader import read_committed
@@ -89,10 +82,7 @@ def make_parser() -> argparse.ArgumentParser:
         if flag not in ("--input", "--output", "--run-id"):
             add(flag, help=help_text)
     add("--overwrite", action="store_true", help="With --date: replace that partition's committed result (default off).")
-    add(JPEG_DRAFT_FLAG, action="store_true", help=JPEG_DRAFT_HELP)
-    add(HTTP_ALLOW_PRIVATE_FLAG, dest="http_allow_private", action="store_true", help=HTTP_ALLOW_PRIVATE_HELP)
-    add(NO_DEDUP_FLAG, dest="dedup", action="store_false", help=NO_DEDUP_HELP)
-    add(NEAR_DUPLICATES_FLAG, dest="near_duplicates", action="store_true", help=NEAR_DUPLICATES_HELP)
+    add_switches(add)
     add("--reuse-days", type=int, help="Reuse every committed partition of the N days before each one "
         "(default: the most recent committed earlier partition).")
     add("--no-reuse", action="store_true", help="Score every partition without reusing earlier ones (default off).")

@@ -144,6 +144,14 @@ NEAR_DUPLICATES_HELP = ("Group rows by image: same file, or image-embedding cosi
                         "(columns image_group, image_group_size; implies --embeddings image; default off).")
 
 
+def add_switches(add) -> None:
+    """The on/off options jobs.score and jobs.nightly share (``add``: ``grouped(parser)``)."""
+    add(JPEG_DRAFT_FLAG, action="store_true", help=JPEG_DRAFT_HELP)
+    add(HTTP_ALLOW_PRIVATE_FLAG, dest="http_allow_private", action="store_true", help=HTTP_ALLOW_PRIVATE_HELP)
+    add(NO_DEDUP_FLAG, dest="dedup", action="store_false", help=NO_DEDUP_HELP)
+    add(NEAR_DUPLICATES_FLAG, dest="near_duplicates", action="store_true", help=NEAR_DUPLICATES_HELP)
+
+
 def make_parser(prog: str = "python -m jobs.score") -> argparse.ArgumentParser:
     parser = UsageParser(
         prog=prog, usage="%(prog)s --input PATH --output PATH [options]", description=__doc__.splitlines()[0],
@@ -154,10 +162,7 @@ def make_parser(prog: str = "python -m jobs.score") -> argparse.ArgumentParser:
     for flag, help_text in _OPTIONS:
         add(flag, help=help_text)
     add("--overwrite", action="store_true", help="Replace an existing result in --output (default off).")
-    add(JPEG_DRAFT_FLAG, action="store_true", help=JPEG_DRAFT_HELP)
-    add(HTTP_ALLOW_PRIVATE_FLAG, dest="http_allow_private", action="store_true", help=HTTP_ALLOW_PRIVATE_HELP)
-    add(NO_DEDUP_FLAG, dest="dedup", action="store_false", help=NO_DEDUP_HELP)
-    add(NEAR_DUPLICATES_FLAG, dest="near_duplicates", action="store_true", help=NEAR_DUPLICATES_HELP)
+    add_switches(add)
     add("--json", action="store_true", help="Print the summary as JSON (default: one line of text).")
     return parser
 
